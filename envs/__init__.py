@@ -1,0 +1,22 @@
+"""Gymnasium environments of rpe, registered on import as ``rpe/NAME-vN``.
+
+- ``rpe/ChainSum-v0``: the calibrated default task (3 one-digit terms).
+- ``rpe/ChainSum4-v0``: 4 one-digit terms (harder, more steps).
+- ``rpe/Reasoning-v0``: any task: ``gymnasium.make("rpe/Reasoning-v0", task="rg:leg_counting")``.
+"""
+
+from gymnasium.envs.registration import register, registry
+
+from rpe.envs.reasoning_env import ReasoningEnv, TextSpace
+
+_ENTRY = "rpe.envs.reasoning_env:ReasoningEnv"
+_IDS = {
+    "rpe/ChainSum-v0": {"task": "chain_sum"},
+    "rpe/ChainSum4-v0": {"task": "chain_sum_4"},
+    "rpe/Reasoning-v0": {},
+}
+for _id, _kwargs in _IDS.items():
+    if _id not in registry:
+        register(id=_id, entry_point=_ENTRY, kwargs=_kwargs)
+
+__all__ = ["ReasoningEnv", "TextSpace"]

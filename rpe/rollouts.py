@@ -1,0 +1,589 @@
+"""Batched rollout collection into versioned, resumable Trajectory records.
+
+One ``model.generate`` call (KV cache) produces whole completions for a batch of problems x samples; they are
+split into steps afterwards (:mod:`rpe.segment`) and recorded as :class:`Trajectory` rows in Parquet.
+
+On disk (``DIR``):
+- ``run_config.json``: what the run was asked to do; a resumed run must ask for the same thing.
+- ``parts/part-NNNNN.parquet``: one file per finished batch, each written atomically (temp file + rename).
+- ``trajectories.parquet`` and ``manifest.json``: written atomically once every batch is done; the manifest
+  holds the model fingerprint, task, sampling config, seed, accuracy and the sha256 of the Parquet file.
+
+Killing a run loses at most the batch in flight: the rerun skips finished parts, and batch b is always drawn
+with seed ``(seed, b)``, so the result is the same as an uninterrupted run's.
+
+Example:
+    >>> cfg = RolloutConfig(task="chain_sum", n_problems=8, samples=2)  # doctest: +SKIP
+    >>> result = collect_rollouts(model, tokenizer, cfg, "runs/demo")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rpe.models import fingerprint
+from rpe.prompts import PromptBuilder, PromptConfig
+from rpe.segment import Segmenter, split_steps, token_char_ends, token_spans
+from rpe.tasks import Problem, Task, extract_answer, load_task
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+TRAJECTORIES_FILE = "trajectories.parquet"
+MANIFEST_FILE = "manifest.json"
+RUN_CONFIG_FILE = "run_config.json"
+PARTS_DIR = "parts"
+
+
+@dataclass
+class SamplingConfig:
+    """Generation settings shared by every rollout of a run."""
+
+    temperature: float = 0.7
+    """Softmax temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 128
+    """Completion budget in tokens; a completion that hits it is marked truncated."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": 0,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+@dataclass
+class RolloutConfig:
+    """What ``rpe rollouts`` collects."""
+
+    task: str = "chain_sum"
+    """Task preset, ``rg:NAME`` or a JSONL path (see ``rpe tasks``)."""
+    n_problems: int = 200
+    """Number of distinct problems."""
+    samples: int = 1
+    """Completions sampled per problem."""
+    batch_size: int = 16
+    """Sequences per ``generate`` call."""
+    seed: int = 0
+    """Seeds problem drawing (``task.problems(n, seed)``) and sampling (batch b uses ``(seed, b)``)."""
+    segmenter: Segmenter = "paragraph"
+    """How completions are split into steps."""
+    segment_pattern: str | None = None
+    """Separator regex for ``segmenter='regex'``."""
+    max_prompt_tokens: int = 1536
+    """Prompts longer than this are cut from the left (the question stays) and flagged ``prompt_truncated``."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
+        if isinstance(self.prompt, dict):
+            self.prompt = PromptConfig(**self.prompt)
+        for name in ("n_problems", "samples", "batch_size", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.segmenter == "regex" and not self.segment_pattern:
+            raise ValueError("segmenter='regex' needs segment_pattern")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Step:
+    """One reasoning step of a completion.
+
+    Attributes:
+        text: the step's text (no separators).
+        char_start, char_end: half-open span in the completion text.
+        token_start, token_end: half-open span in the completion tokens; ``token_end - 1`` is the state s_t.
+    """
+
+    text: str
+    char_start: int
+    char_end: int
+    token_start: int
+    token_end: int
+
+
+@dataclass
+class Trajectory:
+    """One sampled completion, split into steps, with its verified reward. One row of the Parquet file."""
+
+    schema_version: int
+    trajectory_id: str
+    problem_id: str
+    task: str
+    sample_index: int
+    prompt: str
+    completion: str
+    steps: list[Step]
+    final_answer: str | None
+    reference_answer: str
+    reward: float
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    finish_reason: str
+    """``eos`` (model ended), ``stop`` (stop string) or ``length`` (hit ``max_new_tokens``)."""
+    truncated: bool
+    prompt_truncated: bool
+    model: dict[str, Any]
+    sampling: dict[str, Any]
+    seed: int
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Trajectory:
+        version = row.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"trajectory {row.get('trajectory_id')!r} has schema version {version}; this rpe reads version "
+                f"{SCHEMA_VERSION}. Re-collect the rollouts with this version of rpe."
+            )
+        data = {k: row[k] for k in cls.__dataclass_fields__}
+        data["steps"] = [Step(**s) for s in row["steps"]]
+        return cls(**data)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def state_positions(self) -> list[int]:
+        """Absolute token positions (in prompt + completion) of s_0 (last prompt token) and each step end."""
+        n = self.prompt_len
+        return [n - 1] + [n + s.token_end - 1 for s in self.steps]
+
+
+@dataclass
+class RolloutResult:
+    """Summary of a finished collection."""
+
+    out_dir: Path
+    n_trajectories: int
+    accuracy: float
+    mean_steps: float
+    manifest: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------------
+# atomic files
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_trajectories(path: Path, trajectories: Sequence[Trajectory]) -> None:
+    """Atomically write trajectories to a Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([t.to_row() for t in trajectories])
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def _read_table(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for damaged files
+        raise ValueError(f"{path} is not a readable Parquet file ({err}); delete it and re-run to regenerate") from err
+
+
+def read_trajectories(source: str | Path) -> list[Trajectory]:
+    """Read trajectories from a rollout folder (its ``trajectories.parquet``) or a Parquet file.
+
+    When the folder has a manifest, the file's sha256 is checked against it first.
+    """
+    path = Path(source)
+    if path.is_dir():
+        manifest_path = path / MANIFEST_FILE
+        path = path / TRAJECTORIES_FILE
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{source} holds no {TRAJECTORIES_FILE}; the collection is unfinished or the folder is wrong "
+                "(re-run the same `rpe rollouts` command to resume)"
+            )
+        if manifest_path.exists():
+            expected = json.loads(manifest_path.read_text()).get("sha256")
+            if expected and sha256_file(path) != expected:
+                raise ValueError(
+                    f"{path} does not match the sha256 in {manifest_path}: the file was modified or damaged. "
+                    "Re-collect the rollouts into a fresh folder."
+                )
+    return [Trajectory.from_row(row) for row in _read_table(path).to_pylist()]
+
+
+# --------------------------------------------------------------------------------------------------------
+# generation
+
+
+@dataclass
+class GeneratedBatch:
+    """Raw output of one batched generation.
+
+    Attributes:
+        prompt_ids: per sequence, the prompt token ids (no padding).
+        completion_ids: per sequence, generated ids up to and excluding EOS / padding, cut at a stop string.
+        texts: decoded completions (special tokens removed, stop string removed).
+        finish_reasons: ``eos``, ``stop`` or ``length`` per sequence.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    finish_reasons: list[str]
+    prompt_truncated: list[bool]
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    sampling: SamplingConfig,
+    *,
+    stop_strings: Sequence[str] = (),
+    max_prompt_tokens: int = 1536,
+    seed: int | None = None,
+) -> GeneratedBatch:
+    """Generate completions for ``prompts`` in one padded ``generate`` call (KV cache on).
+
+    Args:
+        prompts: full prompt texts (templates already applied).
+        stop_strings: strings that end a completion besides EOS; removed from the text.
+        max_prompt_tokens: longer prompts keep their last ``max_prompt_tokens`` tokens and are flagged.
+        seed: when given, ``torch.manual_seed(seed)`` right before sampling (reproducible batches).
+    """
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_truncated = [len(ids) > max_prompt_tokens for ids in enc]
+    enc = [ids[-max_prompt_tokens:] for ids in enc]
+    width = max(len(ids) for ids in enc)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in enc])  # (B, T) left-padded
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in enc])
+    device = next(model.parameters()).device
+    if seed is not None:
+        torch.manual_seed(seed)
+    extra: dict[str, Any] = {}
+    if stop_strings:
+        extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer}
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            pad_token_id=pad,
+            **sampling.generate_kwargs(),
+            **extra,
+        )
+    eos_ids = _eos_ids(model, tokenizer)
+    completion_ids, texts, reasons = [], [], []
+    for row in out[:, width:].tolist():
+        ids, reason = [], "length"
+        for t in row:
+            if t in eos_ids:
+                reason = "eos"
+                break
+            ids.append(t)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in stop_strings:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+                ends = token_char_ends(tokenizer, ids)
+                ids = ids[: next((i for i, e in enumerate(ends) if e >= cut), len(ids))]
+        completion_ids.append(ids)
+        texts.append(text)
+        reasons.append(reason)
+    return GeneratedBatch(enc, completion_ids, texts, reasons, prompt_truncated)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        ids.add(tokenizer.pad_token_id)
+    return ids
+
+
+def make_steps(tokenizer, completion_ids: list[int], text: str, segmenter: Segmenter, pattern: str | None) -> list[Step]:
+    """Split a completion into :class:`Step` records with character and token spans."""
+    spans = split_steps(text, segmenter, pattern)
+    if not spans or not completion_ids:
+        return []
+    tspans = token_spans(spans, token_char_ends(tokenizer, completion_ids))
+    return [Step(text[s.start : s.end], s.start, s.end, a, b) for s, (a, b) in zip(spans, tspans)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# collection
+
+
+def _work_items(problems: list[Problem], samples: int) -> list[tuple[Problem, int]]:
+    return [(p, k) for p in problems for k in range(samples)]
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The sampling seed of batch ``batch_index`` of a run seeded ``seed``."""
+    return (seed * 1_000_003 + batch_index) % (2**63 - 1)
+
+
+def _part_path(out_dir: Path, b: int) -> Path:
+    return out_dir / PARTS_DIR / f"part-{b:05d}.parquet"
+
+
+def _check_run_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
+    path = out_dir / RUN_CONFIG_FILE
+    if overwrite and out_dir.exists():
+        for name in (TRAJECTORIES_FILE, MANIFEST_FILE, RUN_CONFIG_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != config:
+            diff = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            raise ValueError(
+                f"{out_dir} holds a run with a different configuration (differs in: {', '.join(diff)}). "
+                "Use another --out folder, or pass --overwrite to discard the old run."
+            )
+    else:
+        atomic_write_json(path, config)
+
+
+def collect_rollouts(
+    model,
+    tokenizer,
+    cfg: RolloutConfig,
+    out_dir: str | Path,
+    *,
+    task: Task | None = None,
+    model_name: str | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> RolloutResult:
+    """Collect ``cfg.n_problems x cfg.samples`` trajectories into ``out_dir``, resuming finished batches.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer (left padding; see :func:`rpe.models.load_model`).
+        cfg: what to collect.
+        out_dir: output folder (created).
+        task: an already-built task (default: ``load_task(cfg.task)``).
+        model_name: name recorded in the fingerprint (default: the model's ``name_or_path``).
+        overwrite: discard a previous run in ``out_dir`` instead of resuming it.
+        progress: called as ``progress(done_sequences, total_sequences)`` after each batch.
+
+    Returns:
+        A :class:`RolloutResult`; the records are in ``out_dir/trajectories.parquet``.
+    """
+    out_dir = Path(out_dir)
+    task = task or load_task(cfg.task)
+    fp = fingerprint(model, tokenizer, model_name).to_dict()
+    run_config = {"rollout": cfg.to_dict(), "task_spec": task.spec(), "model": fp, "schema_version": SCHEMA_VERSION}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_config(out_dir, run_config, overwrite)
+    if (out_dir / MANIFEST_FILE).exists() and (out_dir / TRAJECTORIES_FILE).exists():
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+        shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
+        return _result(out_dir, manifest)
+
+    problems = list(task.problems(cfg.n_problems, seed=cfg.seed))
+    if not problems:
+        raise ValueError(f"task {task.name!r} produced no problems; check the task file or options")
+    builder = PromptBuilder(task, tokenizer, cfg.prompt, seed=cfg.seed)
+    items = _work_items(problems, cfg.samples)
+    batches = [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+    done = 0
+    for b, batch in enumerate(batches):
+        part = _part_path(out_dir, b)
+        if part.exists() and _part_ok(part, len(batch)):
+            done += len(batch)
+            if progress:
+                progress(done, len(items))
+            continue
+        prompt_texts = [builder(p) for p, _ in batch]
+        gen = generate_batch(
+            model,
+            tokenizer,
+            prompt_texts,
+            cfg.sampling,
+            stop_strings=builder.stop_strings,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            seed=batch_seed(cfg.seed, b),
+        )
+        records = [
+            _record(task, tokenizer, cfg, fp, problem, k, prompt_text, gen, i)
+            for i, ((problem, k), prompt_text) in enumerate(zip(batch, prompt_texts))
+        ]
+        write_trajectories(part, records)
+        done += len(batch)
+        if progress:
+            progress(done, len(items))
+    return finalize_rollouts(out_dir, run_config, len(batches))
+
+
+def _part_ok(path: Path, expected_rows: int) -> bool:
+    """A part counts as finished only when it reads back whole with the expected row count."""
+    try:
+        return _read_table(path).num_rows == expected_rows
+    except ValueError:
+        logger.warning("ignoring damaged part %s; its batch will be regenerated", path)
+        return False
+
+
+def _record(task, tokenizer, cfg, fp, problem, k, prompt_text, gen: GeneratedBatch, i: int) -> Trajectory:
+    text, ids = gen.texts[i], gen.completion_ids[i]
+    steps = make_steps(tokenizer, ids, text, cfg.segmenter, cfg.segment_pattern)
+    return Trajectory(
+        schema_version=SCHEMA_VERSION,
+        trajectory_id=f"{problem.id}#{k}",
+        problem_id=problem.id,
+        task=task.name,
+        sample_index=k,
+        prompt=prompt_text,
+        completion=text,
+        steps=steps,
+        final_answer=extract_answer(text),
+        reference_answer=problem.answer,
+        reward=float(task.score(problem, text)),
+        prompt_token_ids=gen.prompt_ids[i],
+        completion_token_ids=ids,
+        finish_reason=gen.finish_reasons[i],
+        truncated=gen.finish_reasons[i] == "length",
+        prompt_truncated=gen.prompt_truncated[i],
+        model=fp,
+        sampling=asdict(cfg.sampling),
+        seed=cfg.seed,
+    )
+
+
+def finalize_rollouts(out_dir: Path, run_config: dict[str, Any], n_parts: int) -> RolloutResult:
+    """Merge the parts into ``trajectories.parquet``, write the manifest, then remove the parts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [_read_table(_part_path(out_dir, b)) for b in range(n_parts)]
+    table = pa.concat_tables(tables)
+    ids = table.column("trajectory_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"duplicate trajectory ids in the parts of {out_dir}; the run folder is inconsistent")
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    target = out_dir / TRAJECTORIES_FILE
+    atomic_write_bytes(target, sink.getvalue().to_pybytes())
+    rewards = table.column("reward").to_pylist()
+    n_steps = [len(s) for s in table.column("steps").to_pylist()]
+    accuracy = sum(rewards) / len(rewards)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "model": run_config["model"],
+        "task": run_config["task_spec"],
+        "rollout": run_config["rollout"],
+        "sampling": run_config["rollout"]["sampling"],
+        "seed": run_config["rollout"]["seed"],
+        "n_trajectories": len(rewards),
+        "n_problems": len(set(table.column("problem_id").to_pylist())),
+        "accuracy": accuracy,
+        "accuracy_ci95": list(wilson_interval(sum(rewards), len(rewards))),
+        "mean_steps": sum(n_steps) / len(n_steps),
+        "truncated_fraction": sum(table.column("truncated").to_pylist()) / len(rewards),
+        "sha256": sha256_file(target),
+        "files": {"trajectories": TRAJECTORIES_FILE},
+    }
+    atomic_write_json(out_dir / MANIFEST_FILE, manifest)
+    shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
+    return _result(out_dir, manifest)
+
+
+def _result(out_dir: Path, manifest: dict[str, Any]) -> RolloutResult:
+    return RolloutResult(
+        out_dir=out_dir,
+        n_trajectories=manifest["n_trajectories"],
+        accuracy=manifest["accuracy"],
+        mean_steps=manifest["mean_steps"],
+        manifest=manifest,
+    )
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def iter_trajectories(source: str | Path) -> Iterator[Trajectory]:
+    """Iterate over the trajectories of a rollout folder (see :func:`read_trajectories`)."""
+    yield from read_trajectories(source)
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "RolloutConfig",
+    "RolloutResult",
+    "SamplingConfig",
+    "Step",
+    "Trajectory",
+    "collect_rollouts",
+    "generate_batch",
+    "read_trajectories",
+    "wilson_interval",
+]

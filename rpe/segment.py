@@ -1,0 +1,96 @@
+"""Split a completion into reasoning steps and map steps to token spans.
+
+A step is the text between separators; spans exclude the separators and surrounding white space, so
+``text[span.start:span.end]`` is the step's text and the steps, with the text between them, re-join to the
+original. The state s_t of the method is the last token of step t (see :func:`token_spans`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Segmenter = Literal["paragraph", "newline", "sentence", "regex"]
+SEGMENTERS: tuple[str, ...] = ("paragraph", "newline", "sentence", "regex")
+
+_SEPARATORS: dict[str, str] = {
+    "paragraph": r"\n[ \t\r\f\v]*\n\s*",
+    "newline": r"\n+",
+    "sentence": r"(?<=[.!?])\s+",
+}
+
+
+@dataclass(frozen=True)
+class CharSpan:
+    """Half-open character span ``[start, end)`` of one step inside the completion text."""
+
+    start: int
+    end: int
+
+
+def separator_pattern(method: Segmenter = "paragraph", pattern: str | None = None) -> re.Pattern[str]:
+    """The compiled separator regex for a segmenter. ``regex`` needs ``pattern`` (the separator)."""
+    if method == "regex":
+        if not pattern:
+            raise ValueError("segmenter 'regex' needs a separator pattern, e.g. pattern=r'\\n(?=Step)'")
+        try:
+            return re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"invalid step separator regex {pattern!r}: {err}") from err
+    if method not in _SEPARATORS:
+        raise ValueError(f"unknown segmenter {method!r}; choose one of {', '.join(SEGMENTERS)}")
+    return re.compile(_SEPARATORS[method])
+
+
+def split_steps(text: str, method: Segmenter = "paragraph", pattern: str | None = None) -> list[CharSpan]:
+    """Character spans of the non-empty steps of ``text``, in order.
+
+    Args:
+        text: the completion (model output after the prompt).
+        method: ``paragraph`` (blank line, default), ``newline``, ``sentence`` or ``regex``.
+        pattern: the separator regex when ``method == "regex"``.
+    """
+    sep = separator_pattern(method, pattern)
+    spans, cursor = [], 0
+    bounds = [(m.start(), m.end()) for m in sep.finditer(text) if m.end() > m.start()] + [(len(text), len(text))]
+    for sep_start, sep_end in bounds:
+        piece = text[cursor:sep_start]
+        stripped = piece.strip()
+        if stripped:
+            start = cursor + (len(piece) - len(piece.lstrip()))
+            spans.append(CharSpan(start, start + len(stripped)))
+        cursor = sep_end
+    return spans
+
+
+def token_char_ends(tokenizer, token_ids: list[int]) -> list[int]:
+    """For each token i, the length of the decoded text of ``token_ids[:i+1]``.
+
+    Uses incremental decoding so multi-byte characters split over tokens are attributed to the token that
+    completes them. Cost O(n) decodes of growing prefixes; n is a completion (hundreds of tokens).
+    """
+    ends, prev = [], 0
+    for i in range(len(token_ids)):
+        length = len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=False))
+        prev = max(prev, length)
+        ends.append(prev)
+    return ends
+
+
+def token_spans(char_spans: list[CharSpan], char_ends: list[int]) -> list[tuple[int, int]]:
+    """Map character spans to half-open token spans ``[first, last + 1)`` of the tokens that cover them.
+
+    ``char_ends`` comes from :func:`token_char_ends`. The last token of a step (index ``end - 1``) is the
+    token whose decoded text first reaches the step's last character: the state s_t.
+    """
+    import bisect
+
+    out = []
+    for span in char_spans:
+        first = bisect.bisect_right(char_ends, span.start)  # first token ending after span.start
+        last = bisect.bisect_left(char_ends, span.end)  # first token whose end reaches span.end
+        last = min(last, len(char_ends) - 1)
+        first = min(first, last)
+        out.append((first, last + 1))
+    return out

@@ -1,0 +1,386 @@
+"""Verifiable reasoning tasks behind one interface: ``problems()`` and ``score()``.
+
+Three sources:
+- any reasoning-gym task by name, with its difficulty options (``load_task("rg:leg_counting", ...)``);
+- calibrated presets for the offline models (``load_task("chain_sum")``, the default);
+- a JSONL task file (``load_task("path/to/tasks.jsonl")``) with ``prompt``, ``answer`` and an optional
+  ``verifier`` (``exact``, ``numeric`` or ``math``; math answers are checked with math-verify).
+
+Completions are scored by extracting the final answer (``Answer: X``, ``#### X``, ``\\boxed{X}``, "the answer
+is X"; the last one wins) and passing it to the task's own verifier. Empty or garbage completions score 0.
+
+Example:
+    >>> task = load_task("chain_sum")
+    >>> problem = next(iter(task.problems(1, seed=0)))
+    >>> task.score(problem, f"Answer: {problem.answer}")
+    1.0
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+Verifier = Literal["exact", "numeric", "math"]
+VERIFIERS: tuple[str, ...] = ("exact", "numeric", "math")
+MAX_ANSWER_CHARS = 1000  # longer extracted answers are not verified (score 0): bounds verifier cost
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One verifiable problem.
+
+    Attributes:
+        id: stable identifier, unique within a task (used to split train/test by problem).
+        prompt: the question text shown to the model (before any prompt template).
+        answer: the reference answer as text.
+        meta: JSON-serialisable task metadata (reasoning-gym metadata, the verifier name, ...).
+    """
+
+    id: str
+    prompt: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class TaskFileError(ValueError):
+    """A malformed task file; the message names the file and line."""
+
+
+class UnknownTaskError(ValueError):
+    """A task name that is neither a preset, a reasoning-gym task, nor an existing JSONL file."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# answer extraction
+
+_ANSWER_PATTERNS = (
+    re.compile(r"answer\s*(?:is)?\s*[:=]\s*(?P<a>[^\n]+)", re.IGNORECASE),
+    re.compile(r"####\s*(?P<a>[^\n]+)"),
+    re.compile(r"the (?:final )?answer is\s*:?\s*(?P<a>[^\n]+)", re.IGNORECASE),
+)
+
+
+def _boxed_answers(text: str) -> list[tuple[int, str]]:
+    """Contents of every ``\\boxed{...}`` with balanced braces, as (position, content)."""
+    found = []
+    for m in re.finditer(r"\\boxed\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            found.append((m.start(), text[m.end() : i - 1]))
+    return found
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip().strip("*").strip()
+    if answer.startswith("$") and answer.endswith("$") and len(answer) > 1:
+        answer = answer.strip("$").strip()
+    return answer.rstrip(".").strip()
+
+
+def extract_answer(completion: str) -> str | None:
+    """The final answer stated in ``completion``, or None when it states none.
+
+    Recognises ``Answer: X``, ``#### X`` (GSM8K), ``\\boxed{X}`` and "the answer is X"; when several occur,
+    the one that starts last in the text wins.
+    """
+    if not completion:
+        return None
+    candidates: list[tuple[int, str]] = _boxed_answers(completion)
+    for pattern in _ANSWER_PATTERNS:
+        candidates += [(m.start(), m.group("a")) for m in pattern.finditer(completion)]
+    candidates = [(pos, _clean(a)) for pos, a in candidates]
+    candidates = [(pos, a) for pos, a in candidates if a]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: c[0])[1]
+
+
+def has_final_answer(text: str) -> bool:
+    """True when ``text`` states a final answer (used by the environment to end an episode)."""
+    return extract_answer(text) is not None
+
+
+# --------------------------------------------------------------------------------------------------------
+# verifiers
+
+_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _to_number(text: str) -> float | None:
+    text = text.replace(",", "").replace(" ", "")
+    if not _NUMBER.match(text):
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def verify(predicted: str | None, reference: str, verifier: Verifier = "exact") -> float:
+    """Score an extracted answer against the reference: 1.0 or 0.0.
+
+    Args:
+        predicted: the extracted answer, or None when the completion stated none (scores 0).
+        reference: the reference answer.
+        verifier: ``exact`` (whitespace- and case-normalised string match), ``numeric`` (|a - b| <= 1e-6 of
+            the scale) or ``math`` (symbolic equivalence with math-verify, 5 s limit).
+    """
+    if predicted is None or len(predicted) > MAX_ANSWER_CHARS:
+        return 0.0
+    if verifier == "exact":
+        return float(" ".join(predicted.split()).lower() == " ".join(reference.split()).lower())
+    if verifier == "numeric":
+        a, b = _to_number(predicted), _to_number(reference)
+        if a is None or b is None:
+            return 0.0
+        return float(abs(a - b) <= 1e-6 * max(1.0, abs(b)))
+    if verifier == "math":
+        from math_verify import parse
+        from math_verify import verify as mv_verify
+
+        gold = parse(reference if "$" in reference else f"${reference}$", parsing_timeout=5)
+        pred = parse(predicted if "$" in predicted else f"${predicted}$", parsing_timeout=5)
+        return float(bool(gold) and bool(pred) and mv_verify(gold, pred, timeout_seconds=5))
+    raise ValueError(f"unknown verifier {verifier!r}; choose one of {', '.join(VERIFIERS)}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# tasks
+
+
+class Task:
+    """A verifiable task. Subclasses implement :meth:`problems` and :meth:`score`.
+
+    Attributes:
+        name: how the task is named in records and manifests.
+        answer_hint: what the final line should look like, used in the prompt instruction.
+    """
+
+    name: str = "task"
+    answer_hint: str = "Answer: <answer>"
+
+    def problems(self, n: int, seed: int = 0) -> Iterator[Problem]:
+        """Yield ``n`` problems, deterministic for ``seed``."""
+        raise NotImplementedError
+
+    def score(self, problem: Problem, completion: str) -> float:
+        """Score a completion: 1.0 if the verifier accepts its final answer, else 0.0. Never raises on
+        model output."""
+        raise NotImplementedError
+
+    def worked_solution(self, problem: Problem) -> str:
+        """A step-by-step solution (paragraph per step, ending ``Answer: X``), used for few-shot prompts.
+
+        The default has no reasoning steps, only the answer line; tasks that can derive the steps override it.
+        """
+        return f"Answer: {problem.answer}"
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON-serialisable description that :func:`load_task` turns back into this task."""
+        raise NotImplementedError
+
+
+class ReasoningGymTask(Task):
+    """Any reasoning-gym task, scored by its own ``score_answer``.
+
+    Args:
+        rg_name: the reasoning-gym dataset name (``reasoning_gym.factory.DATASETS``).
+        config: difficulty options passed to ``reasoning_gym.create_dataset``.
+        name: the name used in records (defaults to ``rg_name``).
+    """
+
+    def __init__(self, rg_name: str, config: dict[str, Any] | None = None, name: str | None = None):
+        import reasoning_gym
+
+        if rg_name not in reasoning_gym.factory.DATASETS:
+            raise UnknownTaskError(
+                f"unknown reasoning-gym task {rg_name!r}; valid names: {', '.join(sorted(reasoning_gym.factory.DATASETS))}"
+            )
+        self.rg_name = rg_name
+        self.config = dict(config or {})
+        self.name = name or rg_name
+        try:
+            self._scorer = reasoning_gym.create_dataset(rg_name, size=1, seed=0, **self.config)
+        except (TypeError, AssertionError, ValueError) as err:
+            raise ValueError(f"invalid options {self.config} for reasoning-gym task {rg_name!r}: {err}") from err
+
+    def problems(self, n: int, seed: int = 0) -> Iterator[Problem]:
+        import reasoning_gym
+
+        if n <= 0:
+            return
+        dataset = reasoning_gym.create_dataset(self.rg_name, size=n, seed=seed, **self.config)
+        for i, entry in enumerate(dataset):
+            yield Problem(
+                id=f"{self.name}/s{seed}/{i}",
+                prompt=entry["question"],
+                answer=str(entry["answer"]),
+                meta=_jsonable(entry.get("metadata", {})),
+            )
+
+    def score(self, problem: Problem, completion: str) -> float:
+        predicted = extract_answer(completion)
+        if predicted is None or len(predicted) > MAX_ANSWER_CHARS:
+            return 0.0
+        entry = {"question": problem.prompt, "answer": problem.answer, "metadata": problem.meta}
+        try:
+            return float(self._scorer.score_answer(predicted, entry))
+        except Exception as err:  # a verifier bug on hostile text must not kill a long run
+            logger.warning("reasoning-gym %s verifier raised on %r: %s; scored 0", self.rg_name, predicted[:80], err)
+            return 0.0
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "reasoning_gym", "rg_name": self.rg_name, "config": self.config, "name": self.name}
+
+
+class ChainSumTask(ReasoningGymTask):
+    """reasoning-gym ``chain_sum`` with worked solutions that add one term per step (for few-shot)."""
+
+    def __init__(self, config: dict[str, Any] | None = None, name: str = "chain_sum"):
+        super().__init__("chain_sum", config, name=name)
+
+    def worked_solution(self, problem: Problem) -> str:
+        tokens = problem.meta.get("expression", "").split()
+        if len(tokens) < 3:
+            return super().worked_solution(problem)
+        total = int(tokens[0])
+        steps = []
+        for k, (op, term) in enumerate(zip(tokens[1::2], tokens[2::2]), start=1):
+            new = total + int(term) if op == "+" else total - int(term)
+            steps.append(f"Step {k}: {total} {op} {term} = {new}.")
+            total = new
+        return "\n\n".join(steps + [f"Answer: {total}"])
+
+
+class JsonlTask(Task):
+    """Problems from a JSONL file: one object per line with ``prompt`` and ``answer``; optional ``id`` and
+    ``verifier`` (``exact``, ``numeric``, ``math``; default ``exact``) and ``solution`` (for few-shot).
+
+    Raises:
+        TaskFileError: on a malformed line, naming the file and line number.
+    """
+
+    def __init__(self, path: str | Path, name: str | None = None):
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self._problems = self._read()
+
+    def _read(self) -> list[Problem]:
+        if not self.path.is_file():
+            raise TaskFileError(f"task file {self.path} does not exist")
+        problems, seen = [], set()
+        with self.path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{self.path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise TaskFileError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
+                if not isinstance(row, dict):
+                    raise TaskFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                missing = [k for k in ("prompt", "answer") if k not in row]
+                if missing:
+                    raise TaskFileError(f"{where}: missing field(s) {missing}; each line needs 'prompt' and 'answer'")
+                verifier = row.get("verifier", "exact")
+                if verifier not in VERIFIERS:
+                    raise TaskFileError(f"{where}: unknown verifier {verifier!r}; choose one of {', '.join(VERIFIERS)}")
+                pid = str(row.get("id", f"{self.name}/{lineno}"))
+                if pid in seen:
+                    raise TaskFileError(f"{where}: duplicate id {pid!r}")
+                seen.add(pid)
+                meta = {"verifier": verifier}
+                if "solution" in row:
+                    meta["solution"] = str(row["solution"])
+                problems.append(Problem(id=pid, prompt=str(row["prompt"]), answer=str(row["answer"]), meta=meta))
+        if not problems:
+            raise TaskFileError(f"{self.path}: no problems (the file is empty)")
+        return problems
+
+    def problems(self, n: int, seed: int = 0) -> Iterator[Problem]:
+        """The first ``n`` problems in a seed-dependent order (the file order for seed 0)."""
+        import random
+
+        order = list(range(len(self._problems)))
+        if seed:
+            random.Random(seed).shuffle(order)
+        for i in order[:n]:
+            yield self._problems[i]
+
+    def score(self, problem: Problem, completion: str) -> float:
+        return verify(extract_answer(completion), problem.answer, problem.meta.get("verifier", "exact"))
+
+    def worked_solution(self, problem: Problem) -> str:
+        return problem.meta.get("solution") or super().worked_solution(problem)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "jsonl", "path": str(self.path), "name": self.name}
+
+
+def _jsonable(value: Any) -> Any:
+    """Round-trip through JSON so metadata stored in records equals what the verifier later receives."""
+    return json.loads(json.dumps(value, default=str))
+
+
+# --------------------------------------------------------------------------------------------------------
+# presets and loading
+
+#: Calibrated presets: name -> (reasoning-gym task, options). See README "Calibration" for the measurements.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "chain_sum": ("chain_sum", {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}),
+    "chain_sum_4": ("chain_sum", {"min_terms": 4, "max_terms": 4, "min_digits": 1, "max_digits": 1}),
+}
+DEFAULT_TASK = "chain_sum"
+
+
+def available_tasks() -> list[str]:
+    """Preset names followed by ``rg:NAME`` for every reasoning-gym task."""
+    import reasoning_gym
+
+    return list(PRESETS) + [f"rg:{n}" for n in sorted(reasoning_gym.factory.DATASETS)]
+
+
+def load_task(name_or_spec: str | dict[str, Any], **options: Any) -> Task:
+    """Build a task from a preset name, ``rg:NAME`` (or a bare reasoning-gym name), a JSONL path, or a
+    :meth:`Task.spec` dictionary. ``options`` override difficulty options of reasoning-gym tasks.
+
+    Raises:
+        UnknownTaskError: listing the valid names.
+    """
+    if isinstance(name_or_spec, dict):
+        spec = name_or_spec
+        if spec.get("kind") == "jsonl":
+            return JsonlTask(spec["path"], name=spec.get("name"))
+        if spec.get("kind") == "reasoning_gym":
+            cls = ChainSumTask if spec["rg_name"] == "chain_sum" else None
+            config = {**spec.get("config", {}), **options}
+            if cls is not None:
+                return ChainSumTask(config, name=spec.get("name", "chain_sum"))
+            return ReasoningGymTask(spec["rg_name"], config, name=spec.get("name"))
+        raise UnknownTaskError(f"unknown task spec {spec!r}: 'kind' must be 'jsonl' or 'reasoning_gym'")
+    name = name_or_spec
+    if name in PRESETS:
+        rg_name, config = PRESETS[name]
+        return load_task({"kind": "reasoning_gym", "rg_name": rg_name, "config": config, "name": name}, **options)
+    if name.endswith(".jsonl") or Path(name).is_file():
+        return JsonlTask(name)
+    import reasoning_gym
+
+    rg_name = name.removeprefix("rg:")
+    if rg_name in reasoning_gym.factory.DATASETS:
+        return load_task({"kind": "reasoning_gym", "rg_name": rg_name, "config": {}, "name": rg_name}, **options)
+    raise UnknownTaskError(
+        f"unknown task {name!r}. Valid: presets {', '.join(PRESETS)}; any reasoning-gym task as rg:NAME "
+        f"({', '.join(sorted(reasoning_gym.factory.DATASETS))}); or a path to a .jsonl task file"
+    )
