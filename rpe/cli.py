@@ -43,7 +43,8 @@ def models_list() -> None:
     from rpe.models import REGISTRY, cache_dir, is_fetched, model_dir
 
     table = Table(title=f"rpe models (cache: {cache_dir()})")
-    for col in ("name", "fetched", "prompt", "description"):
+    table.add_column("name", no_wrap=True)
+    for col in ("fetched", "prompt", "description"):
         table.add_column(col)
     for name, spec in REGISTRY.items():
         table.add_row(name, "yes" if is_fetched(name) else f"no: rpe models fetch {name}", spec.prompt_style, spec.description)

@@ -53,7 +53,7 @@ def split_steps(text: str, method: Segmenter = "paragraph", pattern: str | None 
     """
     sep = separator_pattern(method, pattern)
     spans, cursor = [], 0
-    bounds = [(m.start(), m.end()) for m in sep.finditer(text) if m.end() > m.start()] + [(len(text), len(text))]
+    bounds = [(m.start(), m.end()) for m in sep.finditer(text)] + [(len(text), len(text))]
     for sep_start, sep_end in bounds:
         piece = text[cursor:sep_start]
         stripped = piece.strip()

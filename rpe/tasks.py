@@ -83,10 +83,14 @@ def _boxed_answers(text: str) -> list[tuple[int, str]]:
 
 
 def _clean(answer: str) -> str:
-    answer = answer.strip().strip("*").strip()
-    if answer.startswith("$") and answer.endswith("$") and len(answer) > 1:
-        answer = answer.strip("$").strip()
-    return answer.rstrip(".").strip()
+    """Strip markdown emphasis, surrounding ``$``, and trailing full stops until nothing changes."""
+    previous = None
+    while previous != answer:
+        previous = answer
+        answer = answer.strip().strip("*").rstrip(".").strip()
+        if len(answer) > 1 and answer.startswith("$") and answer.endswith("$"):
+            answer = answer[1:-1]
+    return answer
 
 
 def extract_answer(completion: str) -> str | None:
@@ -197,9 +201,13 @@ class ReasoningGymTask(Task):
         rg_name: the reasoning-gym dataset name (``reasoning_gym.factory.DATASETS``).
         config: difficulty options passed to ``reasoning_gym.create_dataset``.
         name: the name used in records (defaults to ``rg_name``).
+        partial_credit: keep reasoning-gym's fractional scores (some tasks give 0.5 for near misses, e.g.
+            ``1000`` for ``10``). Default False: the reward is binary, 1.0 only for full credit (PAPER.md).
     """
 
-    def __init__(self, rg_name: str, config: dict[str, Any] | None = None, name: str | None = None):
+    def __init__(
+        self, rg_name: str, config: dict[str, Any] | None = None, name: str | None = None, partial_credit: bool = False
+    ):
         import reasoning_gym
 
         if rg_name not in reasoning_gym.factory.DATASETS:
@@ -209,6 +217,7 @@ class ReasoningGymTask(Task):
         self.rg_name = rg_name
         self.config = dict(config or {})
         self.name = name or rg_name
+        self.partial_credit = partial_credit
         try:
             self._scorer = reasoning_gym.create_dataset(rg_name, size=1, seed=0, **self.config)
         except (TypeError, AssertionError, ValueError) as err:
@@ -234,20 +243,29 @@ class ReasoningGymTask(Task):
             return 0.0
         entry = {"question": problem.prompt, "answer": problem.answer, "metadata": problem.meta}
         try:
-            return float(self._scorer.score_answer(predicted, entry))
+            score = float(self._scorer.score_answer(predicted, entry))
         except Exception as err:  # a verifier bug on hostile text must not kill a long run
             logger.warning("reasoning-gym %s verifier raised on %r: %s; scored 0", self.rg_name, predicted[:80], err)
             return 0.0
+        if not math.isfinite(score):
+            return 0.0
+        return score if self.partial_credit else float(score >= 1.0)
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "reasoning_gym", "rg_name": self.rg_name, "config": self.config, "name": self.name}
+        return {
+            "kind": "reasoning_gym",
+            "rg_name": self.rg_name,
+            "config": self.config,
+            "name": self.name,
+            "partial_credit": self.partial_credit,
+        }
 
 
 class ChainSumTask(ReasoningGymTask):
     """reasoning-gym ``chain_sum`` with worked solutions that add one term per step (for few-shot)."""
 
-    def __init__(self, config: dict[str, Any] | None = None, name: str = "chain_sum"):
-        super().__init__("chain_sum", config, name=name)
+    def __init__(self, config: dict[str, Any] | None = None, name: str = "chain_sum", partial_credit: bool = False):
+        super().__init__("chain_sum", config, name=name, partial_credit=partial_credit)
 
     def worked_solution(self, problem: Problem) -> str:
         tokens = problem.meta.get("expression", "").split()
@@ -363,11 +381,11 @@ def load_task(name_or_spec: str | dict[str, Any], **options: Any) -> Task:
         if spec.get("kind") == "jsonl":
             return JsonlTask(spec["path"], name=spec.get("name"))
         if spec.get("kind") == "reasoning_gym":
-            cls = ChainSumTask if spec["rg_name"] == "chain_sum" else None
             config = {**spec.get("config", {}), **options}
-            if cls is not None:
-                return ChainSumTask(config, name=spec.get("name", "chain_sum"))
-            return ReasoningGymTask(spec["rg_name"], config, name=spec.get("name"))
+            partial = bool(spec.get("partial_credit", False))
+            if spec["rg_name"] == "chain_sum":
+                return ChainSumTask(config, name=spec.get("name", "chain_sum"), partial_credit=partial)
+            return ReasoningGymTask(spec["rg_name"], config, name=spec.get("name"), partial_credit=partial)
         raise UnknownTaskError(f"unknown task spec {spec!r}: 'kind' must be 'jsonl' or 'reasoning_gym'")
     name = name_or_spec
     if name in PRESETS:

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random models (no download) and the real default model (slow tests only)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rpe.models import DEFAULT_MODEL, TinyModelConfig, fetch_command, is_fetched, tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return tiny_model(TinyModelConfig(architecture="llama", seed=0))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct from the cache (``make test`` fetches it first)."""
+    if not is_fetched(DEFAULT_MODEL):
+        if os.environ.get("RPE_REQUIRE_REAL_MODEL"):
+            pytest.fail(f"{DEFAULT_MODEL} is not fetched; run `{fetch_command(DEFAULT_MODEL)}`")
+        pytest.skip(f"{DEFAULT_MODEL} not fetched (run `{fetch_command(DEFAULT_MODEL)}`)")
+    from rpe.models import load_model
+
+    return load_model(DEFAULT_MODEL)

@@ -1,0 +1,165 @@
+import json
+
+import pytest
+
+from rpe.prompts import PromptConfig
+from rpe.rollouts import (
+    SCHEMA_VERSION,
+    TRAJECTORIES_FILE,
+    RolloutConfig,
+    SamplingConfig,
+    Trajectory,
+    collect_rollouts,
+    read_trajectories,
+    wilson_interval,
+)
+
+
+def _cfg(**kw):
+    base = dict(task="chain_sum", n_problems=5, samples=2, batch_size=4, seed=7,
+                sampling=SamplingConfig(temperature=1.0, max_new_tokens=12), prompt=PromptConfig(shots=1))
+    base.update(kw)
+    return RolloutConfig(**base)
+
+
+def test_collect_writes_versioned_records_and_manifest(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    result = collect_rollouts(model, tok, _cfg(), tmp_path / "run", model_name="tiny")
+    trajs = read_trajectories(tmp_path / "run")
+    assert result.n_trajectories == len(trajs) == 10
+    assert len({t.trajectory_id for t in trajs}) == 10
+    assert {t.sample_index for t in trajs} == {0, 1}
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["model"]["name"] == "tiny"
+    assert manifest["n_problems"] == 5 and manifest["seed"] == 7
+    assert manifest["sampling"]["temperature"] == 1.0
+    assert 0.0 <= manifest["accuracy"] <= 1.0
+    assert not (tmp_path / "run" / "parts").exists()
+    for t in trajs:
+        assert t.reward in (0.0, 1.0)
+        assert len(t.completion_token_ids) <= 12
+        assert t.finish_reason in ("eos", "length")
+        assert t.truncated == (t.finish_reason == "length")
+        assert tok.decode(t.prompt_token_ids) == t.prompt
+        for s in t.steps:
+            assert t.completion[s.char_start : s.char_end] == s.text
+    # readable with datasets
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "run" / TRAJECTORIES_FILE), split="train")
+    assert ds.num_rows == 10 and "steps" in ds.column_names
+
+
+def test_trajectory_row_round_trip(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    collect_rollouts(model, tok, _cfg(n_problems=2, samples=1), tmp_path, model_name="tiny")
+    for t in read_trajectories(tmp_path):
+        assert Trajectory.from_row(t.to_row()) == t
+        positions = t.state_positions()
+        assert positions[0] == len(t.prompt_token_ids) - 1 and len(positions) == len(t.steps) + 1
+
+
+def test_older_schema_is_refused_with_version(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    collect_rollouts(model, tok, _cfg(n_problems=1, samples=1), tmp_path, model_name="tiny")
+    row = read_trajectories(tmp_path)[0].to_row()
+    row["schema_version"] = 0
+    with pytest.raises(ValueError, match="schema version 0"):
+        Trajectory.from_row(row)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    cfg = _cfg(n_problems=6, samples=2, batch_size=4)  # 3 batches
+    collect_rollouts(model, tok, cfg, tmp_path / "full", model_name="tiny")
+    full = {t.trajectory_id: t.completion for t in read_trajectories(tmp_path / "full")}
+
+    calls = []
+
+    def die_after_two(done, total):
+        calls.append(done)
+        if len(calls) == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        collect_rollouts(model, tok, cfg, tmp_path / "cut", model_name="tiny", progress=die_after_two)
+    assert len(list((tmp_path / "cut" / "parts").glob("*.parquet"))) == 2
+    assert not (tmp_path / "cut" / TRAJECTORIES_FILE).exists()
+    # a leftover temp file from a killed write must not be read as a part
+    (tmp_path / "cut" / "parts" / ".part-00002.parquet.123.tmp").write_bytes(b"half")
+    collect_rollouts(model, tok, cfg, tmp_path / "cut", model_name="tiny")
+    resumed = {t.trajectory_id: t.completion for t in read_trajectories(tmp_path / "cut")}
+    assert resumed == full
+
+
+def test_damaged_part_is_regenerated(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    cfg = _cfg(n_problems=4, samples=1, batch_size=2)
+    calls = []
+
+    def stop(done, total):
+        calls.append(done)
+        if len(calls) == 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny", progress=stop)
+    part = tmp_path / "parts" / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:50])
+    result = collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny")
+    assert result.n_trajectories == 4
+
+
+def test_changed_config_is_refused_unless_overwrite(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    collect_rollouts(model, tok, _cfg(n_problems=1, samples=1), tmp_path, model_name="tiny")
+    with pytest.raises(ValueError, match="different configuration .*--overwrite"):
+        collect_rollouts(model, tok, _cfg(n_problems=2, samples=1), tmp_path, model_name="tiny")
+    assert collect_rollouts(model, tok, _cfg(n_problems=2, samples=1), tmp_path, model_name="tiny", overwrite=True).n_trajectories == 2
+
+
+def test_checksum_mismatch_is_reported(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    collect_rollouts(model, tok, _cfg(n_problems=1, samples=1), tmp_path, model_name="tiny")
+    with (tmp_path / TRAJECTORIES_FILE).open("ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError, match="sha256"):
+        read_trajectories(tmp_path)
+
+
+def test_unfinished_folder_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="resume"):
+        read_trajectories(tmp_path)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="n_problems"):
+        RolloutConfig(n_problems=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=-1)
+    with pytest.raises(ValueError, match="segment_pattern"):
+        RolloutConfig(segmenter="regex")
+    assert RolloutConfig(sampling={"temperature": 0.0}).sampling.generate_kwargs()["do_sample"] is False
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(56, 100)
+    assert lo == pytest.approx(0.4622, abs=1e-3) and hi == pytest.approx(0.6532, abs=1e-3)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.slow
+def test_real_model_rollouts_are_multi_step_and_scored(real_model, tmp_path):
+    model, tok = real_model
+    cfg = RolloutConfig(task="chain_sum", n_problems=8, samples=1, batch_size=8, sampling=SamplingConfig(max_new_tokens=64))
+    result = collect_rollouts(model, tok, cfg, tmp_path, model_name="smollm2-135m-instruct")
+    trajs = read_trajectories(tmp_path)
+    assert result.mean_steps >= 2
+    assert all(t.finish_reason == "eos" for t in trajs)
+    for t in trajs:
+        assert t.steps[-1].text.startswith("Answer:")
+        assert t.reward == float(t.final_answer == t.reference_answer)
