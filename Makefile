@@ -1,0 +1,40 @@
+# The two set-up commands: `make demo` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RPE := $(VENV)/bin/rpe
+TORCH := torch==2.13.0
+MODEL := smollm2-135m-instruct
+DEMO_DIR := runs/demo
+DEMO_N ?= 48
+PYTEST_ARGS ?=
+
+.PHONY: demo test install fetch bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[train,test]" $(TORCH)
+	touch $@
+
+install: $(VENV)/.installed
+
+fetch: install
+	$(RPE) models fetch $(MODEL)
+
+demo: fetch
+	$(RPE) rollouts --model $(MODEL) --task chain_sum --n $(DEMO_N) --samples 2 --out $(DEMO_DIR)/rollouts
+	$(RPE) report --rollouts $(DEMO_DIR)/rollouts --out $(DEMO_DIR)/report.html
+	@echo "Open $(abspath $(DEMO_DIR)/report.html) in a browser."
+
+# pytest exits 5 when it collects no test: say so and fail, a silent pass would hide a broken suite.
+test: fetch
+	RPE_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+bench: fetch
+	$(RPE) bench rollouts
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

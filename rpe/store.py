@@ -1,0 +1,164 @@
+"""Activations of reasoning states, captured over existing rollouts and stored as safetensors.
+
+A *state set* holds, for every trajectory, the states s_0 (last prompt token) .. s_T (last token of step T):
+one row per state, with its trajectory and step index. ``mode="steps"`` instead averages each step's tokens
+(s_0 stays the last prompt token), as the dopamine analysis uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+
+from rpe.rollouts import Trajectory, atomic_write_bytes
+from rpe.tracker import ActivationTracker, check_finite
+
+STORE_VERSION = 1
+
+
+@dataclass
+class StateSet:
+    """Activations at reasoning states.
+
+    Attributes:
+        acts: ``{layer: (n_states, k)}`` float tensors (k = d_model, or the chosen neurons).
+        traj_index: (n_states,) index into ``trajectory_ids`` for each state.
+        step_index: (n_states,) 0 for s_0, t for the end of step t.
+        trajectory_ids, problem_ids: per trajectory.
+        rewards: (n_trajectories,) terminal reward of each trajectory.
+        neurons: ``{layer: (k,)}`` neuron indices when only some columns were kept, else None.
+    """
+
+    acts: dict[int, torch.Tensor]
+    traj_index: torch.Tensor
+    step_index: torch.Tensor
+    trajectory_ids: list[str]
+    problem_ids: list[str]
+    rewards: torch.Tensor
+    neurons: dict[int, torch.Tensor] | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.acts)
+
+    @property
+    def n_states(self) -> int:
+        return int(self.traj_index.numel())
+
+    def state_rewards(self) -> torch.Tensor:
+        """(n_states,) the final reward of each state's trajectory."""
+        return self.rewards[self.traj_index]
+
+    def is_terminal(self) -> torch.Tensor:
+        """(n_states,) bool: the state is the last one of its trajectory."""
+        nxt = torch.cat([self.traj_index[1:], torch.tensor([-1])])
+        return nxt != self.traj_index
+
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """Write one safetensors file atomically (``dtype=torch.float16`` halves the size)."""
+        tensors = {f"layer_{layer}": a.to(dtype).contiguous() for layer, a in self.acts.items()}
+        tensors.update(traj_index=self.traj_index, step_index=self.step_index, rewards=self.rewards.float())
+        for layer, idx in (self.neurons or {}).items():
+            tensors[f"neurons_{layer}"] = idx
+        meta = {"store_version": str(STORE_VERSION), "trajectory_ids": json.dumps(self.trajectory_ids),
+                "problem_ids": json.dumps(self.problem_ids)}
+        from safetensors.torch import save
+
+        atomic_write_bytes(Path(path), save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> StateSet:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable activation store ({err}); re-run the capture") from err
+        if meta.get("store_version") != str(STORE_VERSION):
+            raise ValueError(f"{path} has store version {meta.get('store_version')}; expected {STORE_VERSION}")
+        acts = {int(k.split("_")[1]): v.float() for k, v in tensors.items() if k.startswith("layer_")}
+        neurons = {int(k.split("_")[1]): v for k, v in tensors.items() if k.startswith("neurons_")} or None
+        return cls(acts, tensors["traj_index"], tensors["step_index"], json.loads(meta["trajectory_ids"]),
+                   json.loads(meta["problem_ids"]), tensors["rewards"], neurons)
+
+
+def capture_states(
+    model,
+    trajectories: Sequence[Trajectory],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+    neurons: dict[int, torch.Tensor] | torch.Tensor | None = None,
+    mode: Literal["ends", "steps"] = "ends",
+    pad_token_id: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> StateSet:
+    """Activations at s_0..s_T of every trajectory, one right-padded forward per batch.
+
+    Args:
+        trajectories: records with token ids (see :mod:`rpe.rollouts`).
+        layers: decoder blocks to read.
+        neurons: keep only these columns (per layer or shared).
+        mode: ``ends`` keeps each step's last token; ``steps`` averages each step's tokens.
+        pad_token_id: id used for right padding (masked out; does not affect earlier positions).
+
+    Raises:
+        NonFiniteActivationError: NaN/inf activations, naming the layer and trajectories.
+    """
+    if not trajectories:
+        raise ValueError("no trajectories to capture")
+    device = next(model.parameters()).device
+    chunks: dict[int, list[torch.Tensor]] = {}
+    traj_index, step_index = [], []
+    with ActivationTracker(model, layers, neurons=neurons) as tracker:
+        for start in range(0, len(trajectories), batch_size):
+            batch = trajectories[start : start + batch_size]
+            seqs = [t.prompt_token_ids + t.completion_token_ids for t in batch]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            rows, starts, ends = [], [], []
+            for r, (t, seq) in enumerate(zip(batch, seqs)):
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+                n = t.prompt_len
+                spans = [(n - 1, n)] + [
+                    ((n + s.token_start, n + s.token_end) if mode == "steps" else (n + s.token_end - 1, n + s.token_end))
+                    for s in t.steps
+                ]
+                for k, (a, b) in enumerate(spans):
+                    rows.append(r)
+                    starts.append(a)
+                    ends.append(b)
+                    traj_index.append(start + r)
+                    step_index.append(k)
+            tracker.select(rows, starts, ends)
+            out = tracker.forward(input_ids=ids.to(device), attention_mask=mask.to(device))
+            for layer, acts in out.items():
+                chunks.setdefault(layer, []).append(acts)
+            if progress:
+                progress(min(start + batch_size, len(trajectories)), len(trajectories))
+    ids_list = [t.trajectory_id for t in trajectories]
+    acts = {layer: torch.cat(c) for layer, c in chunks.items()}
+    traj_t = torch.tensor(traj_index)
+    for layer, a in acts.items():
+        check_finite(a, layer, [ids_list[i] for i in traj_t.tolist()])
+    if isinstance(neurons, torch.Tensor):
+        neurons = {layer: neurons for layer in acts}
+    return StateSet(
+        acts=acts,
+        traj_index=traj_t,
+        step_index=torch.tensor(step_index),
+        trajectory_ids=ids_list,
+        problem_ids=[t.problem_id for t in trajectories],
+        rewards=torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
+        neurons=neurons,
+    )

@@ -1,0 +1,224 @@
+"""Capture residual-stream activations at chosen positions with forward hooks (no ``output_hidden_states``).
+
+A *neuron* is one coordinate of the output of decoder block ``l`` (PAPER.md). :class:`ActivationTracker` is a
+context manager that hooks the chosen blocks, keeps only the requested positions (or token spans, averaged)
+and, when given, only the chosen neuron columns. Hooks are removed on exit, also when the block raises.
+
+Two modes:
+- over existing text (:func:`capture_states`): one padding-aware forward per batch; the forward stops right
+  after the deepest hooked block, so the unused blocks and the LM head are never computed;
+- during generation (``ActivationTracker(..., record_all=True)`` around ``model.generate``): every prefill and
+  decode call appends its (batch, tokens, neurons) slice; :meth:`ActivationTracker.generated` returns them
+  joined along time, so rollouts can keep step-end states with no second forward pass.
+
+Example:
+    >>> with ActivationTracker(model, layers=[4]) as tr:  # doctest: +SKIP
+    ...     tr.select(rows=[0, 0], starts=[3, 9], ends=[4, 10])
+    ...     tr.forward(input_ids=ids, attention_mask=mask)
+    >>> tr.captured[4].shape  # (2, d_model)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised inside the deepest hook to skip the rest of the network."""
+
+
+class NonFiniteActivationError(ValueError):
+    """NaN or inf in captured activations; the message names the layer and the rows."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a transformers causal LM (Llama, Qwen2, Gemma3, GPT-2 style)."""
+    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        try:
+            for attr in path.split("."):
+                obj = getattr(obj, attr)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}; supported layouts: model.layers, "
+        "model.language_model.layers, transformer.h, gpt_neox.layers"
+    )
+
+
+def check_layers(model: nn.Module, layers: Sequence[int]) -> list[int]:
+    """Validate layer indices (negative counts from the end) and return them as non-negative ints."""
+    n = len(decoder_layers(model))
+    out = []
+    for layer in layers:
+        if not -n <= layer < n:
+            raise ValueError(f"layer {layer} does not exist: the model has {n} decoder layers (0..{n - 1})")
+        out.append(layer % n)
+    if not out:
+        raise ValueError("choose at least one layer")
+    return out
+
+
+@dataclass
+class Selection:
+    """Token spans to keep: row ``rows[i]``, positions ``[starts[i], ends[i])`` averaged (a single position
+    when ``ends[i] == starts[i] + 1``). Shapes: (N,) each, long."""
+
+    rows: torch.Tensor
+    starts: torch.Tensor
+    ends: torch.Tensor
+
+    @classmethod
+    def points(cls, rows: Sequence[int], positions: Sequence[int]) -> Selection:
+        pos = torch.as_tensor(positions, dtype=torch.long)
+        return cls(torch.as_tensor(rows, dtype=torch.long), pos, pos + 1)
+
+
+class ActivationTracker:
+    """Forward hooks on decoder blocks that keep only chosen positions and neurons.
+
+    Args:
+        model: a transformers causal LM.
+        layers: decoder block indices whose outputs are captured.
+        neurons: optional neuron indices per layer (``{layer: LongTensor(k,)}``) or one index tensor for all
+            layers; None keeps all ``d_model`` columns.
+        record_all: keep every token of every forward call (generation mode) instead of a selection.
+        stop_early: in selection mode, stop the forward after the deepest hooked block.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[int],
+        *,
+        neurons: dict[int, torch.Tensor] | torch.Tensor | None = None,
+        record_all: bool = False,
+        stop_early: bool = True,
+    ):
+        self.model = model
+        self.layers = check_layers(model, layers)
+        if isinstance(neurons, torch.Tensor) or neurons is None:
+            self.neurons = {layer: neurons for layer in self.layers}
+        else:
+            missing = set(self.layers) - set(neurons)
+            if missing:
+                raise ValueError(f"neuron indices missing for layers {sorted(missing)}")
+            self.neurons = {layer: torch.as_tensor(neurons[layer], dtype=torch.long) for layer in self.layers}
+        hidden = _hidden_size(model)
+        for layer, idx in self.neurons.items():
+            if idx is not None and idx.numel() and (idx.min() < 0 or idx.max() >= hidden):
+                raise ValueError(
+                    f"neuron indices for layer {layer} must lie in 0..{hidden - 1}; got min {int(idx.min())}, max {int(idx.max())}"
+                )
+        self.record_all = record_all
+        self.stop_early = stop_early and not record_all
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._selection: Selection | None = None
+        self.captured: dict[int, torch.Tensor] = {}
+        self._recorded: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
+
+    # -- context manager -------------------------------------------------------------------------------
+    def __enter__(self) -> ActivationTracker:
+        if self._handles:
+            raise RuntimeError("this ActivationTracker is already active")
+        blocks = decoder_layers(self.model)
+        try:
+            for layer in self.layers:
+                self._handles.append(blocks[layer].register_forward_hook(self._make_hook(layer)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook this tracker registered (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    # -- capture ---------------------------------------------------------------------------------------
+    def select(self, rows: Sequence[int], starts: Sequence[int], ends: Sequence[int] | None = None) -> None:
+        """Set the spans kept by the next forward (``ends`` defaults to ``starts + 1``: single positions)."""
+        starts_t = torch.as_tensor(starts, dtype=torch.long)
+        ends_t = starts_t + 1 if ends is None else torch.as_tensor(ends, dtype=torch.long)
+        if (ends_t <= starts_t).any():
+            raise ValueError("every span needs end > start")
+        self._selection = Selection(torch.as_tensor(rows, dtype=torch.long), starts_t, ends_t)
+
+    def forward(self, **inputs) -> dict[int, torch.Tensor]:
+        """Run the model on ``inputs`` and return ``{layer: (N, k)}`` for the current selection."""
+        if not self.active:
+            raise RuntimeError("use the tracker as a context manager: `with ActivationTracker(...) as tr:`")
+        if self._selection is None and not self.record_all:
+            raise RuntimeError("call select(...) before forward(...)")
+        self.captured = {}
+        with torch.inference_mode():
+            try:
+                self.model(**inputs, use_cache=False)
+            except _StopForward:
+                pass
+        return self.captured
+
+    def generated(self) -> dict[int, torch.Tensor]:
+        """Generation mode: ``{layer: (batch, total_tokens, k)}``, prefill and decode steps joined in time."""
+        return {layer: torch.cat(chunks, dim=1) for layer, chunks in self._recorded.items() if chunks}
+
+    def _make_hook(self, layer: int):
+        deepest = max(self.layers)
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, T, d)
+            idx = self.neurons[layer]
+            if self.record_all:
+                kept = hidden.detach()
+                kept = kept[..., idx] if idx is not None else kept
+                self._recorded[layer].append(kept.float().cpu())
+                return None
+            sel = self._selection
+            assert sel is not None
+            h = hidden.detach().float()
+            if idx is not None:
+                h = h[..., idx]  # (B, T, k)
+            if bool(((sel.ends - sel.starts) == 1).all()):
+                out = h[sel.rows, sel.starts]  # (N, k)
+            else:
+                zero = torch.zeros_like(h[:, :1])
+                csum = torch.cat([zero, h.cumsum(dim=1)], dim=1)  # (B, T+1, k)
+                span = (sel.ends - sel.starts).unsqueeze(1).to(h.dtype)  # (N, 1)
+                out = (csum[sel.rows, sel.ends] - csum[sel.rows, sel.starts]) / span
+            self.captured[layer] = out.cpu()
+            if self.stop_early and layer == deepest:
+                raise _StopForward
+            return None
+
+        return hook
+
+
+def _hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(cfg.hidden_size)
+
+
+def check_finite(acts: torch.Tensor, layer: int, ids: Sequence[str]) -> None:
+    """Raise :class:`NonFiniteActivationError` naming the layer and offending trajectories."""
+    bad = ~torch.isfinite(acts).all(dim=-1)
+    if bad.any():
+        rows = sorted({ids[i] for i in bad.nonzero().flatten().tolist()})
+        raise NonFiniteActivationError(
+            f"NaN/inf activations at layer {layer} in trajectories {rows[:5]}{' ...' if len(rows) > 5 else ''}; "
+            "check the model dtype (use float32 on CPU) and the inputs"
+        )

@@ -1,0 +1,125 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rpe.probe import ProbeConfig, SingleClassError, ValueProbe, lambda_returns, split_by_problem
+from rpe.rollouts import SCHEMA_VERSION, Step, Trajectory
+from rpe.store import StateSet, capture_states
+
+PLANTED = [5, 17, 42]
+
+
+def _synthetic_trajectories(tok, n_problems=120, samples=2, seed=0):
+    rng = np.random.default_rng(seed)
+    alphabet = list("abcdefghij0123456789 +=")
+    out = []
+    for p in range(n_problems):
+        prompt = tok("Q" + "".join(rng.choice(alphabet, 12)), add_special_tokens=False)["input_ids"]
+        for k in range(samples):
+            comp = tok("".join(rng.choice(alphabet, 18)), add_special_tokens=False)["input_ids"]
+            steps = [Step("x", 0, 1, 0, 6), Step("y", 0, 1, 6, 12), Step("z", 0, 1, 12, 18)]
+            out.append(Trajectory(SCHEMA_VERSION, f"p{p}#{k}", f"p{p}", "synthetic", k, "", "", steps, None, "1",
+                                  float(rng.random() < 0.5), prompt, comp, "eos", False, False, {}, {}, seed))
+    return out
+
+
+@pytest.fixture(scope="module")
+def planted_states():
+    """Real tiny-model activations at s_0..s_3 with a value signal planted in three neurons of layer 1."""
+    from rpe.models import tiny_model
+
+    model, tok = tiny_model()
+    trajs = _synthetic_trajectories(tok)
+    states = capture_states(model, trajs, [1], batch_size=64)
+    acts = states.acts[1]
+    scale = acts.std(0)
+    r = states.state_rewards() * 2 - 1  # +-1
+    ramp = (states.step_index.float() + 1) / 4  # the value gets more certain as reasoning proceeds
+    for j in PLANTED:
+        acts[:, j] += 1.2 * scale[j] * r * ramp
+    return states
+
+
+@pytest.mark.parametrize("target", ["mc", "td0", "td_lambda"])
+def test_synthetic_recovery_of_planted_value_neurons(planted_states, target):
+    probe = ValueProbe(ProbeConfig(target=target, hidden=256, epochs=40, lr=1e-3, seed=0)).fit(planted_states, layer=1)
+    assert probe.metrics["test_auroc_final"] > 0.9
+    assert set(probe.prune(3 / 64).tolist()) == set(PLANTED)
+    refit = ValueProbe(ProbeConfig(target=target, hidden=256, epochs=40, lr=1e-3)).fit(planted_states, 1, probe.prune(3 / 64))
+    assert refit.metrics["test_auroc_final"] > 0.9
+    assert refit.predict(planted_states.acts[1]).shape == (planted_states.n_states,)
+
+
+def test_no_signal_gives_chance_auroc(planted_states):
+    shuffled = StateSet({1: planted_states.acts[1][:, [i for i in range(64) if i not in PLANTED]]},
+                        planted_states.traj_index, planted_states.step_index, planted_states.trajectory_ids,
+                        planted_states.problem_ids, planted_states.rewards)
+    probe = ValueProbe(ProbeConfig(target="mc", hidden=256, epochs=30, lr=1e-3)).fit(shuffled, 1)
+    assert abs(probe.metrics["test_auroc_final"] - 0.5) < 0.2
+
+
+def test_lambda_returns_match_definitions():
+    traj = torch.tensor([0, 0, 0, 1, 1])
+    rewards = torch.tensor([1.0, 0.0])
+    values = torch.tensor([0.2, 0.4, 0.6, 0.3, 0.9])
+    g = 0.9
+    td0 = lambda_returns(values, rewards, traj, g, 0.0)
+    assert torch.allclose(td0, torch.tensor([g * 0.4, g * 0.6, 1.0, g * 0.9, 0.0]))
+    mc = lambda_returns(values, rewards, traj, g, 1.0)
+    assert torch.allclose(mc, torch.tensor([g * g, g, 1.0, 0.0, 0.0]))
+    # TD targets equal MC targets when gamma = 1 and V is the true return
+    true_v = rewards[traj]
+    assert torch.allclose(lambda_returns(true_v, rewards, traj, 1.0, 0.0), lambda_returns(true_v, rewards, traj, 1.0, 1.0))
+
+
+def test_split_is_by_problem_and_seeded():
+    pids = [f"p{i // 3}" for i in range(300)]
+    split = split_by_problem(pids, 0.15, 0.15, seed=1)
+    for p in set(pids):
+        assert len({split[i] for i, q in enumerate(pids) if q == p}) == 1
+    assert (split == split_by_problem(pids, 0.15, 0.15, seed=1)).all()
+    assert abs((split == 2).mean() - 0.15) < 0.02
+    with pytest.raises(ValueError, match="too few"):
+        split_by_problem(["a", "b"], 0.15, 0.15, 0)
+
+
+def test_single_class_is_refused_with_advice(planted_states):
+    st = planted_states
+    allright = StateSet(st.acts, st.traj_index, st.step_index, st.trajectory_ids, st.problem_ids, torch.ones_like(st.rewards))
+    with pytest.raises(SingleClassError, match="too easy.*20% and 80%"):
+        ValueProbe().fit(allright, 1)
+
+
+def test_probe_config_checks():
+    with pytest.raises(ValueError, match="td0, td_lambda, mc"):
+        ProbeConfig(target="q")
+    with pytest.raises(ValueError, match="gamma"):
+        ProbeConfig(gamma=0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        ValueProbe().predict(torch.zeros(1, 4))
+
+
+def test_state_set_round_trip(planted_states, tmp_path):
+    planted_states.save(tmp_path / "s.safetensors", dtype=torch.float16)
+    back = StateSet.load(tmp_path / "s.safetensors")
+    assert back.trajectory_ids == planted_states.trajectory_ids
+    assert torch.equal(back.traj_index, planted_states.traj_index)
+    assert torch.allclose(back.acts[1], planted_states.acts[1], atol=1e-2, rtol=1e-2)
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable activation store"):
+        StateSet.load(tmp_path / "bad.safetensors")
+
+
+def test_nan_activations_name_layer_and_trajectory(tiny_llama):
+    from rpe.tracker import NonFiniteActivationError, decoder_layers
+
+    model, tok = tiny_llama
+    trajs = _synthetic_trajectories(tok, n_problems=2, samples=1)
+    handle = decoder_layers(model)[0].register_forward_hook(lambda m, a, o: (o[0] * math.nan,) + tuple(o[1:]) if isinstance(o, tuple) else o * math.nan)
+    try:
+        with pytest.raises(NonFiniteActivationError, match=r"layer 1 .*p0#0"):
+            capture_states(model, trajs, [1])
+    finally:
+        handle.remove()

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from rpe.models import TinyModelConfig, tiny_model
+from rpe.tracker import ActivationTracker, decoder_layers
+
+
+def _hidden_states(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states  # reference only
+
+
+def _n_hooks(model):
+    """Hooks on the decoder blocks (transformers itself may hook other modules)."""
+    return sum(len(m._forward_hooks) for m in decoder_layers(model))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
+def test_captures_block_outputs_at_positions_and_neurons(arch):
+    model, tok = tiny_model(TinyModelConfig(architecture=arch))
+    enc = tok(["Step 1: 2 + 3 = 5.", "Answer: 7"], return_tensors="pt", padding=True)
+    ref = _hidden_states(model, enc.input_ids, enc.attention_mask)  # ref[l + 1] = output of block l
+    neurons = torch.tensor([3, 10, 60])
+    before = _n_hooks(model)
+    with ActivationTracker(model, [0, 2], neurons=neurons) as tr:
+        tr.select(rows=[0, 1, 1], starts=[4, 9, 12])
+        out = tr.forward(**enc)
+    assert set(out) == {0, 2}
+    for layer in (0, 2):
+        assert out[layer].shape == (3, 3)
+        expected = torch.stack([ref[layer + 1][0, 4], ref[layer + 1][1, 9], ref[layer + 1][1, 12]])[:, neurons]
+        assert torch.allclose(out[layer], expected, atol=1e-5)
+    assert _n_hooks(model) == before
+
+
+def test_span_mode_averages_tokens(tiny_llama):
+    model, tok = tiny_llama
+    enc = tok(["abcdefgh"], return_tensors="pt")
+    ref = _hidden_states(model, enc.input_ids, enc.attention_mask)
+    with ActivationTracker(model, [1]) as tr:
+        tr.select(rows=[0], starts=[2], ends=[6])
+        out = tr.forward(**enc)
+    assert torch.allclose(out[1][0], ref[2][0, 2:6].mean(0), atol=1e-5)
+
+
+def test_hooks_removed_on_error(tiny_llama):
+    model, _ = tiny_llama
+    before = _n_hooks(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ActivationTracker(model, [0, 1, 3]):
+            assert _n_hooks(model) == before + 3
+            raise RuntimeError("boom")
+    assert _n_hooks(model) == before
+
+
+def test_generation_mode_records_prefill_and_decode(tiny_llama):
+    model, tok = tiny_llama
+    enc = tok(["1 + 2 ="], return_tensors="pt")
+    before = _n_hooks(model)
+    with ActivationTracker(model, [1], record_all=True) as tr:
+        out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    rec = tr.generated()[1]
+    total = out.shape[1] - 1  # the last sampled token is never fed back
+    assert rec.shape == (1, total, 64)
+    ref = _hidden_states(model, out[:, :total], torch.ones_like(out[:, :total]))
+    assert torch.allclose(rec, ref[2], atol=1e-4)
+    assert _n_hooks(model) == before
+
+
+def test_bad_layers_and_neurons_are_refused(tiny_llama):
+    model, _ = tiny_llama
+    with pytest.raises(ValueError, match="4 decoder layers"):
+        ActivationTracker(model, [4])
+    with pytest.raises(ValueError, match="0..63"):
+        ActivationTracker(model, [0], neurons=torch.tensor([64]))
+    with pytest.raises(RuntimeError, match="context manager"):
+        ActivationTracker(model, [0]).forward(input_ids=torch.tensor([[5]]))
+    assert len(decoder_layers(model)) == 4
