@@ -1,4 +1,4 @@
-"""The ``rpe`` command. Sub-commands: models, tasks, rollouts, report, bench."""
+"""The ``rpe`` command. Sub-commands: models, tasks, rollouts, fit, report, bench."""
 
 from __future__ import annotations
 
@@ -153,6 +153,92 @@ def report(
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
     console.print(f"report: {path.resolve()}")
+
+
+def _parse_layers(layers: Optional[str]) -> Optional[list[int]]:
+    if not layers:
+        return None
+    try:
+        return [int(x) for x in layers.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--layers takes comma-separated integers such as 4,8,12; got {layers!r}")
+
+
+def _rollout_model_name(rollouts: Path, model: Optional[str]) -> str:
+    manifest = rollouts / "manifest.json"
+    if model:
+        return model
+    if not manifest.exists():
+        _fail(f"{rollouts} has no manifest.json; pass --model or point --rollouts at a finished `rpe rollouts` folder")
+    return json.loads(manifest.read_text())["model"]["name"]
+
+
+@app.command("fit")
+def fit(
+    rollouts: Path = typer.Option(..., help="Rollout folder from `rpe rollouts`."),
+    out: Path = typer.Option(..., help="Bundle folder to write."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the one named in the rollouts' manifest)."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layers to sweep (default: every --layer-stride-th)."),
+    layer_stride: int = typer.Option(2, help="Stride of the default layer sweep."),
+    target: str = typer.Option("td0", help="Probe target: td0, td_lambda or mc."),
+    top_frac: float = typer.Option(0.01, help="Fraction of neurons kept as value neurons."),
+    epochs: int = typer.Option(100, help="Probe training epochs (early stopping on validation)."),
+    seed: int = typer.Option(0, help="Seed of the split and the probe."),
+    save_states: bool = typer.Option(True, help="Also write BUNDLE/states.safetensors (captured activations)."),
+) -> None:
+    """Find value neurons: capture states, sweep layers, prune, refit; write the bundle and metrics.json."""
+    from rpe.fit import FitConfig, fit_bundle
+    from rpe.models import fingerprint as fp_of
+    from rpe.probe import ProbeConfig, SingleClassError
+    from rpe.rollouts import read_trajectories
+
+    try:
+        cfg = FitConfig(layers=_parse_layers(layers), layer_stride=layer_stride, top_frac=top_frac,
+                        probe=ProbeConfig(target=target, epochs=epochs, seed=seed))
+        trajectories = read_trajectories(rollouts)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    name = _rollout_model_name(rollouts, model)
+    lm, tokenizer = _load(name)
+    recorded = trajectories[0].model
+    if recorded:
+        from rpe.models import ModelFingerprint
+
+        bad = ModelFingerprint.from_dict(recorded).mismatches(fp_of(lm, tokenizer))
+        if bad:
+            _fail(f"the rollouts were made with {recorded['name']!r}, which differs from {name!r} in {', '.join(bad)}")
+    with console.status("fitting value probes") as status:
+        try:
+            bundle, states = fit_bundle(lm, tokenizer, trajectories, cfg, model_name=name, progress=status.update)
+        except (SingleClassError, ValueError) as err:
+            _fail(str(err))
+    bundle.save(out)
+    if save_states:
+        states.save(out / "states.safetensors")
+    _print_fit_metrics(bundle.metrics, out)
+
+
+def _print_fit_metrics(metrics: dict, out: Path) -> None:
+    table = Table(title=f"value probe, layer {metrics['best_layer']} (test split, 95% bootstrap CI)")
+    table.add_column("AUROC of", no_wrap=True)
+    table.add_column("at s_0")
+    table.add_column("at final step")
+    for name in metrics["headline_test"]["s0"]:
+        cells = []
+        for where in ("s0", "final"):
+            m = metrics["headline_test"][where][name]
+            cells.append(f"{m['auroc']:.3f} [{m['low']:.3f}, {m['high']:.3f}]")
+        table.add_row(name, *cells)
+    console.print(table)
+    curve = Table(title="pruning curve (test AUROC, all states)")
+    curve.add_column("kept")
+    curve.add_column("neurons")
+    curve.add_column("AUROC s_0")
+    curve.add_column("AUROC final")
+    for row in metrics["pruning_curve"]:
+        curve.add_row(f"{row['frac']:g}", str(row["n_neurons"]), f"{row['test_auroc_s0']:.3f}", f"{row['test_auroc_final']:.3f}")
+    console.print(curve)
+    console.print(f"bundle -> {out} (metrics.json beside it)")
 
 
 @bench_app.command("rollouts")

@@ -1,0 +1,205 @@
+"""``SubsystemBundle``: the validated artefact everything downstream loads.
+
+On disk, a folder:
+- ``bundle.json``: bundle version, model fingerprint, layer, value-neuron (and dopamine-neuron) indices,
+  probe config, metrics, and the config that made it;
+- ``weights.safetensors``: standardisation stats and probe weights (safetensors only: no pickle);
+- ``metrics.json``: the metrics alone, for people and scripts.
+
+``SubsystemBundle.load(path, model=..., tokenizer=...)`` refuses a bundle made for another model, showing both
+fingerprints. Saving is atomic: a crash never leaves a half-written bundle in place of a good one.
+
+Example:
+    >>> bundle = SubsystemBundle.load("runs/demo/bundle", model=model, tokenizer=tok)  # doctest: +SKIP
+    >>> bundle.value(model, tok, ["...prompt and partial reasoning..."])  # doctest: +SKIP
+    tensor([0.41])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rpe.models import ModelFingerprint, fingerprint
+from rpe.probe import ProbeConfig, ProbeState, ValueProbe
+
+BUNDLE_VERSION = 1
+BUNDLE_FILE = "bundle.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class BundleMismatchError(ValueError):
+    """The bundle was made for a different model."""
+
+
+class BundleFormatError(ValueError):
+    """The bundle folder is missing, damaged, or of an unsupported version."""
+
+
+@dataclass
+class SubsystemBundle:
+    """Value neurons (and, once found, dopamine neurons) of one model, with the probe that reads them.
+
+    Attributes:
+        model: fingerprint of the model the bundle was fitted on.
+        layer: decoder block whose output holds the value neurons.
+        value_neurons: (k,) indices into d_model.
+        probe_state: the probe on ``value_neurons`` (standardisation + weights).
+        probe_config: how the probe was trained.
+        dopamine_neurons: (m,) indices, empty until ``rpe dopamine`` runs.
+        dopamine_sign: (m,) +1 when activation rises with RPE, -1 when it falls.
+        metrics: evaluation numbers (AUROC, Brier, ECE, pruning curve, ...).
+        created_with: the configuration that produced the bundle.
+    """
+
+    model: ModelFingerprint
+    layer: int
+    value_neurons: torch.Tensor
+    probe_state: ProbeState
+    probe_config: ProbeConfig
+    dopamine_neurons: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    dopamine_sign: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created_with: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def probe(self) -> ValueProbe:
+        return ValueProbe.from_state(self.probe_state, self.probe_config)
+
+    # -- validation ------------------------------------------------------------------------------------
+    def check_model(self, model, tokenizer) -> None:
+        """Raise :class:`BundleMismatchError` unless ``model``/``tokenizer`` match the bundle's fingerprint."""
+        other = fingerprint(model, tokenizer)
+        bad = self.model.mismatches(other)
+        if bad:
+            raise BundleMismatchError(
+                f"this bundle was fitted on {self.model.name!r} and cannot be used on {other.name!r} "
+                f"(differs in {', '.join(bad)}).\n  bundle: {self.model.to_dict()}\n  model:  {other.to_dict()}\n"
+                "Fit a bundle for this model with `rpe fit`."
+            )
+
+    # -- use -------------------------------------------------------------------------------------------
+    def value(self, model, tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:
+        """Internal value V at the last token of each text, in [0, 1]. Shape (len(texts),)."""
+        from rpe.tracker import ActivationTracker
+
+        self.check_model(model, tokenizer)
+        device = next(model.parameters()).device
+        out = []
+        with ActivationTracker(model, [self.layer], neurons=self.value_neurons) as tracker:
+            for i in range(0, len(texts), batch_size):
+                enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
+                width = max(len(e) for e in enc)
+                ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, e in enumerate(enc):
+                    ids[r, : len(e)] = torch.tensor(e)
+                    mask[r, : len(e)] = 1
+                tracker.select(list(range(len(enc))), [len(e) - 1 for e in enc])
+                acts = tracker.forward(input_ids=ids.to(device), attention_mask=mask.to(device))[self.layer]
+                out.append(self.probe.predict(acts))
+        return torch.cat(out)
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle folder atomically (an existing bundle at ``path`` is replaced only once the new
+        one is complete)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            tensors = {
+                "value_neurons": self.value_neurons.long().contiguous(),
+                "dopamine_neurons": self.dopamine_neurons.long().contiguous(),
+                "dopamine_sign": self.dopamine_sign.float().contiguous(),
+                "mean": self.probe_state.mean.contiguous(),
+                "std": self.probe_state.std.contiguous(),
+            }
+            tensors.update({f"probe.{k}": v.contiguous() for k, v in self.probe_state.weights.items()})
+            save_file(tensors, str(staging / WEIGHTS_FILE))
+            meta = {
+                "bundle_version": BUNDLE_VERSION,
+                "model": self.model.to_dict(),
+                "layer": self.layer,
+                "hidden": self.probe_state.hidden,
+                "n_value_neurons": int(self.value_neurons.numel()),
+                "n_dopamine_neurons": int(self.dopamine_neurons.numel()),
+                "probe_config": asdict(self.probe_config),
+                "metrics": self.metrics,
+                "created_with": self.created_with,
+            }
+            (staging / BUNDLE_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+            (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2, default=_json_default))
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(staging, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, model=None, tokenizer=None) -> SubsystemBundle:
+        """Read a bundle folder; with ``model`` and ``tokenizer``, also check it belongs to that model.
+
+        Raises:
+            BundleFormatError: missing/damaged files or an unsupported version (the message names the file).
+            BundleMismatchError: the bundle was made for another model.
+        """
+        path = Path(path)
+        meta_path, weights_path = path / BUNDLE_FILE, path / WEIGHTS_FILE
+        for p in (meta_path, weights_path):
+            if not p.is_file():
+                raise BundleFormatError(f"{p} is missing: {path} is not a complete bundle (re-run `rpe fit`)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BundleFormatError(f"{meta_path} is not valid JSON ({err}); re-run `rpe fit`") from err
+        version = meta.get("bundle_version")
+        if version != BUNDLE_VERSION:
+            raise BundleFormatError(
+                f"{path} has bundle version {version}; this rpe reads version {BUNDLE_VERSION}. Re-run `rpe fit`."
+            )
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as err:
+            raise BundleFormatError(f"{weights_path} is damaged ({err}); re-run `rpe fit`") from err
+        weights = {k.removeprefix("probe."): v for k, v in tensors.items() if k.startswith("probe.")}
+        value_neurons = tensors["value_neurons"]
+        state = ProbeState(meta["layer"], value_neurons, tensors["mean"], tensors["std"], weights, meta["hidden"])
+        bundle = cls(
+            model=ModelFingerprint.from_dict(meta["model"]),
+            layer=meta["layer"],
+            value_neurons=value_neurons,
+            probe_state=state,
+            probe_config=ProbeConfig(**meta["probe_config"]),
+            dopamine_neurons=tensors["dopamine_neurons"],
+            dopamine_sign=tensors["dopamine_sign"],
+            metrics=meta.get("metrics", {}),
+            created_with=meta.get("created_with", {}),
+        )
+        if model is not None:
+            if tokenizer is None:
+                raise ValueError("pass the tokenizer with the model: the fingerprint includes the tokenizer")
+            bundle.check_model(model, tokenizer)
+        return bundle
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float):
+        return obj
+    raise TypeError(f"cannot serialise {type(obj).__name__}")

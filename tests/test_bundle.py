@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
+from rpe.fit import FitConfig, fit_bundle
+from rpe.models import TinyModelConfig, tiny_model
+from rpe.probe import ProbeConfig
+
+from test_probe import _synthetic_trajectories
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    model, tok = tiny_model()
+    trajs = _synthetic_trajectories(tok, n_problems=40, samples=2)
+    cfg = FitConfig(layers=[1, 2], top_frac=0.1, prune_fracs=[1.0, 0.1], probe=ProbeConfig(hidden=32, epochs=5), n_boot=50)
+    bundle, states = fit_bundle(model, tok, trajs, cfg, model_name="tiny")
+    path = bundle.save(tmp_path_factory.mktemp("b") / "bundle")
+    return model, tok, trajs, bundle, states, path
+
+
+def test_fit_produces_metrics_and_neurons(fitted):
+    model, tok, trajs, bundle, states, path = fitted
+    m = bundle.metrics
+    assert m["best_layer"] in (1, 2) and bundle.layer == m["best_layer"]
+    assert bundle.value_neurons.numel() == round(0.1 * 64)
+    assert [r["frac"] for r in m["pruning_curve"]] == [1.0, 0.1]
+    assert set(m["headline_test"]["s0"]) == {"value_neurons_0.1", "all_neurons", "question_length"}
+    for where in ("s0", "final"):
+        for v in m["headline_test"][where].values():
+            assert 0 <= v["auroc"] <= 1 or v["auroc"] != v["auroc"]
+    assert json.loads((path / "metrics.json").read_text())["best_layer"] == m["best_layer"]
+
+
+def test_round_trip_and_value(fitted):
+    model, tok, trajs, bundle, states, path = fitted
+    loaded = SubsystemBundle.load(path, model=model, tokenizer=tok)
+    assert torch.equal(loaded.value_neurons, bundle.value_neurons) and loaded.layer == bundle.layer
+    # bundle.value at the last prompt token equals the probe on the captured s_0 activations
+    t = trajs[0]
+    text = tok.decode(t.prompt_token_ids)
+    v = loaded.value(model, tok, [text])
+    s0 = states.acts[bundle.layer][(states.traj_index == 0) & (states.step_index == 0)]
+    assert torch.allclose(v, bundle.probe.predict(s0), atol=1e-5)
+    assert ((0 <= v) & (v <= 1)).all()
+
+
+def test_other_model_is_refused_with_both_fingerprints(fitted):
+    *_, path = fitted
+    other, otok = tiny_model(TinyModelConfig(architecture="qwen2", hidden_size=32))
+    with pytest.raises(BundleMismatchError) as err:
+        SubsystemBundle.load(path, model=other, tokenizer=otok)
+    msg = str(err.value)
+    assert "architecture" in msg and "hidden_size" in msg and "LlamaForCausalLM" in msg and "Qwen2ForCausalLM" in msg
+
+
+def test_corrupted_or_old_bundles_are_named(fitted, tmp_path):
+    import shutil
+
+    *_, path = fitted
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    (broken / "weights.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(BundleFormatError, match="weights.safetensors"):
+        SubsystemBundle.load(broken)
+    meta = json.loads((path / "bundle.json").read_text())
+    meta["bundle_version"] = 0
+    shutil.copytree(path, tmp_path / "old")
+    (tmp_path / "old" / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleFormatError, match="version 0"):
+        SubsystemBundle.load(tmp_path / "old")
+    with pytest.raises(BundleFormatError, match="missing"):
+        SubsystemBundle.load(tmp_path / "nothing")
+
+
+def test_failed_save_keeps_the_old_bundle(fitted, monkeypatch):
+    *_, bundle, _, path = fitted
+    before = (path / "weights.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("rpe.bundle.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        bundle.save(path)
+    assert (path / "weights.safetensors").read_bytes() == before
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".bundle")]
