@@ -38,7 +38,7 @@ def naive_env_loop(model, tokenizer, builder: PromptBuilder, problems, sampling:
     from rpe.envs import ReasoningEnv
 
     env = ReasoningEnv(builder.task, n_problems=len(problems), problem_seed=cfg.seed, prompt_fn=builder, max_steps=cfg.max_steps)
-    step_sampling = SamplingConfig(sampling.temperature, sampling.top_p, cfg.max_step_tokens)
+    step_sampling = SamplingConfig(sampling.temperature, sampling.top_p, sampling.top_k, cfg.max_step_tokens)
     tokens, start = 0, time.perf_counter()
     for i in range(len(problems)):
         obs, _ = env.reset(seed=cfg.seed + i, options={"problem_index": i})

@@ -1,4 +1,4 @@
-"""The ``rpe`` command. Sub-commands: models, tasks, rollouts, fit, report, bench."""
+"""The ``rpe`` command. Sub-commands: models, tasks, rollouts, fit, dopamine, report, bench."""
 
 from __future__ import annotations
 
@@ -101,8 +101,9 @@ def rollouts(
     batch_size: int = typer.Option(16, help="Sequences per generate call."),
     temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    top_k: int = typer.Option(50, help="Top-k sampling (0 = no limit)."),
     max_new_tokens: int = typer.Option(128, help="Completion budget in tokens."),
-    shots: int = typer.Option(3, help="Few-shot worked examples in the prompt."),
+    shots: int = typer.Option(6, help="Few-shot worked examples in the prompt."),
     segmenter: str = typer.Option("paragraph", help="Step segmenter: paragraph, newline, sentence, regex."),
     segment_pattern: Optional[str] = typer.Option(None, help="Separator regex for --segmenter regex."),
     seed: int = typer.Option(0, help="Seed for problems and sampling."),
@@ -116,7 +117,7 @@ def rollouts(
     try:
         cfg = RolloutConfig(
             task=task, n_problems=n, samples=samples, batch_size=batch_size, seed=seed, segmenter=segmenter,
-            segment_pattern=segment_pattern, sampling=SamplingConfig(temperature, top_p, max_new_tokens),
+            segment_pattern=segment_pattern, sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens),
             prompt=PromptConfig(shots=shots),
         )
         task_obj = load_task(task)
@@ -216,6 +217,51 @@ def fit(
     if save_states:
         states.save(out / "states.safetensors")
     _print_fit_metrics(bundle.metrics, out)
+
+
+@app.command("dopamine")
+def dopamine(
+    rollouts: Path = typer.Option(..., help="Rollout folder from `rpe rollouts`."),
+    bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit` (updated in place, atomically)."),
+    n_continuations: int = typer.Option(4, help="Continuations sampled per state for its Monte-Carlo value."),
+    max_trajectories: Optional[int] = typer.Option(None, help="Use only the first N trajectories."),
+    threshold: float = typer.Option(0.3, help="Keep steps with |RPE| above this."),
+    top_frac: float = typer.Option(0.01, help="Fraction of neurons reported as dopamine neurons."),
+    seed: int = typer.Option(0, help="Seed of sampling, split and predictor."),
+) -> None:
+    """Find dopamine neurons: Monte-Carlo step values, TD errors, neurons that track them."""
+    from rpe.bundle import BundleFormatError, SubsystemBundle
+    from rpe.dopamine import DopamineConfig, dopamine_from_rollouts
+
+    try:
+        cfg = DopamineConfig(n_continuations=n_continuations, threshold=threshold, top_frac=top_frac, seed=seed)
+        b = SubsystemBundle.load(bundle)
+    except (ValueError, BundleFormatError) as err:
+        _fail(str(err))
+    lm, tokenizer = _load(_rollout_model_name(rollouts, None))
+    with _progress() as bar:
+        job = bar.add_task("Monte-Carlo values of states", total=None)
+        try:
+            result = dopamine_from_rollouts(
+                lm, tokenizer, rollouts, b, cfg, max_trajectories=max_trajectories,
+                progress=lambda done, total: bar.update(job, completed=done, total=total),
+            )
+        except ValueError as err:
+            _fail(str(err))
+    b.save(bundle)
+    m = result.metrics
+    table = Table(title=f"dopamine neurons, layer {b.layer} (held-out steps with |RPE| > {threshold})")
+    table.add_column("neuron set")
+    table.add_column("Spearman with RPE")
+    table.add_row(f"dopamine ({m['n_neurons']})", f"{m['test_spearman_dopamine']:.3f}")
+    table.add_row(f"random ({m['n_neurons']}), mean of {cfg.n_random}",
+                  f"{m['test_spearman_random_mean']:.3f} (95th pct {m['test_spearman_random_q95']:.3f})")
+    console.print(table)
+    console.print(
+        f"signed activity: {m['test_activity_positive_rpe']:.3f} for positive RPE, "
+        f"{m['test_activity_negative_rpe']:.3f} for negative ({m['n_surprising']} surprising of {m['n_steps']} steps)"
+    )
+    console.print(f"neurons {result.neurons.tolist()} signs {result.sign.tolist()} -> {bundle}")
 
 
 def _print_fit_metrics(metrics: dict, out: Path) -> None:

@@ -22,8 +22,8 @@ class PromptConfig:
     style: Literal["auto", "chat", "completion"] = "auto"
     """``chat`` uses the tokenizer's chat template; ``completion`` a plain text prompt; ``auto`` picks chat
     when the tokenizer has a template."""
-    shots: int = 3
-    """Number of worked examples shown before the problem."""
+    shots: int = 6
+    """Number of worked examples shown before the problem (6 puts SmolLM2-135M on chain_sum at about 35%)."""
     instruction: str = (
         "Solve the problem step by step. Write each step as its own paragraph, then finish with "
         "a line '{answer_hint}'."

@@ -54,6 +54,8 @@ class SamplingConfig:
     """Softmax temperature; 0 means greedy decoding."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
+    top_k: int = 50
+    """Sample among the k most likely tokens (0 = no limit); 50 is transformers' default."""
     max_new_tokens: int = 128
     """Completion budget in tokens; a completion that hits it is marked truncated."""
 
@@ -62,6 +64,8 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -72,7 +76,7 @@ class SamplingConfig:
             "do_sample": True,
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "top_k": 0,
+            "top_k": self.top_k,
             "max_new_tokens": self.max_new_tokens,
         }
 
@@ -309,8 +313,25 @@ def generate_batch(
         seed: when given, ``torch.manual_seed(seed)`` right before sampling (reproducible batches).
     """
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    prompt_truncated = [len(ids) > max_prompt_tokens for ids in enc]
-    enc = [ids[-max_prompt_tokens:] for ids in enc]
+    truncated = [len(ids) > max_prompt_tokens for ids in enc]
+    gen = generate_from_ids(
+        model, tokenizer, [ids[-max_prompt_tokens:] for ids in enc], sampling, stop_strings=stop_strings, seed=seed
+    )
+    gen.prompt_truncated = truncated
+    return gen
+
+
+def generate_from_ids(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[list[int]],
+    sampling: SamplingConfig,
+    *,
+    stop_strings: Sequence[str] = (),
+    seed: int | None = None,
+) -> GeneratedBatch:
+    """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion)."""
+    enc = [list(ids) for ids in prompt_ids]
     width = max(len(ids) for ids in enc)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in enc])  # (B, T) left-padded
@@ -348,7 +369,7 @@ def generate_batch(
         completion_ids.append(ids)
         texts.append(text)
         reasons.append(reason)
-    return GeneratedBatch(enc, completion_ids, texts, reasons, prompt_truncated)
+    return GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -584,6 +605,7 @@ __all__ = [
     "Trajectory",
     "collect_rollouts",
     "generate_batch",
+    "generate_from_ids",
     "read_trajectories",
     "wilson_interval",
 ]

@@ -1,0 +1,289 @@
+"""Dopamine neurons: neurons whose activity tracks the reward-prediction error (RPE) of each reasoning step.
+
+Method (PAPER.md):
+1. Monte-Carlo value of each state: sample ``n_continuations`` completions from s_k (the prompt plus the
+   first k steps, as tokens) and score them with the task's verifier; V(s_T) is the trajectory's reward.
+2. TD error of step t: delta_t = gamma * V(s_t) - V(s_{t-1}).
+3. Keep steps with |delta| > ``threshold`` (surprising events).
+4. Per-neuron activation averaged over the step's tokens, z-scored per neuron.
+5. On a training split (by problem): a small MLP (d -> 32 -> 1, MSE) predicts delta; its first-layer L1
+   norms pick candidate neurons; the candidates with the largest |Spearman| with delta are the dopamine
+   neurons, each with its sign.
+6. On the held-out split: Spearman between delta and the signed mean activity of the dopamine neurons,
+   beside the same statistic for random neuron sets of the same size (the control).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from rpe.probe import split_by_problem
+from rpe.rollouts import SamplingConfig, Trajectory, atomic_write_json, generate_from_ids
+from rpe.tasks import Problem, Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DopamineConfig:
+    """Options of ``rpe dopamine``."""
+
+    n_continuations: int = 4
+    """Continuations sampled from each state to estimate its value."""
+    max_new_tokens: int = 96
+    temperature: float = 0.7
+    threshold: float = 0.3
+    """Keep steps with |delta| above this."""
+    gamma: float = 1 - 1e-5
+    top_frac: float = 0.01
+    """Fraction of d_model reported as dopamine neurons."""
+    candidate_frac: float = 0.1
+    """Fraction of d_model kept as candidates by the MLP's first-layer L1 norm."""
+    hidden: int = 32
+    epochs: int = 500
+    """Full-batch AdamW steps of the delta predictor (long enough that trained weights, not the random
+    initialisation, decide the L1 ranking)."""
+    lr: float = 1e-2
+    test_frac: float = 0.3
+    n_random: int = 50
+    """Random neuron sets drawn for the control."""
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_continuations < 1:
+            raise ValueError(f"n_continuations must be >= 1, got {self.n_continuations}")
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
+        if not 0 < self.top_frac <= self.candidate_frac <= 1:
+            raise ValueError("need 0 < top_frac <= candidate_frac <= 1")
+
+
+def _state_prefixes(t: Trajectory) -> list[list[int]]:
+    """Token ids of s_0 .. s_{T-1}: the prompt, then the prompt plus each completed step."""
+    return [t.prompt_token_ids] + [t.prompt_token_ids + t.completion_token_ids[: s.token_end] for s in t.steps[:-1]]
+
+
+def mc_state_values(
+    model,
+    tokenizer,
+    task: Task,
+    problems: dict[str, Problem],
+    trajectories: Sequence[Trajectory],
+    cfg: DopamineConfig,
+    *,
+    stop_strings: Sequence[str] = (),
+    cache: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, list[float]]:
+    """Monte-Carlo V(s_0..s_T) per trajectory id (V(s_T) = the trajectory's reward).
+
+    Results are cached in ``cache`` (JSON keyed by the sampling settings) so a rerun or a resumed run only
+    samples what is missing.
+    """
+    key = json.dumps({"n": cfg.n_continuations, "max_new_tokens": cfg.max_new_tokens, "t": cfg.temperature, "seed": cfg.seed})
+    done: dict[str, list[float]] = {}
+    if cache is not None and cache.exists():
+        stored = json.loads(cache.read_text())
+        done = stored.get(key, {})
+    todo = [t for t in trajectories if t.trajectory_id not in done and t.steps]
+    sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    items = [(t, k, prefix) for t in todo for k, prefix in enumerate(_state_prefixes(t))]
+    per_batch = max(1, cfg.batch_size // cfg.n_continuations)
+    partial: dict[str, dict[int, float]] = {}
+    for b in range(0, len(items), per_batch):
+        chunk = items[b : b + per_batch]
+        prompts = [prefix for _, _, prefix in chunk for _ in range(cfg.n_continuations)]
+        gen = generate_from_ids(model, tokenizer, prompts, sampling, stop_strings=stop_strings, seed=cfg.seed + b)
+        for i, (t, k, prefix) in enumerate(chunk):
+            head = t.completion[: t.steps[k - 1].char_end] if k else ""
+            scores = []
+            for j in range(cfg.n_continuations):
+                text = gen.texts[i * cfg.n_continuations + j]
+                scores.append(task.score(problems[t.problem_id], head + text))
+            partial.setdefault(t.trajectory_id, {})[k] = float(np.mean(scores))
+        for t in {c[0].trajectory_id: c[0] for c in chunk}.values():
+            got = partial.get(t.trajectory_id, {})
+            if len(got) == len(t.steps):
+                done[t.trajectory_id] = [got[k] for k in range(len(t.steps))] + [t.reward]
+        if cache is not None:
+            stored = json.loads(cache.read_text()) if cache.exists() else {}
+            stored[key] = done
+            atomic_write_json(cache, stored)
+        if progress:
+            progress(min(b + per_batch, len(items)), len(items))
+    return {t.trajectory_id: done[t.trajectory_id] for t in trajectories if t.trajectory_id in done}
+
+
+def td_errors(values: Sequence[float], gamma: float) -> list[float]:
+    """delta_t = gamma * V(s_t) - V(s_{t-1}) for t = 1..T, from V(s_0..s_T)."""
+    return [gamma * values[t] - values[t - 1] for t in range(1, len(values))]
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def _column_spearman(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman of every column of ``z`` (n, d) with ``y`` (n,): Pearson on ranks."""
+    from scipy.stats import rankdata
+
+    rz = rankdata(z, axis=0)
+    ry = rankdata(y)
+    rz = rz - rz.mean(0)
+    ry = ry - ry.mean()
+    denom = np.sqrt((rz**2).sum(0) * (ry**2).sum())
+    return np.divide(rz.T @ ry, denom, out=np.zeros(z.shape[1]), where=denom > 0)
+
+
+@dataclass
+class DopamineResult:
+    """What :func:`find_dopamine_neurons` found.
+
+    Attributes:
+        neurons: (m,) indices into d_model, best first.
+        sign: (m,) +1 when activation rises with RPE, -1 when it falls.
+        metrics: held-out Spearman of the dopamine set vs random sets, counts, per-sign mean activity.
+    """
+
+    neurons: torch.Tensor
+    sign: torch.Tensor
+    metrics: dict[str, Any]
+
+
+def find_dopamine_neurons(
+    step_acts: torch.Tensor, deltas: np.ndarray, problem_ids: Sequence[str], cfg: DopamineConfig
+) -> DopamineResult:
+    """Rank neurons by how well their step-averaged activity tracks delta.
+
+    Args:
+        step_acts: (n_steps, d) activations averaged over each step's tokens.
+        deltas: (n_steps,) TD errors of those steps.
+        problem_ids: (n_steps,) problem of each step (the split is by problem).
+    """
+    x = step_acts.double().numpy()
+    mu, sd = x.mean(0), x.std(0)
+    z = (x - mu) / np.where(sd > 0, sd, 1.0)  # per-neuron z-score over all steps
+    keep = np.abs(deltas) > cfg.threshold
+    if keep.sum() < 20:
+        raise ValueError(
+            f"only {int(keep.sum())} steps have |delta| > {cfg.threshold}: too few surprising events. Use more "
+            "trajectories, more continuations, or a lower --threshold."
+        )
+    z, y, pids = z[keep], np.asarray(deltas)[keep], np.asarray(problem_ids)[keep]
+    split = split_by_problem(list(pids), 1e-9, cfg.test_frac, cfg.seed)  # no validation split here
+    train, test = split != 2, split == 2
+    d = z.shape[1]
+    torch.manual_seed(cfg.seed)
+    net = nn.Sequential(nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.01)
+    xt, yt = torch.tensor(z[train], dtype=torch.float32), torch.tensor(y[train], dtype=torch.float32)
+    for _ in range(cfg.epochs):
+        loss = nn.functional.mse_loss(net(xt).squeeze(-1), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    l1 = net[0].weight.detach().abs().sum(0).numpy()  # (d,)
+    n_cand = max(1, round(cfg.candidate_frac * d))
+    candidates = np.argsort(-l1)[:n_cand]
+    rho_train = _column_spearman(z[train], y[train])
+    m = max(1, round(cfg.top_frac * d))
+    chosen = candidates[np.argsort(-np.abs(rho_train[candidates]))[:m]]
+    sign = np.sign(rho_train[chosen])
+    sign[sign == 0] = 1
+
+    def held_out(neurons: np.ndarray, signs: np.ndarray) -> float:
+        activity = (z[test][:, neurons] * signs).mean(1)
+        return _spearman(activity, y[test])
+
+    rng = np.random.default_rng(cfg.seed)
+    random_rhos = []
+    for _ in range(cfg.n_random):
+        r = rng.choice(d, size=m, replace=False)
+        r_sign = np.sign(rho_train[r])
+        r_sign[r_sign == 0] = 1
+        random_rhos.append(held_out(r, r_sign))
+    random_rhos = np.array([v for v in random_rhos if not np.isnan(v)])
+    rho_test = _column_spearman(z[test], y[test])
+    activity_test = (z[test][:, chosen] * sign).mean(1)
+    raw_test = z[test][:, chosen]
+    metrics = {
+        "n_steps": int(len(deltas)),
+        "n_surprising": int(keep.sum()),
+        "n_train": int(train.sum()),
+        "n_test": int(test.sum()),
+        "n_neurons": m,
+        "test_spearman_dopamine": held_out(chosen, sign),
+        "test_spearman_random_mean": float(random_rhos.mean()) if len(random_rhos) else float("nan"),
+        "test_spearman_random_q95": float(np.quantile(random_rhos, 0.95)) if len(random_rhos) else float("nan"),
+        "test_mean_abs_spearman_per_neuron": float(np.abs(rho_test[chosen]).mean()),
+        "test_mean_abs_spearman_per_neuron_all": float(np.abs(rho_test).mean()),
+        "test_activity_positive_rpe": float(activity_test[y[test] > 0].mean()) if (y[test] > 0).any() else float("nan"),
+        "test_activity_negative_rpe": float(activity_test[y[test] < 0].mean()) if (y[test] < 0).any() else float("nan"),
+        "test_raw_activation_positive_rpe": raw_test[y[test] > 0].mean(0).tolist() if (y[test] > 0).any() else [],
+        "test_raw_activation_negative_rpe": raw_test[y[test] < 0].mean(0).tolist() if (y[test] < 0).any() else [],
+        "config": asdict(cfg),
+    }
+    return DopamineResult(torch.as_tensor(chosen, dtype=torch.long), torch.as_tensor(sign, dtype=torch.float32), metrics)
+
+
+def dopamine_from_rollouts(
+    model,
+    tokenizer,
+    rollout_dir: str | Path,
+    bundle,
+    cfg: DopamineConfig | None = None,
+    *,
+    max_trajectories: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DopamineResult:
+    """Find dopamine neurons at the bundle's layer from a rollout folder; updates ``bundle`` in memory.
+
+    Monte-Carlo values are cached in ``rollout_dir/mc_values.json``.
+    """
+    from rpe.prompts import COMPLETION_STOP, PromptConfig, resolve_style
+    from rpe.rollouts import MANIFEST_FILE, read_trajectories
+    from rpe.store import capture_states
+    from rpe.tasks import load_task
+
+    cfg = cfg or DopamineConfig()
+    rollout_dir = Path(rollout_dir)
+    bundle.check_model(model, tokenizer)
+    manifest = json.loads((rollout_dir / MANIFEST_FILE).read_text())
+    trajectories = [t for t in read_trajectories(rollout_dir) if t.steps][:max_trajectories]
+    task = load_task(manifest["task"])
+    problems = {p.id: p for p in task.problems(manifest["rollout"]["n_problems"], seed=manifest["seed"])}
+    style = resolve_style(PromptConfig(**manifest["rollout"]["prompt"]), tokenizer)
+    values = mc_state_values(
+        model, tokenizer, task, problems, trajectories, cfg,
+        stop_strings=[COMPLETION_STOP] if style == "completion" else [],
+        cache=rollout_dir / "mc_values.json", progress=progress,
+    )
+    trajectories = [t for t in trajectories if t.trajectory_id in values]
+    states = capture_states(model, trajectories, [bundle.layer], mode="steps", pad_token_id=tokenizer.pad_token_id or 0)
+    rows = (states.step_index >= 1).nonzero().flatten()
+    deltas = np.array([
+        td_errors(values[states.trajectory_ids[int(states.traj_index[r])]], cfg.gamma)[int(states.step_index[r]) - 1]
+        for r in rows
+    ])
+    pids = [states.problem_ids[int(states.traj_index[r])] for r in rows]
+    result = find_dopamine_neurons(states.acts[bundle.layer][rows], deltas, pids, cfg)
+    all_values = np.concatenate([np.asarray(v) for v in values.values()])
+    result.metrics["mean_mc_value"] = float(all_values.mean())
+    result.metrics["n_trajectories"] = len(trajectories)
+    bundle.dopamine_neurons = result.neurons
+    bundle.dopamine_sign = result.sign
+    bundle.metrics["dopamine"] = result.metrics
+    return result
