@@ -25,7 +25,9 @@ fetch: install
 
 demo: fetch
 	$(RPE) rollouts --model $(MODEL) --task chain_sum --n $(DEMO_N) --samples 2 --out $(DEMO_DIR)/rollouts
-	$(RPE) report --rollouts $(DEMO_DIR)/rollouts --out $(DEMO_DIR)/report.html
+	$(RPE) fit --rollouts $(DEMO_DIR)/rollouts --out $(DEMO_DIR)/bundle --layer-stride 3
+	$(RPE) dopamine --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --n-continuations 4 --threshold 0.25
+	$(RPE) report --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --out $(DEMO_DIR)/report.html
 	@echo "Open $(abspath $(DEMO_DIR)/report.html) in a browser."
 
 # pytest exits 5 when it collects no test: say so and fail, a silent pass would hide a broken suite.

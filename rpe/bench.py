@@ -82,3 +82,137 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
         "ratio": round(batched_tps / naive_tps, 3),
         "goal": ">= 5",
     }
+
+
+def _timeit(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    import statistics
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_tracker(model_name: str = "smollm2-135m-instruct", quick: bool = False) -> dict[str, Any]:
+    """Tracker overhead on one batch: plain forward vs hooks capturing value neurons at step ends vs
+    ``output_hidden_states=True``; then generation alone vs generation with capture vs generation followed by
+    a separate capture pass. Time ratios and the ratio of bytes kept."""
+    import torch
+
+    from rpe.models import load_model
+    from rpe.tracker import ActivationTracker, decoder_layers
+
+    model, tok = load_model(model_name)
+    task = load_task("chain_sum")
+    builder = PromptBuilder(task, tok, PromptConfig())
+    batch = 4 if quick else 8
+    prompts = [builder(p) + "Step 1: 1 + 2 = 3.\n\nStep 2: 3 + 4 = 7.\n\nAnswer: 7" for p in task.problems(batch)]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    n_layers = len(decoder_layers(model))
+    layer = n_layers // 2
+    d = model.config.hidden_size
+    neurons = torch.arange(0, d, 100)  # about 1% of d
+    t_len = enc.input_ids.shape[1]
+    ends = [t_len - 1, t_len - 5, t_len - 20]  # three "step ends" per row
+    rows = [r for r in range(batch) for _ in ends]
+    starts = [e for _ in range(batch) for e in ends]
+    repeats = 3 if quick else 7
+
+    def plain():
+        with torch.inference_mode():
+            model(**enc, use_cache=False)
+
+    kept: dict[str, int] = {}
+
+    def tracked(stop_early: bool):
+        def run():
+            with ActivationTracker(model, [layer], neurons=neurons, stop_early=stop_early) as tr:
+                tr.select(rows, starts)
+                out = tr.forward(**enc)
+            kept["tracker"] = sum(v.numel() * v.element_size() for v in out.values())
+        return run
+
+    def hidden_states():
+        with torch.inference_mode():
+            out = model(**enc, use_cache=False, output_hidden_states=True)
+        kept["hidden_states"] = sum(h.numel() * h.element_size() for h in out.hidden_states)
+
+    t_plain = _timeit(plain, repeats)
+    t_tracker = _timeit(tracked(False), repeats)
+    t_tracker_stop = _timeit(tracked(True), repeats)
+    t_hidden = _timeit(hidden_states, repeats)
+
+    # generation: alone, with capture of the chosen neurons at every token, and followed by a capture pass
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=16 if quick else 48)
+    gen_prompts = [builder(p) for p in task.problems(batch)]
+
+    def gen_alone():
+        generate_batch(model, tok, gen_prompts, sampling)
+
+    def gen_capture():
+        with ActivationTracker(model, [layer], neurons=neurons, record_all=True) as tr:
+            generate_batch(model, tok, gen_prompts, sampling)
+        tr.generated()
+
+    def gen_then_pass():
+        g = generate_batch(model, tok, gen_prompts, sampling)
+        seqs = [p + c for p, c in zip(g.prompt_ids, g.completion_ids)]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        with ActivationTracker(model, [layer], neurons=neurons, stop_early=False) as tr:
+            tr.select(list(range(len(seqs))), [len(s) - 1 for s in seqs])
+            tr.forward(input_ids=ids, attention_mask=mask)
+
+    g_repeats = 2 if quick else 3
+    t_gen = _timeit(gen_alone, g_repeats)
+    t_gen_cap = _timeit(gen_capture, g_repeats)
+    t_gen_pass = _timeit(gen_then_pass, g_repeats)
+    return {
+        "bench": "tracker",
+        "model": model_name,
+        "batch": batch,
+        "tokens": t_len,
+        "layer": layer,
+        "neurons": int(neurons.numel()),
+        "forward_tracker_vs_plain": round(t_tracker / t_plain, 3),
+        "forward_tracker_stop_early_vs_plain": round(t_tracker_stop / t_plain, 3),
+        "forward_hidden_states_vs_plain": round(t_hidden / t_plain, 3),
+        "bytes_kept_tracker_vs_hidden_states": kept["tracker"] / kept["hidden_states"],
+        "generate_capture_vs_alone": round(t_gen_cap / t_gen, 3),
+        "generate_then_pass_vs_alone": round(t_gen_pass / t_gen, 3),
+        "goal": "tracker <= 1.05x plain; capture during generation <= 1.03x",
+    }
+
+
+def bench_probe(quick: bool = False, d: int = 576, epochs: int = 5) -> dict[str, Any]:
+    """Probe fit time vs number of synthetic states (1k, 10k, 100k; quick: 1k, 10k), fixed epochs.
+    Reports seconds per epoch and the scaling exponent (1.0 = linear in states)."""
+    import math
+
+    import torch
+
+    from rpe.probe import ProbeConfig, ValueProbe
+    from rpe.store import StateSet
+
+    sizes = [1_000, 10_000] if quick else [1_000, 10_000, 100_000]
+    out: dict[str, Any] = {"bench": "probe", "d": d, "epochs": epochs, "seconds_per_epoch": {}}
+    gen = torch.Generator().manual_seed(0)
+    for n in sizes:
+        n_traj = n // 4
+        traj = torch.arange(n_traj).repeat_interleave(4)
+        rewards = (torch.rand(n_traj, generator=gen) < 0.4).float()
+        acts = torch.randn(n, d, generator=gen)
+        acts[:, :5] += rewards[traj, None]
+        states = StateSet({0: acts}, traj, torch.arange(4).repeat(n_traj), [f"t{i}" for i in range(n_traj)],
+                          [f"p{i // 2}" for i in range(n_traj)], rewards)
+        start = time.perf_counter()
+        ValueProbe(ProbeConfig(target="td0", epochs=epochs, patience=epochs)).fit(states, 0)
+        out["seconds_per_epoch"][str(n)] = round((time.perf_counter() - start) / epochs, 4)
+    t = out["seconds_per_epoch"]
+    out["scaling_exponent"] = round(math.log(t[str(sizes[-1])] / t[str(sizes[0])]) / math.log(sizes[-1] / sizes[0]), 3)
+    return out

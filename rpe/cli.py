@@ -145,12 +145,13 @@ def rollouts(
 def report(
     rollouts: Path = typer.Option(..., help="Rollout folder."),
     out: Optional[Path] = typer.Option(None, help="HTML file (default ROLLOUTS/report.html)."),
+    bundle: Optional[Path] = typer.Option(None, help="Bundle folder whose value/dopamine results to include."),
 ) -> None:
-    """Write a self-contained HTML summary of a rollout folder."""
+    """Write a self-contained HTML summary of a rollout folder (and a bundle's results)."""
     from rpe.report import rollout_report
 
     try:
-        path = rollout_report(rollouts, out)
+        path = rollout_report(rollouts, out, bundle=bundle)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
     console.print(f"report: {path.resolve()}")
@@ -299,6 +300,30 @@ def bench_rollouts(
     _load(model)  # clear error before timing if the model is missing
     with console.status("benchmarking rollouts (naive env loop, then batched)"):
         result = run(cfg)
+    print(json.dumps(result))
+
+
+@bench_app.command("tracker")
+def bench_tracker(
+    quick: bool = typer.Option(False, help="Small sizes (under a minute on 2 cores)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model to benchmark."),
+) -> None:
+    """Tracker vs plain forward vs output_hidden_states; capture during generation vs a second pass."""
+    from rpe.bench import bench_tracker as run
+
+    _load(model)
+    with console.status("benchmarking the activation tracker"):
+        result = run(model, quick=quick)
+    print(json.dumps(result))
+
+
+@bench_app.command("probe")
+def bench_probe(quick: bool = typer.Option(False, help="1k and 10k states only.")) -> None:
+    """Probe fit time per epoch vs number of states (synthetic), with the scaling exponent."""
+    from rpe.bench import bench_probe as run
+
+    with console.status("benchmarking probe fits"):
+        result = run(quick=quick)
     print(json.dumps(result))
 
 

@@ -50,8 +50,76 @@ def _trajectory_html(t: Trajectory) -> str:
     )
 
 
-def rollout_report(rollout_dir: str | Path, out: str | Path | None = None, n_examples: int = 6) -> Path:
-    """Write ``report.html`` for a rollout folder and return its path (atomic: never half-written)."""
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and x != x) else f"{x:.3f}"
+
+
+def _line_plot(xs, series: dict[str, list[float]], xlabel: str, ylabel: str, logx: bool = False) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for label, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    return _png(fig)
+
+
+def bundle_section(bundle_dir: str | Path) -> str:
+    """HTML for a bundle's metrics: headline AUROCs beside controls, layer sweep, pruning curve, dopamine."""
+    import json
+
+    e = html.escape
+    meta = json.loads((Path(bundle_dir) / "bundle.json").read_text())
+    m = meta["metrics"]
+    rows = "".join(
+        f"<tr><td>{e(name)}</td>"
+        + "".join(
+            f"<td>{_fmt(m['headline_test'][w][name]['auroc'])} [{_fmt(m['headline_test'][w][name]['low'])}, "
+            f"{_fmt(m['headline_test'][w][name]['high'])}]</td>"
+            for w in ("s0", "final")
+        )
+        + "</tr>"
+        for name in m["headline_test"]["s0"]
+    )
+    layers = sorted(int(k) for k in m["layer_sweep"])
+    sweep = _line_plot(layers, {"validation AUROC (all states)": [m["layer_sweep"][str(k)]["val_auroc_all"] for k in layers]},
+                       "layer", "AUROC")
+    curve = m["pruning_curve"]
+    prune = _line_plot([r["frac"] for r in curve], {"s_0": [r["test_auroc_s0"] for r in curve],
+                       "final step": [r["test_auroc_final"] for r in curve]}, "fraction of neurons kept", "test AUROC", logx=True)
+    parts = [
+        f"<h2>Value neurons (layer {m['best_layer']}, {meta['n_value_neurons']} neurons, target {e(m['target'])})</h2>",
+        "<table><tr><th>AUROC of (test split, 95% CI)</th><th>at s_0</th><th>at final step</th></tr>" + rows + "</table>",
+        f'<h3>Layer sweep</h3><img alt="layer sweep" src="{sweep}">',
+        f'<h3>Pruning curve</h3><img alt="pruning curve" src="{prune}">',
+    ]
+    if "dopamine" in m:
+        d = m["dopamine"]
+        parts.append(
+            f"<h2>Dopamine neurons ({d['n_neurons']})</h2><table>"
+            f"<tr><td>Spearman with RPE, dopamine neurons (held out)</td><td>{_fmt(d['test_spearman_dopamine'])}</td></tr>"
+            f"<tr><td>Spearman with RPE, random neurons (mean / 95th pct)</td><td>{_fmt(d['test_spearman_random_mean'])} / "
+            f"{_fmt(d['test_spearman_random_q95'])}</td></tr>"
+            f"<tr><td>signed activity for positive / negative RPE</td><td>{_fmt(d['test_activity_positive_rpe'])} / "
+            f"{_fmt(d['test_activity_negative_rpe'])}</td></tr>"
+            f"<tr><td>surprising steps / all steps</td><td>{d['n_surprising']} / {d['n_steps']}</td></tr></table>"
+        )
+    return "".join(parts)
+
+
+def rollout_report(
+    rollout_dir: str | Path, out: str | Path | None = None, n_examples: int = 6, bundle: str | Path | None = None
+) -> Path:
+    """Write ``report.html`` for a rollout folder (and, given ``bundle``, its value/dopamine results); return
+    its path. The write is atomic: a failure never leaves a half-written report in place of a good one."""
     import json
 
     rollout_dir = Path(rollout_dir)
@@ -84,6 +152,7 @@ th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}} .correct h4{{colo
 .incorrect h4{{color:#b42318}} pre{{white-space:pre-wrap;margin:0}}</style></head><body>
 <h1>Rollouts</h1><table>{rows}</table>
 <h2>Steps per completion</h2><img alt="steps per completion" src="{_steps_plot(trajectories)}">
+{bundle_section(bundle) if bundle else ""}
 <h2>Example trajectories</h2>{''.join(_trajectory_html(t) for t in correct + wrong)}
 </body></html>"""
     atomic_write_bytes(out, page.encode("utf-8"))

@@ -7,6 +7,7 @@ one row per state, with its trajectory and step index. ``mode="steps"`` instead 
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,36 @@ class StateSet:
                    json.loads(meta["problem_ids"]), tensors["rewards"], neurons)
 
 
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all ``seqs``."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        tok = first[i]
+        if any(s[i] != tok for s in seqs):
+            return i
+    return n
+
+
+def cache_kwarg(model) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or the older
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _prefix_cache(model, prefix: list[int], device):
+    """KV cache of a shared prompt prefix (e.g. the few-shot examples), computed once without hooks."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_kwarg(model): cache})
+    return cache
+
+
 def capture_states(
     model,
     trajectories: Sequence[Trajectory],
@@ -99,6 +130,8 @@ def capture_states(
     neurons: dict[int, torch.Tensor] | torch.Tensor | None = None,
     mode: Literal["ends", "steps"] = "ends",
     pad_token_id: int = 0,
+    reuse_prefix: bool = True,
+    min_prefix: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> StateSet:
     """Activations at s_0..s_T of every trajectory, one right-padded forward per batch.
@@ -109,6 +142,9 @@ def capture_states(
         neurons: keep only these columns (per layer or shared).
         mode: ``ends`` keeps each step's last token; ``steps`` averages each step's tokens.
         pad_token_id: id used for right padding (masked out; does not affect earlier positions).
+        reuse_prefix: when all prompts share a prefix of at least ``min_prefix`` tokens (the few-shot
+            examples), compute its KV cache once and run only the rest per batch. Same activations, several
+            times faster with long few-shot prompts.
 
     Raises:
         NonFiniteActivationError: NaN/inf activations, naming the layer and trajectories.
@@ -116,20 +152,29 @@ def capture_states(
     if not trajectories:
         raise ValueError("no trajectories to capture")
     device = next(model.parameters()).device
+    # the shared prefix must end before every s_0 (the last prompt token), so s_0 is computed with hooks on
+    prefix_len = common_prefix_len([t.prompt_token_ids for t in trajectories])
+    prefix_len = min(prefix_len, min(t.prompt_len for t in trajectories) - 1)
+    cache = None
+    if reuse_prefix and prefix_len >= min_prefix:
+        cache = _prefix_cache(model, list(trajectories[0].prompt_token_ids[:prefix_len]), device)
+    else:
+        prefix_len = 0
     chunks: dict[int, list[torch.Tensor]] = {}
     traj_index, step_index = [], []
     with ActivationTracker(model, layers, neurons=neurons) as tracker:
         for start in range(0, len(trajectories), batch_size):
             batch = trajectories[start : start + batch_size]
-            seqs = [t.prompt_token_ids + t.completion_token_ids for t in batch]
+            seqs = [(t.prompt_token_ids + t.completion_token_ids)[prefix_len:] for t in batch]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)
+            mask[:, :prefix_len] = 1
             rows, starts, ends = [], [], []
             for r, (t, seq) in enumerate(zip(batch, seqs)):
                 ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, : len(seq)] = 1
-                n = t.prompt_len
+                mask[r, prefix_len : prefix_len + len(seq)] = 1
+                n = t.prompt_len - prefix_len  # positions below are relative to the suffix
                 spans = [(n - 1, n)] + [
                     ((n + s.token_start, n + s.token_end) if mode == "steps" else (n + s.token_end - 1, n + s.token_end))
                     for s in t.steps
@@ -141,7 +186,12 @@ def capture_states(
                     traj_index.append(start + r)
                     step_index.append(k)
             tracker.select(rows, starts, ends)
-            out = tracker.forward(input_ids=ids.to(device), attention_mask=mask.to(device))
+            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            if cache is not None:
+                batch_cache = copy.deepcopy(cache)
+                batch_cache.batch_repeat_interleave(len(seqs))
+                inputs[cache_kwarg(model)] = batch_cache
+            out = tracker.forward(**inputs)
             for layer, acts in out.items():
                 chunks.setdefault(layer, []).append(acts)
             if progress:

@@ -165,9 +165,10 @@ class ActivationTracker:
         if self._selection is None and not self.record_all:
             raise RuntimeError("call select(...) before forward(...)")
         self.captured = {}
+        inputs.setdefault("use_cache", "past_key_values" in inputs or "cache" in inputs)
         with torch.inference_mode():
             try:
-                self.model(**inputs, use_cache=False)
+                self.model(**inputs)
             except _StopForward:
                 pass
         return self.captured

@@ -123,3 +123,20 @@ def test_nan_activations_name_layer_and_trajectory(tiny_llama):
             capture_states(model, trajs, [1])
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("mode", ["ends", "steps"])
+def test_shared_prefix_reuse_gives_the_same_activations(arch, mode):
+    from rpe.models import TinyModelConfig, tiny_model
+
+    model, tok = tiny_model(TinyModelConfig(architecture=arch))
+    shared = tok("Q: worked example one. A: 1. Q: worked example two. A: 2. ", add_special_tokens=False)["input_ids"]
+    trajs = _synthetic_trajectories(tok, n_problems=5, samples=2)
+    for t in trajs:
+        t.prompt_token_ids = shared + t.prompt_token_ids
+    fast = capture_states(model, trajs, [0, 2], batch_size=3, mode=mode, reuse_prefix=True, min_prefix=8)
+    slow = capture_states(model, trajs, [0, 2], batch_size=3, mode=mode, reuse_prefix=False)
+    for layer in (0, 2):
+        assert torch.allclose(fast.acts[layer], slow.acts[layer], atol=1e-4)
+    assert torch.equal(fast.step_index, slow.step_index)
