@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from rpe.baselines import mean_prompt_logprob, question_length
 from rpe.bundle import SubsystemBundle
 from rpe.metrics import bootstrap_auroc
 from rpe.models import fingerprint
@@ -111,12 +112,15 @@ def fit_bundle(
     headline: dict[str, Any] = {}
     v_sparse = sparse.predict(states.acts[best]).numpy()
     v_dense = dense.predict(states.acts[best]).numpy()
-    q_len = np.array([trajectories[i].prompt_len for i in tidx], dtype=float)
+    q_len = question_length(trajectories).numpy()[tidx]
+    say("baseline: mean prompt log-probability")
+    logprob = mean_prompt_logprob(model, trajectories, batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id or 0).numpy()[tidx]
     for where, mask in (("s0", in_test & (step == 0)), ("final", in_test & final)):
         headline[where] = {
             f"value_neurons_{cfg.top_frac:g}": _auroc_with_ci(v_sparse[mask], y[mask], pids[mask], cfg.n_boot, 0),
             "all_neurons": _auroc_with_ci(v_dense[mask], y[mask], pids[mask], cfg.n_boot, 0),
-            "question_length": _auroc_with_ci(-q_len[mask], y[mask], pids[mask], cfg.n_boot, 0),
+            "question_length (shorter = more confident)": _auroc_with_ci(-q_len[mask], y[mask], pids[mask], cfg.n_boot, 0),
+            "mean prompt log-prob": _auroc_with_ci(logprob[mask], y[mask], pids[mask], cfg.n_boot, 0),
         }
     metrics = {
         "best_layer": best,

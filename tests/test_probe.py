@@ -140,3 +140,23 @@ def test_shared_prefix_reuse_gives_the_same_activations(arch, mode):
     for layer in (0, 2):
         assert torch.allclose(fast.acts[layer], slow.acts[layer], atol=1e-4)
     assert torch.equal(fast.step_index, slow.step_index)
+
+
+def test_mean_prompt_logprob_matches_a_plain_forward(tiny_llama):
+    from rpe.baselines import mean_prompt_logprob
+
+    model, tok = tiny_llama
+    shared = tok("Q: worked example one. A: 1. Q: two. A: 2. ", add_special_tokens=False)["input_ids"]
+    trajs = _synthetic_trajectories(tok, n_problems=3, samples=1)
+    for t in trajs:
+        t.prompt_token_ids = shared + t.prompt_token_ids
+    from rpe.store import common_prefix_len
+
+    shared_len = common_prefix_len([t.prompt_token_ids for t in trajs])
+    assert shared_len >= len(shared)
+    got = mean_prompt_logprob(model, trajs, batch_size=2)
+    for t, g in zip(trajs, got):
+        ids = torch.tensor([t.prompt_token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+        assert torch.isclose(g, logp[shared_len:].mean(), atol=1e-4)

@@ -1,0 +1,49 @@
+"""Confidence baselines that a value probe must beat: question length and mean prompt log-probability."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from rpe.rollouts import Trajectory
+from rpe.store import _prefix_cache, cache_kwarg, common_prefix_len
+
+
+def question_length(trajectories: Sequence[Trajectory]) -> torch.Tensor:
+    """(n,) prompt length in tokens (the few-shot part is shared, so differences come from the question)."""
+    return torch.tensor([float(t.prompt_len) for t in trajectories])
+
+
+def mean_prompt_logprob(model, trajectories: Sequence[Trajectory], *, batch_size: int = 16, pad_token_id: int = 0) -> torch.Tensor:
+    """(n,) mean log-probability (nats/token) the model assigns to each prompt's own tokens: those after the
+    prefix shared by all prompts (the few-shot examples), i.e. the question and its instruction.
+
+    The shared prefix is encoded once and reused through its KV cache.
+    """
+    prompts = [list(t.prompt_token_ids) for t in trajectories]
+    prefix_len = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+    device = next(model.parameters()).device
+    cache = _prefix_cache(model, prompts[0][:prefix_len], device) if prefix_len > 0 else None
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = [p[prefix_len:] for p in prompts[start : start + batch_size]]
+        width = max(len(b) for b in batch)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), prefix_len + width), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+        for r, b in enumerate(batch):
+            ids[r, : len(b)] = torch.tensor(b)
+            mask[r, prefix_len : prefix_len + len(b)] = 1
+        kwargs = {}
+        if cache is not None:
+            c = copy.deepcopy(cache)
+            c.batch_repeat_interleave(len(batch))
+            kwargs = {cache_kwarg(model): c, "use_cache": True}
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits.float()  # (B, T, V)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)  # (B, T-1)
+        valid = mask[:, prefix_len + 1 :].to(device).float()  # token t+1 is predicted from position t
+        out.append(((logp * valid).sum(1) / valid.sum(1).clamp_min(1)).cpu())
+    return torch.cat(out)
