@@ -27,3 +27,24 @@ def test_models_list(tmp_path, monkeypatch):
     monkeypatch.setenv("RPE_CACHE_DIR", str(tmp_path))
     result = runner.invoke(app, ["models", "list"])
     assert result.exit_code == 0 and "smollm2-135m-instruct" in result.output and "gemma3-270m" in result.output
+
+
+def test_fit_on_single_class_rollouts_explains_how_to_recalibrate(tiny_llama, tmp_path):
+    from rpe.prompts import PromptConfig
+    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+
+    model, tok = tiny_llama
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg = RolloutConfig(n_problems=12, samples=1, sampling=SamplingConfig(max_new_tokens=8), prompt=PromptConfig(shots=1))
+    collect_rollouts(model, tok, cfg, tmp_path / "r", model_name=str(folder))  # a random model solves nothing
+    result = runner.invoke(app, ["fit", "--rollouts", str(tmp_path / "r"), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2
+    assert "all 12 trajectories are wrong" in result.output and "20% and 80%" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_fit_on_missing_rollouts(tmp_path):
+    result = runner.invoke(app, ["fit", "--rollouts", str(tmp_path), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "trajectories.parquet" in result.output

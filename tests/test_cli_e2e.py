@@ -1,0 +1,48 @@
+"""End to end through the CLI on the real default model (slow: about three minutes on 2 cores)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from rpe.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.slow
+def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["rollouts", "--n", "24", "--samples", "2", "--max-new-tokens", "64", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_trajectories"] == 48 and manifest["mean_steps"] >= 2
+    assert 0.0 < manifest["accuracy"] < 1.0
+    # re-running the finished command is a no-op that reports the same result
+    again = runner.invoke(app, ["rollouts", "--n", "24", "--samples", "2", "--max-new-tokens", "64", "--out", str(out)])
+    assert again.exit_code == 0 and f"accuracy {manifest['accuracy']:.3f}" in again.output
+
+    r = runner.invoke(app, ["fit", "--rollouts", str(out), "--out", str(out / "bundle"), "--layers", "8,14",
+                            "--epochs", "20"])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "bundle" / "metrics.json").read_text())
+    assert metrics["best_layer"] in (8, 14) and len(metrics["pruning_curve"]) == 6
+    assert "all_neurons" in r.output and "pruning curve" in r.output
+
+    r = runner.invoke(app, ["report", "--rollouts", str(out), "--bundle", str(out / "bundle")])
+    assert r.exit_code == 0, r.output
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "Value neurons" in page
+
+
+@pytest.mark.slow
+def test_fit_refuses_rollouts_of_another_model(real_model, tmp_path, tiny_llama):
+    from rpe.prompts import PromptConfig
+    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+
+    model, tok = tiny_llama
+    collect_rollouts(model, tok, RolloutConfig(n_problems=12, samples=1, sampling=SamplingConfig(max_new_tokens=8),
+                                               prompt=PromptConfig(shots=1)), tmp_path, model_name="tiny")
+    r = runner.invoke(app, ["fit", "--rollouts", str(tmp_path), "--out", str(tmp_path / "b"),
+                            "--model", "smollm2-135m-instruct"])
+    assert r.exit_code == 2 and "differs" in r.output and not (tmp_path / "b").exists()
