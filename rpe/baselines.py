@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from rpe.rollouts import Trajectory
-from rpe.store import _prefix_cache, cache_kwarg, common_prefix_len
+from rpe.store import _prefix_cache, cache_kwarg, common_prefix_len, right_pad
 
 
 def question_length(trajectories: Sequence[Trajectory]) -> torch.Tensor:
@@ -29,13 +29,7 @@ def mean_prompt_logprob(model, trajectories: Sequence[Trajectory], *, batch_size
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = [p[prefix_len:] for p in prompts[start : start + batch_size]]
-        width = max(len(b) for b in batch)
-        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), prefix_len + width), dtype=torch.long)
-        mask[:, :prefix_len] = 1
-        for r, b in enumerate(batch):
-            ids[r, : len(b)] = torch.tensor(b)
-            mask[r, prefix_len : prefix_len + len(b)] = 1
+        ids, mask = right_pad(batch, pad_token_id, prefix_len)
         kwargs = {}
         if cache is not None:
             c = copy.deepcopy(cache)

@@ -104,6 +104,7 @@ def bench_tracker(model_name: str = "smollm2-135m-instruct", quick: bool = False
     import torch
 
     from rpe.models import load_model
+    from rpe.store import right_pad
     from rpe.tracker import ActivationTracker, decoder_layers
 
     model, tok = load_model(model_name)
@@ -161,9 +162,7 @@ def bench_tracker(model_name: str = "smollm2-135m-instruct", quick: bool = False
     def gen_then_pass():
         g = generate_batch(model, tok, gen_prompts, sampling)
         seqs = [p + c for p, c in zip(g.prompt_ids, g.completion_ids)]
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        ids, mask = right_pad(seqs, tok.pad_token_id)
         with ActivationTracker(model, [layer], neurons=neurons, stop_early=False) as tr:
             tr.select(list(range(len(seqs))), [len(s) - 1 for s in seqs])
             tr.forward(input_ids=ids, attention_mask=mask)

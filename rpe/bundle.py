@@ -89,6 +89,7 @@ class SubsystemBundle:
     # -- use -------------------------------------------------------------------------------------------
     def value(self, model, tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:
         """Internal value V at the last token of each text, in [0, 1]. Shape (len(texts),)."""
+        from rpe.store import right_pad
         from rpe.tracker import ActivationTracker
 
         self.check_model(model, tokenizer)
@@ -97,12 +98,7 @@ class SubsystemBundle:
         with ActivationTracker(model, [self.layer], neurons=self.value_neurons) as tracker:
             for i in range(0, len(texts), batch_size):
                 enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
-                width = max(len(e) for e in enc)
-                ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, e in enumerate(enc):
-                    ids[r, : len(e)] = torch.tensor(e)
-                    mask[r, : len(e)] = 1
+                ids, mask = right_pad(enc, tokenizer.pad_token_id)
                 tracker.select(list(range(len(enc))), [len(e) - 1 for e in enc])
                 acts = tracker.forward(input_ids=ids.to(device), attention_mask=mask.to(device))[self.layer]
                 out.append(self.probe.predict(acts))

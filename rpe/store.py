@@ -103,6 +103,26 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def right_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token sequences for one forward pass.
+
+    Args:
+        seqs: token ids per row (after a cached prefix of ``prefix_len`` tokens, when there is one).
+        prefix_len: length of a KV-cached prefix shared by every row; the mask covers it.
+
+    Returns:
+        ``(input_ids (B, T), attention_mask (B, prefix_len + T))``, long tensors.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)
+    mask[:, :prefix_len] = 1
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[r, prefix_len : prefix_len + len(seq)] = 1
+    return ids, mask
+
+
 def cache_kwarg(model) -> str:
     """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or the older
     ``past_key_values``."""
@@ -166,14 +186,9 @@ def capture_states(
         for start in range(0, len(trajectories), batch_size):
             batch = trajectories[start : start + batch_size]
             seqs = [(t.prompt_token_ids + t.completion_token_ids)[prefix_len:] for t in batch]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)
-            mask[:, :prefix_len] = 1
+            ids, mask = right_pad(seqs, pad_token_id, prefix_len)
             rows, starts, ends = [], [], []
-            for r, (t, seq) in enumerate(zip(batch, seqs)):
-                ids[r, : len(seq)] = torch.tensor(seq)
-                mask[r, prefix_len : prefix_len + len(seq)] = 1
+            for r, t in enumerate(batch):
                 n = t.prompt_len - prefix_len  # positions below are relative to the suffix
                 spans = [(n - 1, n)] + [
                     ((n + s.token_start, n + s.token_end) if mode == "steps" else (n + s.token_end - 1, n + s.token_end))
