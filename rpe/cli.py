@@ -106,6 +106,8 @@ def rollouts(
     shots: int = typer.Option(6, help="Few-shot worked examples in the prompt."),
     segmenter: str = typer.Option("paragraph", help="Step segmenter: paragraph, newline, sentence, regex."),
     segment_pattern: Optional[str] = typer.Option(None, help="Separator regex for --segmenter regex."),
+    capture_layers: Optional[str] = typer.Option(
+        None, help="Comma-separated layers whose activations are recorded during generation (no second pass)."),
     seed: int = typer.Option(0, help="Seed for problems and sampling."),
     overwrite: bool = typer.Option(False, help="Discard a previous run in --out instead of resuming it."),
 ) -> None:
@@ -117,7 +119,7 @@ def rollouts(
     try:
         cfg = RolloutConfig(
             task=task, n_problems=n, samples=samples, batch_size=batch_size, seed=seed, segmenter=segmenter,
-            segment_pattern=segment_pattern, sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens),
+            segment_pattern=segment_pattern, capture_layers=_parse_layers(capture_layers), sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens),
             prompt=PromptConfig(shots=shots),
         )
         task_obj = load_task(task)
@@ -209,9 +211,16 @@ def fit(
         bad = ModelFingerprint.from_dict(recorded).mismatches(fp_of(lm, tokenizer))
         if bad:
             _fail(f"the rollouts were made with {recorded['name']!r}, which differs from {name!r} in {', '.join(bad)}")
+    captured = None
+    if (rollouts / "states.safetensors").exists():
+        from rpe.store import StateSet
+
+        captured = StateSet.load(rollouts / "states.safetensors")
+        console.print(f"using activations captured during generation: layers {captured.layers}")
     with console.status("fitting value probes") as status:
         try:
-            bundle, states = fit_bundle(lm, tokenizer, trajectories, cfg, model_name=name, progress=status.update)
+            bundle, states = fit_bundle(lm, tokenizer, trajectories, cfg, model_name=name, states=captured,
+                                        progress=status.update)
         except (SingleClassError, ValueError) as err:
             _fail(str(err))
     bundle.save(out)

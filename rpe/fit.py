@@ -65,15 +65,33 @@ def fit_bundle(
     cfg: FitConfig | None = None,
     *,
     model_name: str | None = None,
+    states: StateSet | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[SubsystemBundle, StateSet]:
-    """Run the discovery pipeline and return the bundle (metrics inside) and the captured states."""
+    """Run the discovery pipeline and return the bundle (metrics inside) and the captured states.
+
+    Args:
+        states: activations already captured for ``trajectories`` (e.g. during generation, the rollout
+            folder's ``states.safetensors``); they must hold every layer to sweep with all neurons.
+    """
     cfg = cfg or FitConfig()
     say = progress or (lambda msg: logger.info(msg))
     n_layers = len(decoder_layers(model))
-    layers = cfg.layers if cfg.layers is not None else list(range(0, n_layers, cfg.layer_stride))
-    say(f"capturing {len(trajectories)} trajectories at {len(layers)} layers")
-    states = capture_states(model, trajectories, layers, batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id or 0)
+    if states is not None:
+        if states.trajectory_ids != [t.trajectory_id for t in trajectories]:
+            raise ValueError("the given states were captured for other trajectories; capture them again")
+        if states.neurons is not None:
+            raise ValueError("the given states hold only some neurons; the layer sweep needs all of d_model")
+        layers = cfg.layers if cfg.layers is not None else states.layers
+        missing = sorted(set(layers) - set(states.layers))
+        if missing:
+            raise ValueError(f"layers {missing} were not captured (captured: {states.layers}); drop them or re-capture")
+        states = StateSet({layer: states.acts[layer] for layer in layers}, states.traj_index, states.step_index,
+                          states.trajectory_ids, states.problem_ids, states.rewards)
+    else:
+        layers = cfg.layers if cfg.layers is not None else list(range(0, n_layers, cfg.layer_stride))
+        say(f"capturing {len(trajectories)} trajectories at {len(layers)} layers")
+        states = capture_states(model, trajectories, layers, batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id or 0)
 
     sweep: dict[int, dict[str, float]] = {}
     probes: dict[int, ValueProbe] = {}

@@ -44,6 +44,7 @@ TRAJECTORIES_FILE = "trajectories.parquet"
 MANIFEST_FILE = "manifest.json"
 RUN_CONFIG_FILE = "run_config.json"
 PARTS_DIR = "parts"
+STATES_FILE = "states.safetensors"
 
 
 @dataclass
@@ -101,6 +102,11 @@ class RolloutConfig:
     """Separator regex for ``segmenter='regex'``."""
     max_prompt_tokens: int = 1536
     """Prompts longer than this are cut from the left (the question stays) and flagged ``prompt_truncated``."""
+    capture_layers: list[int] | None = None
+    """Record activations of these decoder layers at s_0..s_T during generation (hooks on the same forward
+    passes, no second pass); written to ``states.safetensors`` for ``rpe fit``."""
+    capture_neurons: list[int] | None = None
+    """Keep only these neuron columns when capturing (default: all of d_model)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
 
@@ -408,6 +414,67 @@ def _part_path(out_dir: Path, b: int) -> Path:
     return out_dir / PARTS_DIR / f"part-{b:05d}.parquet"
 
 
+def _acts_path(out_dir: Path, b: int) -> Path:
+    return out_dir / PARTS_DIR / f"acts-{b:05d}.safetensors"
+
+
+def states_from_generation(model, recorded: dict, records: list[Trajectory], width: int, neurons, pad_token_id: int):
+    """Pick s_0..s_T of each trajectory out of activations recorded during a left-padded ``generate``.
+
+    Args:
+        recorded: ``{layer: (B, width + n_generated - 1, k)}`` from ``ActivationTracker.generated()``.
+        width: padded prompt length of the batch (completion token j sits at position ``width + j``).
+
+    The token that ends the longest completion is never fed back into the model; a state that falls on it
+    (a completion cut by ``max_new_tokens``) is computed with one extra forward over that trajectory alone.
+    """
+    from rpe.store import StateSet, capture_states
+
+    layers = sorted(recorded)
+    total = recorded[layers[0]].shape[1]
+    acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    traj_index, step_index = [], []
+    for i, t in enumerate(records):
+        positions = [width - 1] + [width + s.token_end - 1 for s in t.steps]
+        if max(positions) < total:
+            for layer in layers:
+                acts[layer].append(recorded[layer][i, positions])
+        else:
+            single = capture_states(model, [t], layers, neurons=neurons, pad_token_id=pad_token_id, reuse_prefix=False)
+            for layer in layers:
+                acts[layer].append(single.acts[layer])
+        traj_index += [i] * len(positions)
+        step_index += list(range(len(positions)))
+    return StateSet(
+        acts={layer: torch.cat(a) for layer, a in acts.items()},
+        traj_index=torch.tensor(traj_index),
+        step_index=torch.tensor(step_index),
+        trajectory_ids=[t.trajectory_id for t in records],
+        problem_ids=[t.problem_id for t in records],
+        rewards=torch.tensor([t.reward for t in records], dtype=torch.float32),
+        neurons={layer: neurons for layer in layers} if neurons is not None else None,
+    )
+
+
+def merge_state_sets(parts: list):
+    """Concatenate per-batch state sets (trajectory indices offset accordingly)."""
+    from rpe.store import StateSet
+
+    offset, traj = 0, []
+    for p in parts:
+        traj.append(p.traj_index + offset)
+        offset += len(p.trajectory_ids)
+    return StateSet(
+        acts={layer: torch.cat([p.acts[layer] for p in parts]) for layer in parts[0].layers},
+        traj_index=torch.cat(traj),
+        step_index=torch.cat([p.step_index for p in parts]),
+        trajectory_ids=[i for p in parts for i in p.trajectory_ids],
+        problem_ids=[i for p in parts for i in p.problem_ids],
+        rewards=torch.cat([p.rewards for p in parts]),
+        neurons=parts[0].neurons,
+    )
+
+
 def _check_run_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
     path = out_dir / RUN_CONFIG_FILE
     if overwrite and out_dir.exists():
@@ -471,25 +538,42 @@ def collect_rollouts(
     done = 0
     for b, batch in enumerate(batches):
         part = _part_path(out_dir, b)
-        if part.exists() and _part_ok(part, len(batch)):
+        acts_part = _acts_path(out_dir, b)
+        if part.exists() and _part_ok(part, len(batch)) and (not cfg.capture_layers or acts_part.exists()):
             done += len(batch)
             if progress:
                 progress(done, len(items))
             continue
         prompt_texts = [builder(p) for p, _ in batch]
-        gen = generate_batch(
-            model,
-            tokenizer,
-            prompt_texts,
-            cfg.sampling,
-            stop_strings=builder.stop_strings,
-            max_prompt_tokens=cfg.max_prompt_tokens,
-            seed=batch_seed(cfg.seed, b),
-        )
+
+        def generate() -> GeneratedBatch:
+            return generate_batch(
+                model,
+                tokenizer,
+                prompt_texts,
+                cfg.sampling,
+                stop_strings=builder.stop_strings,
+                max_prompt_tokens=cfg.max_prompt_tokens,
+                seed=batch_seed(cfg.seed, b),
+            )
+
+        if cfg.capture_layers:
+            from rpe.tracker import ActivationTracker
+
+            neurons = torch.tensor(cfg.capture_neurons) if cfg.capture_neurons else None
+            with ActivationTracker(model, cfg.capture_layers, neurons=neurons, record_all=True) as tracker:
+                gen = generate()
+            recorded = tracker.generated()
+        else:
+            gen = generate()
         records = [
             _record(task, tokenizer, cfg, fp, problem, k, prompt_text, gen, i)
             for i, ((problem, k), prompt_text) in enumerate(zip(batch, prompt_texts))
         ]
+        if cfg.capture_layers:
+            width = max(len(ids) for ids in gen.prompt_ids)
+            states = states_from_generation(model, recorded, records, width, neurons, tokenizer.pad_token_id or 0)
+            states.save(acts_part)  # before the part: a finished part always has its activations
         write_trajectories(part, records)
         done += len(batch)
         if progress:
@@ -546,6 +630,13 @@ def finalize_rollouts(out_dir: Path, run_config: dict[str, Any], n_parts: int) -
     pq.write_table(table, sink)
     target = out_dir / TRAJECTORIES_FILE
     atomic_write_bytes(target, sink.getvalue().to_pybytes())
+    files = {"trajectories": TRAJECTORIES_FILE}
+    if run_config["rollout"].get("capture_layers"):
+        from rpe.store import StateSet
+
+        merged = merge_state_sets([StateSet.load(_acts_path(out_dir, b)) for b in range(n_parts)])
+        merged.save(out_dir / STATES_FILE)
+        files["states"] = STATES_FILE
     rewards = table.column("reward").to_pylist()
     n_steps = [len(s) for s in table.column("steps").to_pylist()]
     accuracy = sum(rewards) / len(rewards)
@@ -563,7 +654,7 @@ def finalize_rollouts(out_dir: Path, run_config: dict[str, Any], n_parts: int) -
         "mean_steps": sum(n_steps) / len(n_steps),
         "truncated_fraction": sum(table.column("truncated").to_pylist()) / len(rewards),
         "sha256": sha256_file(target),
-        "files": {"trajectories": TRAJECTORIES_FILE},
+        "files": files,
     }
     atomic_write_json(out_dir / MANIFEST_FILE, manifest)
     shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)

@@ -88,3 +88,14 @@ def test_failed_save_keeps_the_old_bundle(fitted, monkeypatch):
         bundle.save(path)
     assert (path / "weights.safetensors").read_bytes() == before
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".bundle")]
+
+
+def test_fit_reuses_given_states_and_checks_them(fitted):
+    model, tok, trajs, bundle, states, path = fitted
+    cfg = FitConfig(layers=[1], top_frac=0.1, prune_fracs=[1.0], probe=ProbeConfig(hidden=32, epochs=5), n_boot=20)
+    again, used = fit_bundle(model, tok, trajs, cfg, states=states)
+    assert used.layers == [1] and torch.equal(used.acts[1], states.acts[1])
+    with pytest.raises(ValueError, match=r"layers \[3\] were not captured"):
+        fit_bundle(model, tok, trajs, FitConfig(layers=[3]), states=states)
+    with pytest.raises(ValueError, match="other trajectories"):
+        fit_bundle(model, tok, trajs[:-1], cfg, states=states)

@@ -163,3 +163,31 @@ def test_real_model_rollouts_are_multi_step_and_scored(real_model, tmp_path):
     for t in trajs:
         assert t.steps[-1].text.startswith("Answer:")
         assert t.reward == float(t.final_answer == t.reference_answer)
+
+
+def test_capture_during_generation_matches_a_separate_pass(tiny_llama, tmp_path):
+    import torch
+
+    from rpe.store import StateSet, capture_states
+
+    model, tok = tiny_llama
+    cfg = _cfg(n_problems=3, samples=2, batch_size=4, capture_layers=[1, 3])
+    collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["files"]["states"] == "states.safetensors"
+    during = StateSet.load(tmp_path / "states.safetensors")
+    trajs = read_trajectories(tmp_path)
+    after = capture_states(model, trajs, [1, 3], pad_token_id=tok.pad_token_id, reuse_prefix=False)
+    assert during.trajectory_ids == after.trajectory_ids
+    assert torch.equal(during.traj_index, after.traj_index) and torch.equal(during.step_index, after.step_index)
+    for layer in (1, 3):
+        assert torch.allclose(during.acts[layer], after.acts[layer], atol=1e-4)
+    assert any(t.finish_reason == "length" for t in trajs)  # the fallback for the never-fed last token ran
+
+
+def test_capture_of_a_missing_layer_fails_before_generation(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    with pytest.raises(ValueError, match="4 decoder layers"):
+        collect_rollouts(model, tok, _cfg(capture_layers=[9]), tmp_path, model_name="tiny")
+    parts = tmp_path / "parts"
+    assert not parts.exists() or not any(parts.iterdir())
