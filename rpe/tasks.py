@@ -357,6 +357,7 @@ def _jsonable(value: Any) -> Any:
 #: Calibrated presets: name -> (reasoning-gym task, options). See README "Calibration" for the measurements.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "chain_sum": ("chain_sum", {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}),
+    "chain_sum_2": ("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
     "chain_sum_4": ("chain_sum", {"min_terms": 4, "max_terms": 4, "min_digits": 1, "max_digits": 1}),
 }
 DEFAULT_TASK = "chain_sum"
