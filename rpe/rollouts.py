@@ -45,6 +45,9 @@ MANIFEST_FILE = "manifest.json"
 RUN_CONFIG_FILE = "run_config.json"
 PARTS_DIR = "parts"
 STATES_FILE = "states.safetensors"
+#: Architectures on which generating from a shared-prefix KV cache was checked to give identical tokens
+#: (tests/test_rollouts.py). Others (e.g. Gemma3's sliding-window layers) take the plain padded path.
+PREFIX_REUSE_MODEL_TYPES = frozenset({"llama", "qwen2"})
 
 
 @dataclass
@@ -309,6 +312,7 @@ def generate_batch(
     stop_strings: Sequence[str] = (),
     max_prompt_tokens: int = 1536,
     seed: int | None = None,
+    reuse_prefix: bool = True,
 ) -> GeneratedBatch:
     """Generate completions for ``prompts`` in one padded ``generate`` call (KV cache on).
 
@@ -317,11 +321,13 @@ def generate_batch(
         stop_strings: strings that end a completion besides EOS; removed from the text.
         max_prompt_tokens: longer prompts keep their last ``max_prompt_tokens`` tokens and are flagged.
         seed: when given, ``torch.manual_seed(seed)`` right before sampling (reproducible batches).
+        reuse_prefix: encode a prompt prefix shared by all rows once (see :func:`generate_from_ids`).
     """
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     truncated = [len(ids) > max_prompt_tokens for ids in enc]
     gen = generate_from_ids(
-        model, tokenizer, [ids[-max_prompt_tokens:] for ids in enc], sampling, stop_strings=stop_strings, seed=seed
+        model, tokenizer, [ids[-max_prompt_tokens:] for ids in enc], sampling, stop_strings=stop_strings, seed=seed,
+        reuse_prefix=reuse_prefix,
     )
     gen.prompt_truncated = truncated
     return gen
@@ -335,19 +341,43 @@ def generate_from_ids(
     *,
     stop_strings: Sequence[str] = (),
     seed: int | None = None,
+    reuse_prefix: bool = True,
+    min_prefix: int = 32,
 ) -> GeneratedBatch:
-    """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion)."""
+    """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion).
+
+    When every prompt starts with the same ``min_prefix`` or more tokens (the few-shot examples) and the
+    architecture is one where this is verified to give identical outputs (:data:`PREFIX_REUSE_MODEL_TYPES`),
+    the shared prefix is encoded once and its KV cache reused by every row; padding then sits between the
+    prefix and each row's own tokens (positions come from the attention mask, so nothing shifts).
+    """
     enc = [list(ids) for ids in prompt_ids]
-    width = max(len(ids) for ids in enc)
     pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in enc])  # (B, T) left-padded
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in enc])
     device = next(model.parameters()).device
+    prefix_len = 0
+    if reuse_prefix and getattr(model.config, "model_type", None) in PREFIX_REUSE_MODEL_TYPES:
+        from rpe.store import common_prefix_len
+
+        prefix_len = min(common_prefix_len(enc), min(len(ids) for ids in enc) - 1)
+        if prefix_len < min_prefix:
+            prefix_len = 0
+    suffixes = [ids[prefix_len:] for ids in enc]
+    ws = max(len(x) for x in suffixes)
+    prefix = enc[0][:prefix_len]
+    input_ids = torch.tensor([prefix + [pad] * (ws - len(x)) + x for x in suffixes])  # (B, P + ws)
+    attention_mask = torch.tensor([[1] * prefix_len + [0] * (ws - len(x)) + [1] * len(x) for x in suffixes])
+    width = prefix_len + ws
+    extra: dict[str, Any] = {}
+    if prefix_len:
+        from rpe.store import _prefix_cache
+
+        cache = _prefix_cache(model, prefix, device)
+        cache.batch_repeat_interleave(len(enc))
+        extra["past_key_values"] = cache
     if seed is not None:
         torch.manual_seed(seed)
-    extra: dict[str, Any] = {}
     if stop_strings:
-        extra = {"stop_strings": list(stop_strings), "tokenizer": tokenizer}
+        extra.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     with torch.inference_mode():
         out = model.generate(
             input_ids=input_ids.to(device),
@@ -555,6 +585,7 @@ def collect_rollouts(
                 stop_strings=builder.stop_strings,
                 max_prompt_tokens=cfg.max_prompt_tokens,
                 seed=batch_seed(cfg.seed, b),
+                reuse_prefix=not cfg.capture_layers,  # capture expects every row's forward from position 0
             )
 
         if cfg.capture_layers:

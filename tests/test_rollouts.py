@@ -191,3 +191,23 @@ def test_capture_of_a_missing_layer_fails_before_generation(tiny_llama, tmp_path
         collect_rollouts(model, tok, _cfg(capture_layers=[9]), tmp_path, model_name="tiny")
     parts = tmp_path / "parts"
     assert not parts.exists() or not any(parts.iterdir())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_shared_prefix_generation_gives_the_same_tokens(arch):
+    import torch
+
+    from rpe.models import TinyModelConfig, tiny_model
+    from rpe.rollouts import generate_from_ids
+
+    model, tok = tiny_model(TinyModelConfig(architecture=arch))
+    prefix = tok("Q: example one. A: 1.\n\nQ: example two. A: 2.\n\n", add_special_tokens=False)["input_ids"]
+    prompts = [prefix + tok(s, add_special_tokens=False)["input_ids"] for s in ["Q: 3+4?", "Q: a longer one?", "Q: x"]]
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    fast = generate_from_ids(model, tok, prompts, greedy, reuse_prefix=True, min_prefix=8)
+    plain = generate_from_ids(model, tok, prompts, greedy, reuse_prefix=False)
+    assert fast.completion_ids == plain.completion_ids
+    sampled = SamplingConfig(temperature=1.0, max_new_tokens=12)
+    a = generate_from_ids(model, tok, prompts, sampled, reuse_prefix=True, min_prefix=8, seed=3)
+    b = generate_from_ids(model, tok, prompts, sampled, reuse_prefix=False, seed=3)
+    assert a.completion_ids == b.completion_ids
