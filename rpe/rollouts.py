@@ -505,6 +505,14 @@ def merge_state_sets(parts: list):
     )
 
 
+def _without_nones(obj: Any) -> Any:
+    """Drop None-valued keys recursively: an option added later with a None default does not make an older
+    run folder look different."""
+    if isinstance(obj, dict):
+        return {k: _without_nones(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
 def _check_run_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
     path = out_dir / RUN_CONFIG_FILE
     if overwrite and out_dir.exists():
@@ -513,7 +521,7 @@ def _check_run_config(out_dir: Path, config: dict[str, Any], overwrite: bool) ->
         shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous != config:
+        if _without_nones(previous) != _without_nones(config):
             diff = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
             raise ValueError(
                 f"{out_dir} holds a run with a different configuration (differs in: {', '.join(diff)}). "

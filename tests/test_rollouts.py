@@ -211,3 +211,13 @@ def test_shared_prefix_generation_gives_the_same_tokens(arch):
     a = generate_from_ids(model, tok, prompts, sampled, reuse_prefix=True, min_prefix=8, seed=3)
     b = generate_from_ids(model, tok, prompts, sampled, reuse_prefix=False, seed=3)
     assert a.completion_ids == b.completion_ids
+
+
+def test_run_folder_from_before_a_new_none_option_still_resumes(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    cfg = _cfg(n_problems=1, samples=1)
+    collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny")
+    run_config = json.loads((tmp_path / "run_config.json").read_text())
+    del run_config["rollout"]["capture_layers"]  # as written by a version without that option
+    (tmp_path / "run_config.json").write_text(json.dumps(run_config))
+    assert collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny").n_trajectories == 1
