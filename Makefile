@@ -6,7 +6,7 @@ RPE := $(VENV)/bin/rpe
 TORCH := torch==2.13.0
 MODEL := smollm2-135m-instruct
 DEMO_DIR := runs/demo
-DEMO_N ?= 48
+DEMO_N ?= 32
 PYTEST_ARGS ?=
 
 .PHONY: demo test install fetch bench clean
@@ -26,7 +26,7 @@ fetch: install
 demo: fetch
 	$(RPE) rollouts --model $(MODEL) --task chain_sum --n $(DEMO_N) --samples 2 --out $(DEMO_DIR)/rollouts
 	$(RPE) fit --rollouts $(DEMO_DIR)/rollouts --out $(DEMO_DIR)/bundle --layer-stride 3
-	$(RPE) dopamine --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --n-continuations 4 --max-trajectories 40 --threshold 0.25
+	$(RPE) dopamine --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --n-continuations 4 --max-trajectories 32 --threshold 0.25
 	$(RPE) report --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --out $(DEMO_DIR)/report.html
 	@echo "Open $(abspath $(DEMO_DIR)/report.html) in a browser."
 

@@ -58,6 +58,8 @@ class DopamineConfig:
     n_random: int = 50
     """Random neuron sets drawn for the control."""
     batch_size: int = 32
+    min_surprising: int = 10
+    """Fewer surprising steps than this is an error (below 50 the result is flagged as a small sample)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -177,11 +179,13 @@ def find_dopamine_neurons(
     mu, sd = x.mean(0), x.std(0)
     z = (x - mu) / np.where(sd > 0, sd, 1.0)  # per-neuron z-score over all steps
     keep = np.abs(deltas) > cfg.threshold
-    if keep.sum() < 20:
+    if keep.sum() < cfg.min_surprising:
         raise ValueError(
             f"only {int(keep.sum())} steps have |delta| > {cfg.threshold}: too few surprising events. Use more "
             "trajectories, more continuations, or a lower --threshold."
         )
+    if keep.sum() < 50:
+        logger.warning("only %d surprising steps: the dopamine result is a small-sample estimate", int(keep.sum()))
     z, y, pids = z[keep], np.asarray(deltas)[keep], np.asarray(problem_ids)[keep]
     split = split_by_problem(list(pids), 1e-9, cfg.test_frac, cfg.seed)  # no validation split here
     train, test = split != 2, split == 2
