@@ -448,63 +448,6 @@ def _acts_path(out_dir: Path, b: int) -> Path:
     return out_dir / PARTS_DIR / f"acts-{b:05d}.safetensors"
 
 
-def states_from_generation(model, recorded: dict, records: list[Trajectory], width: int, neurons, pad_token_id: int):
-    """Pick s_0..s_T of each trajectory out of activations recorded during a left-padded ``generate``.
-
-    Args:
-        recorded: ``{layer: (B, width + n_generated - 1, k)}`` from ``ActivationTracker.generated()``.
-        width: padded prompt length of the batch (completion token j sits at position ``width + j``).
-
-    The token that ends the longest completion is never fed back into the model; a state that falls on it
-    (a completion cut by ``max_new_tokens``) is computed with one extra forward over that trajectory alone.
-    """
-    from rpe.store import StateSet, capture_states
-
-    layers = sorted(recorded)
-    total = recorded[layers[0]].shape[1]
-    acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    traj_index, step_index = [], []
-    for i, t in enumerate(records):
-        positions = [width - 1] + [width + s.token_end - 1 for s in t.steps]
-        if max(positions) < total:
-            for layer in layers:
-                acts[layer].append(recorded[layer][i, positions])
-        else:
-            single = capture_states(model, [t], layers, neurons=neurons, pad_token_id=pad_token_id, reuse_prefix=False)
-            for layer in layers:
-                acts[layer].append(single.acts[layer])
-        traj_index += [i] * len(positions)
-        step_index += list(range(len(positions)))
-    return StateSet(
-        acts={layer: torch.cat(a) for layer, a in acts.items()},
-        traj_index=torch.tensor(traj_index),
-        step_index=torch.tensor(step_index),
-        trajectory_ids=[t.trajectory_id for t in records],
-        problem_ids=[t.problem_id for t in records],
-        rewards=torch.tensor([t.reward for t in records], dtype=torch.float32),
-        neurons={layer: neurons for layer in layers} if neurons is not None else None,
-    )
-
-
-def merge_state_sets(parts: list):
-    """Concatenate per-batch state sets (trajectory indices offset accordingly)."""
-    from rpe.store import StateSet
-
-    offset, traj = 0, []
-    for p in parts:
-        traj.append(p.traj_index + offset)
-        offset += len(p.trajectory_ids)
-    return StateSet(
-        acts={layer: torch.cat([p.acts[layer] for p in parts]) for layer in parts[0].layers},
-        traj_index=torch.cat(traj),
-        step_index=torch.cat([p.step_index for p in parts]),
-        trajectory_ids=[i for p in parts for i in p.trajectory_ids],
-        problem_ids=[i for p in parts for i in p.problem_ids],
-        rewards=torch.cat([p.rewards for p in parts]),
-        neurons=parts[0].neurons,
-    )
-
-
 def _without_nones(obj: Any) -> Any:
     """Drop None-valued keys recursively: an option added later with a None default does not make an older
     run folder look different."""
@@ -516,7 +459,7 @@ def _without_nones(obj: Any) -> Any:
 def _check_run_config(out_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
     path = out_dir / RUN_CONFIG_FILE
     if overwrite and out_dir.exists():
-        for name in (TRAJECTORIES_FILE, MANIFEST_FILE, RUN_CONFIG_FILE):
+        for name in (TRAJECTORIES_FILE, MANIFEST_FILE, RUN_CONFIG_FILE, STATES_FILE):
             (out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
     if path.exists():
@@ -611,6 +554,8 @@ def collect_rollouts(
         ]
         if cfg.capture_layers:
             width = max(len(ids) for ids in gen.prompt_ids)
+            from rpe.store import states_from_generation
+
             states = states_from_generation(model, recorded, records, width, neurons, tokenizer.pad_token_id or 0)
             states.save(acts_part)  # before the part: a finished part always has its activations
         write_trajectories(part, records)
@@ -671,7 +616,7 @@ def finalize_rollouts(out_dir: Path, run_config: dict[str, Any], n_parts: int) -
     atomic_write_bytes(target, sink.getvalue().to_pybytes())
     files = {"trajectories": TRAJECTORIES_FILE}
     if run_config["rollout"].get("capture_layers"):
-        from rpe.store import StateSet
+        from rpe.store import StateSet, merge_state_sets
 
         merged = merge_state_sets([StateSet.load(_acts_path(out_dir, b)) for b in range(n_parts)])
         merged.save(out_dir / STATES_FILE)

@@ -227,3 +227,58 @@ def capture_states(
         rewards=torch.tensor([t.reward for t in trajectories], dtype=torch.float32),
         neurons=neurons,
     )
+
+
+def states_from_generation(
+    model, recorded: dict[int, torch.Tensor], records: Sequence[Trajectory], width: int, neurons, pad_token_id: int
+) -> StateSet:
+    """Pick s_0..s_T of each trajectory out of activations recorded during a left-padded ``generate``.
+
+    Args:
+        recorded: ``{layer: (B, width + n_generated - 1, k)}`` from ``ActivationTracker.generated()``.
+        width: padded prompt length of the batch (completion token j sits at position ``width + j``).
+
+    The token that ends the longest completion is never fed back into the model; a state that falls on it
+    (a completion cut by ``max_new_tokens``) is computed with one extra forward over that trajectory alone.
+    """
+    layers = sorted(recorded)
+    total = recorded[layers[0]].shape[1]
+    acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    traj_index, step_index = [], []
+    for i, t in enumerate(records):
+        positions = [width - 1] + [width + s.token_end - 1 for s in t.steps]
+        if max(positions) < total:
+            for layer in layers:
+                acts[layer].append(recorded[layer][i, positions])
+        else:
+            single = capture_states(model, [t], layers, neurons=neurons, pad_token_id=pad_token_id, reuse_prefix=False)
+            for layer in layers:
+                acts[layer].append(single.acts[layer])
+        traj_index += [i] * len(positions)
+        step_index += list(range(len(positions)))
+    return StateSet(
+        acts={layer: torch.cat(a) for layer, a in acts.items()},
+        traj_index=torch.tensor(traj_index),
+        step_index=torch.tensor(step_index),
+        trajectory_ids=[t.trajectory_id for t in records],
+        problem_ids=[t.problem_id for t in records],
+        rewards=torch.tensor([t.reward for t in records], dtype=torch.float32),
+        neurons={layer: neurons for layer in layers} if neurons is not None else None,
+    )
+
+
+def merge_state_sets(parts: Sequence[StateSet]) -> StateSet:
+    """Concatenate per-batch state sets (trajectory indices offset accordingly)."""
+    offset, traj = 0, []
+    for p in parts:
+        traj.append(p.traj_index + offset)
+        offset += len(p.trajectory_ids)
+    return StateSet(
+        acts={layer: torch.cat([p.acts[layer] for p in parts]) for layer in parts[0].layers},
+        traj_index=torch.cat(traj),
+        step_index=torch.cat([p.step_index for p in parts]),
+        trajectory_ids=[i for p in parts for i in p.trajectory_ids],
+        problem_ids=[i for p in parts for i in p.problem_ids],
+        rewards=torch.cat([p.rewards for p in parts]),
+        neurons=parts[0].neurons,
+    )
