@@ -24,6 +24,35 @@ def fmt(m: dict) -> str:
     return f"{m['auroc']:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 
 
+def save_plots(m: dict, out: Path) -> None:
+    """OUT/pruning_curve.png and OUT/layer_sweep.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    curve = m["pruning_curve"]
+    for key, label in (("test_auroc_s0", "V(s_0)"), ("test_auroc_final", "V(final step)")):
+        axes[0].plot([r["frac"] for r in curve], [r[key] for r in curve], marker="o", label=label)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("fraction of neurons kept (layer %d)" % m["best_layer"])
+    axes[0].set_ylabel("test AUROC")
+    axes[0].set_title("pruning curve")
+    layers = sorted(int(k) for k in m["layer_sweep"])
+    axes[1].plot(layers, [m["layer_sweep"][str(k)]["val_auroc_all"] for k in layers], marker="o", label="validation")
+    axes[1].plot(layers, [m["layer_sweep"][str(k)]["test_auroc_all"] for k in layers], marker="o", label="test")
+    axes[1].set_xlabel("layer")
+    axes[1].set_ylabel("AUROC, all states")
+    axes[1].set_title("layer sweep (dense probe)")
+    for ax in axes:
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "discovery.png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -52,6 +81,7 @@ def main() -> None:
     dres = dopamine_from_rollouts(model, tok, rollouts, bundle, dcfg, max_trajectories=args.dopamine_trajectories,
                                   progress=lambda a, b: logging.info("MC values %d/%d", a, b))
     bundle.save(args.out / "bundle")
+    save_plots(bundle.metrics, args.out)
     summary = {"rollouts": res.manifest, "fit": bundle.metrics}
     (args.out / "discovery.json").write_text(json.dumps(summary, indent=2, default=str))
 
