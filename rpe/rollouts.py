@@ -369,11 +369,11 @@ def generate_from_ids(
     width = prefix_len + ws
     extra: dict[str, Any] = {}
     if prefix_len:
-        from rpe.store import _prefix_cache
+        from rpe.store import _prefix_cache, cache_kwarg
 
         cache = _prefix_cache(model, prefix, device)
         cache.batch_repeat_interleave(len(enc))
-        extra["past_key_values"] = cache
+        extra[cache_kwarg(model)] = cache
     if seed is not None:
         torch.manual_seed(seed)
     if stop_strings:
