@@ -34,6 +34,7 @@ def _steps_plot(trajectories: list[Trajectory]) -> str:
         counts = Counter(len(t.steps) for t in trajectories if (t.reward >= 0.5) == (want == 1.0))
         xs = sorted(counts)
         ax.bar([x + (0.2 if want else -0.2) for x in xs], [counts[x] for x in xs], width=0.4, label=label)
+    ax.set_xticks(sorted({len(t.steps) for t in trajectories}))
     ax.set_xlabel("reasoning steps per completion")
     ax.set_ylabel("trajectories")
     ax.legend()
