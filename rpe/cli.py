@@ -119,8 +119,8 @@ def rollouts(
     try:
         cfg = RolloutConfig(
             task=task, n_problems=n, samples=samples, batch_size=batch_size, seed=seed, segmenter=segmenter,
-            segment_pattern=segment_pattern, capture_layers=_parse_layers(capture_layers), sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens),
-            prompt=PromptConfig(shots=shots),
+            segment_pattern=segment_pattern, capture_layers=_parse_layers(capture_layers),
+            sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens), prompt=PromptConfig(shots=shots),
         )
         task_obj = load_task(task)
     except (ValueError, UnknownTaskError, TaskFileError) as err:
