@@ -139,7 +139,7 @@ def bench_tracker(model_name: str = "smollm2-135m-instruct", quick: bool = False
 
     def hidden_states():
         with torch.inference_mode():
-            out = model(**enc, use_cache=False, output_hidden_states=True)
+            out = model(**enc, use_cache=False, output_hidden_states=True)  # the baseline this bench compares against
         kept["hidden_states"] = sum(h.numel() * h.element_size() for h in out.hidden_states)
 
     t_plain = _timeit(plain, repeats)

@@ -314,9 +314,4 @@ class ValueProbe:
         return out
 
 
-def layer_sweep(states: StateSet, cfg: ProbeConfig | None = None, metric: str = "val_auroc_all") -> dict[int, dict[str, float]]:
-    """Fit one probe per captured layer; returns ``{layer: metrics}`` (pick the best by ``metric``)."""
-    return {layer: ValueProbe(cfg).fit(states, layer).metrics for layer in states.layers}
-
-
-__all__ = ["ProbeConfig", "ProbeState", "SingleClassError", "ValueProbe", "lambda_returns", "layer_sweep", "split_by_problem"]
+__all__ = ["ProbeConfig", "ProbeState", "SingleClassError", "ValueProbe", "lambda_returns", "split_by_problem"]

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -664,11 +664,6 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     centre = (p + z * z / (2 * n)) / denom
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def iter_trajectories(source: str | Path) -> Iterator[Trajectory]:
-    """Iterate over the trajectories of a rollout folder (see :func:`read_trajectories`)."""
-    yield from read_trajectories(source)
 
 
 __all__ = [

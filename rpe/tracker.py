@@ -74,11 +74,6 @@ class Selection:
     starts: torch.Tensor
     ends: torch.Tensor
 
-    @classmethod
-    def points(cls, rows: Sequence[int], positions: Sequence[int]) -> Selection:
-        pos = torch.as_tensor(positions, dtype=torch.long)
-        return cls(torch.as_tensor(rows, dtype=torch.long), pos, pos + 1)
-
 
 class ActivationTracker:
     """Forward hooks on decoder blocks that keep only chosen positions and neurons.
