@@ -95,6 +95,8 @@ def _load(model: str):
 def rollouts(
     model: str = typer.Option("smollm2-135m-instruct", help="Registry name, local folder or Hugging Face id."),
     task: str = typer.Option("chain_sum", help="Task preset, rg:NAME, or a JSONL file (see `rpe tasks`)."),
+    task_option: Optional[list[str]] = typer.Option(
+        None, help="Difficulty option of a reasoning-gym task as KEY=VALUE (repeatable), e.g. max_animals=2."),
     n: int = typer.Option(200, help="Number of problems."),
     samples: int = typer.Option(1, help="Completions per problem."),
     out: Path = typer.Option(..., help="Output folder (trajectories.parquet, manifest.json)."),
@@ -122,7 +124,7 @@ def rollouts(
             segment_pattern=segment_pattern, capture_layers=_parse_layers(capture_layers),
             sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens), prompt=PromptConfig(shots=shots),
         )
-        task_obj = load_task(task)
+        task_obj = load_task(task, **_parse_options(task_option or []))
     except (ValueError, UnknownTaskError, TaskFileError) as err:
         _fail(str(err))
     lm, tokenizer = _load(model)
@@ -157,6 +159,20 @@ def report(
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
     console.print(f"report: {path.resolve()}")
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``["k=v", ...]`` -> dict, values parsed as JSON when they can be (numbers, booleans), else strings."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--task-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def _parse_layers(layers: Optional[str]) -> Optional[list[int]]:

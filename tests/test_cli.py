@@ -48,3 +48,13 @@ def test_fit_on_single_class_rollouts_explains_how_to_recalibrate(tiny_llama, tm
 def test_fit_on_missing_rollouts(tmp_path):
     result = runner.invoke(app, ["fit", "--rollouts", str(tmp_path), "--out", str(tmp_path / "b")])
     assert result.exit_code == 2 and "trajectories.parquet" in result.output
+
+
+def test_task_options_are_parsed_and_checked():
+    from rpe.cli import _parse_options
+
+    assert _parse_options(["max_animals=2", "name=x", "flag=true"]) == {"max_animals": 2, "name": "x", "flag": True}
+    bad = runner.invoke(app, ["rollouts", "--task", "rg:leg_counting", "--task-option", "bogus=1", "--out", "x"])
+    assert bad.exit_code == 2 and "invalid options" in bad.output
+    malformed = runner.invoke(app, ["rollouts", "--task-option", "novalue", "--out", "x"])
+    assert malformed.exit_code == 2 and "KEY=VALUE" in malformed.output
