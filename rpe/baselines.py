@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 
 from rpe.rollouts import Trajectory
-from rpe.store import _prefix_cache, cache_kwarg, common_prefix_len, right_pad
+from rpe.store import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
 
 
 def question_length(trajectories: Sequence[Trajectory]) -> torch.Tensor:
@@ -23,18 +22,14 @@ def mean_prompt_logprob(model, trajectories: Sequence[Trajectory], *, batch_size
     The shared prefix is encoded once and reused through its KV cache.
     """
     prompts = [list(t.prompt_token_ids) for t in trajectories]
-    prefix_len = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+    prefix_len = shared_prefix_len(prompts)
     device = next(model.parameters()).device
-    cache = _prefix_cache(model, prompts[0][:prefix_len], device) if prefix_len > 0 else None
+    cache = prefix_cache(model, prompts[0][:prefix_len], device) if prefix_len else None
     out = []
     for start in range(0, len(prompts), batch_size):
         batch = [p[prefix_len:] for p in prompts[start : start + batch_size]]
         ids, mask = right_pad(batch, pad_token_id, prefix_len)
-        kwargs = {}
-        if cache is not None:
-            c = copy.deepcopy(cache)
-            c.batch_repeat_interleave(len(batch))
-            kwargs = {cache_kwarg(model): c, "use_cache": True}
+        kwargs = batched_cache_kwargs(model, cache, len(batch)) if cache is not None else {}
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits.float()  # (B, T, V)
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)  # (B, T-1)

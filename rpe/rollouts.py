@@ -356,11 +356,9 @@ def generate_from_ids(
     device = next(model.parameters()).device
     prefix_len = 0
     if reuse_prefix and getattr(model.config, "model_type", None) in PREFIX_REUSE_MODEL_TYPES:
-        from rpe.store import common_prefix_len
+        from rpe.store import shared_prefix_len
 
-        prefix_len = min(common_prefix_len(enc), min(len(ids) for ids in enc) - 1)
-        if prefix_len < min_prefix:
-            prefix_len = 0
+        prefix_len = shared_prefix_len(enc, min_prefix)
     suffixes = [ids[prefix_len:] for ids in enc]
     ws = max(len(x) for x in suffixes)
     prefix = enc[0][:prefix_len]
@@ -369,11 +367,9 @@ def generate_from_ids(
     width = prefix_len + ws
     extra: dict[str, Any] = {}
     if prefix_len:
-        from rpe.store import _prefix_cache, cache_kwarg
+        from rpe.store import batched_cache_kwargs, prefix_cache
 
-        cache = _prefix_cache(model, prefix, device)
-        cache.batch_repeat_interleave(len(enc))
-        extra[cache_kwarg(model)] = cache
+        extra.update(batched_cache_kwargs(model, prefix_cache(model, prefix, device), len(enc), keep_original=False))
     if seed is not None:
         torch.manual_seed(seed)
     if stop_strings:

@@ -131,14 +131,29 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _prefix_cache(model, prefix: list[int], device):
-    """KV cache of a shared prompt prefix (e.g. the few-shot examples), computed once without hooks."""
+def shared_prefix_len(seqs: Sequence[Sequence[int]], min_prefix: int = 1) -> int:
+    """Length of the prefix all ``seqs`` share that leaves every row at least one token of its own (so the
+    row's last token is computed after the cache), or 0 when that is shorter than ``min_prefix``."""
+    n = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
+    return n if n >= min_prefix else 0
+
+
+def prefix_cache(model, prefix: list[int], device):
+    """KV cache of a shared prompt prefix (e.g. the few-shot examples), computed once, batch size 1."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_kwarg(model): cache})
     return cache
+
+
+def batched_cache_kwargs(model, cache, batch_size: int, *, keep_original: bool = True) -> dict:
+    """Forward/generate keyword arguments carrying a batch-1 prefix ``cache`` repeated for ``batch_size``
+    rows. With ``keep_original`` the cache is copied first, so it can serve the next batch too."""
+    batch = copy.deepcopy(cache) if keep_original else cache
+    batch.batch_repeat_interleave(batch_size)
+    return {cache_kwarg(model): batch, "use_cache": True}
 
 
 def capture_states(
@@ -173,13 +188,8 @@ def capture_states(
         raise ValueError("no trajectories to capture")
     device = next(model.parameters()).device
     # the shared prefix must end before every s_0 (the last prompt token), so s_0 is computed with hooks on
-    prefix_len = common_prefix_len([t.prompt_token_ids for t in trajectories])
-    prefix_len = min(prefix_len, min(t.prompt_len for t in trajectories) - 1)
-    cache = None
-    if reuse_prefix and prefix_len >= min_prefix:
-        cache = _prefix_cache(model, list(trajectories[0].prompt_token_ids[:prefix_len]), device)
-    else:
-        prefix_len = 0
+    prefix_len = shared_prefix_len([t.prompt_token_ids for t in trajectories], min_prefix) if reuse_prefix else 0
+    cache = prefix_cache(model, list(trajectories[0].prompt_token_ids[:prefix_len]), device) if prefix_len else None
     chunks: dict[int, list[torch.Tensor]] = {}
     traj_index, step_index = [], []
     with ActivationTracker(model, layers, neurons=neurons) as tracker:
@@ -203,9 +213,7 @@ def capture_states(
             tracker.select(rows, starts, ends)
             inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
             if cache is not None:
-                batch_cache = copy.deepcopy(cache)
-                batch_cache.batch_repeat_interleave(len(seqs))
-                inputs[cache_kwarg(model)] = batch_cache
+                inputs.update(batched_cache_kwargs(model, cache, len(seqs)))
             out = tracker.forward(**inputs)
             for layer, acts in out.items():
                 chunks.setdefault(layer, []).append(acts)
