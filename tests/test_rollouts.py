@@ -72,21 +72,26 @@ class _Interrupt(Exception):
     pass
 
 
+def _interrupt_after(n_batches: int):
+    """A progress callback that stops collection after ``n_batches`` finished batches."""
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+        if len(calls) == n_batches:
+            raise _Interrupt
+
+    return progress
+
+
 def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_llama, tmp_path):
     model, tok = tiny_llama
     cfg = _cfg(n_problems=6, samples=2, batch_size=4)  # 3 batches
     collect_rollouts(model, tok, cfg, tmp_path / "full", model_name="tiny")
     full = {t.trajectory_id: t.completion for t in read_trajectories(tmp_path / "full")}
 
-    calls = []
-
-    def die_after_two(done, total):
-        calls.append(done)
-        if len(calls) == 2:
-            raise _Interrupt
-
     with pytest.raises(_Interrupt):
-        collect_rollouts(model, tok, cfg, tmp_path / "cut", model_name="tiny", progress=die_after_two)
+        collect_rollouts(model, tok, cfg, tmp_path / "cut", model_name="tiny", progress=_interrupt_after(2))
     assert len(list((tmp_path / "cut" / "parts").glob("*.parquet"))) == 2
     assert not (tmp_path / "cut" / TRAJECTORIES_FILE).exists()
     # a leftover temp file from a killed write must not be read as a part
@@ -99,15 +104,8 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tiny_llama, tmp_path
 def test_damaged_part_is_regenerated(tiny_llama, tmp_path):
     model, tok = tiny_llama
     cfg = _cfg(n_problems=4, samples=1, batch_size=2)
-    calls = []
-
-    def stop(done, total):
-        calls.append(done)
-        if len(calls) == 1:
-            raise _Interrupt
-
     with pytest.raises(_Interrupt):
-        collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny", progress=stop)
+        collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny", progress=_interrupt_after(1))
     part = tmp_path / "parts" / "part-00000.parquet"
     part.write_bytes(part.read_bytes()[:50])
     result = collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny")
