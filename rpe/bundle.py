@@ -69,10 +69,22 @@ class SubsystemBundle:
     dopamine_sign: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     metrics: dict[str, Any] = field(default_factory=dict)
     created_with: dict[str, Any] = field(default_factory=dict)
+    dopamine_mean: torch.Tensor | None = None
+    """(m,) mean step-averaged activation of each dopamine neuron on the data that found it."""
+    dopamine_std: torch.Tensor | None = None
+    """(m,) its standard deviation (activity is read as ``sign * (a - mean) / std``)."""
 
     @property
     def probe(self) -> ValueProbe:
         return ValueProbe.from_state(self.probe_state, self.probe_config)
+
+    def dopamine_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m,) mean and std that standardise dopamine-neuron activations (0 and 1 when the bundle predates
+        them)."""
+        m = self.dopamine_neurons.numel()
+        mean = self.dopamine_mean if self.dopamine_mean is not None else torch.zeros(m)
+        std = self.dopamine_std if self.dopamine_std is not None else torch.ones(m)
+        return mean.float(), std.float().clamp_min(1e-6)
 
     # -- validation ------------------------------------------------------------------------------------
     def check_model(self, model, tokenizer) -> None:
@@ -119,6 +131,9 @@ class SubsystemBundle:
                 "mean": self.probe_state.mean.contiguous(),
                 "std": self.probe_state.std.contiguous(),
             }
+            if self.dopamine_mean is not None and self.dopamine_std is not None:
+                tensors["dopamine_mean"] = self.dopamine_mean.float().contiguous()
+                tensors["dopamine_std"] = self.dopamine_std.float().contiguous()
             tensors.update({f"probe.{k}": v.contiguous() for k, v in self.probe_state.weights.items()})
             save_file(tensors, str(staging / WEIGHTS_FILE))
             meta = {
@@ -185,6 +200,8 @@ class SubsystemBundle:
             dopamine_sign=tensors["dopamine_sign"],
             metrics=meta.get("metrics", {}),
             created_with=meta.get("created_with", {}),
+            dopamine_mean=tensors.get("dopamine_mean"),
+            dopamine_std=tensors.get("dopamine_std"),
         )
         if model is not None:
             if tokenizer is None:

@@ -163,6 +163,10 @@ class DopamineResult:
     neurons: torch.Tensor
     sign: torch.Tensor
     metrics: dict[str, Any]
+    mean: torch.Tensor | None = None
+    """(m,) mean step-averaged activation of each chosen neuron (over all steps)."""
+    std: torch.Tensor | None = None
+    """(m,) its standard deviation."""
 
 
 def find_dopamine_neurons(
@@ -240,7 +244,11 @@ def find_dopamine_neurons(
         "test_raw_activation_negative_rpe": raw_test[y[test] < 0].mean(0).tolist() if (y[test] < 0).any() else [],
         "config": asdict(cfg),
     }
-    return DopamineResult(torch.as_tensor(chosen, dtype=torch.long), torch.as_tensor(sign, dtype=torch.float32), metrics)
+    return DopamineResult(
+        torch.as_tensor(chosen, dtype=torch.long), torch.as_tensor(sign, dtype=torch.float32), metrics,
+        mean=torch.as_tensor(mu[chosen], dtype=torch.float32),
+        std=torch.as_tensor(np.where(sd[chosen] > 0, sd[chosen], 1.0), dtype=torch.float32),
+    )
 
 
 def dopamine_from_rollouts(
@@ -289,5 +297,6 @@ def dopamine_from_rollouts(
     result.metrics["n_trajectories"] = len(trajectories)
     bundle.dopamine_neurons = result.neurons
     bundle.dopamine_sign = result.sign
+    bundle.dopamine_mean, bundle.dopamine_std = result.mean, result.std
     bundle.metrics["dopamine"] = result.metrics
     return result

@@ -37,7 +37,8 @@ class NonFiniteActivationError(ValueError):
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a transformers causal LM (Llama, Qwen2, Gemma3, GPT-2 style)."""
-    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.h", "gpt_neox.layers"):
+    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers", "base_model.model.model.layers",
+                 "transformer.h", "gpt_neox.layers"):
         obj = model
         try:
             for attr in path.split("."):

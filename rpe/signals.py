@@ -1,0 +1,323 @@
+"""Internal signals of token sequences read through a bundle: value V(s_t), RPE delta_t, dopamine activity.
+
+For a prompt and a completion (token ids), the completion is split into reasoning steps (the bundle's
+segmenter, paragraphs by default). The states are s_0 = the last prompt token and s_t = the last token of
+step t. Then:
+
+- ``values``: V(s_0..s_T) in [0, 1], the bundle's value probe on the value neurons;
+- ``rpe``: delta_t = gamma * V(s_t) - V(s_{t-1}) for t = 1..T (internal reward-prediction error: the model's
+  own change of expectation over step t; no external reward enters);
+- ``dopamine``: per step, the mean over the step's tokens of the dopamine neurons' activity, each neuron
+  standardised with the statistics stored in the bundle and multiplied by its sign (so it rises with RPE).
+
+:class:`SignalReader` gets the activations with one hooked forward per batch (only the bundle's layer, only
+the value and dopamine columns, stopped after that layer) or, with no forward at all, from activations
+recorded while the same sequences were generated (:class:`GenerationCapture`).
+
+Example:
+    >>> reader = SignalReader(bundle, model, tokenizer)  # doctest: +SKIP
+    >>> sig = reader.read([prompt_ids], [completion_ids])[0]  # doctest: +SKIP
+    >>> sig.values, sig.rpe  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rpe.segment import Segmenter
+
+logger = logging.getLogger(__name__)
+
+SCALAR_SIGNALS: tuple[str, ...] = ("value_s0", "value_final", "rpe_sum", "rpe_abs_mean", "rpe_min", "rpe_max", "rpe_last", "dopamine")
+"""Per-sequence summaries :meth:`SequenceSignals.scalar` knows."""
+
+
+@dataclass
+class SequenceSignals:
+    """Internal signals of one prompt + completion.
+
+    Attributes:
+        values: (T + 1,) V(s_0..s_T) in [0, 1].
+        rpe: (T,) delta_t = gamma * V(s_t) - V(s_{t-1}).
+        dopamine: (T,) signed standardised dopamine-neuron activity per step (empty when the bundle has no
+            dopamine neurons).
+        step_spans: T half-open token spans ``(start, end)`` of the steps inside the completion.
+    """
+
+    values: np.ndarray
+    rpe: np.ndarray
+    dopamine: np.ndarray
+    step_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.step_spans)
+
+    def scalar(self, name: str) -> float:
+        """One number per sequence: ``value_s0``, ``value_final``, ``rpe_sum``, ``rpe_abs_mean``, ``rpe_min``,
+        ``rpe_max``, ``rpe_last`` or ``dopamine`` (mean over steps). RPE summaries of a completion with no
+        step are 0; dopamine without dopamine neurons or steps is NaN."""
+        if name == "value_s0":
+            return float(self.values[0])
+        if name == "value_final":
+            return float(self.values[-1])
+        if name.startswith("rpe_"):
+            if not self.rpe.size:
+                return 0.0
+            fn = {"rpe_sum": np.sum, "rpe_abs_mean": lambda r: np.abs(r).mean(), "rpe_min": np.min, "rpe_max": np.max,
+                  "rpe_last": lambda r: r[-1]}.get(name)
+            if fn is None:
+                raise ValueError(f"unknown signal {name!r}; choose one of {', '.join(SCALAR_SIGNALS)}")
+            return float(fn(self.rpe))
+        if name == "dopamine":
+            return float(self.dopamine.mean()) if self.dopamine.size else float("nan")
+        raise ValueError(f"unknown signal {name!r}; choose one of {', '.join(SCALAR_SIGNALS)}")
+
+
+def unwrap_model(model):
+    """The transformers model under a PEFT wrapper (hooks and fingerprints use it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class SignalReader:
+    """Reads :class:`SequenceSignals` for (prompt ids, completion ids) pairs through a bundle.
+
+    Args:
+        bundle: a :class:`rpe.bundle.SubsystemBundle` fitted on this model (checked).
+        model: the causal LM (a PEFT wrapper is fine: the base model's blocks are hooked, adapters included).
+        tokenizer: its tokenizer (decodes completions to find step boundaries).
+        segmenter: how completions split into steps (``paragraph`` as in ``rpe rollouts``).
+        pattern: separator regex for ``segmenter="regex"``.
+        batch_size: sequences per hooked forward.
+        check: verify the bundle's fingerprint against the model (once, here).
+    """
+
+    def __init__(self, bundle, model, tokenizer, *, segmenter: Segmenter = "paragraph", pattern: str | None = None,
+                 batch_size: int = 16, check: bool = True):
+        self.bundle = bundle
+        self.model = model
+        self.tokenizer = tokenizer
+        self.segmenter = segmenter
+        self.pattern = pattern
+        self.batch_size = batch_size
+        if check:
+            bundle.check_model(unwrap_model(model), tokenizer)
+        self.k = int(bundle.value_neurons.numel())
+        self.columns = torch.cat([bundle.value_neurons.long(), bundle.dopamine_neurons.long()])
+        self.gamma = float(bundle.probe_config.gamma)
+
+    # -- step boundaries -------------------------------------------------------------------------------
+    def step_spans(self, completion_ids: Sequence[int]) -> list[tuple[int, int]]:
+        """Token spans of the completion's steps (special tokens such as EOS are not part of any step)."""
+        from rpe.rollouts import make_steps
+
+        ids = list(completion_ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        steps = make_steps(self.tokenizer, ids, text, self.segmenter, self.pattern)
+        return [(s.token_start, s.token_end) for s in steps]
+
+    # -- from activations ------------------------------------------------------------------------------
+    def _signals(self, point_acts: torch.Tensor, span_acts: torch.Tensor, spans: list[tuple[int, int]]) -> SequenceSignals:
+        """``point_acts``: (T + 1, k + m) at s_0..s_T; ``span_acts``: (T, k + m) step means."""
+        values = self.bundle.probe.predict(point_acts[:, : self.k]).double().numpy()
+        rpe = self.gamma * values[1:] - values[:-1]
+        m = self.columns.numel() - self.k
+        if m and len(spans):
+            d = span_acts[:, self.k :].double()
+            mean, std = self.bundle.dopamine_stats()
+            dopamine = (((d - mean.double()) / std.double()) * self.bundle.dopamine_sign.double()).mean(1).numpy()
+        else:
+            dopamine = np.zeros(0)
+        return SequenceSignals(values=values, rpe=rpe, dopamine=dopamine, step_spans=spans)
+
+    def read(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[SequenceSignals]:
+        """Signals of each pair, one hooked forward per ``batch_size`` sequences.
+
+        Args:
+            prompt_ids: token ids of each prompt (no padding).
+            completion_ids: token ids of each completion (no padding; a trailing EOS is fine).
+        """
+        from rpe.store import right_pad
+        from rpe.tracker import ActivationTracker
+
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+        base = unwrap_model(self.model)
+        device = next(base.parameters()).device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        out: list[SequenceSignals] = []
+        with ActivationTracker(base, [self.bundle.layer], neurons=self.columns) as tracker:
+            for start in range(0, len(prompt_ids), self.batch_size):
+                prompts = [list(p) for p in prompt_ids[start : start + self.batch_size]]
+                comps = [list(c) for c in completion_ids[start : start + self.batch_size]]
+                all_spans = [self.step_spans(c) for c in comps]
+                rows, starts, ends, layout = [], [], [], []
+                for r, (p, spans) in enumerate(zip(prompts, all_spans)):
+                    if not p:
+                        raise ValueError("a prompt has no tokens: s_0 (the last prompt token) is undefined")
+                    n = len(p)
+                    points = [(n - 1, n)] + [(n + e - 1, n + e) for _, e in spans]
+                    means = [(n + a, n + b) for a, b in spans]
+                    layout.append((len(rows), len(points), len(means)))
+                    for a, b in points + means:
+                        rows.append(r)
+                        starts.append(a)
+                        ends.append(b)
+                ids, mask = right_pad([p + c for p, c in zip(prompts, comps)], pad)
+                tracker.select(rows, starts, ends)
+                acts = tracker.forward(input_ids=ids.to(device), attention_mask=mask.to(device))[self.bundle.layer]
+                _check_finite(acts, self.bundle.layer)
+                for (first, n_points, n_means), spans in zip(layout, all_spans):
+                    point = acts[first : first + n_points]
+                    span = acts[first + n_points : first + n_points + n_means]
+                    out.append(self._signals(point, span, spans))
+        return out
+
+    def from_recorded(self, recorded: torch.Tensor, width: int, completion_ids: Sequence[Sequence[int]],
+                      prompt_ids: Sequence[Sequence[int]] | None = None) -> list[SequenceSignals]:
+        """Signals from activations recorded during a left-padded ``generate`` (no forward pass).
+
+        Args:
+            recorded: (B, width + n_generated - 1, k + m) columns :attr:`columns` of the bundle layer.
+            width: padded prompt length (completion token j sits at position ``width + j``).
+            completion_ids: the B completions as generated (unpadded).
+            prompt_ids: the B prompts, needed only for rows whose last state was never fed back to the model
+                (a completion cut at the generation limit); those rows get one hooked forward.
+        """
+        out: list[SequenceSignals | None] = []
+        redo: list[int] = []
+        total = recorded.shape[1]
+        for i, comp in enumerate(completion_ids):
+            spans = self.step_spans(comp)
+            positions = [width - 1] + [width + e - 1 for _, e in spans]
+            if positions[-1] >= total:
+                redo.append(i)
+                out.append(None)
+                continue
+            row = recorded[i].float()
+            _check_finite(row[positions], self.bundle.layer)
+            csum = torch.cat([torch.zeros_like(row[:1]), row.cumsum(0)])
+            means = torch.stack([(csum[width + b] - csum[width + a]) / (b - a) for a, b in spans]) if spans else row[:0]
+            out.append(self._signals(row[positions], means, spans))
+        if redo:
+            if prompt_ids is None:
+                raise ValueError("prompt_ids are needed to recompute completions that reached the generation limit")
+            again = self.read([prompt_ids[i] for i in redo], [completion_ids[i] for i in redo])
+            for i, sig in zip(redo, again):
+                out[i] = sig
+        return out  # type: ignore[return-value]
+
+
+def _check_finite(acts: torch.Tensor, layer: int) -> None:
+    if not torch.isfinite(acts).all():
+        from rpe.tracker import NonFiniteActivationError
+
+        raise NonFiniteActivationError(
+            f"NaN/inf activations at layer {layer} while reading internal signals; check the model dtype "
+            "(float32 on CPU) and the inputs"
+        )
+
+
+@dataclass
+class CapturedGeneration:
+    """One ``generate`` call seen by :class:`GenerationCapture`.
+
+    Attributes:
+        prompt_ids: B unpadded prompts (from the attention mask of the left-padded input).
+        completion_ids: (B, n_generated) generated tokens, padded after EOS.
+        width: padded prompt length.
+        recorded: (B, width + n_generated - 1, k + m) activations of the captured columns.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: torch.Tensor
+    width: int
+    recorded: torch.Tensor
+
+
+class GenerationCapture:
+    """Records the bundle layer's value and dopamine columns during every ``model.generate`` call.
+
+    ``generate`` is wrapped on the model *instance* (nothing global); inside the wrapper an
+    :class:`rpe.tracker.ActivationTracker` in generation mode is active for exactly that call, so its hooks
+    never outlive it. :meth:`remove` (or leaving the ``with`` block) restores the original ``generate``.
+    Only left-padded, KV-cached generation is captured exactly; anything else simply does not match in
+    :meth:`match` and callers fall back to a hooked forward.
+
+    Args:
+        model: the policy (PEFT wrapper or plain transformers model): the object whose ``generate`` the
+            trainer calls.
+        layer: decoder block to read.
+        columns: neuron indices to keep, (k + m,).
+    """
+
+    def __init__(self, model, layer: int, columns: torch.Tensor):
+        self.model = model
+        self.layer = layer
+        self.columns = columns
+        self.last: CapturedGeneration | None = None
+        self._installed = False
+
+    def install(self) -> GenerationCapture:
+        if self._installed:
+            return self
+        original = self.model.generate  # bound method
+        capture = self
+
+        def generate(*args, **kwargs):
+            from rpe.tracker import ActivationTracker
+
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            with ActivationTracker(unwrap_model(capture.model), [capture.layer], neurons=capture.columns,
+                                   record_all=True) as tracker:
+                result = original(*args, **kwargs)
+            sequences = result if isinstance(result, torch.Tensor) else getattr(result, "sequences", None)
+            recorded = tracker.generated().get(capture.layer)
+            if input_ids is None or sequences is None or recorded is None:
+                capture.last = None
+                return result
+            width = input_ids.shape[1]
+            mask = torch.ones_like(input_ids) if mask is None else mask
+            prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), mask.cpu())]
+            capture.last = CapturedGeneration(prompts, sequences[:, width:].cpu(), width, recorded)
+            return result
+
+        self.model.generate = generate  # instance attribute shadows the class method
+        self._installed = True
+        return self
+
+    def remove(self) -> None:
+        """Restore the model's own ``generate`` (idempotent)."""
+        if self._installed:
+            try:
+                del self.model.generate
+            except AttributeError:
+                pass
+            self._installed = False
+        self.last = None
+
+    def __enter__(self) -> GenerationCapture:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def match(self, completion_ids: Sequence[Sequence[int]]) -> CapturedGeneration | None:
+        """The last capture when it generated exactly these completions (same rows, same order), else None."""
+        cap = self.last
+        if cap is None or cap.completion_ids.shape[0] != len(completion_ids):
+            return None
+        for row, comp in zip(cap.completion_ids, completion_ids):
+            comp = list(comp)
+            if len(comp) > row.numel() or row[: len(comp)].tolist() != comp:
+                return None
+        return cap
+
+
+__all__ = ["SCALAR_SIGNALS", "CapturedGeneration", "GenerationCapture", "SequenceSignals", "SignalReader", "unwrap_model"]

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from rpe.signals import GenerationCapture, SignalReader
+from rpe.store import right_pad
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_read_values_rpe_and_dopamine(tiny_llama, tiny_bundle):
+    model, tok = tiny_llama
+    reader = SignalReader(tiny_bundle, model, tok)
+    prompts = [tok("Q: 1+2=", add_special_tokens=False)["input_ids"], tok("Q: 3+4+5=", add_special_tokens=False)["input_ids"]]
+    comps = [tok("1+2=3\n\nAnswer: 3", add_special_tokens=False)["input_ids"],
+             tok("3+4=7\n\n7+5=12\n\nAnswer: 12", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    sigs = reader.read(prompts, comps)
+    assert [s.n_steps for s in sigs] == [2, 3]
+    for p, c, s in zip(prompts, comps, sigs):
+        assert s.values.shape == (s.n_steps + 1,) and s.rpe.shape == (s.n_steps,) and s.dopamine.shape == (s.n_steps,)
+        np.testing.assert_allclose(s.rpe, reader.gamma * s.values[1:] - s.values[:-1])
+        # V(s_0) and V(s_t) equal the bundle's value of the text that ends there
+        texts = [tok.decode(p)] + [tok.decode(p + c[:e]) for _, e in s.step_spans]
+        np.testing.assert_allclose(s.values, tiny_bundle.value(model, tok, texts).numpy(), atol=1e-5)
+    assert sigs[1].scalar("rpe_sum") == pytest.approx(sigs[1].rpe.sum())
+    assert sigs[1].scalar("value_final") == pytest.approx(sigs[1].values[-1])
+    with pytest.raises(ValueError, match="unknown signal"):
+        sigs[0].scalar("rpe_median")
+
+
+def test_generation_capture_matches_a_separate_forward(tiny_llama, tiny_bundle):
+    model, tok = tiny_llama
+    reader = SignalReader(tiny_bundle, model, tok)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Q: 12+3=\n\n", "Q: 4=\n\n", "Q: 9-1-1=\n\n")]
+    width = max(map(len, prompts))
+    ids = torch.full((3, width), tok.pad_token_id)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    before = _hooks(model)
+    with GenerationCapture(model, tiny_bundle.layer, reader.columns) as cap:
+        torch.manual_seed(0)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                             pad_token_id=tok.pad_token_id)
+    assert "generate" not in vars(model) and _hooks(model) == before  # wrapper and hooks gone
+    comps = []
+    for row in out[:, width:].tolist():
+        comps.append(row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
+    got = cap.match(comps) if cap.last else None
+    assert got is None  # remove() forgets the capture
+    with GenerationCapture(model, tiny_bundle.layer, reader.columns) as cap:
+        torch.manual_seed(0)
+        out2 = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                              pad_token_id=tok.pad_token_id)
+        assert torch.equal(out, out2)
+        captured = cap.match(comps)
+        assert captured is not None and captured.prompt_ids == prompts
+        assert cap.match([c[:-1] + [c[-1] + 1] for c in comps]) is None
+        from_gen = reader.from_recorded(captured.recorded, captured.width, comps, captured.prompt_ids)
+    separate = reader.read(prompts, comps)
+    for a, b in zip(from_gen, separate):  # includes rows whose last token was never fed back
+        np.testing.assert_allclose(a.values, b.values, atol=1e-5)
+        np.testing.assert_allclose(a.dopamine, b.dopamine, atol=1e-4)
+
+
+def test_wrong_model_is_refused(tiny_bundle):
+    from rpe.bundle import BundleMismatchError
+    from rpe.models import TinyModelConfig, tiny_model
+
+    other, tok = tiny_model(TinyModelConfig(architecture="qwen2"))
+    with pytest.raises(BundleMismatchError):
+        SignalReader(tiny_bundle, other, tok)
