@@ -1,4 +1,4 @@
-"""The ``rpe`` command. Sub-commands: models, tasks, rollouts, fit, dopamine, report, bench."""
+"""The ``rpe`` command. Sub-commands: models, tasks, rollouts, fit, dopamine, report, train, bench."""
 
 from __future__ import annotations
 
@@ -311,6 +311,36 @@ def _print_fit_metrics(metrics: dict, out: Path) -> None:
         curve.add_row(f"{row['frac']:g}", str(row["n_neurons"]), f"{row['test_auroc_s0']:.3f}", f"{row['test_auroc_final']:.3f}")
     console.print(curve)
     console.print(f"bundle -> {out} (metrics.json beside it)")
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", help="Recipe YAML (see recipes/)."),
+) -> None:
+    """Train with a recipe (GRPO, RLOO or internal-critic PPO); extra `--key value` flags override the recipe."""
+    from rpe.trainers import require_trl
+
+    require_trl()
+    from rpe.trainers.recipes import RecipeError, parse_recipe
+    from rpe.trainers.recipes import train as run_recipe
+
+    if not config.is_file():
+        _fail(f"recipe {config} does not exist (see recipes/ for examples)")
+    try:
+        rpe_args, train_args = parse_recipe(config, list(ctx.args))
+    except (RecipeError, ValueError) as err:
+        _fail(str(err))
+    summary = run_recipe(rpe_args, train_args)
+    table = Table(title=f"rpe train: {config.name} ({summary['steps']} steps)")
+    table.add_column("held-out accuracy")
+    table.add_column("value")
+    for key in ("eval_before", "eval_after"):
+        if key in summary:
+            e = summary[key]
+            table.add_row(key, f"{e['accuracy']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] (n={e['n']})")
+    console.print(table)
+    console.print(f"log: {Path(train_args.output_dir) / 'log_history.json'}")
 
 
 @bench_app.command("rollouts")

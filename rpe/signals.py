@@ -47,12 +47,14 @@ class SequenceSignals:
         dopamine: (T,) signed standardised dopamine-neuron activity per step (empty when the bundle has no
             dopamine neurons).
         step_spans: T half-open token spans ``(start, end)`` of the steps inside the completion.
+        value_acts: (T + 1, k) raw activations of the value neurons at s_0..s_T (what an online critic trains on).
     """
 
     values: np.ndarray
     rpe: np.ndarray
     dopamine: np.ndarray
     step_spans: list[tuple[int, int]] = field(default_factory=list)
+    value_acts: torch.Tensor | None = None
 
     @property
     def n_steps(self) -> int:
@@ -133,7 +135,8 @@ class SignalReader:
             dopamine = (((d - mean.double()) / std.double()) * self.bundle.dopamine_sign.double()).mean(1).numpy()
         else:
             dopamine = np.zeros(0)
-        return SequenceSignals(values=values, rpe=rpe, dopamine=dopamine, step_spans=spans)
+        return SequenceSignals(values=values, rpe=rpe, dopamine=dopamine, step_spans=spans,
+                               value_acts=point_acts[:, : self.k].float().clone())
 
     def read(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[SequenceSignals]:
         """Signals of each pair, one hooked forward per ``batch_size`` sequences.

@@ -1,0 +1,174 @@
+"""TRL integration on a tiny random model: every recipe runs a few steps, logs the rpe keys, leaves no hook."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("trl")
+
+from conftest import make_tiny_bundle  # noqa: E402
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+def _hooks(model):
+    """Hooks on the decoder blocks (where rpe hooks; transformers adds its own on the embeddings)."""
+    from rpe.tracker import decoder_layers
+
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in decoder_layers(model))
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    from rpe.models import tiny_model
+
+    model, tok = tiny_model()
+    return make_tiny_bundle(model, tok).save(tmp_path_factory.mktemp("tb") / "bundle")
+
+
+def _tiny_recipe(tmp_path, bundle_dir, trainer, **extra):
+    recipe = {
+        "model": "tiny", "task": "chain_sum_2", "trainer": trainer, "bundle": str(bundle_dir), "shots": 1,
+        "n_train_problems": 8, "n_eval_problems": 4, "eval_max_new_tokens": 12, "output_dir": str(tmp_path / trainer),
+        "seed": 0, "max_steps": 2, "learning_rate": 1e-4, "per_device_train_batch_size": 4, "num_generations": 2,
+        "max_completion_length": 12, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "use_cpu": True, "bf16": False, **extra,
+    }
+    path = tmp_path / f"{trainer}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("trainer,extra", [
+    ("grpo", {"internal_rewards": ["rpe_sum", "value_final"], "internal_reward_weights": [0.1, 0.0]}),
+    ("rloo", {"beta": 0.0}),
+    ("internal_critic", {"baseline_mix": 0.5}),
+])
+def test_recipe_runs_and_logs_internal_signals(tmp_path, bundle_dir, trainer, extra):
+    from rpe.trainers.callback import LOGGED_KEYS
+    from rpe.trainers.recipes import parse_recipe, train
+
+    rpe_args, train_args = parse_recipe(_tiny_recipe(tmp_path, bundle_dir, trainer, **extra))
+    summary = train(rpe_args, train_args)
+    assert summary["steps"] == 2
+    history = json.loads((Path(train_args.output_dir) / "log_history.json").read_text())
+    steps = [h for h in history if "rpe/value_s0" in h]
+    assert len(steps) == 2
+    for h in steps:
+        assert set(LOGGED_KEYS) <= set(h)
+        assert 0 <= h["rpe/value_s0"] <= 1 and 0 <= h["rpe/value_final"] <= 1
+        assert h["rpe/rpe_min"] is None or -1 <= h["rpe/rpe_min"] <= h["rpe/rpe_max"] <= 1
+        assert h["rpe/captured"] == 1.0  # read from the trainer's own generation, no extra forward
+    if trainer == "grpo":
+        assert all("rewards/internal_rpe_sum/mean" in h and "rewards/correct/mean" in h for h in steps)
+    if trainer == "internal_critic":
+        assert all("critic/loss" in h and "critic/adv_abs_mean" in h for h in steps)
+    assert summary["signal_reads"]["forward"] == 0
+    for key in ("eval_before", "eval_after"):
+        assert 0 <= summary[key]["accuracy"] <= 1 and summary[key]["n"] == 4
+
+
+def test_no_hook_or_wrapper_survives_training(tmp_path, bundle_dir):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpe.models import tiny_model
+    from rpe.trainers import RPECallback
+    from rpe.trainers.recipes import build_dataset
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.tasks import load_task
+
+    model, tok = tiny_model()
+    before = _hooks(model)
+    task = load_task("chain_sum_2")
+    ds, problems = build_dataset(task, PromptBuilder(task, tok, PromptConfig(shots=1)), 4, 0, chat=True)
+    cb = RPECallback(str(bundle_dir))
+    args = GRPOConfig(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=8, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
+                          args=args, train_dataset=ds, callbacks=[cb])
+    seen = {}
+
+    def on_step_end(*args, **kwargs):
+        seen.setdefault("attached", cb.trainer is trainer and "generate" in vars(model))
+
+    cb.on_step_end = on_step_end
+    trainer.train()
+    assert seen["attached"]  # wired in by the one line above
+    assert _hooks(model) == before and "generate" not in vars(model) and "_calculate_rewards" not in vars(trainer)
+
+
+def test_gae_and_token_spread():
+    import numpy as np
+
+    from rpe.trainers.critic import gae_per_step, token_advantages
+
+    # lambda = 1: A_t = r - V(s_t); lambda = 0: one-step TD errors
+    v = np.array([0.2, 0.5, 0.9])
+    np.testing.assert_allclose(gae_per_step(v, 1.0, 1.0, 1.0), 1.0 - v)
+    np.testing.assert_allclose(gae_per_step(v, 0.0, 1.0, 0.0), [0.3, 0.4, -0.9])
+    adv = token_advantages(np.array([1.0, 2.0]), [(0, 3), (5, 8)], 10)
+    assert adv.tolist() == [1, 1, 1, 2, 2, 2, 2, 2, 2, 2]  # separator tokens 3-4 join step 2, EOS joins the last
+
+
+def test_every_recipe_loads(bundle_dir):
+    from rpe.trainers.recipes import RPEArguments, parse_recipe
+
+    assert RECIPES, "recipes/ holds no YAML"
+    for path in RECIPES:
+        if path.name.startswith("accelerate"):
+            continue
+        rpe_args, train_args = parse_recipe(path, ["--bundle", str(bundle_dir)])
+        assert isinstance(rpe_args, RPEArguments) and train_args.max_steps >= 100
+
+
+def test_unknown_recipe_key_names_the_nearest(tmp_path, bundle_dir):
+    from rpe.trainers.recipes import RecipeError, read_recipe
+
+    path = _tiny_recipe(tmp_path, bundle_dir, "grpo", lerning_rate=1e-5)
+    with pytest.raises(RecipeError, match="unknown key 'lerning_rate'; did you mean 'learning_rate'"):
+        read_recipe(path)
+
+
+def test_bundle_for_another_model_is_refused(tmp_path, bundle_dir):
+    from rpe.bundle import BundleMismatchError
+    from rpe.models import TinyModelConfig, tiny_model
+    from rpe.trainers import InternalSignals
+
+    other, tok = tiny_model(TinyModelConfig(hidden_size=32))
+    with pytest.raises(BundleMismatchError, match="hidden_size"):
+        InternalSignals(str(bundle_dir), other, tok)
+
+
+def test_nan_reward_skips_the_update_with_a_warning(tmp_path, bundle_dir, caplog):
+    from trl import GRPOConfig
+
+    from rpe.models import tiny_model
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.tasks import load_task
+    from rpe.trainers import InternalCriticGRPOTrainer
+
+    model, tok = tiny_model()
+    task = load_task("chain_sum_2")
+    ds, _ = build = __import__("rpe.trainers.recipes", fromlist=["x"]).build_dataset(
+        task, PromptBuilder(task, tok, PromptConfig(shots=1)), 4, 0, chat=True)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(completions, **kwargs):
+        return [float("nan")] * len(completions)
+
+    args = GRPOConfig(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=8, report_to="none", use_cpu=True, save_strategy="no", learning_rate=1e-2,
+                      logging_steps=1)
+    trainer = InternalCriticGRPOTrainer(model=model, processing_class=tok, reward_funcs=[broken], args=args,
+                                        train_dataset=ds, bundle=str(bundle_dir))
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    trainer.rpe_signals.close()
+    assert "returned NaN/inf for 4 of 4 completions" in caplog.text
+    assert trainer.state.log_history[0]["critic/skipped_updates"] == 1.0
+    for k, v in model.state_dict().items():  # zero advantages: the policy did not move
+        assert torch.equal(v, start[k]), k

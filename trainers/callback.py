@@ -1,0 +1,253 @@
+"""``RPECallback``: one line in a TRL GRPO/RLOO script logs the model's internal value and RPE.
+
+    trainer = GRPOTrainer(..., callbacks=[RPECallback("runs/demo/bundle")])
+
+At ``on_init_end`` the callback finds the trainer that holds it, checks the bundle against the policy, wraps
+the policy's ``generate`` (activations of the value and dopamine neurons are recorded during the trainer's own
+generation: no extra forward pass) and the trainer's ``_calculate_rewards``. After each batch is scored it
+gathers, across processes, per completion: V(s_0), V(final), RPE per step, dopamine activity and the verifiable
+reward (the weighted sum of the reward functions that are not internal), and appends to the trainer's own
+metrics, so they are averaged and reported with ``reward``/``kl`` by every reporter the trainer has:
+
+``rpe/value_s0``, ``rpe/value_final``, ``rpe/rpe_mean``, ``rpe/rpe_abs_mean``, ``rpe/rpe_min``, ``rpe/rpe_max``,
+``rpe/dopamine``, ``rpe/auroc_value_final``, ``rpe/auroc_value_s0``, ``rpe/captured`` (1 when the signals came
+from the generation capture, 0 when a hooked forward was needed).
+
+Optional online refit: every ``refit_every`` optimizer steps the value probe is refitted on the value-neuron
+activations of the recent batches (the neurons stay fixed), and the bundle is saved with each checkpoint
+(``checkpoint-N/rpe_bundle``).
+
+Everything is removed at ``on_train_end``; :meth:`RPECallback.close` does it by hand after a failed ``train()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from rpe.bundle import SubsystemBundle
+from rpe.metrics import auroc
+
+from .rewards import InternalSignals
+
+logger = logging.getLogger(__name__)
+
+LOGGED_KEYS = ("rpe/value_s0", "rpe/value_final", "rpe/rpe_mean", "rpe/rpe_abs_mean", "rpe/rpe_min", "rpe/rpe_max",
+               "rpe/dopamine", "rpe/auroc_value_final", "rpe/auroc_value_s0", "rpe/captured")
+
+
+def find_trainer(callback: TrainerCallback, max_depth: int = 12):
+    """The ``transformers.Trainer`` whose callback handler holds ``callback``, found on the call stack (the
+    callback is being called from that trainer's ``__init__`` or ``train``)."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                break
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, Trainer) and callback in getattr(obj.callback_handler, "callbacks", []):
+                return obj
+    finally:
+        del frame
+    return None
+
+
+class RPECallback(TrainerCallback):
+    """Logs internal value, RPE and dopamine activity during GRPO/RLOO training.
+
+    Args:
+        bundle: a bundle or its folder, fitted on the policy's base model (checked at start).
+        signals: share an :class:`~trainers.rewards.InternalSignals` with internal reward functions (so the
+            batch is read once); by default the callback makes its own.
+        refit_every: refit the value probe every this many optimizer steps (0 = never).
+        refit_window: batches of states kept for the refit.
+        refit_epochs: probe epochs per refit.
+        save_bundle: write the (refitted) bundle into each checkpoint folder.
+    """
+
+    def __init__(self, bundle: SubsystemBundle | str | Path, *, signals: InternalSignals | None = None,
+                 refit_every: int = 0, refit_window: int = 16, refit_epochs: int = 20, save_bundle: bool = True):
+        self.bundle_source = bundle
+        self.signals = signals
+        self._own_signals = signals is None
+        self.refit_every = refit_every
+        self.refit_epochs = refit_epochs
+        self.save_bundle = save_bundle
+        self.trainer = None
+        self._found = None
+        self._original_calculate = None
+        self._buffer: deque = deque(maxlen=max(1, refit_window))
+        self.history: list[dict[str, float]] = []
+
+    # -- attach / detach -------------------------------------------------------------------------------
+    def attach(self, trainer) -> None:
+        """Wire the callback into ``trainer`` (done automatically at ``on_init_end``)."""
+        if self.trainer is trainer:
+            return
+        if not hasattr(trainer, "_calculate_rewards") or not hasattr(trainer, "_metrics"):
+            raise TypeError(
+                f"RPECallback needs a TRL GRPOTrainer or RLOOTrainer (TRL >= 1.16); got {type(trainer).__name__}"
+            )
+        self.trainer = trainer
+        if self.signals is None:
+            self.signals = InternalSignals(self.bundle_source, trainer.model, trainer.processing_class)
+        original = trainer._calculate_rewards
+        self._original_calculate = original
+
+        def calculate_rewards(inputs, prompts, completions, completion_ids_list):
+            rewards_per_func = original(inputs, prompts, completions, completion_ids_list)
+            self._observe(prompts, completion_ids_list, rewards_per_func)
+            return rewards_per_func
+
+        trainer._calculate_rewards = calculate_rewards  # instance attribute: only this trainer is affected
+
+    def close(self) -> None:
+        """Undo everything :meth:`attach` did (idempotent)."""
+        if self.trainer is not None and self._original_calculate is not None:
+            try:
+                del self.trainer._calculate_rewards
+            except AttributeError:
+                pass
+        self._original_calculate = None
+        if self.signals is not None and self._own_signals:
+            self.signals.close()
+            self.signals = None
+        self.trainer = None
+        self._found = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        # the trainer is still in its __init__ here (TRL sets up its metrics after this event): remember it,
+        # wire in at on_train_begin
+        self._found = find_trainer(self)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is None:
+            trainer = getattr(self, "_found", None) or find_trainer(self)
+            if trainer is None:
+                raise RuntimeError("RPECallback could not find its trainer; call callback.attach(trainer) before train()")
+            self.attach(trainer)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    # -- per batch -------------------------------------------------------------------------------------
+    def _verifiable(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """(N,) weighted sum of the non-internal reward functions (NaN where none applies)."""
+        tr = self.trainer
+        keep = [i for i, f in enumerate(tr.reward_funcs) if not getattr(f, "rpe_internal", False)]
+        if not keep:
+            return torch.full((rewards_per_func.shape[0],), float("nan"))
+        w = tr.reward_weights.to(rewards_per_func.device)[keep]
+        r = rewards_per_func[:, keep]
+        out = (r * w).nansum(1)
+        out[torch.isnan(r).all(1)] = float("nan")
+        return out
+
+    def _observe(self, prompts, completion_ids_list, rewards_per_func: torch.Tensor) -> None:
+        tr = self.trainer
+        acc = tr.accelerator
+        n_local = len(prompts)
+        sl = slice(acc.process_index * n_local, (acc.process_index + 1) * n_local)
+        verifiable = self._verifiable(rewards_per_func)[sl].float().cpu()
+        sigs = self.signals.signals(completion_ids_list, prompts)
+        nan = float("nan")
+        rows = []
+        for s, r in zip(sigs, verifiable.tolist()):
+            rpe = s.rpe
+            rows.append([
+                s.scalar("value_s0"), s.scalar("value_final"),
+                float(rpe.mean()) if rpe.size else nan, float(np.abs(rpe).mean()) if rpe.size else nan,
+                float(rpe.min()) if rpe.size else nan, float(rpe.max()) if rpe.size else nan,
+                s.scalar("dopamine"), r, 1.0 if self.signals.last_source == "captured" else 0.0,
+            ])
+        local = torch.tensor(rows, dtype=torch.float32, device=acc.device).reshape(n_local, 9)
+        table = acc.gather(local).cpu().numpy()  # (N, 9) over all processes
+        v0, vf, rmean, rabs, rmin, rmax, dopa, reward, captured = table.T
+        y = reward >= 0.5
+        ok = ~np.isnan(reward)
+        metrics = {
+            "rpe/value_s0": _nanmean(v0), "rpe/value_final": _nanmean(vf), "rpe/rpe_mean": _nanmean(rmean),
+            "rpe/rpe_abs_mean": _nanmean(rabs), "rpe/rpe_min": _nanreduce(np.nanmin, rmin),
+            "rpe/rpe_max": _nanreduce(np.nanmax, rmax), "rpe/dopamine": _nanmean(dopa),
+            "rpe/auroc_value_final": auroc(y[ok], vf[ok]) if ok.any() else nan,
+            "rpe/auroc_value_s0": auroc(y[ok], v0[ok]) if ok.any() else nan,
+            "rpe/captured": _nanmean(captured),
+        }
+        mode = "train" if tr.model.training else "eval"
+        for k, v in metrics.items():
+            tr._metrics[mode][k].append(v)
+        self.history.append({"step": tr.state.global_step, **metrics})
+        if self.refit_every:
+            self._buffer.append(([s.value_acts for s in sigs], verifiable.tolist(), [str(p) for p in prompts]))
+
+    # -- online refit and checkpoints ------------------------------------------------------------------
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.refit_every and state.global_step % self.refit_every == 0 and self._buffer:
+            self.refit()
+
+    def refit(self) -> dict[str, float] | None:
+        """Refit the value probe on the buffered value-neuron activations (neurons fixed); returns its metrics,
+        or None (with a warning) when the buffer cannot support a fit yet."""
+        from rpe.probe import ProbeState, SingleClassError, ValueProbe
+        from rpe.store import StateSet
+
+        bundle = self.signals.bundle
+        acts, traj, step, rewards, pids = [], [], [], [], []
+        i = 0
+        for batch_acts, batch_rewards, batch_prompts in self._buffer:
+            for a, r, p in zip(batch_acts, batch_rewards, batch_prompts):
+                if a is None or r is None or math.isnan(r):
+                    continue
+                acts.append(a)
+                traj += [i] * a.shape[0]
+                step += list(range(a.shape[0]))
+                rewards.append(float(r >= 0.5))
+                pids.append(str(hash(p)))
+                i += 1
+        if not acts:
+            return None
+        states = StateSet({bundle.layer: torch.cat(acts)}, torch.tensor(traj), torch.tensor(step),
+                          [str(j) for j in range(i)], pids, torch.tensor(rewards))
+        cfg = bundle.probe_config
+        from dataclasses import replace
+
+        try:
+            probe = ValueProbe(replace(cfg, epochs=self.refit_epochs, seed=cfg.seed)).fit(states, bundle.layer)
+        except (SingleClassError, ValueError) as err:
+            logger.warning("RPECallback: online refit skipped: %s", err)
+            return None
+        st = probe.state
+        bundle.probe_state = ProbeState(bundle.layer, bundle.value_neurons, st.mean, st.std, st.weights, st.hidden)
+        bundle.metrics.setdefault("online_refits", []).append({"step": self.trainer.state.global_step, **{
+            k: v for k, v in probe.metrics.items() if k.startswith("test_auroc")}})
+        return probe.metrics
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.save_bundle or self.signals is None or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            self.signals.bundle.save(folder / "rpe_bundle")
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
+def _nanreduce(fn, x: np.ndarray) -> float:
+    return float(fn(x)) if (~np.isnan(x)).any() else float("nan")
+
+
+__all__ = ["LOGGED_KEYS", "RPECallback", "find_trainer"]
