@@ -331,7 +331,7 @@ def train(
         rpe_args, train_args = parse_recipe(config, list(ctx.args))
     except (RecipeError, ValueError) as err:
         _fail(str(err))
-    summary = run_recipe(rpe_args, train_args)
+    summary = run_recipe(rpe_args, train_args).summary
     table = Table(title=f"rpe train: {config.name} ({summary['steps']} steps)")
     table.add_column("held-out accuracy")
     table.add_column("value")

@@ -53,7 +53,7 @@ def test_recipe_runs_and_logs_internal_signals(tmp_path, bundle_dir, trainer, ex
     from rpe.trainers.recipes import parse_recipe, train
 
     rpe_args, train_args = parse_recipe(_tiny_recipe(tmp_path, bundle_dir, trainer, **extra))
-    summary = train(rpe_args, train_args)
+    summary = train(rpe_args, train_args).summary
     assert summary["steps"] == 2
     history = json.loads((Path(train_args.output_dir) / "log_history.json").read_text())
     steps = [h for h in history if "rpe/value_s0" in h]

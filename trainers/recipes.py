@@ -67,6 +67,9 @@ class RPEArguments:
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     eval_before_after: bool = True
     eval_max_new_tokens: int = 128
+    eval_before_dir: str | None = None
+    """Where the before-training evaluation goes (default ``output_dir/eval_before``); arms that share the
+    model, task and seed can share it (a finished folder is reused, not recomputed)."""
 
     def __post_init__(self) -> None:
         if self.trainer not in TRAINERS:
@@ -154,8 +157,9 @@ def _load(model_name: str):
     return load_model(model_name)
 
 
-def evaluate(model, tokenizer, rpe_args: RPEArguments, out: Path, name: str) -> dict[str, Any]:
-    """Held-out accuracy (one sample per problem, T=0.7, fixed seed) as a rollout folder ``out``."""
+def evaluate(model, tokenizer, rpe_args: RPEArguments, out: Path, name: str, overwrite: bool = False) -> dict[str, Any]:
+    """Held-out accuracy (one sample per problem, T=0.7, fixed seed) as a rollout folder ``out`` (a finished
+    folder with the same configuration is reused unless ``overwrite``)."""
     from rpe.prompts import PromptConfig
     from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
 
@@ -167,14 +171,24 @@ def evaluate(model, tokenizer, rpe_args: RPEArguments, out: Path, name: str) -> 
     was_training = model.training
     model.eval()
     task = load_task(rpe_args.task, **rpe_args.task_options)
-    res = collect_rollouts(model, tokenizer, cfg, out, task=task, model_name=name)
+    res = collect_rollouts(model, tokenizer, cfg, out, task=task, model_name=name, overwrite=overwrite)
     model.train(was_training)
     m = res.manifest
     return {"accuracy": m["accuracy"], "ci95": m["accuracy_ci95"], "n": res.n_trajectories}
 
 
-def train(rpe_args: RPEArguments, train_args) -> dict[str, Any]:
-    """Run one recipe; returns the summary written to ``output_dir/summary.json``."""
+@dataclass
+class TrainOutcome:
+    """What :func:`train` returns: the summary (also in ``output_dir/summary.json``), the trained policy
+    (LoRA merged) and its tokenizer."""
+
+    summary: dict[str, Any]
+    model: Any
+    tokenizer: Any
+
+
+def train(rpe_args: RPEArguments, train_args) -> TrainOutcome:
+    """Run one recipe."""
     from rpe.prompts import PromptBuilder, PromptConfig
     from rpe.tasks import load_task
 
@@ -191,7 +205,8 @@ def train(rpe_args: RPEArguments, train_args) -> dict[str, Any]:
     dataset, problems = build_dataset(task, builder, rpe_args.n_train_problems, train_args.seed, chat)
     summary: dict[str, Any] = {"recipe": {"rpe": _jsonable(vars(rpe_args)), "trainer_class": type(train_args).__name__}}
     if rpe_args.eval_before_after:
-        summary["eval_before"] = evaluate(model, tok, rpe_args, out / "eval_before", rpe_args.model)
+        before_dir = Path(rpe_args.eval_before_dir) if rpe_args.eval_before_dir else out / "eval_before"
+        summary["eval_before"] = evaluate(model, tok, rpe_args, before_dir, rpe_args.model)
         logger.info("held-out accuracy before: %s", summary["eval_before"])
     if rpe_args.use_peft:
         from peft import LoraConfig, get_peft_model
@@ -233,17 +248,17 @@ def train(rpe_args: RPEArguments, train_args) -> dict[str, Any]:
     if signals is not None:
         signals.bundle.save(out / "rpe_bundle")
         summary["signal_reads"] = dict(signals.stats)
+    policy = model.merge_and_unload() if rpe_args.use_peft else model
     if rpe_args.eval_before_after:
-        policy = model.merge_and_unload() if rpe_args.use_peft else model
-        summary["eval_after"] = evaluate(policy, tok, rpe_args, out / "eval_after", rpe_args.model)
+        summary["eval_after"] = evaluate(policy, tok, rpe_args, out / "eval_after", rpe_args.model, overwrite=True)
         logger.info("held-out accuracy after: %s", summary["eval_after"])
     summary["steps"] = trainer.state.global_step
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    return TrainOutcome(summary, policy, tok)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
 
-__all__ = ["RPEArguments", "RecipeError", "TRAINERS", "parse_recipe", "read_recipe", "train"]
+__all__ = ["RPEArguments", "RecipeError", "TRAINERS", "TrainOutcome", "parse_recipe", "read_recipe", "train"]

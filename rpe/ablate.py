@@ -1,0 +1,273 @@
+"""Do value neurons matter? Accuracy with each neuron set ablated, beside the controls, and a causal RPE check.
+
+:func:`run_ablation` (``rpe ablate``):
+1. reads the fitting rollouts' activations at each requested layer (the controls need activation statistics);
+2. builds neuron sets of one size per layer (:mod:`rpe.controls`): value neurons (the bundle's at its layer, a
+   probe's top neurons elsewhere), random (several seeds, massive-activation dims excluded), random matched in
+   mean |activation|, top-magnitude, next-token-probe, Wanda-style and Monte-Carlo-probe neurons;
+3. collects held-out rollouts (same problems and sampling seed in every arm, so arms are paired) without
+   ablation and with each set ablated; each arm is its own resumable rollout folder;
+4. writes ``results.json`` (accuracy, Wilson interval, drop vs no ablation per arm) and ``ablation.png``
+   (accuracy vs layer, one line per source).
+
+:func:`rpe_causal_check`: ablate a growing share of value-ranked neurons upstream of the dopamine layer and
+measure how much the dopamine neurons' Spearman correlation with the Monte-Carlo TD error drops, vs random
+neurons of the same count. (Ablating at the dopamine layer itself cannot change that layer's activity: a
+block's output depends only on earlier blocks.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rpe.controls import (SOURCES, massive_dims, matched_random_set, mc_probe_set, next_token_scores, random_set,
+                          top_k, top_magnitude_set, wanda_scores)
+from rpe.interventions import NeuronAblation
+from rpe.rollouts import RolloutConfig, Trajectory, atomic_write_json, collect_rollouts, read_trajectories
+from rpe.store import StateSet, capture_states
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AblateConfig:
+    """Options of ``rpe ablate``."""
+
+    task: str = "chain_sum"
+    n_problems: int = 200
+    """Held-out problems per arm (one sample each)."""
+    seed: int = 1
+    """Seed of the held-out problems and of sampling (the fitting rollouts use seed 0)."""
+    layers: list[int] | None = None
+    """Layers to ablate at (default: the bundle's layer)."""
+    sources: list[str] = field(default_factory=lambda: list(SOURCES))
+    random_seeds: int = 3
+    """Seeds of each random control."""
+    mode: str = "zero"
+    n_neurons: int | None = None
+    """Neurons per set (default: the bundle's value-neuron count)."""
+    max_fit_trajectories: int = 400
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.sources if s not in SOURCES]
+        if bad:
+            raise ValueError(f"unknown neuron sources {bad}; choose from {', '.join(SOURCES)}")
+        if self.n_problems < 1 or self.random_seeds < 1:
+            raise ValueError("n_problems and random_seeds must be >= 1")
+
+
+def _next_tokens(trajectories: list[Trajectory], states: StateSet) -> torch.Tensor:
+    """The token after each state's position (-1 when the state is the last token)."""
+    out = []
+    for ti, si in zip(states.traj_index.tolist(), states.step_index.tolist()):
+        t = trajectories[ti]
+        full = t.prompt_token_ids + t.completion_token_ids
+        pos = t.prompt_len - 1 if si == 0 else t.prompt_len + t.steps[si - 1].token_end - 1
+        out.append(full[pos + 1] if pos + 1 < len(full) else -1)
+    return torch.tensor(out)
+
+
+def neuron_sets(model, bundle, trajectories: list[Trajectory], states: StateSet, layer: int, k: int,
+                cfg: AblateConfig) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """``{arm name: (k,) indices}`` for one layer, and the massive-activation dims excluded from random draws."""
+    from rpe.probe import ProbeConfig, ValueProbe
+
+    acts = states.acts[layer]
+    d = acts.shape[1]
+    massive = massive_dims(acts)
+    mean_abs = acts.abs().mean(0)
+    sets: dict[str, torch.Tensor] = {}
+    if layer == bundle.layer and bundle.value_neurons.numel() == k:
+        value = bundle.value_neurons.long()
+    else:
+        value = top_k(ValueProbe(ProbeConfig()).fit(states, layer).neuron_scores(), k)
+    for source in cfg.sources:
+        if source == "value":
+            sets["value"] = value
+        elif source == "random":
+            for s in range(cfg.random_seeds):
+                sets[f"random/{s}"] = random_set(d, k, seed=1000 + s, exclude=set(massive) | set(value.tolist()))
+        elif source == "random_matched":
+            for s in range(cfg.random_seeds):
+                sets[f"random_matched/{s}"] = matched_random_set(mean_abs, value, seed=2000 + s, exclude=set(massive))
+        elif source == "top_magnitude":
+            sets["top_magnitude"] = top_magnitude_set(mean_abs, k)
+        elif source == "next_token":
+            nxt = _next_tokens(trajectories, states)
+            ok = nxt >= 0
+            sets["next_token"] = top_k(next_token_scores(acts[ok], nxt[ok]), k)
+        elif source == "wanda":
+            sets["wanda"] = top_k(wanda_scores(model, layer, acts), k)
+        elif source == "mc_probe":
+            sets["mc_probe"] = mc_probe_set(states, layer, k)
+    return sets, massive
+
+
+def _arm(model, tok, task, cfg: AblateConfig, out: Path, model_name: str, neurons: dict[int, torch.Tensor] | None,
+         progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """Held-out accuracy with ``neurons`` ablated (None: no ablation), resumable in ``out``."""
+    spec = {"mode": cfg.mode, "neurons": {str(k): v.tolist() for k, v in (neurons or {}).items()}}
+    spec_path = out / "ablation.json"
+    overwrite = spec_path.exists() and json.loads(spec_path.read_text()) != spec
+    rcfg = RolloutConfig(task=cfg.task, n_problems=cfg.n_problems, samples=1, seed=cfg.seed, batch_size=cfg.batch_size)
+    if neurons:
+        with NeuronAblation(model, neurons, mode="zero" if cfg.mode == "zero" else cfg.mode):
+            res = collect_rollouts(model, tok, rcfg, out, task=task, model_name=model_name, overwrite=overwrite,
+                                   progress=progress)
+    else:
+        res = collect_rollouts(model, tok, rcfg, out, task=task, model_name=model_name, overwrite=overwrite,
+                               progress=progress)
+    atomic_write_json(spec_path, spec)
+    m = res.manifest
+    return {"accuracy": m["accuracy"], "ci95": m["accuracy_ci95"], "n": res.n_trajectories}
+
+
+def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cfg: AblateConfig, out_dir: str | Path, *,
+                 model_name: str, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """The whole experiment; returns (and writes) ``results.json``. See the module docstring."""
+    from rpe.tasks import load_task
+
+    bundle.check_model(model, tok)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers = cfg.layers or [bundle.layer]
+    from rpe.tracker import check_layers
+
+    layers = check_layers(model, layers)
+    k = cfg.n_neurons or int(bundle.value_neurons.numel())
+    source = rollouts if isinstance(rollouts, list) else read_trajectories(rollouts)
+    trajs = [t for t in source if t.steps][: cfg.max_fit_trajectories]
+    if not trajs:
+        raise ValueError(f"{rollouts} holds no trajectory with steps")
+    task = load_task(cfg.task)
+    states = capture_states(model, trajs, layers, pad_token_id=tok.pad_token_id or 0)
+
+    def arm_progress(name):
+        return (lambda a, b: progress(name, a, b)) if progress else None
+
+    results: dict[str, Any] = {"config": asdict(cfg), "n_neurons": k, "bundle_layer": bundle.layer,
+                               "baseline": _arm(model, tok, task, cfg, out_dir / "baseline", model_name, None,
+                                                arm_progress("no ablation")),
+                               "layers": {}}
+    base = results["baseline"]["accuracy"]
+    for layer in layers:
+        sets, massive = neuron_sets(model, bundle, trajs, states, layer, k, cfg)
+        entry: dict[str, Any] = {"massive_dims": massive, "arms": {}}
+        for name, idx in sets.items():
+            r = _arm(model, tok, task, cfg, out_dir / f"layer{layer}" / name.replace("/", "_"), model_name,
+                     {layer: idx}, arm_progress(f"layer {layer}: {name}"))
+            r["drop"] = base - r["accuracy"]
+            r["neurons"] = idx.tolist()
+            entry["arms"][name] = r
+        entry["summary"] = summarise(entry["arms"])
+        results["layers"][str(layer)] = entry
+        atomic_write_json(out_dir / "results.json", results)
+    plot_ablation(results, out_dir / "ablation.png")
+    return results
+
+
+def summarise(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per source: mean accuracy and drop over its seeds, with the min and max drop."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for name, r in arms.items():
+        by.setdefault(name.split("/")[0], []).append(r)
+    out = {}
+    for source, rs in by.items():
+        drops = [r["drop"] for r in rs]
+        out[source] = {"accuracy": float(np.mean([r["accuracy"] for r in rs])), "drop": float(np.mean(drops)),
+                       "drop_min": float(min(drops)), "drop_max": float(max(drops)), "n_sets": len(rs)}
+    return out
+
+
+def plot_ablation(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(int(k) for k in results["layers"])
+    sources = sorted({s for e in results["layers"].values() for s in e["summary"]})
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for s in sources:
+        acc = [results["layers"][str(layer)]["summary"].get(s, {}).get("accuracy", np.nan) for layer in layers]
+        ax.plot(layers, acc, marker="o", label=s)
+    ax.axhline(results["baseline"]["accuracy"], color="black", ls="--", lw=1, label="no ablation")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"ablating {results['n_neurons']} neurons per set")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rpe_causal_check(model, tok, bundle, rollouts: str | Path, *, shares=(0.05, 0.1, 0.2), upstream: int = 4,
+                     seeds: int = 3, threshold: float = 0.3, max_trajectories: int = 200) -> dict[str, Any]:
+    """Spearman(dopamine activity, MC TD error) on surprising steps with a share of upstream value-ranked
+    neurons ablated vs the same count of random ones. Needs ``rpe dopamine`` to have run (MC values cached in
+    the rollout folder, dopamine neurons in the bundle)."""
+    from scipy.stats import spearmanr
+
+    from rpe.dopamine import DopamineConfig, td_errors
+    from rpe.probe import ProbeConfig, ValueProbe
+
+    if bundle.dopamine_neurons.numel() == 0:
+        raise ValueError("the bundle has no dopamine neurons; run `rpe dopamine` first")
+    rollouts = Path(rollouts)
+    mc_path = rollouts / "mc_values.json"
+    if not mc_path.exists():
+        raise ValueError(f"{mc_path} is missing; run `rpe dopamine --rollouts {rollouts}` first")
+    stored = json.loads(mc_path.read_text())
+    values = {}
+    for v in stored.values():
+        values.update(v)
+    trajs = [t for t in read_trajectories(rollouts) if t.steps and t.trajectory_id in values][:max_trajectories]
+    gamma = DopamineConfig().gamma
+    la = bundle.layer - upstream
+    if la < 0:
+        raise ValueError(f"upstream={upstream} puts the ablation before layer 0")
+    states = capture_states(model, trajs, [la], pad_token_id=tok.pad_token_id or 0)
+    ranking = torch.argsort(ValueProbe(ProbeConfig()).fit(states, la).neuron_scores(), descending=True)
+    d = states.acts[la].shape[1]
+    massive = set(massive_dims(states.acts[la]))
+    mean, std = bundle.dopamine_stats()
+
+    def spearman(neurons: torch.Tensor | None) -> float:
+        ctx = NeuronAblation(model, {la: neurons}) if neurons is not None else None
+        if ctx:
+            ctx.__enter__()
+        try:
+            st = capture_states(model, trajs, [bundle.layer], mode="steps", neurons=bundle.dopamine_neurons,
+                                pad_token_id=tok.pad_token_id or 0)
+        finally:
+            if ctx:
+                ctx.__exit__(None, None, None)
+        rows = (st.step_index >= 1).nonzero().flatten()
+        act = ((st.acts[bundle.layer][rows] - mean) / std * bundle.dopamine_sign).mean(1).numpy()
+        delta = np.array([td_errors(values[st.trajectory_ids[int(st.traj_index[r])]], gamma)[int(st.step_index[r]) - 1]
+                          for r in rows])
+        keep = np.abs(delta) > threshold
+        return float(spearmanr(act[keep], delta[keep]).statistic)
+
+    out: dict[str, Any] = {"ablation_layer": la, "dopamine_layer": bundle.layer, "baseline": spearman(None),
+                           "massive_dims": sorted(massive), "shares": {}}
+    for share in shares:
+        n = max(1, round(share * d))
+        value_rho = spearman(ranking[:n])
+        rand = [spearman(random_set(d, n, seed=3000 + s, exclude=massive | set(ranking[:n].tolist()))) for s in range(seeds)]
+        out["shares"][str(share)] = {"n_neurons": n, "value": value_rho, "random_mean": float(np.mean(rand)),
+                                     "random": rand, "drop_value": out["baseline"] - value_rho,
+                                     "drop_random": out["baseline"] - float(np.mean(rand))}
+    return out
+
+
+__all__ = ["AblateConfig", "neuron_sets", "plot_ablation", "rpe_causal_check", "run_ablation", "summarise"]

@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+
+from rpe.controls import massive_dims, matched_random_set, random_set, top_magnitude_set
+from rpe.interventions import NeuronAblation
+from rpe.tracker import ActivationTracker, decoder_layers
+
+
+def _ids(tok, text="Q: 1+2=3\n\nAnswer: 3"):
+    return torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+
+
+def _layer_hooks(model):
+    return sum(len(b._forward_hooks) for b in decoder_layers(model))
+
+
+@pytest.mark.parametrize("mode,kwargs,expect", [
+    ("zero", {}, lambda h: torch.zeros_like(h)),
+    ("scale", {"scale": 0.5}, lambda h: 0.5 * h),
+    ("mean", {"means": {1: torch.tensor([1.0, 2.0, 3.0])}}, lambda h: torch.tensor([1.0, 2.0, 3.0]).expand_as(h)),
+])
+def test_ablation_replaces_columns_and_changes_later_layers(tiny_llama, mode, kwargs, expect):
+    model, tok = tiny_llama
+    ids = _ids(tok)
+    idx = torch.tensor([3, 10, 40])
+    with ActivationTracker(model, [1, 3], record_all=True) as tr:
+        with torch.no_grad():
+            model(input_ids=ids)
+    clean = tr.generated()
+    before = _layer_hooks(model)
+    with NeuronAblation(model, {1: idx}, mode=mode, **kwargs):
+        with ActivationTracker(model, [1, 3], record_all=True) as tr:
+            with torch.no_grad():
+                model(input_ids=ids)
+    ablated = tr.generated()
+    assert _layer_hooks(model) == before
+    torch.testing.assert_close(ablated[1][..., idx], expect(clean[1][..., idx]))
+    other = [j for j in range(64) if j not in idx.tolist()]
+    torch.testing.assert_close(ablated[1][..., other], clean[1][..., other])  # only the chosen columns move
+    assert not torch.allclose(ablated[3], clean[3])  # downstream blocks see the ablation
+
+
+def test_ablation_during_generation_and_cleanup_on_error(tiny_llama):
+    model, tok = tiny_llama
+    ids = _ids(tok, "Q: 5+5=")
+    before = _layer_hooks(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with NeuronAblation(model, {2: list(range(64))}):
+            out = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+            plain = None
+            raise RuntimeError("boom")
+    assert _layer_hooks(model) == before
+    plain = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape == plain.shape and not torch.equal(out, plain)  # zeroing a whole layer changes the text
+
+
+def test_bad_ablation_input_is_refused_before_hooking(tiny_llama):
+    model, _ = tiny_llama
+    with pytest.raises(ValueError, match="must lie in 0..63"):
+        NeuronAblation(model, {1: [5, 64]})
+    with pytest.raises(ValueError, match="layer 9 does not exist"):
+        NeuronAblation(model, {9: [1]})
+    with pytest.raises(ValueError, match="repeat"):
+        NeuronAblation(model, {1: [2, 2]})
+    with pytest.raises(ValueError, match="needs means"):
+        NeuronAblation(model, {1: [2]}, mode="mean")
+    assert _layer_hooks(model) == 0
+
+
+def test_controls():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(500, 64, generator=g)
+    acts[:, 7] *= 400  # a massive-activation dimension
+    assert massive_dims(acts) == [7]
+    r = random_set(64, 5, seed=0, exclude={7, 1, 2})
+    assert r.numel() == 5 and not {7, 1, 2} & set(r.tolist()) and torch.equal(r, random_set(64, 5, 0, {7, 1, 2}))
+    mean_abs = acts.abs().mean(0)
+    target = torch.tensor([0, 20, 40])
+    matched = matched_random_set(mean_abs, target, seed=0, exclude={7})
+    assert matched.numel() == 3 and not set(matched.tolist()) & {0, 20, 40, 7}
+    # matched neurons sit in the same magnitude range as their targets
+    assert abs(float(mean_abs[matched].mean() - mean_abs[target].mean())) < 0.1
+    assert top_magnitude_set(mean_abs, 1).tolist() == [7]
+
+
+def test_run_ablation_on_a_tiny_model(tiny_llama, tiny_bundle, tmp_path):
+    from rpe.ablate import AblateConfig, run_ablation
+    from test_probe import _synthetic_trajectories
+
+    model, tok = tiny_llama
+    trajs = _synthetic_trajectories(tok, n_problems=30, samples=2)
+    cfg = AblateConfig(task="chain_sum_2", n_problems=3, random_seeds=2, batch_size=3,
+                       sources=["value", "random", "random_matched", "top_magnitude", "next_token", "wanda", "mc_probe"])
+    res = run_ablation(model, tok, tiny_bundle, trajs, cfg, tmp_path, model_name="tiny")
+    arms = res["layers"][str(tiny_bundle.layer)]["arms"]
+    assert set(arms) == {"value", "random/0", "random/1", "random_matched/0", "random_matched/1", "top_magnitude",
+                         "next_token", "wanda", "mc_probe"}
+    assert arms["value"]["neurons"] == tiny_bundle.value_neurons.tolist()
+    assert all(len(a["neurons"]) == 6 and a["n"] == 3 for a in arms.values())
+    assert json.loads((tmp_path / "results.json").read_text())["baseline"]["n"] == 3
+    assert (tmp_path / "ablation.png").stat().st_size > 1000
+    again = run_ablation(model, tok, tiny_bundle, trajs, cfg, tmp_path, model_name="tiny")  # resumes: same numbers
+    assert again["layers"] == res["layers"]
