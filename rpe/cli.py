@@ -343,6 +343,119 @@ def train(
     console.print(f"log: {Path(train_args.output_dir) / 'log_history.json'}")
 
 
+@app.command("analyze")
+def analyze(
+    rollouts: Path = typer.Option(..., help="Rollout folder, or a .jsonl/.parquet/.csv from another tool (see docs)."),
+    bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit`."),
+    out: Path = typer.Option(..., help="Output folder: report.html, steps.parquet, confidence.json."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the one named in the rollouts' manifest)."),
+    reward_column: str = typer.Option("reward", help="Reward field of imported files (e.g. TRL's 'correct')."),
+    ablation: Optional[Path] = typer.Option(None, help="An `rpe ablate` output folder to include."),
+) -> None:
+    """Per-step internal value, RPE and dopamine activity of rollouts; confidence AUROCs; an HTML report."""
+    from rpe.analyze import RolloutImportError, analyze_rollouts
+    from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
+
+    try:
+        b = SubsystemBundle.load(bundle)
+    except BundleFormatError as err:
+        _fail(str(err))
+    if not rollouts.exists():
+        _fail(f"{rollouts} does not exist")
+    if rollouts.is_dir() and not (rollouts / "manifest.json").exists():
+        _fail(f"{rollouts} is not a finished rollout folder (no manifest.json); run or resume `rpe rollouts`")
+    name = model or (_rollout_model_name(rollouts, None) if rollouts.is_dir() else b.model.name)
+    lm, tok = _load(name)
+    extra = []
+    if ablation is not None:
+        from rpe.report import ablation_section
+
+        extra.append(ablation_section(ablation))
+    with _progress() as bar:
+        job = bar.add_task("internal signals", total=None)
+        try:
+            res = analyze_rollouts(lm, tok, b, rollouts, out, reward_column=reward_column, bundle_dir=bundle,
+                                   extra_sections=extra, progress=lambda a, t: bar.update(job, completed=a, total=t))
+        except (RolloutImportError, BundleMismatchError, ValueError) as err:
+            _fail(str(err))
+    table = Table(title=f"confidence before answering ({res['n_trajectories']} trajectories)")
+    for col in ("signal at s_0", "AUROC [95% CI]"):
+        table.add_column(col)
+    for k, v in res["confidence"].items():
+        table.add_row(k, f"{v['auroc']:.3f} [{v['low']:.3f}, {v['high']:.3f}]")
+    console.print(table)
+    console.print(f"report: {Path(res['report']).resolve()}\nper-step table: {res['steps']}")
+
+
+@app.command("ablate")
+def ablate(
+    bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit`."),
+    rollouts: Path = typer.Option(..., help="The rollouts the bundle was fitted on (activation statistics for the controls)."),
+    out: Path = typer.Option(..., help="Output folder: results.json, ablation.png, one rollout folder per arm."),
+    task: str = typer.Option("chain_sum", help="Task of the held-out evaluation."),
+    n: int = typer.Option(200, help="Held-out problems per arm."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: the bundle's layer)."),
+    controls: str = typer.Option(",".join(["value", "random", "random_matched", "top_magnitude", "next_token", "wanda", "mc_probe"]),
+                                 help="Comma-separated neuron sources."),
+    seeds: int = typer.Option(3, help="Seeds per random control."),
+    seed: int = typer.Option(1, help="Seed of the held-out problems and sampling (fitting rollouts use 0)."),
+    causal: bool = typer.Option(False, help="Also run the causal RPE check (needs `rpe dopamine` first)."),
+) -> None:
+    """Accuracy with value neurons ablated vs controls of the same size; optional causal RPE check."""
+    from rpe.ablate import AblateConfig, rpe_causal_check, run_ablation
+    from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
+
+    try:
+        cfg = AblateConfig(task=task, n_problems=n, seed=seed, layers=_parse_layers(layers),
+                           sources=[s.strip() for s in controls.split(",") if s.strip()], random_seeds=seeds)
+        b = SubsystemBundle.load(bundle)
+    except (ValueError, BundleFormatError) as err:
+        _fail(str(err))
+    name = _rollout_model_name(rollouts, None)
+    lm, tok = _load(name)
+    try:
+        b.check_model(lm, tok)
+        if cfg.layers:
+            from rpe.tracker import check_layers
+
+            check_layers(lm, cfg.layers)
+    except (BundleMismatchError, ValueError) as err:
+        _fail(str(err))
+    with _progress() as bar:
+        job = bar.add_task("arms", total=None)
+        res = run_ablation(lm, tok, b, rollouts, cfg, out, model_name=name,
+                           progress=lambda arm, a, t: bar.update(job, description=arm, completed=a, total=t))
+    table = Table(title=f"ablating {res['n_neurons']} neurons, {n} held-out problems per arm "
+                        f"(no ablation: {res['baseline']['accuracy']:.3f})")
+    for col in ("layer", "source", "accuracy", "drop (mean)", "drop range"):
+        table.add_column(col)
+    for layer, entry in res["layers"].items():
+        for source, s in entry["summary"].items():
+            table.add_row(layer, source, f"{s['accuracy']:.3f}", f"{s['drop']:+.3f}", f"{s['drop_min']:+.3f}..{s['drop_max']:+.3f}")
+    console.print(table)
+    if causal:
+        check = rpe_causal_check(lm, tok, b, rollouts)
+        (out / "causal_rpe.json").write_text(json.dumps(check, indent=2))
+        console.print(f"causal RPE check (ablation at layer {check['ablation_layer']}): baseline Spearman {check['baseline']:.3f}")
+        for share, r in check["shares"].items():
+            console.print(f"  {share}: value {r['value']:.3f} vs random {r['random_mean']:.3f}")
+    console.print(f"results: {out / 'results.json'}, plot: {out / 'ablation.png'}")
+
+
+@bench_app.command("ablate")
+def bench_ablate(
+    quick: bool = typer.Option(False, help="Small sizes."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model to benchmark."),
+) -> None:
+    """Generation tokens/s with vs without the ablation hook; last line is JSON with the ratio (goal >= 0.95)."""
+    from rpe.bench import bench_ablate as run
+
+    _load(model)
+    with console.status("benchmarking generation with and without the ablation hook"):
+        result = run(model, quick=quick)
+    print(json.dumps(result))
+
+
 @bench_app.command("rollouts")
 def bench_rollouts(
     quick: bool = typer.Option(False, help="Small sizes (under a minute on 2 cores)."),

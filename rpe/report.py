@@ -116,6 +116,23 @@ def bundle_section(bundle_dir: str | Path) -> str:
     return "".join(parts)
 
 
+def ablation_section(ablate_dir: str | Path) -> str:
+    """HTML for an ``rpe ablate`` folder: the accuracy table and the layer plot."""
+    import json
+
+    e = html.escape
+    ablate_dir = Path(ablate_dir)
+    res = json.loads((ablate_dir / "results.json").read_text())
+    rows = "".join(
+        f"<tr><td>{e(layer)}</td><td>{e(src)}</td><td>{s['accuracy']:.3f}</td><td>{s['drop']:+.3f}</td></tr>"
+        for layer, entry in res["layers"].items() for src, s in entry["summary"].items()
+    )
+    png = ablate_dir / "ablation.png"
+    img = f'<img alt="ablation by layer" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">' if png.exists() else ""
+    return (f"<h2>Ablation ({res['n_neurons']} neurons per set; no ablation: {res['baseline']['accuracy']:.3f})</h2>"
+            f"<table><tr><th>layer</th><th>source</th><th>accuracy</th><th>drop</th></tr>{rows}</table>{img}")
+
+
 def rollout_report(
     rollout_dir: str | Path, out: str | Path | None = None, n_examples: int = 6, bundle: str | Path | None = None
 ) -> Path:

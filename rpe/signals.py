@@ -138,12 +138,15 @@ class SignalReader:
         return SequenceSignals(values=values, rpe=rpe, dopamine=dopamine, step_spans=spans,
                                value_acts=point_acts[:, : self.k].float().clone())
 
-    def read(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]) -> list[SequenceSignals]:
+    def read(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+             spans: Sequence[list[tuple[int, int]]] | None = None) -> list[SequenceSignals]:
         """Signals of each pair, one hooked forward per ``batch_size`` sequences.
 
         Args:
             prompt_ids: token ids of each prompt (no padding).
             completion_ids: token ids of each completion (no padding; a trailing EOS is fine).
+            spans: the steps' token spans per completion when already known (e.g. from a rollout record);
+                by default the completion is segmented with the reader's segmenter.
         """
         from rpe.store import right_pad
         from rpe.tracker import ActivationTracker
@@ -158,7 +161,11 @@ class SignalReader:
             for start in range(0, len(prompt_ids), self.batch_size):
                 prompts = [list(p) for p in prompt_ids[start : start + self.batch_size]]
                 comps = [list(c) for c in completion_ids[start : start + self.batch_size]]
-                all_spans = [self.step_spans(c) for c in comps]
+                all_spans = ([list(x) for x in spans[start : start + self.batch_size]] if spans is not None
+                             else [self.step_spans(c) for c in comps])
+                for c, sp in zip(comps, all_spans):
+                    if sp and (min(a for a, _ in sp) < 0 or max(b for _, b in sp) > len(c) or any(b <= a for a, b in sp)):
+                        raise ValueError(f"step spans {sp} do not fit a completion of {len(c)} tokens")
                 rows, starts, ends, layout = [], [], [], []
                 for r, (p, spans) in enumerate(zip(prompts, all_spans)):
                     if not p:

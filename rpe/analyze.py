@@ -1,0 +1,349 @@
+"""Offline RPE analysis of rollouts: per-step internal value, RPE and dopamine activity, confidence before
+answering, and a self-contained HTML report.
+
+Inputs: an ``rpe rollouts`` folder, or rollouts made elsewhere (:func:`import_rollouts`):
+
+- JSONL (one object per line), Parquet or CSV with the fields ``prompt`` (the exact model input text, chat
+  template applied), either ``steps`` (list of step texts, joined with blank lines) or ``completion`` (split
+  with the segmenter), and ``reward`` (1 correct, 0 wrong; the column name is configurable). Optional:
+  ``problem_id`` (samples of one problem share it; default: the prompt), ``id``.
+- TRL's logged completions table (``prompt``, ``completion`` and a reward column such as ``correct``) is the
+  same format: pass ``reward_column``.
+
+Outputs (:func:`analyze_rollouts`): ``steps.parquet`` (one row per state: trajectory, step, value, RPE,
+dopamine, reward, step text), ``confidence.json`` and ``report.html``; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rpe.metrics import auroc, bootstrap_auroc
+from rpe.rollouts import SCHEMA_VERSION, Trajectory, atomic_write_bytes, atomic_write_json, make_steps, read_trajectories
+
+logger = logging.getLogger(__name__)
+
+STEP_COLUMNS = ("trajectory_id", "problem_id", "step", "n_steps", "value", "rpe", "dopamine", "reward", "text")
+
+
+class RolloutImportError(ValueError):
+    """A rollout file from another tool that cannot be read; the message names the record and field."""
+
+
+# -- import ---------------------------------------------------------------------------------------------
+def _records(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RolloutImportError(f"{path}:{n}: not valid JSON ({err})") from err
+            if not isinstance(rec, dict):
+                raise RolloutImportError(f"{path}:{n}: each line must be a JSON object")
+            rec["_where"] = f"{path}:{n}"
+            out.append(rec)
+        return out
+    if path.suffix in (".parquet", ".csv"):
+        import pandas as pd
+
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        recs = frame.to_dict("records")
+        for i, r in enumerate(recs):
+            r["_where"] = f"{path} row {i}"
+        return recs
+    raise RolloutImportError(f"{path}: expected an rpe rollout folder, or a .jsonl, .parquet or .csv file")
+
+
+def import_rollouts(path: str | Path, tokenizer, *, reward_column: str = "reward", segmenter: str = "paragraph") -> list[Trajectory]:
+    """Trajectories from an ``rpe rollouts`` folder or another tool's file (see the module docstring).
+
+    Raises:
+        RolloutImportError: empty input, a missing field (named with the record), or ``steps`` that do not
+            survive re-segmentation of the joined text (a step holding a blank line).
+    """
+    path = Path(path)
+    if path.is_dir():
+        trajs = read_trajectories(path)
+        if not trajs:
+            raise RolloutImportError(f"{path} holds no trajectories")
+        return trajs
+    if not path.exists():
+        raise RolloutImportError(f"{path} does not exist")
+    recs = _records(path)
+    if not recs:
+        raise RolloutImportError(f"{path} holds no records")
+    out = []
+    for i, rec in enumerate(recs):
+        where = rec.pop("_where")
+        for name in ("prompt", reward_column):
+            if name not in rec or rec[name] is None or (isinstance(rec[name], float) and math.isnan(rec[name])):
+                raise RolloutImportError(f"{where}: missing field {name!r}")
+        steps_given = rec.get("steps")
+        if steps_given is not None and not isinstance(steps_given, str):
+            steps_list = [str(s) for s in list(steps_given)]
+            completion = "\n\n".join(steps_list)
+        elif "completion" in rec and rec["completion"] is not None:
+            steps_list, completion = None, str(rec["completion"])
+        else:
+            raise RolloutImportError(f"{where}: missing field 'steps' (list of step texts) or 'completion'")
+        try:
+            reward = float(rec[reward_column])
+        except (TypeError, ValueError) as err:
+            raise RolloutImportError(f"{where}: field {reward_column!r} is not a number: {rec[reward_column]!r}") from err
+        prompt = str(rec["prompt"])
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not p_ids:
+            raise RolloutImportError(f"{where}: field 'prompt' is empty")
+        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        steps = make_steps(tokenizer, c_ids, completion, segmenter, None)
+        if steps_list is not None and [s.text for s in steps] != [s.strip() for s in steps_list if s.strip()]:
+            raise RolloutImportError(
+                f"{where}: the steps do not match the text: {len(steps_list)} steps given, {len(steps)} found when "
+                "the joined text is split again (a step may contain a blank line)"
+            )
+        pid = str(rec.get("problem_id", prompt))
+        out.append(Trajectory(
+            schema_version=SCHEMA_VERSION, trajectory_id=str(rec.get("id", f"{path.stem}/{i}")), problem_id=pid,
+            task=str(rec.get("task", "imported")), sample_index=0, prompt=prompt, completion=completion, steps=steps,
+            final_answer=None, reference_answer=str(rec.get("answer", "")), reward=reward, prompt_token_ids=list(p_ids),
+            completion_token_ids=list(c_ids), finish_reason="eos", truncated=False, prompt_truncated=False, model={},
+            sampling={}, seed=0,
+        ))
+    return out
+
+
+# -- per-step signals -----------------------------------------------------------------------------------
+def step_table(model, tokenizer, bundle, trajectories: Sequence[Trajectory], *, batch_size: int = 16,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, list]:
+    """Columns :data:`STEP_COLUMNS`, one row per state s_0..s_T of every trajectory (rpe/dopamine NaN at s_0).
+
+    The trajectories' own step spans are used (one hooked forward per batch, bundle layer only)."""
+    from rpe.signals import SignalReader
+
+    reader = SignalReader(bundle, model, tokenizer, batch_size=batch_size)
+    cols: dict[str, list] = {c: [] for c in STEP_COLUMNS}
+    for start in range(0, len(trajectories), batch_size):
+        batch = trajectories[start : start + batch_size]
+        sigs = reader.read([t.prompt_token_ids for t in batch], [t.completion_token_ids for t in batch],
+                           spans=[[(s.token_start, s.token_end) for s in t.steps] for t in batch])
+        for t, s in zip(batch, sigs):
+            for k in range(s.n_steps + 1):
+                cols["trajectory_id"].append(t.trajectory_id)
+                cols["problem_id"].append(t.problem_id)
+                cols["step"].append(k)
+                cols["n_steps"].append(s.n_steps)
+                cols["value"].append(float(s.values[k]))
+                cols["rpe"].append(float(s.rpe[k - 1]) if k else float("nan"))
+                cols["dopamine"].append(float(s.dopamine[k - 1]) if k and s.dopamine.size else float("nan"))
+                cols["reward"].append(float(t.reward))
+                cols["text"].append(t.steps[k - 1].text if k else "")
+        if progress:
+            progress(min(start + batch_size, len(trajectories)), len(trajectories))
+    return cols
+
+
+# -- confidence before answering ------------------------------------------------------------------------
+def answer_entropy(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """Per problem: entropy (nats) of the final answers over its samples (needs >= 2 samples per problem)."""
+    answers: dict[str, list[str]] = defaultdict(list)
+    for t in trajectories:
+        answers[t.problem_id].append(str(t.final_answer))
+    out = {}
+    for pid, a in answers.items():
+        if len(a) < 2:
+            continue
+        p = np.array(list(Counter(a).values()), dtype=float) / len(a)
+        out[pid] = float(-(p * np.log(p)).sum())
+    return out
+
+
+def confidence(model, tokenizer, bundle, trajectories: Sequence[Trajectory], table: dict[str, list], *,
+               n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """AUROC (95% bootstrap over problems) of confidence signals available before answering, same run:
+    the value-neuron probe V(s_0), question length (shorter = more confident), mean prompt log-prob and,
+    with several samples per problem, minus the answer entropy (a baseline that needs the samples)."""
+    from rpe.baselines import mean_prompt_logprob, question_length
+
+    y = np.array([t.reward >= 0.5 for t in trajectories], dtype=float)
+    groups = np.array([t.problem_id for t in trajectories])
+    s0 = {tid: v for tid, k, v in zip(table["trajectory_id"], table["step"], table["value"]) if k == 0}
+    scores = {
+        "value neurons V(s_0)": np.array([s0[t.trajectory_id] for t in trajectories]),
+        "question length (shorter = more confident)": -question_length(trajectories).numpy(),
+        "mean prompt log-prob": mean_prompt_logprob(model, trajectories, pad_token_id=tokenizer.pad_token_id or 0).numpy(),
+    }
+    ent = answer_entropy(trajectories)
+    if ent:
+        keep = np.array([t.problem_id in ent for t in trajectories])
+        scores["minus answer entropy over samples"] = np.array([-ent.get(t.problem_id, np.nan) for t in trajectories])
+    out = {}
+    for name, sc in scores.items():
+        ok = ~np.isnan(sc)
+        if len(set(y[ok])) < 2:
+            out[name] = {"auroc": float("nan"), "low": float("nan"), "high": float("nan"), "n": int(ok.sum())}
+            continue
+        a, lo, hi = bootstrap_auroc(y[ok], sc[ok], groups=groups[ok], n_boot=n_boot, seed=seed)
+        out[name] = {"auroc": a, "low": lo, "high": hi, "n": int(ok.sum())}
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------------------
+def _plots(table: dict[str, list]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rpe.report import _png
+
+    step = np.array(table["step"])
+    value = np.array(table["value"])
+    rpe = np.array(table["rpe"])
+    reward = np.array(table["reward"]) >= 0.5
+    out = {}
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    for label, want, color in (("correct", True, "#1a7f37"), ("incorrect", False, "#b42318")):
+        ks = sorted(set(step[reward == want]))
+        if not ks:
+            continue
+        mean = [value[(reward == want) & (step == k)].mean() for k in ks]
+        sd = [value[(reward == want) & (step == k)].std() for k in ks]
+        ax.plot(ks, mean, marker="o", color=color, label=f"{label} (mean ± sd)")
+        ax.fill_between(ks, np.array(mean) - sd, np.array(mean) + sd, color=color, alpha=0.15)
+    ax.set_xlabel("state (0 = before the first step)")
+    ax.set_ylabel("internal value V")
+    ax.legend()
+    out["value"] = _png(fig)
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    for label, want, color in (("correct", True, "#1a7f37"), ("incorrect", False, "#b42318")):
+        r = rpe[(reward == want) & ~np.isnan(rpe)]
+        if r.size:
+            ax.hist(r, bins=30, alpha=0.5, color=color, label=label, density=True)
+    ax.set_xlabel("internal RPE of a step")
+    ax.set_ylabel("density")
+    ax.legend()
+    out["rpe"] = _png(fig)
+    # calibration of V at the final state
+    final = np.array([k == n for k, n in zip(table["step"], table["n_steps"])])
+    v, y = value[final], reward[final].astype(float)
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    bins = np.linspace(0, 1, 11)
+    idx = np.clip(np.digitize(v, bins) - 1, 0, 9)
+    xs = [v[idx == b].mean() for b in range(10) if (idx == b).sum() >= 3]
+    ys = [y[idx == b].mean() for b in range(10) if (idx == b).sum() >= 3]
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
+    ax.plot(xs, ys, marker="o")
+    ax.set_xlabel("internal value at the final state")
+    ax.set_ylabel("fraction correct")
+    out["calibration"] = _png(fig)
+    return out
+
+
+def _trajectory_card(rows: list[int], table: dict[str, list]) -> str:
+    e = html.escape
+    cells = []
+    for i in rows:
+        r = table["rpe"][i]
+        rpe_cell = "" if math.isnan(r) else f"{r:+.3f}"
+        text = e(table["text"][i]) if table["step"][i] else "<em>(prompt)</em>"
+        cells.append(f"<tr><td>{table['step'][i]}</td><td>{table['value'][i]:.3f}</td><td>{rpe_cell}</td>"
+                     f"<td><pre>{text}</pre></td></tr>")
+    i0 = rows[0]
+    verdict = "correct" if table["reward"][i0] >= 0.5 else "incorrect"
+    return (f'<div class="traj {verdict}"><h4>{e(table["trajectory_id"][i0])} · {verdict}</h4>'
+            f"<table><tr><th>state</th><th>V</th><th>RPE</th><th>step text</th></tr>{''.join(cells)}</table></div>")
+
+
+def render_report(table: dict[str, list], conf: dict[str, dict[str, float]], *, title: str,
+                  bundle_dir: str | Path | None = None, extra_sections: Sequence[str] = (), n_examples: int = 4,
+                  n_surprises: int = 8) -> str:
+    """The HTML page (self-contained; every model text escaped)."""
+    e = html.escape
+    plots = _plots(table)
+    by_traj: dict[str, list[int]] = defaultdict(list)
+    for i, tid in enumerate(table["trajectory_id"]):
+        by_traj[tid].append(i)
+    correct = [r for r in by_traj.values() if table["reward"][r[0]] >= 0.5][: n_examples // 2]
+    wrong = [r for r in by_traj.values() if table["reward"][r[0]] < 0.5][: n_examples - len(correct)]
+    rpe = np.array(table["rpe"])
+    order = np.argsort(-np.nan_to_num(np.abs(rpe), nan=-1))[:n_surprises]
+    surprises = "".join(
+        f"<tr><td>{e(table['trajectory_id'][i])}</td><td>{table['step'][i]}</td><td>{rpe[i]:+.3f}</td>"
+        f"<td>{'correct' if table['reward'][i] >= 0.5 else 'incorrect'}</td><td><pre>{e(table['text'][i])}</pre></td></tr>"
+        for i in order if not math.isnan(rpe[i])
+    )
+    conf_rows = "".join(
+        f"<tr><td>{e(name)}</td><td>{v['auroc']:.3f} [{v['low']:.3f}, {v['high']:.3f}]</td><td>{v['n']}</td></tr>"
+        for name, v in conf.items()
+    )
+    final = [i for i, (k, n) in enumerate(zip(table["step"], table["n_steps"])) if k == n]
+    auc_final = auroc(np.array(table["reward"])[final] >= 0.5, np.array(table["value"])[final])
+    bundle_html = ""
+    if bundle_dir is not None:
+        from rpe.report import bundle_section
+
+        bundle_html = bundle_section(bundle_dir)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} table{{border-collapse:collapse;margin:0.5em 0}}
+th,td{{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}} .correct h4{{color:#1a7f37}}
+.incorrect h4{{color:#b42318}} pre{{white-space:pre-wrap;margin:0}} img{{max-width:100%}}</style></head><body>
+<h1>{e(title)}</h1>
+<p>{len(by_traj)} trajectories, {len(table['step'])} states. AUROC of internal value at the final state vs outcome:
+{auroc_fmt(auc_final)}.</p>
+<h2>Internal value over reasoning steps</h2><img alt="value trajectories" src="{plots['value']}">
+<h2>RPE distribution</h2><img alt="RPE distribution" src="{plots['rpe']}">
+<h2>Surprises: steps with the largest |RPE|</h2>
+<table><tr><th>trajectory</th><th>step</th><th>RPE</th><th>outcome</th><th>text</th></tr>{surprises}</table>
+<h2>Calibration of internal value</h2><img alt="calibration" src="{plots['calibration']}">
+<h2>Confidence before answering (AUROC, 95% bootstrap over problems)</h2>
+<table><tr><th>signal at s_0</th><th>AUROC</th><th>n</th></tr>{conf_rows}</table>
+<h2>Example trajectories</h2>{''.join(_trajectory_card(r, table) for r in correct + wrong)}
+{bundle_html}
+{''.join(extra_sections)}
+</body></html>"""
+
+
+def auroc_fmt(x: float) -> str:
+    return "n/a (one class)" if x != x else f"{x:.3f}"
+
+
+def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: str | Path, *, reward_column: str = "reward",
+                     bundle_dir: str | Path | None = None, extra_sections: Sequence[str] = (),
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Read rollouts, compute the per-step table and confidence AUROCs, write ``steps.parquet``,
+    ``confidence.json`` and ``report.html`` into ``out_dir``; returns paths and headline numbers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bundle.check_model(model, tokenizer)
+    trajs = import_rollouts(rollouts, tokenizer, reward_column=reward_column)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = step_table(model, tokenizer, bundle, trajs, progress=progress)
+    conf = confidence(model, tokenizer, bundle, trajs, table)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(table), sink)
+    atomic_write_bytes(out_dir / "steps.parquet", sink.getvalue().to_pybytes())
+    atomic_write_json(out_dir / "confidence.json", conf)
+    page = render_report(table, conf, title=f"rpe analysis: {Path(rollouts).name}", bundle_dir=bundle_dir,
+                         extra_sections=extra_sections)
+    atomic_write_bytes(out_dir / "report.html", page.encode("utf-8"))
+    return {"report": str(out_dir / "report.html"), "steps": str(out_dir / "steps.parquet"),
+            "n_trajectories": len(trajs), "n_states": len(table["step"]), "confidence": conf}
+
+
+__all__ = ["RolloutImportError", "STEP_COLUMNS", "analyze_rollouts", "answer_entropy", "confidence", "import_rollouts",
+           "render_report", "step_table"]

@@ -1,0 +1,122 @@
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from rpe.analyze import RolloutImportError, analyze_rollouts, import_rollouts
+
+HOSTILE = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
+
+
+def _write_jsonl(path, n=24, seed=0, hostile=True):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            steps = [f"{i} + 1 = {i + 1}", f"{i + 1} + 2 = {i + 3}", f"Answer: {i + 3}"]
+            if hostile and i == 0:
+                steps[1] = HOSTILE
+            f.write(json.dumps({"prompt": f"Q{i % 12}: {i}+1+2=", "steps": steps, "reward": float(rng.random() < 0.5),
+                                "problem_id": f"p{i % 12}"}) + "\n")
+    return path
+
+
+def test_import_jsonl_and_table_formats(tiny_llama, tmp_path):
+    _, tok = tiny_llama
+    trajs = import_rollouts(_write_jsonl(tmp_path / "r.jsonl"), tok)
+    assert len(trajs) == 24 and [s.text for s in trajs[1].steps] == ["1 + 1 = 2", "2 + 2 = 4", "Answer: 4"]
+    for t in trajs:  # spans index the right tokens
+        for s in t.steps:
+            assert tok.decode(t.completion_token_ids[s.token_start : s.token_end]).strip() == s.text
+    import pandas as pd  # TRL-style completions table: prompt, completion, a reward column named 'correct'
+
+    pd.DataFrame({"prompt": ["a", "b"], "completion": ["x\n\nAnswer: 1", "y"], "correct": [1.0, 0.0]}).to_parquet(tmp_path / "t.parquet")
+    got = import_rollouts(tmp_path / "t.parquet", tok, reward_column="correct")
+    assert [len(t.steps) for t in got] == [2, 1] and [t.reward for t in got] == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"steps": ["a"], "reward": 1}, "r.jsonl:1: missing field 'prompt'"),
+    ({"prompt": "q", "steps": ["a"]}, "r.jsonl:1: missing field 'reward'"),
+    ({"prompt": "q", "reward": 1}, "missing field 'steps'"),
+    ({"prompt": "q", "steps": ["a\n\nb"], "reward": 1}, "steps do not match the text"),
+    ({"prompt": "q", "steps": ["a"], "reward": "yes"}, "is not a number"),
+])
+def test_bad_imports_name_the_record_and_field(tiny_llama, tmp_path, line, message):
+    _, tok = tiny_llama
+    (tmp_path / "r.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(RolloutImportError, match=message):
+        import_rollouts(tmp_path / "r.jsonl", tok)
+
+
+def test_empty_inputs_are_refused(tiny_llama, tmp_path):
+    _, tok = tiny_llama
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(RolloutImportError, match="no records"):
+        import_rollouts(tmp_path / "e.jsonl", tok)
+    with pytest.raises(RolloutImportError, match="does not exist"):
+        import_rollouts(tmp_path / "missing.jsonl", tok)
+
+
+@pytest.fixture(scope="module")
+def analysed(tiny_llama, tiny_bundle, tmp_path_factory):
+    model, tok = tiny_llama
+    tmp = tmp_path_factory.mktemp("an")
+    res = analyze_rollouts(model, tok, tiny_bundle, _write_jsonl(tmp / "r.jsonl"), tmp / "out")
+    return res, tmp / "out"
+
+
+def test_analysis_outputs(analysed):
+    import pyarrow.parquet as pq
+
+    res, out = analysed
+    table = pq.read_table(out / "steps.parquet").to_pydict()
+    assert len(table["step"]) == 24 * 4 == res["n_states"]  # s_0 plus three steps each
+    v = np.array(table["value"])
+    assert ((v >= 0) & (v <= 1)).all()
+    rpe = np.array(table["rpe"]).reshape(24, 4)
+    np.testing.assert_allclose(rpe[:, 1:], (1 - 1e-5) * v.reshape(24, 4)[:, 1:] - v.reshape(24, 4)[:, :-1], atol=1e-9)
+    conf = json.loads((out / "confidence.json").read_text())
+    assert set(conf) >= {"value neurons V(s_0)", "question length (shorter = more confident)", "mean prompt log-prob"}
+    page = (out / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page and "onerror=" not in page.replace("onerror=&quot;", "")
+
+
+def test_failed_report_keeps_the_old_one(tiny_llama, tiny_bundle, analysed, monkeypatch):
+    import rpe.analyze as analyze
+
+    model, tok = tiny_llama
+    _, out = analysed
+    before = (out / "report.html").read_bytes()
+    monkeypatch.setattr(analyze, "render_report", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError):
+        analyze.analyze_rollouts(model, tok, tiny_bundle, out.parent / "r.jsonl", out)
+    assert (out / "report.html").read_bytes() == before
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (make test installs it where apt-get works)")
+def test_report_renders_in_headless_chromium_and_runs_no_model_script(analysed, tmp_path):
+    import base64
+    import re
+
+    _, out = analysed
+    url = (out / "report.html").resolve().as_uri()
+    args = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run(args + ["--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<title>rpe analysis" in dom.stdout and "pwned" not in re.findall(r"<title>(.*?)</title>", dom.stdout)[0]
+    assert "<script" not in dom.stdout  # the hostile completion stayed text
+    assert "CONSOLE" not in dom.stderr and "Uncaught" not in dom.stderr
+    imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', dom.stdout)
+    assert {a for a, _ in imgs} >= {"value trajectories", "RPE distribution", "calibration"}
+    for _, b64 in imgs:
+        png = base64.b64decode(b64)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") > 100  # width > 100 px
+    shot = tmp_path / "shot.png"
+    run = subprocess.run(args + ["--window-size=1000,1400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert run.returncode == 0 and shot.stat().st_size > 20_000  # a rendered page, not a blank one
