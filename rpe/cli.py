@@ -387,6 +387,52 @@ def analyze(
     console.print(f"report: {Path(res['report']).resolve()}\nper-step table: {res['steps']}")
 
 
+@app.command("search")
+def search(
+    bundle: Optional[Path] = typer.Option(None, help="Bundle folder (needed by the value and dopamine methods)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model."),
+    task: str = typer.Option("chain_sum", help="Task."),
+    n_problems: int = typer.Option(200, "--n", help="Problems (same for every method)."),
+    methods: str = typer.Option("value,dopamine,logprob,random,greedy,majority", help="Comma-separated methods."),
+    candidates: int = typer.Option(4, "--candidates", help="Candidates per step (samples for majority)."),
+    out: Path = typer.Option(Path("runs/search.json"), help="Results JSON."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Step-level best-of-n guided by internal value vs baselines and majority vote at equal n."""
+    from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.rollouts import atomic_write_json
+    from rpe.search import SearchConfig, run_search
+    from rpe.tasks import UnknownTaskError, load_task
+
+    lm, tok = _load(model)
+    try:
+        b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok) if bundle else None
+        t = load_task(task)
+        cfg = SearchConfig(n=candidates, seed=seed)
+    except (BundleFormatError, BundleMismatchError, UnknownTaskError, ValueError) as err:
+        _fail(str(err))
+    builder = PromptBuilder(t, tok, PromptConfig())
+    stop = builder.stop_strings
+    if stop:
+        _fail("rpe search supports chat-style models (steps end at blank lines); completion-style prompts are not supported yet")
+    with _progress() as bar:
+        job = bar.add_task("search", total=n_problems)
+        try:
+            res = run_search(lm, tok, b, t, builder, [m.strip() for m in methods.split(",") if m.strip()], n_problems, cfg,
+                             progress=lambda m, a, total: bar.update(job, description=m, completed=a, total=total))
+        except ValueError as err:
+            _fail(str(err))
+    atomic_write_json(out, res)
+    table = Table(title=f"step-level search, n={candidates}, {n_problems} problems")
+    for col in ("method", "accuracy [95% CI]", "tokens / problem"):
+        table.add_column(col)
+    for m, r in res["methods"].items():
+        table.add_row(m, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['tokens_per_problem']:.0f}")
+    console.print(table)
+    console.print(f"results: {out}")
+
+
 @app.command("ablate")
 def ablate(
     bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit`."),

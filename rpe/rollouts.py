@@ -391,17 +391,26 @@ def generate_from_ids(
                 reason = "eos"
                 break
             ids.append(t)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        for stop in stop_strings:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-                ends = token_char_ends(tokenizer, ids)
-                ids = ids[: next((i for i, e in enumerate(ends) if e >= cut), len(ids))]
+        ids, text, stopped = cut_at_stop(tokenizer, ids, stop_strings)
+        reason = "stop" if stopped else reason
         completion_ids.append(ids)
         texts.append(text)
         reasons.append(reason)
     return GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc))
+
+
+def cut_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool]:
+    """Cut a completion before the first stop string: ``(ids, text, stopped)``. Tokens whose text ends at or
+    before the cut are kept (the last content token stays); a token reaching into the stop string is dropped."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    stopped = False
+    for stop in stop_strings:
+        cut = text.find(stop)
+        if cut >= 0:
+            text, stopped = text[:cut], True
+            ends = token_char_ends(tokenizer, ids)
+            ids = ids[: next((i for i, e in enumerate(ends) if e > cut), len(ids))]
+    return ids, text, stopped
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -219,3 +219,13 @@ def test_run_folder_from_before_a_new_none_option_still_resumes(tiny_llama, tmp_
     del run_config["rollout"]["capture_layers"]  # as written by a version without that option
     (tmp_path / "run_config.json").write_text(json.dumps(run_config))
     assert collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny").n_trajectories == 1
+
+
+def test_stop_string_cut_keeps_the_last_content_token(tiny_llama):
+    from rpe.rollouts import cut_at_stop
+
+    _, tok = tiny_llama
+    ids = tok("Answer: 42\n\nQuestion: next", add_special_tokens=False)["input_ids"]
+    kept, text, stopped = cut_at_stop(tok, ids, ["\n\nQuestion:"])
+    assert stopped and text == "Answer: 42" and tok.decode(kept) == "Answer: 42"
+    assert cut_at_stop(tok, ids, ["zzz"]) == (ids, "Answer: 42\n\nQuestion: next", False)
