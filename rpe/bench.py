@@ -259,3 +259,44 @@ def bench_ablate(model_name: str = "smollm2-135m-instruct", quick: bool = False,
         "ratio": round(tps["ablated"] / tps["plain"], 3), "goal": ">= 0.95",
         "note": "ablated and plain generate different tokens; tokens/s normalises for length",
     }
+
+
+_MEMORY_CHILD = """
+import json, resource, sys, tempfile
+from rpe.analyze import analyze_rollouts
+from rpe.bundle import random_bundle
+from rpe.models import tiny_model
+from rpe.prompts import PromptConfig
+from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+n, out = int(sys.argv[1]), sys.argv[2]
+model, tok = tiny_model()
+cfg = RolloutConfig(task="chain_sum_2", n_problems=n, samples=1, batch_size=64, prompt=PromptConfig(shots=0),
+                    sampling=SamplingConfig(max_new_tokens=8))
+collect_rollouts(model, tok, cfg, out + "/rollouts", model_name="tiny")
+after_collect = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+analyze_rollouts(model, tok, random_bundle(model, tok), out + "/rollouts", out + "/analysis")
+print(json.dumps({"collect_kib": after_collect, "total_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def bench_memory(quick: bool = False) -> dict[str, Any]:
+    """Peak RSS of collecting and analysing N trajectories with a tiny model, N = 1k vs 10k (quick) or 2k vs
+    20k, each in a fresh process. Goal: ratio < 1.3 (records stream to disk in parts)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    sizes = (1000, 10000) if quick else (2000, 20000)
+    peaks = {}
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(n), tmp], capture_output=True, text=True, check=True)
+            peaks[n] = json.loads(res.stdout.strip().splitlines()[-1])
+    small, big = sizes
+    return {
+        "bench": "memory", "sizes": list(sizes),
+        "peak_rss_mib": {str(n): round(p["total_kib"] / 1024, 1) for n, p in peaks.items()},
+        "collect_peak_rss_mib": {str(n): round(p["collect_kib"] / 1024, 1) for n, p in peaks.items()},
+        "ratio": round(peaks[big]["total_kib"] / peaks[small]["total_kib"], 3), "goal": "< 1.3",
+    }

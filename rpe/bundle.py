@@ -210,6 +210,26 @@ class SubsystemBundle:
         return bundle
 
 
+def random_bundle(model, tokenizer, *, layer: int = 2, k: int = 6, m: int = 4, hidden: int = 16, seed: int = 0) -> SubsystemBundle:
+    """A bundle with random value/dopamine neurons and random probe weights, for tests and benchmarks (it
+    measures nothing). Deterministic for ``seed``."""
+    from rpe.probe import _MLP
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    perm = torch.randperm(cfg.hidden_size, generator=g)
+    value, dopa = perm[:k].sort().values, perm[k : k + m].sort().values
+    torch.manual_seed(seed)
+    net = _MLP(k, hidden)
+    state = ProbeState(layer, value, torch.zeros(k), torch.ones(k), {n: w.clone() for n, w in net.state_dict().items()}, hidden)
+    return SubsystemBundle(
+        model=fingerprint(model, tokenizer), layer=layer, value_neurons=value, probe_state=state,
+        probe_config=ProbeConfig(hidden=hidden), dopamine_neurons=dopa,
+        dopamine_sign=torch.tensor([1.0, -1.0] * (m // 2) + [1.0] * (m % 2)),
+        dopamine_mean=torch.zeros(m), dopamine_std=torch.ones(m), metrics={"note": "random bundle (no fit)"},
+    )
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()

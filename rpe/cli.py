@@ -488,6 +488,16 @@ def ablate(
     console.print(f"results: {out / 'results.json'}, plot: {out / 'ablation.png'}")
 
 
+@bench_app.command("memory")
+def bench_memory(quick: bool = typer.Option(False, help="1k vs 10k trajectories (default 2k vs 20k).")) -> None:
+    """Peak RSS of collecting + analysing N vs 10N trajectories (tiny model); last line JSON (goal ratio < 1.3)."""
+    from rpe.bench import bench_memory as run
+
+    with console.status("collecting and analysing trajectories in fresh processes"):
+        result = run(quick=quick)
+    print(json.dumps(result))
+
+
 @bench_app.command("ablate")
 def bench_ablate(
     quick: bool = typer.Option(False, help="Small sizes."),

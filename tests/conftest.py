@@ -34,24 +34,10 @@ def real_model():
 
 
 def make_tiny_bundle(model, tok, layer: int = 2, k: int = 6, m: int = 4, hidden: int = 16, seed: int = 0):
-    """A bundle for a tiny model with random probe weights and ``m`` dopamine neurons (no fitting)."""
-    from rpe.bundle import SubsystemBundle
-    from rpe.models import fingerprint
-    from rpe.probe import ProbeConfig, ProbeState, _MLP
+    """A bundle for a tiny model with random probe weights (see :func:`rpe.bundle.random_bundle`)."""
+    from rpe.bundle import random_bundle
 
-    g = torch.Generator().manual_seed(seed)
-    d = model.config.hidden_size
-    perm = torch.randperm(d, generator=g)
-    value, dopa = perm[:k].sort().values, perm[k : k + m].sort().values
-    torch.manual_seed(seed)
-    net = _MLP(k, hidden)
-    state = ProbeState(layer, value, torch.zeros(k), torch.ones(k), {n: w.clone() for n, w in net.state_dict().items()}, hidden)
-    return SubsystemBundle(
-        model=fingerprint(model, tok), layer=layer, value_neurons=value, probe_state=state,
-        probe_config=ProbeConfig(hidden=hidden), dopamine_neurons=dopa,
-        dopamine_sign=torch.tensor([1.0, -1.0] * (m // 2) + [1.0] * (m % 2)),
-        dopamine_mean=torch.zeros(m), dopamine_std=torch.ones(m),
-    )
+    return random_bundle(model, tok, layer=layer, k=k, m=m, hidden=hidden, seed=seed)
 
 
 @pytest.fixture(scope="session")
