@@ -121,8 +121,11 @@ def test_every_recipe_loads(bundle_dir):
     for path in RECIPES:
         if path.name.startswith("accelerate"):
             continue
-        rpe_args, train_args = parse_recipe(path, ["--bundle", str(bundle_dir)])
+        gpu = ["--bf16", "false", "--use_cpu", "true"] if "multi_gpu" in path.name else []  # CPU-only CI
+        rpe_args, train_args = parse_recipe(path, ["--bundle", str(bundle_dir), *gpu])
         assert isinstance(rpe_args, RPEArguments) and train_args.max_steps >= 100
+        if "multi_gpu" in path.name:
+            assert train_args.use_vllm and train_args.vllm_mode == "colocate"
 
 
 def test_unknown_recipe_key_names_the_nearest(tmp_path, bundle_dir):
@@ -172,3 +175,22 @@ def test_nan_reward_skips_the_update_with_a_warning(tmp_path, bundle_dir, caplog
     assert trainer.state.log_history[0]["critic/skipped_updates"] == 1.0
     for k, v in model.state_dict().items():  # zero advantages: the policy did not move
         assert torch.equal(v, start[k]), k
+
+
+def test_two_process_data_parallel_run_logs_once_with_gathered_metrics(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("dist_callback.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    history = json.loads((tmp_path / "log_history.json").read_text())
+    steps = [h for h in history if "rpe/value_s0" in h]
+    assert len(steps) == 2
+    assert all(h["rpe/n_completions"] == 8 for h in steps)  # 4 per process, gathered from both
+    printed = run.stdout + run.stderr
+    assert printed.count("'rpe/value_s0'") == 2  # the trainer printed each step's logs once (main process only)
+    assert "RANK 0" in printed and "RANK 1" in printed

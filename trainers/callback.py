@@ -11,7 +11,8 @@ metrics, so they are averaged and reported with ``reward``/``kl`` by every repor
 
 ``rpe/value_s0``, ``rpe/value_final``, ``rpe/rpe_mean``, ``rpe/rpe_abs_mean``, ``rpe/rpe_min``, ``rpe/rpe_max``,
 ``rpe/dopamine``, ``rpe/auroc_value_final``, ``rpe/auroc_value_s0``, ``rpe/captured`` (1 when the signals came
-from the generation capture, 0 when a hooked forward was needed).
+from the generation capture, 0 when a hooked forward was needed) and ``rpe/n_completions`` (completions the
+batch's numbers were computed over, gathered from every process).
 
 Optional online refit: every ``refit_every`` optimizer steps the value probe is refitted on the value-neuron
 activations of the recent batches (the neurons stay fixed), and the bundle is saved with each checkpoint
@@ -41,7 +42,7 @@ from .rewards import InternalSignals
 logger = logging.getLogger(__name__)
 
 LOGGED_KEYS = ("rpe/value_s0", "rpe/value_final", "rpe/rpe_mean", "rpe/rpe_abs_mean", "rpe/rpe_min", "rpe/rpe_max",
-               "rpe/dopamine", "rpe/auroc_value_final", "rpe/auroc_value_s0", "rpe/captured")
+               "rpe/dopamine", "rpe/auroc_value_final", "rpe/auroc_value_s0", "rpe/captured", "rpe/n_completions")
 
 
 def find_trainer(callback: TrainerCallback, max_depth: int = 12):
@@ -183,6 +184,7 @@ class RPECallback(TrainerCallback):
             "rpe/auroc_value_final": auroc(y[ok], vf[ok]) if ok.any() else nan,
             "rpe/auroc_value_s0": auroc(y[ok], v0[ok]) if ok.any() else nan,
             "rpe/captured": _nanmean(captured),
+            "rpe/n_completions": float(table.shape[0]),
         }
         mode = "train" if tr.model.training else "eval"
         for k, v in metrics.items():
