@@ -9,7 +9,7 @@ DEMO_DIR := runs/demo
 DEMO_N ?= 32
 PYTEST_ARGS ?=
 
-.PHONY: demo test install fetch bench clean
+.PHONY: demo test install fetch bench clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,16 @@ demo: fetch
 	$(RPE) rollouts --model $(MODEL) --task chain_sum --n $(DEMO_N) --samples 2 --out $(DEMO_DIR)/rollouts
 	$(RPE) fit --rollouts $(DEMO_DIR)/rollouts --out $(DEMO_DIR)/bundle --layer-stride 3
 	$(RPE) dopamine --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --n-continuations 4 --max-trajectories 32 --threshold 0.25
-	$(RPE) report --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --out $(DEMO_DIR)/report.html
-	@echo "Open $(abspath $(DEMO_DIR)/report.html) in a browser."
+	$(RPE) analyze --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --out $(DEMO_DIR)/analysis
+	@echo "Open $(abspath $(DEMO_DIR)/analysis/report.html) in a browser."
 
 # pytest exits 5 when it collects no test: say so and fail, a silent pass would hide a broken suite.
-test: fetch
+# Headless Chromium checks the HTML report in a real browser; installed here when apt-get can (else that test skips).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get install -y -q chromium >/dev/null 2>&1 && echo "installed chromium"; } || echo "no chromium: the browser test will skip"
+
+test: fetch browser
 	RPE_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 

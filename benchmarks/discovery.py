@@ -63,21 +63,28 @@ def main() -> None:
     ap.add_argument("--continuations", type=int, default=4)
     ap.add_argument("--dopamine-trajectories", type=int, default=200)
     ap.add_argument("--threshold", type=float, default=0.3)
+    ap.add_argument("--shots", type=int, default=6)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("runs/results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     model, tok = load_model(args.model)
     rollouts = args.out / "rollouts"
-    res = collect_rollouts(model, tok, RolloutConfig(task=args.task, n_problems=args.n, samples=args.samples), rollouts,
-                           model_name=args.model)
+    from rpe.prompts import PromptConfig
+    from rpe.rollouts import SamplingConfig
+
+    rcfg = RolloutConfig(task=args.task, n_problems=args.n, samples=args.samples, prompt=PromptConfig(shots=args.shots),
+                         sampling=SamplingConfig(max_new_tokens=args.max_new_tokens))
+    res = collect_rollouts(model, tok, rcfg, rollouts, model_name=args.model)
     logging.info("rollouts: %d, accuracy %.3f", res.n_trajectories, res.accuracy)
     trajs = read_trajectories(rollouts)
     bundle, states = fit_bundle(model, tok, trajs, FitConfig(layer_stride=args.layer_stride), model_name=args.model,
                                 progress=logging.info)
     td_mc = td_vs_mc(states, bundle.layer, ProbeConfig())
     bundle.metrics["td_vs_mc"] = td_mc
-    dcfg = DopamineConfig(n_continuations=args.continuations, threshold=args.threshold)
+    dcfg = DopamineConfig(n_continuations=args.continuations, threshold=args.threshold,
+                          max_new_tokens=min(96, args.max_new_tokens))
     dres = dopamine_from_rollouts(model, tok, rollouts, bundle, dcfg, max_trajectories=args.dopamine_trajectories,
                                   progress=lambda a, b: logging.info("MC values %d/%d", a, b))
     bundle.save(args.out / "bundle")

@@ -300,3 +300,52 @@ def bench_memory(quick: bool = False) -> dict[str, Any]:
         "collect_peak_rss_mib": {str(n): round(p["collect_kib"] / 1024, 1) for n, p in peaks.items()},
         "ratio": round(peaks[big]["total_kib"] / peaks[small]["total_kib"], 3), "goal": "< 1.3",
     }
+
+
+_TRAIN_CHILD = """
+import json, resource, statistics, sys, tempfile
+arm, model_name, bundle, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+from rpe.trainers.recipes import RPEArguments, train
+from trl import GRPOConfig
+with tempfile.TemporaryDirectory() as out:
+    rpe_args = RPEArguments(model=model_name, task="chain_sum", trainer="internal_critic" if arm == "critic" else "grpo",
+                            bundle=None if arm == "stock" else bundle, rpe_callback=arm != "stock",
+                            internal_rewards=["rpe_sum"] if arm == "rpe" else [], internal_reward_weights=[0.1] if arm == "rpe" else [],
+                            shots=2, n_train_problems=64, eval_before_after=False)
+    args = GRPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, num_generations=8,
+                      max_completion_length=48, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                      gradient_checkpointing=False, learning_rate=1e-6, beta=0.0, seed=0)
+    train(rpe_args, args)
+    hist = json.load(open(out + "/log_history.json"))
+times = [h["step_time"] for h in hist if "step_time" in h][1:]  # the first step pays one-off costs
+print(json.dumps({"step_s": statistics.median(times), "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def bench_train(model_name: str = "smollm2-135m-instruct", bundle: str = "runs/demo/bundle", quick: bool = False) -> dict[str, Any]:
+    """Seconds per GRPO step (median, first step excluded) and peak RSS of: stock GRPO; GRPO + RPECallback +
+    one internal reward (``rpe_sum``); internal-critic PPO. Same model, data, seed and sizes (8 completions x 48
+    tokens), each arm in a fresh process. Goal: GRPO + rpe at most 1.03x stock."""
+    import json
+    import subprocess
+    import sys
+
+    steps = 4 if quick else 8
+    arms = {}
+    for arm in ("stock", "rpe", "critic"):
+        res = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, arm, model_name, str(bundle), str(steps)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"bench train arm {arm} failed:\n{res.stderr[-3000:]}")
+        arms[arm] = json.loads(res.stdout.strip().splitlines()[-1])
+    base = arms["stock"]
+    return {
+        "bench": "train", "model": model_name, "steps": steps,
+        "step_s": {k: round(v["step_s"], 2) for k, v in arms.items()},
+        "peak_rss_mib": {k: round(v["peak_rss_kib"] / 1024, 1) for k, v in arms.items()},
+        "time_ratio_rpe_vs_stock": round(arms["rpe"]["step_s"] / base["step_s"], 3),
+        "memory_ratio_rpe_vs_stock": round(arms["rpe"]["peak_rss_kib"] / base["peak_rss_kib"], 3),
+        "time_ratio_critic_vs_stock": round(arms["critic"]["step_s"] / base["step_s"], 3),
+        "memory_ratio_critic_vs_stock": round(arms["critic"]["peak_rss_kib"] / base["peak_rss_kib"], 3),
+        "goal": "time_ratio_rpe_vs_stock <= 1.03",
+    }

@@ -498,6 +498,24 @@ def bench_memory(quick: bool = typer.Option(False, help="1k vs 10k trajectories 
     print(json.dumps(result))
 
 
+@bench_app.command("train")
+def bench_train(
+    quick: bool = typer.Option(False, help="4 steps per arm instead of 8."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model."),
+    bundle: Path = typer.Option(Path("runs/demo/bundle"), help="Bundle for the rpe arms (make demo writes this one)."),
+) -> None:
+    """Time per step and peak memory: GRPO + RPECallback + internal reward, and internal-critic PPO, vs stock GRPO."""
+    from rpe.bench import bench_train as run
+    from rpe.trainers import require_trl
+
+    require_trl()
+    if not (bundle / "bundle.json").exists():
+        _fail(f"{bundle} is not a bundle; run `make demo` (or pass --bundle)")
+    with console.status("benchmarking GRPO arms in fresh processes"):
+        result = run(model, str(bundle), quick=quick)
+    print(json.dumps(result))
+
+
 @bench_app.command("ablate")
 def bench_ablate(
     quick: bool = typer.Option(False, help="Small sizes."),

@@ -280,6 +280,24 @@ class ChainSumTask(ReasoningGymTask):
         return "\n\n".join(steps + [f"Answer: {total}"])
 
 
+class CountBitsTask(ReasoningGymTask):
+    """reasoning-gym ``count_bits`` with two-step worked solutions (write the number in binary, count the ones)."""
+
+    def __init__(self, config: dict[str, Any] | None = None, name: str = "count_bits", partial_credit: bool = False):
+        super().__init__("count_bits", config, name=name, partial_credit=partial_credit)
+
+    def worked_solution(self, problem: Problem) -> str:
+        import re
+
+        match = re.search(r"number (\d+)", problem.prompt)
+        if not match:
+            return super().worked_solution(problem)
+        n = int(match.group(1))
+        bits = format(n, "b")
+        ones = " + ".join(bits)
+        return f"Step 1: {n} in binary is {bits}.\n\nStep 2: the digits add up to {ones} = {bits.count('1')}.\n\nAnswer: {bits.count('1')}"
+
+
 class JsonlTask(Task):
     """Problems from a JSONL file: one object per line with ``prompt`` and ``answer``; optional ``id`` and
     ``verifier`` (``exact``, ``numeric``, ``math``; default ``exact``) and ``solution`` (for few-shot).
@@ -359,6 +377,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "chain_sum": ("chain_sum", {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}),
     "chain_sum_2": ("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
     "chain_sum_4": ("chain_sum", {"min_terms": 4, "max_terms": 4, "min_digits": 1, "max_digits": 1}),
+    "count_bits": ("count_bits", {"min_n": 1, "max_n": 15}),
 }
 DEFAULT_TASK = "chain_sum"
 
@@ -386,6 +405,8 @@ def load_task(name_or_spec: str | dict[str, Any], **options: Any) -> Task:
             partial = bool(spec.get("partial_credit", False))
             if spec["rg_name"] == "chain_sum":
                 return ChainSumTask(config, name=spec.get("name", "chain_sum"), partial_credit=partial)
+            if spec["rg_name"] == "count_bits":
+                return CountBitsTask(config, name=spec.get("name", "count_bits"), partial_credit=partial)
             return ReasoningGymTask(spec["rg_name"], config, name=spec.get("name"), partial_credit=partial)
         raise UnknownTaskError(f"unknown task spec {spec!r}: 'kind' must be 'jsonl' or 'reasoning_gym'")
     name = name_or_spec

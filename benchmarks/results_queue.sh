@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Regenerates the README's results after benchmarks/discovery.py (SmolLM2, runs/results) exists, one job at a
+# time (two torch jobs on 2 cores slow each other ~10x). Each step is resumable; logs go to runs/logs/.
+set -u
+cd "$(dirname "$0")/.."
+RPE=.venv/bin/rpe
+PY=.venv/bin/python
+mkdir -p runs/logs
+step() { echo "== $(date +%T) $1"; }
+
+step "Gemma-3-270M discovery (count_bits)"
+$PY benchmarks/discovery.py --model gemma3-270m --task count_bits --n 100 --samples 2 --shots 4 --max-new-tokens 64 \
+    --layer-stride 2 --continuations 4 --dopamine-trajectories 60 --out runs/results_gemma > runs/logs/gemma.log 2>&1
+
+step "ablation at the bundle layer, 200 held-out problems per arm"
+$RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation --n 200 \
+    --seeds 2 > runs/logs/ablation.log 2>&1
+
+step "offline analysis report"
+$RPE analyze --rollouts runs/results/rollouts --bundle runs/results/bundle --out runs/results/analysis \
+    --ablation runs/results/ablation > runs/logs/analyze.log 2>&1
+chromium --headless --no-sandbox --disable-gpu --window-size=1000,1800 --screenshot=docs/analyze.png \
+    "file://$(pwd)/runs/results/analysis/report.html" > /dev/null 2>&1
+
+step "benchmarks"
+$RPE bench ablate --quick > runs/logs/bench_ablate.log 2>&1
+$RPE bench memory --quick > runs/logs/bench_memory.log 2>&1
+$RPE bench train --quick --bundle runs/results/bundle > runs/logs/bench_train.log 2>&1
+
+step "ablation layer sweep (64 problems per arm) and causal RPE check"
+$RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation_sweep --n 64 \
+    --layers 12,20,28 --controls value,random --seeds 2 --causal > runs/logs/ablation_sweep.log 2>&1
+
+step "step-level search pilot"
+$RPE search --bundle runs/results/bundle --n 30 --methods value,greedy,random,majority --out runs/results/search.json \
+    > runs/logs/search.log 2>&1
+step "done"
