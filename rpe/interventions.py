@@ -21,12 +21,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rpe.tracker import _hidden_size, check_layers, decoder_layers
+from rpe.tracker import BlockHooks, _hidden_size, check_layers
 
 AblationMode = Literal["zero", "mean", "scale"]
 
 
-class NeuronAblation:
+class NeuronAblation(BlockHooks):
     """Replace chosen neuron columns of chosen decoder blocks' outputs.
 
     Args:
@@ -69,28 +69,8 @@ class NeuronAblation:
                 if m.numel() != self.neurons[layer].numel():
                     raise ValueError(f"layer {layer}: {m.numel()} means for {self.neurons[layer].numel()} neurons")
                 self.means[layer] = m
+        self._hook_layers = list(self.neurons)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def __enter__(self) -> NeuronAblation:
-        if self._handles:
-            raise RuntimeError("this NeuronAblation is already active")
-        blocks = decoder_layers(self.model)
-        try:
-            for layer in self.neurons:
-                self._handles.append(blocks[layer].register_forward_hook(self._make_hook(layer)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove the hooks (idempotent)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def _make_hook(self, layer: int):
         idx = self.neurons[layer]

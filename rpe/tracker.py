@@ -76,7 +76,45 @@ class Selection:
     ends: torch.Tensor
 
 
-class ActivationTracker:
+class BlockHooks:
+    """Base of the hook context managers: one forward hook per chosen decoder block, all removed on exit (also
+    when entering fails half-way or the body raises). Subclasses set ``self.model``, ``self._hook_layers`` and
+    ``self._handles = []`` and implement ``_make_hook(layer)``."""
+
+    model: nn.Module
+    _hook_layers: list[int]
+    _handles: list[torch.utils.hooks.RemovableHandle]
+
+    def __enter__(self):
+        if self._handles:
+            raise RuntimeError(f"this {type(self).__name__} is already active")
+        blocks = decoder_layers(self.model)
+        try:
+            for layer in self._hook_layers:
+                self._handles.append(blocks[layer].register_forward_hook(self._make_hook(layer)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook registered here (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def _make_hook(self, layer: int):
+        raise NotImplementedError
+
+
+class ActivationTracker(BlockHooks):
     """Forward hooks on decoder blocks that keep only chosen positions and neurons.
 
     Args:
@@ -114,36 +152,12 @@ class ActivationTracker:
                 )
         self.record_all = record_all
         self.stop_early = stop_early and not record_all
+        self._hook_layers = self.layers
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._selection: Selection | None = None
         self.captured: dict[int, torch.Tensor] = {}
         self._recorded: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
 
-    # -- context manager -------------------------------------------------------------------------------
-    def __enter__(self) -> ActivationTracker:
-        if self._handles:
-            raise RuntimeError("this ActivationTracker is already active")
-        blocks = decoder_layers(self.model)
-        try:
-            for layer in self.layers:
-                self._handles.append(blocks[layer].register_forward_hook(self._make_hook(layer)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        """Remove every hook this tracker registered (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
 
     # -- capture ---------------------------------------------------------------------------------------
     def select(self, rows: Sequence[int], starts: Sequence[int], ends: Sequence[int] | None = None) -> None:

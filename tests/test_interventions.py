@@ -58,6 +58,7 @@ def test_ablation_during_generation_and_cleanup_on_error(tiny_llama):
 
 def test_bad_ablation_input_is_refused_before_hooking(tiny_llama):
     model, _ = tiny_llama
+    before = _layer_hooks(model)
     with pytest.raises(ValueError, match="must lie in 0..63"):
         NeuronAblation(model, {1: [5, 64]})
     with pytest.raises(ValueError, match="layer 9 does not exist"):
@@ -66,7 +67,7 @@ def test_bad_ablation_input_is_refused_before_hooking(tiny_llama):
         NeuronAblation(model, {1: [2, 2]})
     with pytest.raises(ValueError, match="needs means"):
         NeuronAblation(model, {1: [2]}, mode="mean")
-    assert _layer_hooks(model) == 0
+    assert _layer_hooks(model) == before
 
 
 def test_controls():
