@@ -27,6 +27,9 @@ $RPE bench ablate --quick > runs/logs/bench_ablate.log 2>&1
 $RPE bench memory --quick > runs/logs/bench_memory.log 2>&1
 $RPE bench train --quick --bundle runs/results/bundle > runs/logs/bench_train.log 2>&1
 
+step "transfer heatmap (IoU across tasks and layers)"
+$PY benchmarks/transfer_heatmap.py --out runs/results > runs/logs/transfer_heatmap.log 2>&1
+
 step "ablation layer sweep (64 problems per arm) and causal RPE check"
 $RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation_sweep --n 64 \
     --layers 12,20,28 --controls value,random --seeds 2 --causal > runs/logs/ablation_sweep.log 2>&1
