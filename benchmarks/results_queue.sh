@@ -10,11 +10,11 @@ step() { echo "== $(date +%T) $1"; }
 
 step "Gemma-3-270M discovery (count_bits)"
 $PY benchmarks/discovery.py --model gemma3-270m --task count_bits --n 100 --samples 2 --shots 4 --max-new-tokens 64 \
-    --layer-stride 2 --continuations 4 --dopamine-trajectories 60 --out runs/results_gemma > runs/logs/gemma.log 2>&1
+    --layer-stride 2 --continuations 4 --dopamine-trajectories 40 --out runs/results_gemma > runs/logs/gemma.log 2>&1
 
-step "ablation at the bundle layer, 200 held-out problems per arm"
+step "ablation at the bundle layer, 200 held-out problems per arm, and the causal RPE check"
 $RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation --n 200 \
-    --seeds 2 > runs/logs/ablation.log 2>&1
+    --seeds 2 --causal > runs/logs/ablation.log 2>&1
 
 step "offline analysis report"
 $RPE analyze --rollouts runs/results/rollouts --bundle runs/results/bundle --out runs/results/analysis \
@@ -24,15 +24,15 @@ chromium --headless --no-sandbox --disable-gpu --window-size=1000,1800 --screens
 
 step "benchmarks"
 $RPE bench ablate --quick > runs/logs/bench_ablate.log 2>&1
-$RPE bench memory --quick > runs/logs/bench_memory.log 2>&1
 $RPE bench train --quick --bundle runs/results/bundle > runs/logs/bench_train.log 2>&1
+$RPE bench memory --quick > runs/logs/bench_memory.log 2>&1
 
 step "transfer heatmap (IoU across tasks and layers)"
 $PY benchmarks/transfer_heatmap.py --out runs/results > runs/logs/transfer_heatmap.log 2>&1
 
-step "ablation layer sweep (64 problems per arm) and causal RPE check"
+step "ablation layer sweep (64 problems per arm)"
 $RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation_sweep --n 64 \
-    --layers 12,20,28 --controls value,random --seeds 2 --causal > runs/logs/ablation_sweep.log 2>&1
+    --layers 12,20,28 --controls value,random --seeds 2 > runs/logs/ablation_sweep.log 2>&1
 
 step "step-level search pilot"
 $RPE search --bundle runs/results/bundle --n 30 --methods value,greedy,random,majority --out runs/results/search.json \

@@ -211,10 +211,16 @@ def plot_ablation(results: dict[str, Any], path: Path) -> None:
 
 
 def rpe_causal_check(model, tok, bundle, rollouts: str | Path, *, shares=(0.05, 0.1, 0.2), upstream: int = 4,
-                     seeds: int = 3, threshold: float = 0.3, max_trajectories: int = 200) -> dict[str, Any]:
+                     seeds: int = 3, threshold: float = 0.3, max_trajectories: int = 200,
+                     ranking: torch.Tensor | None = None) -> dict[str, Any]:
     """Spearman(dopamine activity, MC TD error) on surprising steps with a share of upstream value-ranked
     neurons ablated vs the same count of random ones. Needs ``rpe dopamine`` to have run (MC values cached in
-    the rollout folder, dopamine neurons in the bundle)."""
+    the rollout folder, dopamine neurons in the bundle).
+
+    Args:
+        ranking: (d,) neuron order at the ablation layer, most value-bearing first; by default a dense TD(0)
+            probe is fitted there on the rollouts and its first-layer L1 norms give the order.
+    """
     from scipy.stats import spearmanr
 
     from rpe.dopamine import DopamineConfig, td_errors
@@ -236,7 +242,8 @@ def rpe_causal_check(model, tok, bundle, rollouts: str | Path, *, shares=(0.05, 
     if la < 0:
         raise ValueError(f"upstream={upstream} puts the ablation before layer 0")
     states = capture_states(model, trajs, [la], pad_token_id=tok.pad_token_id or 0)
-    ranking = torch.argsort(ValueProbe(ProbeConfig()).fit(states, la).neuron_scores(), descending=True)
+    if ranking is None:
+        ranking = torch.argsort(ValueProbe(ProbeConfig()).fit(states, la).neuron_scores(), descending=True)
     d = states.acts[la].shape[1]
     massive = set(massive_dims(states.acts[la]))
     mean, std = bundle.dopamine_stats()

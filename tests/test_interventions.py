@@ -104,3 +104,28 @@ def test_run_ablation_on_a_tiny_model(tiny_llama, tiny_bundle, tmp_path):
     assert (tmp_path / "ablation.png").stat().st_size > 1000
     again = run_ablation(model, tok, tiny_bundle, trajs, cfg, tmp_path, model_name="tiny")  # resumes: same numbers
     assert again["layers"] == res["layers"]
+
+
+def test_causal_rpe_check_runs_and_reports_each_share(tiny_llama, tiny_bundle, tmp_path):
+    import numpy as np
+
+    from rpe.ablate import rpe_causal_check
+    from rpe.prompts import PromptConfig
+    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts, read_trajectories
+
+    model, tok = tiny_llama
+    cfg = RolloutConfig(task="chain_sum_2", n_problems=24, samples=1, prompt=PromptConfig(shots=1),
+                        sampling=SamplingConfig(max_new_tokens=24))
+    collect_rollouts(model, tok, cfg, tmp_path / "r", model_name="tiny")
+    rng = np.random.default_rng(0)
+    values = {t.trajectory_id: rng.random(len(t.steps) + 1).tolist() for t in read_trajectories(tmp_path / "r") if t.steps}
+    rewards = {t.trajectory_id: float(i % 2) for i, t in enumerate(read_trajectories(tmp_path / "r"))}
+    for tid in values:
+        values[tid][-1] = rewards[tid]
+    (tmp_path / "r" / "mc_values.json").write_text(json.dumps({"k": values}))
+    ranking = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    out = rpe_causal_check(model, tok, tiny_bundle, tmp_path / "r", shares=(0.1, 0.5), upstream=1, seeds=2, threshold=0.0,
+                           ranking=ranking)
+    assert out["ablation_layer"] == tiny_bundle.layer - 1 and set(out["shares"]) == {"0.1", "0.5"}
+    for r in out["shares"].values():
+        assert r["n_neurons"] in (6, 32) and len(r["random"]) == 2 and -1 <= r["value"] <= 1
