@@ -17,8 +17,9 @@ $RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out 
     --seeds 2 --causal > runs/logs/ablation.log 2>&1
 
 step "offline analysis report"
-$RPE analyze --rollouts runs/results/rollouts --bundle runs/results/bundle --out runs/results/analysis \
-    --ablation runs/results/ablation > runs/logs/analyze.log 2>&1
+ABL=""; [ -f runs/results/ablation/results.json ] && ABL="--ablation runs/results/ablation"
+$RPE analyze --rollouts runs/results/rollouts --bundle runs/results/bundle --out runs/results/analysis $ABL \
+    > runs/logs/analyze.log 2>&1
 chromium --headless --no-sandbox --disable-gpu --window-size=1000,1800 --screenshot=docs/analyze.png \
     "file://$(pwd)/runs/results/analysis/report.html" > /dev/null 2>&1
 

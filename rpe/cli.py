@@ -370,6 +370,8 @@ def analyze(
     if ablation is not None:
         from rpe.report import ablation_section
 
+        if not (ablation / "results.json").is_file():
+            _fail(f"{ablation} holds no results.json; run `rpe ablate` first or drop --ablation")
         extra.append(ablation_section(ablation))
     with _progress() as bar:
         job = bar.add_task("internal signals", total=None)
