@@ -112,13 +112,19 @@ class SignalReader:
         self.k = int(bundle.value_neurons.numel())
         self.columns = torch.cat([bundle.value_neurons.long(), bundle.dopamine_neurons.long()])
         self.gamma = float(bundle.probe_config.gamma)
+        self.last_recomputed = 0
+        """Rows of the last :meth:`from_recorded` call that needed a forward (last token never fed back)."""
 
     # -- step boundaries -------------------------------------------------------------------------------
     def step_spans(self, completion_ids: Sequence[int]) -> list[tuple[int, int]]:
-        """Token spans of the completion's steps (special tokens such as EOS are not part of any step)."""
+        """Token spans of the completion's steps (a trailing EOS is not part of any step, so the last state is the
+        last content token, which generation has already fed back to the model)."""
         from rpe.rollouts import make_steps
 
         ids = list(completion_ids)
+        special = set(self.tokenizer.all_special_ids)
+        while ids and ids[-1] in special:  # a trailing EOS/pad is not part of the last step
+            ids.pop()
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         steps = make_steps(self.tokenizer, ids, text, self.segmenter, self.pattern)
         return [(s.token_start, s.token_end) for s in steps]
@@ -214,6 +220,7 @@ class SignalReader:
             csum = torch.cat([torch.zeros_like(row[:1]), row.cumsum(0)])
             means = torch.stack([(csum[width + b] - csum[width + a]) / (b - a) for a, b in spans]) if spans else row[:0]
             out.append(self._signals(row[positions], means, spans))
+        self.last_recomputed = len(redo)
         if redo:
             if prompt_ids is None:
                 raise ValueError("prompt_ids are needed to recompute completions that reached the generation limit")

@@ -10,8 +10,9 @@ reward (the weighted sum of the reward functions that are not internal), and app
 metrics, so they are averaged and reported with ``reward``/``kl`` by every reporter the trainer has:
 
 ``rpe/value_s0``, ``rpe/value_final``, ``rpe/rpe_mean``, ``rpe/rpe_abs_mean``, ``rpe/rpe_min``, ``rpe/rpe_max``,
-``rpe/dopamine``, ``rpe/auroc_value_final``, ``rpe/auroc_value_s0``, ``rpe/captured`` (1 when the signals came
-from the generation capture, 0 when a hooked forward was needed) and ``rpe/n_completions`` (completions the
+``rpe/dopamine``, ``rpe/auroc_value_final``, ``rpe/auroc_value_s0``, ``rpe/captured`` (share of completions read
+from the generation capture; completions cut at the length limit, and every completion under vLLM, need a
+hooked forward) and ``rpe/n_completions`` (completions the
 batch's numbers were computed over, gathered from every process).
 
 Optional online refit: every ``refit_every`` optimizer steps the value probe is refitted on the value-neuron
@@ -170,7 +171,7 @@ class RPECallback(TrainerCallback):
                 s.scalar("value_s0"), s.scalar("value_final"),
                 float(rpe.mean()) if rpe.size else nan, float(np.abs(rpe).mean()) if rpe.size else nan,
                 float(rpe.min()) if rpe.size else nan, float(rpe.max()) if rpe.size else nan,
-                s.scalar("dopamine"), r, 1.0 if self.signals.last_source == "captured" else 0.0,
+                s.scalar("dopamine"), r, self.signals.last_captured_fraction,
             ])
         local = torch.tensor(rows, dtype=torch.float32, device=acc.device).reshape(n_local, 9)
         table = acc.gather(local).cpu().numpy()  # (N, 9) over all processes

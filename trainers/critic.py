@@ -175,9 +175,9 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
         losses = []
         for _ in range(cfg.critic_updates):
             with torch.no_grad():
-                targets = lambda_returns(self._critic_values(x).squeeze(-1), y, traj_t, cfg.gamma, cfg.lam)
+                targets = lambda_returns(self._critic_values(x).reshape(-1), y, traj_t, cfg.gamma, cfg.lam)
             st = self.rpe_signals.bundle.probe_state
-            logits = self.critic_net((x - st.mean) / st.std)
+            logits = self.critic_net((x - st.mean) / st.std).reshape(-1)
             loss = nn.functional.binary_cross_entropy_with_logits(logits, targets)
             self.critic_opt.zero_grad()
             loss.backward()

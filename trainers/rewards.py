@@ -57,7 +57,10 @@ class InternalSignals:
         self.tokenizer = tokenizer
         self.reader = SignalReader(self.bundle, model, tokenizer, segmenter=segmenter, check=False)
         self.capture = GenerationCapture(model, self.bundle.layer, self.reader.columns).install() if capture else None
-        self.stats = {"captured": 0, "forward": 0}
+        self.stats = {"captured": 0, "forward": 0, "rows_recomputed": 0}
+        self.last_captured_fraction = 0.0
+        """Share of the last batch's rows read from the generation capture (rows cut at the generation limit
+        need one forward of their own: their last token was never fed back to the model)."""
         self._key: tuple | None = None
         self._signals: list[SequenceSignals] = []
         self.last_source: str | None = None
@@ -93,13 +96,16 @@ class InternalSignals:
         if cap is not None:
             sig = self.reader.from_recorded(cap.recorded, cap.width, completion_ids, cap.prompt_ids)
             self.stats["captured"] += 1
+            self.stats["rows_recomputed"] += self.reader.last_recomputed
             self.last_source = "captured"
+            self.last_captured_fraction = 1.0 - self.reader.last_recomputed / max(1, len(completion_ids))
         else:
             if prompts is None:
                 raise ValueError("the completions were not captured during generation; pass the prompts")
             sig = self.reader.read(self.prompt_ids(prompts), completion_ids)
             self.stats["forward"] += 1
             self.last_source = "forward"
+            self.last_captured_fraction = 0.0
         self._key, self._signals = key, sig
         return sig
 
