@@ -26,6 +26,11 @@ chromium --headless --no-sandbox --disable-gpu --window-size=1000,1800 --screens
 step "benchmarks"
 $RPE bench ablate --quick > runs/logs/bench_ablate.log 2>&1
 $RPE bench train --quick --bundle runs/results/bundle > runs/logs/bench_train.log 2>&1
+
+step "training: GRPO + internal RPE arm (after the trailing-EOS fix)"
+$PY benchmarks/train_curves.py --bundle runs/results/bundle --out runs/train --arms grpo_rpe_reward > runs/logs/train_rpe_arm.log 2>&1
+
+step "memory benchmark"
 $RPE bench memory --quick > runs/logs/bench_memory.log 2>&1
 
 step "transfer heatmap (IoU across tasks and layers)"
