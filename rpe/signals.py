@@ -145,7 +145,8 @@ class SignalReader:
                                value_acts=point_acts[:, : self.k].float().clone())
 
     def read(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-             spans: Sequence[list[tuple[int, int]]] | None = None) -> list[SequenceSignals]:
+             spans: Sequence[list[tuple[int, int]]] | None = None, *, reuse_prefix: bool = True,
+             min_prefix: int = 32) -> list[SequenceSignals]:
         """Signals of each pair, one hooked forward per ``batch_size`` sequences.
 
         Args:
@@ -153,15 +154,22 @@ class SignalReader:
             completion_ids: token ids of each completion (no padding; a trailing EOS is fine).
             spans: the steps' token spans per completion when already known (e.g. from a rollout record);
                 by default the completion is segmented with the reader's segmenter.
+            reuse_prefix: when all prompts share a prefix of ``min_prefix`` or more tokens (the few-shot
+                examples), encode it once and reuse its KV cache (same activations, several times faster).
         """
-        from rpe.store import right_pad
+        from rpe.store import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
         from rpe.tracker import ActivationTracker
 
         if len(prompt_ids) != len(completion_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+        if any(not p for p in prompt_ids):
+            raise ValueError("a prompt has no tokens: s_0 (the last prompt token) is undefined")
         base = unwrap_model(self.model)
         device = next(base.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # the shared prefix must end before every s_0 (the last prompt token), so s_0 is computed with hooks on
+        pre = shared_prefix_len([list(p) for p in prompt_ids], min_prefix) if reuse_prefix and len(prompt_ids) > 1 else 0
+        cache = prefix_cache(base, list(prompt_ids[0][:pre]), device) if pre else None
         out: list[SequenceSignals] = []
         with ActivationTracker(base, [self.bundle.layer], neurons=self.columns) as tracker:
             for start in range(0, len(prompt_ids), self.batch_size):
@@ -174,9 +182,7 @@ class SignalReader:
                         raise ValueError(f"step spans {sp} do not fit a completion of {len(c)} tokens")
                 rows, starts, ends, layout = [], [], [], []
                 for r, (p, spans) in enumerate(zip(prompts, all_spans)):
-                    if not p:
-                        raise ValueError("a prompt has no tokens: s_0 (the last prompt token) is undefined")
-                    n = len(p)
+                    n = len(p) - pre  # positions are relative to the part after the cached prefix
                     points = [(n - 1, n)] + [(n + e - 1, n + e) for _, e in spans]
                     means = [(n + a, n + b) for a, b in spans]
                     layout.append((len(rows), len(points), len(means)))
@@ -184,9 +190,12 @@ class SignalReader:
                         rows.append(r)
                         starts.append(a)
                         ends.append(b)
-                ids, mask = right_pad([p + c for p, c in zip(prompts, comps)], pad)
+                ids, mask = right_pad([(p + c)[pre:] for p, c in zip(prompts, comps)], pad, pre)
                 tracker.select(rows, starts, ends)
-                acts = tracker.forward(input_ids=ids.to(device), attention_mask=mask.to(device))[self.bundle.layer]
+                inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                if cache is not None:
+                    inputs.update(batched_cache_kwargs(base, cache, len(prompts)))
+                acts = tracker.forward(**inputs)[self.bundle.layer]
                 _check_finite(acts, self.bundle.layer)
                 for (first, n_points, n_means), spans in zip(layout, all_spans):
                     point = acts[first : first + n_points]

@@ -73,3 +73,16 @@ def test_wrong_model_is_refused(tiny_bundle):
     other, tok = tiny_model(TinyModelConfig(architecture="qwen2"))
     with pytest.raises(BundleMismatchError):
         SignalReader(tiny_bundle, other, tok)
+
+
+def test_shared_prefix_reuse_gives_the_same_signals(tiny_llama, tiny_bundle):
+    model, tok = tiny_llama
+    reader = SignalReader(tiny_bundle, model, tok)
+    shots = "Q: 1+1=2\n\nQ: 2+2=4\n\nQ: 3+3=6\n\nQ: 4+4=8\n\n"  # a shared few-shot prefix (> 32 tokens)
+    prompts = [tok(shots + q, add_special_tokens=False)["input_ids"] for q in ("Q: 5+5=", "Q: 6+6+1=", "Q: 7=")]
+    comps = [tok(c, add_special_tokens=False)["input_ids"] for c in ("10\n\nAnswer: 10", "12\n\n13\n\nAnswer: 13", "7")]
+    fast = reader.read(prompts, comps)
+    slow = reader.read(prompts, comps, reuse_prefix=False)
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a.values, b.values, atol=1e-5)
+        np.testing.assert_allclose(a.dopamine, b.dopamine, atol=1e-4)
