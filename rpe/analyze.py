@@ -21,7 +21,8 @@ import json
 import logging
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +127,13 @@ def import_rollouts(path: str | Path, tokenizer, *, reward_column: str = "reward
 
 # -- per-step signals -----------------------------------------------------------------------------------
 def step_table(model, tokenizer, bundle, trajectories: Sequence[Trajectory], *, batch_size: int = 16,
-               progress: Callable[[int, int], None] | None = None) -> dict[str, list]:
+               progress: Callable[[int, int], None] | None = None, reader=None) -> dict[str, list]:
     """Columns :data:`STEP_COLUMNS`, one row per state s_0..s_T of every trajectory (rpe/dopamine NaN at s_0).
 
     The trajectories' own step spans are used (one hooked forward per batch, bundle layer only)."""
     from rpe.signals import SignalReader
 
-    reader = SignalReader(bundle, model, tokenizer, batch_size=batch_size)
+    reader = reader or SignalReader(bundle, model, tokenizer, batch_size=batch_size)
     cols: dict[str, list] = {c: [] for c in STEP_COLUMNS}
     for start in range(0, len(trajectories), batch_size):
         batch = trajectories[start : start + batch_size]
@@ -155,11 +156,7 @@ def step_table(model, tokenizer, bundle, trajectories: Sequence[Trajectory], *, 
 
 
 # -- confidence before answering ------------------------------------------------------------------------
-def answer_entropy(trajectories: Sequence[Trajectory]) -> dict[str, float]:
-    """Per problem: entropy (nats) of the final answers over its samples (needs >= 2 samples per problem)."""
-    answers: dict[str, list[str]] = defaultdict(list)
-    for t in trajectories:
-        answers[t.problem_id].append(str(t.final_answer))
+def _entropy_by_problem(answers: dict[str, list[str]]) -> dict[str, float]:
     out = {}
     for pid, a in answers.items():
         if len(a) < 2:
@@ -169,25 +166,52 @@ def answer_entropy(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     return out
 
 
-def confidence(model, tokenizer, bundle, trajectories: Sequence[Trajectory], table: dict[str, list], *,
-               n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+def answer_entropy(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """Per problem: entropy (nats) of the final answers over its samples (needs >= 2 samples per problem)."""
+    answers: dict[str, list[str]] = defaultdict(list)
+    for t in trajectories:
+        answers[t.problem_id].append(str(t.final_answer))
+    return _entropy_by_problem(answers)
+
+
+@dataclass
+class ConfidenceInputs:
+    """Per-trajectory numbers the confidence table needs, collected batch by batch (nothing else is kept)."""
+
+    y: list[float] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    value_s0: list[float] = field(default_factory=list)
+    question_length: list[float] = field(default_factory=list)
+    prompt_logprob: list[float] = field(default_factory=list)
+    answers: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, model, tokenizer, trajectories: Sequence[Trajectory], table: dict[str, list]) -> None:
+        from rpe.baselines import mean_prompt_logprob
+
+        s0 = {tid: v for tid, k, v in zip(table["trajectory_id"], table["step"], table["value"]) if k == 0}
+        for t in trajectories:
+            self.y.append(float(t.reward >= 0.5))
+            self.groups.append(t.problem_id)
+            self.value_s0.append(s0[t.trajectory_id])
+            self.question_length.append(float(t.prompt_len))
+            self.answers[t.problem_id].append(str(t.final_answer))
+        self.prompt_logprob += mean_prompt_logprob(model, trajectories, pad_token_id=tokenizer.pad_token_id or 0).tolist()
+
+
+def confidence(inputs: ConfidenceInputs, *, n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
     """AUROC (95% bootstrap over problems) of confidence signals available before answering, same run:
     the value-neuron probe V(s_0), question length (shorter = more confident), mean prompt log-prob and,
     with several samples per problem, minus the answer entropy (a baseline that needs the samples)."""
-    from rpe.baselines import mean_prompt_logprob, question_length
-
-    y = np.array([t.reward >= 0.5 for t in trajectories], dtype=float)
-    groups = np.array([t.problem_id for t in trajectories])
-    s0 = {tid: v for tid, k, v in zip(table["trajectory_id"], table["step"], table["value"]) if k == 0}
+    y = np.array(inputs.y)
+    groups = np.array(inputs.groups)
     scores = {
-        "value neurons V(s_0)": np.array([s0[t.trajectory_id] for t in trajectories]),
-        "question length (shorter = more confident)": -question_length(trajectories).numpy(),
-        "mean prompt log-prob": mean_prompt_logprob(model, trajectories, pad_token_id=tokenizer.pad_token_id or 0).numpy(),
+        "value neurons V(s_0)": np.array(inputs.value_s0),
+        "question length (shorter = more confident)": -np.array(inputs.question_length),
+        "mean prompt log-prob": np.array(inputs.prompt_logprob),
     }
-    ent = answer_entropy(trajectories)
+    ent = _entropy_by_problem(inputs.answers)
     if ent:
-        keep = np.array([t.problem_id in ent for t in trajectories])
-        scores["minus answer entropy over samples"] = np.array([-ent.get(t.problem_id, np.nan) for t in trajectories])
+        scores["minus answer entropy over samples"] = np.array([-ent.get(g, np.nan) for g in inputs.groups])
     out = {}
     for name, sc in scores.items():
         ok = ~np.isnan(sc)
@@ -320,20 +344,51 @@ def auroc_fmt(x: float) -> str:
     return "n/a (one class)" if x != x else f"{x:.3f}"
 
 
+def _trajectory_batches(rollouts: str | Path, tokenizer, reward_column: str, batch_size: int) -> Iterator[list[Trajectory]]:
+    """Rollout folders stream from Parquet in batches; imported files are read whole, then batched."""
+    from rpe.rollouts import iter_trajectories
+
+    path = Path(rollouts)
+    if path.is_dir():
+        empty = True
+        for batch in iter_trajectories(path, batch_size):
+            empty = False
+            yield batch
+        if empty:
+            raise RolloutImportError(f"{path} holds no trajectories")
+        return
+    trajs = import_rollouts(path, tokenizer, reward_column=reward_column)
+    for i in range(0, len(trajs), batch_size):
+        yield trajs[i : i + batch_size]
+
+
 def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: str | Path, *, reward_column: str = "reward",
                      bundle_dir: str | Path | None = None, extra_sections: Sequence[str] = (),
-                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Read rollouts, compute the per-step table and confidence AUROCs, write ``steps.parquet``,
-    ``confidence.json`` and ``report.html`` into ``out_dir``; returns paths and headline numbers."""
+                     progress: Callable[[int, int], None] | None = None, batch_size: int = 128) -> dict[str, Any]:
+    """Read rollouts batch by batch, compute the per-step table and confidence AUROCs, write
+    ``steps.parquet``, ``confidence.json`` and ``report.html`` into ``out_dir``; returns paths and headline
+    numbers. Only one batch of trajectories is held as Python objects at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from rpe.signals import SignalReader
+
     bundle.check_model(model, tokenizer)
-    trajs = import_rollouts(rollouts, tokenizer, reward_column=reward_column)
+    reader = SignalReader(bundle, model, tokenizer, check=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = step_table(model, tokenizer, bundle, trajs, progress=progress)
-    conf = confidence(model, tokenizer, bundle, trajs, table)
+    table: dict[str, list] = {c: [] for c in STEP_COLUMNS}
+    conf_inputs = ConfidenceInputs()
+    n_traj = 0
+    for batch in _trajectory_batches(rollouts, tokenizer, reward_column, batch_size):
+        cols = step_table(model, tokenizer, bundle, batch, reader=reader)
+        for c in STEP_COLUMNS:
+            table[c] += cols[c]
+        conf_inputs.add(model, tokenizer, batch, cols)
+        n_traj += len(batch)
+        if progress:
+            progress(n_traj, n_traj)
+    conf = confidence(conf_inputs)
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(table), sink)
     atomic_write_bytes(out_dir / "steps.parquet", sink.getvalue().to_pybytes())
@@ -342,8 +397,9 @@ def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: st
                          extra_sections=extra_sections)
     atomic_write_bytes(out_dir / "report.html", page.encode("utf-8"))
     return {"report": str(out_dir / "report.html"), "steps": str(out_dir / "steps.parquet"),
-            "n_trajectories": len(trajs), "n_states": len(table["step"]), "confidence": conf}
+            "n_trajectories": n_traj, "n_states": len(table["step"]), "confidence": conf}
 
 
-__all__ = ["RolloutImportError", "STEP_COLUMNS", "analyze_rollouts", "answer_entropy", "confidence", "import_rollouts",
+__all__ = ["ConfidenceInputs", "RolloutImportError", "STEP_COLUMNS", "analyze_rollouts", "answer_entropy", "confidence",
+           "import_rollouts",
            "render_report", "step_table"]

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,11 +257,8 @@ def _read_table(path: Path):
         raise ValueError(f"{path} is not a readable Parquet file ({err}); delete it and re-run to regenerate") from err
 
 
-def read_trajectories(source: str | Path) -> list[Trajectory]:
-    """Read trajectories from a rollout folder (its ``trajectories.parquet``) or a Parquet file.
-
-    When the folder has a manifest, the file's sha256 is checked against it first.
-    """
+def _checked_parquet(source: str | Path) -> Path:
+    """The Parquet path of a rollout folder (its sha256 checked against the manifest) or a Parquet file."""
     path = Path(source)
     if path.is_dir():
         manifest_path = path / MANIFEST_FILE
@@ -278,7 +275,29 @@ def read_trajectories(source: str | Path) -> list[Trajectory]:
                     f"{path} does not match the sha256 in {manifest_path}: the file was modified or damaged. "
                     "Re-collect the rollouts into a fresh folder."
                 )
-    return [Trajectory.from_row(row) for row in _read_table(path).to_pylist()]
+    return path
+
+
+def read_trajectories(source: str | Path) -> list[Trajectory]:
+    """Read trajectories from a rollout folder (its ``trajectories.parquet``) or a Parquet file.
+
+    When the folder has a manifest, the file's sha256 is checked against it first.
+    """
+    return [Trajectory.from_row(row) for row in _read_table(_checked_parquet(source)).to_pylist()]
+
+
+def iter_trajectories(source: str | Path, batch_size: int = 256) -> Iterator[list[Trajectory]]:
+    """Like :func:`read_trajectories`, in batches of ``batch_size`` records: memory stays flat in the number of
+    trajectories (only one batch exists as Python objects at a time)."""
+    import pyarrow.parquet as pq
+
+    path = _checked_parquet(source)
+    try:
+        reader = pq.ParquetFile(path)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable Parquet file ({err}); delete it and re-run to regenerate") from err
+    for batch in reader.iter_batches(batch_size=batch_size):
+        yield [Trajectory.from_row(row) for row in batch.to_pylist()]
 
 
 # --------------------------------------------------------------------------------------------------------
