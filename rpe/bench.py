@@ -349,3 +349,44 @@ def bench_train(model_name: str = "smollm2-135m-instruct", bundle: str = "runs/d
         "memory_ratio_critic_vs_stock": round(arms["critic"]["peak_rss_kib"] / base["peak_rss_kib"], 3),
         "goal": "time_ratio_rpe_vs_stock <= 1.03",
     }
+
+
+def bench_analyze(rollouts: str = "runs/demo/rollouts", bundle: str = "runs/demo/bundle", quick: bool = False) -> dict[str, Any]:
+    """States analysed per second by :func:`rpe.analyze.step_table` vs the same sequences through plain full
+    forward passes (same batches, same shared-prefix cache): the cost of the analysis beyond the forwards.
+    Ratio = analysis time / forward time (the analysis stops after the bundle's layer, so it can be < 1)."""
+    import torch
+
+    from rpe.analyze import step_table
+    from rpe.bundle import SubsystemBundle
+    from rpe.models import load_model
+    from rpe.rollouts import read_trajectories
+    from rpe.signals import SignalReader
+    from rpe.store import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
+
+    b = SubsystemBundle.load(bundle)
+    model, tok = load_model(b.model.name)
+    trajs = [t for t in read_trajectories(rollouts)][: 32 if quick else 128]
+    reader = SignalReader(b, model, tok, check=True)
+    device = next(model.parameters()).device
+
+    def forwards():
+        for i in range(0, len(trajs), 16):
+            batch = trajs[i : i + 16]
+            prompts = [t.prompt_token_ids for t in batch]
+            pre = shared_prefix_len(prompts, 32) if len(batch) > 1 else 0
+            cache = prefix_cache(model, prompts[0][:pre], device) if pre else None
+            ids, mask = right_pad([(t.prompt_token_ids + t.completion_token_ids)[pre:] for t in batch], tok.pad_token_id or 0, pre)
+            kwargs = batched_cache_kwargs(model, cache, len(batch)) if cache is not None else {}
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask, **kwargs)
+
+    def analysis():
+        return step_table(model, tok, b, trajs, reader=reader)
+
+    t_fwd = _timeit(forwards, 1 if quick else 2)
+    t_an = _timeit(analysis, 1 if quick else 2)
+    n_states = sum(len(t.steps) + 1 for t in trajs)
+    return {"bench": "analyze", "trajectories": len(trajs), "states": n_states,
+            "states_per_s_analysis": round(n_states / t_an, 1), "states_per_s_forward_only": round(n_states / t_fwd, 1),
+            "ratio_analysis_vs_forward": round(t_an / t_fwd, 3), "goal": "close to 1 (little beyond the forwards)"}

@@ -518,6 +518,22 @@ def bench_train(
     print(json.dumps(result))
 
 
+@bench_app.command("analyze")
+def bench_analyze(
+    quick: bool = typer.Option(False, help="32 trajectories instead of 128."),
+    rollouts: Path = typer.Option(Path("runs/demo/rollouts"), help="Rollout folder (make demo writes this one)."),
+    bundle: Path = typer.Option(Path("runs/demo/bundle"), help="Bundle folder."),
+) -> None:
+    """States analysed per second vs the forward passes alone; last line JSON with the ratio."""
+    from rpe.bench import bench_analyze as run
+
+    if not (bundle / "bundle.json").exists() or not (rollouts / "manifest.json").exists():
+        _fail(f"need a finished rollout folder and a bundle ({rollouts}, {bundle}); run `make demo` first")
+    with console.status("benchmarking analysis vs plain forwards"):
+        result = run(str(rollouts), str(bundle), quick=quick)
+    print(json.dumps(result))
+
+
 @bench_app.command("ablate")
 def bench_ablate(
     quick: bool = typer.Option(False, help="Small sizes."),
