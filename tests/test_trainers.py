@@ -62,12 +62,13 @@ def test_recipe_runs_and_logs_internal_signals(tmp_path, bundle_dir, trainer, ex
         assert set(LOGGED_KEYS) <= set(h)
         assert 0 <= h["rpe/value_s0"] <= 1 and 0 <= h["rpe/value_final"] <= 1
         assert h["rpe/rpe_min"] is None or -1 <= h["rpe/rpe_min"] <= h["rpe/rpe_max"] <= 1
-        assert 0 < h["rpe/captured"] <= 1  # read from the trainer's own generation (length-cut rows need a forward)
+        assert 0 <= h["rpe/captured"] <= 1  # share of rows read from the capture (length-cut rows need a forward)
     if trainer == "grpo":
         assert all("rewards/internal_rpe_sum/mean" in h and "rewards/correct/mean" in h for h in steps)
     if trainer == "internal_critic":
         assert all("critic/loss" in h and "critic/adv_abs_mean" in h for h in steps)
-    assert summary["signal_reads"]["forward"] == 0 and summary["signal_reads"]["captured"] >= 2
+    reads = summary["signal_reads"]  # every batch matched the trainer's own generation: no batch-wide forward
+    assert reads["forward"] == 0 and reads["captured"] == 2
     for key in ("eval_before", "eval_after"):
         assert 0 <= summary[key]["accuracy"] <= 1 and summary[key]["n"] == 4
 
