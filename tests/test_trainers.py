@@ -195,3 +195,42 @@ def test_two_process_data_parallel_run_logs_once_with_gathered_metrics(tmp_path)
     printed = run.stdout + run.stderr
     assert printed.count("'rpe/value_s0'") == 2  # the trainer printed each step's logs once (main process only)
     assert "RANK 0" in printed and "RANK 1" in printed
+
+
+def test_online_refit_saves_the_bundle_with_checkpoints_and_rewards_have_one_value_per_completion(tmp_path, bundle_dir):
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpe.bundle import SubsystemBundle
+    from rpe.models import tiny_model
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.tasks import load_task
+    from rpe.trainers import InternalSignals, RPECallback
+    from rpe.trainers.recipes import build_dataset
+
+    model, tok = tiny_model()
+    task = load_task("chain_sum_2")
+    ds, _ = build_dataset(task, PromptBuilder(task, tok, PromptConfig(shots=1)), 16, 0, chat=True)
+    signals = InternalSignals(str(bundle_dir), model, tok)
+    before = {k: v.clone() for k, v in signals.bundle.probe_state.weights.items()}
+    lengths = []
+
+    def parity(completions, **kwargs):  # both outcomes occur, so the probe can be refitted
+        return [float(len(c[0]["content"]) % 2) for c in completions]
+
+    def rpe_sum(prompts, completions, **kwargs):
+        out = signals.reward("rpe_sum")(prompts, completions, **kwargs)
+        lengths.append((len(out), len(completions)))
+        return out
+
+    rpe_sum.rpe_internal = True
+    cb = RPECallback(signals.bundle, signals=signals, refit_every=2, refit_window=8, refit_epochs=2)
+    args = GRPOConfig(output_dir=str(tmp_path / "o"), max_steps=4, per_device_train_batch_size=8, num_generations=2,
+                      max_completion_length=8, report_to="none", use_cpu=True, save_strategy="steps", save_steps=4,
+                      logging_steps=1, seed=0)
+    GRPOTrainer(model=model, processing_class=tok, reward_funcs=[parity, rpe_sum], args=args, train_dataset=ds,
+                callbacks=[cb]).train()
+    signals.close()
+    assert lengths and all(a == b == 8 for a, b in lengths)
+    saved = SubsystemBundle.load(tmp_path / "o" / "checkpoint-4" / "rpe_bundle", model=model, tokenizer=tok)
+    assert saved.metrics["online_refits"] and [r["step"] for r in saved.metrics["online_refits"]] == [2, 4]
+    assert any(not torch.equal(saved.probe_state.weights[k], before[k]) for k in before)  # the probe was refitted
