@@ -29,7 +29,6 @@ import logging
 import math
 from collections import deque
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
