@@ -242,10 +242,28 @@ def write_trajectories(path: Path, trajectories: Sequence[Trajectory]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist([t.to_row() for t in trajectories])
+    table = _with_fixed_types(pa.Table.from_pylist([t.to_row() for t in trajectories]))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def _with_fixed_types(table):
+    """Give columns that can be all-empty in one batch their real type (Arrow infers ``null`` from a batch where
+    no completion has an answer, or none has a step), so the parts of a run always merge."""
+    import pyarrow as pa
+
+    fixed = {
+        "final_answer": pa.string(),
+        "steps": pa.list_(pa.struct([("text", pa.string()), ("char_start", pa.int64()), ("char_end", pa.int64()),
+                                     ("token_start", pa.int64()), ("token_end", pa.int64())])),
+        "completion_token_ids": pa.list_(pa.int64()),
+    }
+    for name, typ in fixed.items():
+        i = table.schema.get_field_index(name)
+        if i >= 0 and table.schema.field(i).type != typ:
+            table = table.set_column(i, name, table.column(i).cast(typ))
+    return table
 
 
 def _read_table(path: Path):
@@ -629,7 +647,7 @@ def finalize_rollouts(out_dir: Path, run_config: dict[str, Any], n_parts: int) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = [_read_table(_part_path(out_dir, b)) for b in range(n_parts)]
+    tables = [_with_fixed_types(_read_table(_part_path(out_dir, b))) for b in range(n_parts)]
     table = pa.concat_tables(tables)
     ids = table.column("trajectory_id").to_pylist()
     if len(set(ids)) != len(ids):

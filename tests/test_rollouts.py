@@ -229,3 +229,22 @@ def test_stop_string_cut_keeps_the_last_content_token(tiny_llama):
     kept, text, stopped = cut_at_stop(tok, ids, ["\n\nQuestion:"])
     assert stopped and text == "Answer: 42" and tok.decode(kept) == "Answer: 42"
     assert cut_at_stop(tok, ids, ["zzz"]) == (ids, "Answer: 42\n\nQuestion: next", False)
+
+
+def test_parts_merge_when_one_part_has_no_answers_and_no_steps(tmp_path):
+    """A batch where no completion has a final answer or a step used to be written with Arrow's null type and
+    broke the merge of a 200-problem ablation arm."""
+    from rpe.rollouts import SCHEMA_VERSION, Step, Trajectory, _part_path, read_trajectories, write_trajectories
+
+    def traj(i, answer, steps):
+        return Trajectory(SCHEMA_VERSION, f"p{i}#0", f"p{i}", "chain_sum", 0, "q", "c", steps, answer, "3",
+                          float(answer == "3"), [1, 2], [], "length", True, False, {"name": "m"},
+                          {"temperature": 0.7}, 0)
+
+    write_trajectories(_part_path(tmp_path, 0), [traj(0, "3", [Step("c", 0, 1, 0, 1)])])
+    write_trajectories(_part_path(tmp_path, 1), [traj(1, None, [])])
+    from rpe.rollouts import finalize_rollouts
+
+    finalize_rollouts(tmp_path, {"model": {"name": "m"}, "task_spec": {}, "rollout": {"sampling": {}, "seed": 0}}, 2)
+    got = read_trajectories(tmp_path)
+    assert [t.final_answer for t in got] == ["3", None] and [len(t.steps) for t in got] == [1, 0]
