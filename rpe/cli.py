@@ -397,7 +397,10 @@ def search(
     n_problems: int = typer.Option(200, "--n", help="Problems (same for every method)."),
     methods: str = typer.Option("value,dopamine,logprob,random,greedy,majority", help="Comma-separated methods."),
     candidates: int = typer.Option(4, "--candidates", help="Candidates per step (samples for majority)."),
-    out: Path = typer.Option(Path("runs/search.json"), help="Results JSON."),
+    max_new_tokens: int = typer.Option(128, help="Token budget of one completion."),
+    batch_problems: int = typer.Option(8, help="Problems searched together (rows per generate: this x candidates)."),
+    out: Path = typer.Option(Path("runs/search.json"), help="Results JSON (saved after each method; a rerun with the "
+                                                            "same options keeps the finished methods)."),
     seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
     """Step-level best-of-n guided by internal value vs baselines and majority vote at equal n."""
@@ -411,10 +414,14 @@ def search(
     try:
         b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok) if bundle else None
         t = load_task(task)
-        cfg = SearchConfig(n=candidates, seed=seed)
+        cfg = SearchConfig(n=candidates, seed=seed, max_new_tokens=max_new_tokens, batch_problems=batch_problems)
+        done = json.loads(out.read_text()) if out.exists() else None
     except (BundleFormatError, BundleMismatchError, UnknownTaskError, ValueError) as err:
         _fail(str(err))
     builder = PromptBuilder(t, tok, PromptConfig())
+    meta = {"model": model, "task": task, "bundle": str(bundle) if bundle else None}
+    if done and any(done.get(k) != v for k, v in meta.items()):
+        done = None  # another model, task or bundle: start over
     stop = builder.stop_strings
     if stop:
         _fail("rpe search supports chat-style models (steps end at blank lines); completion-style prompts are not supported yet")
@@ -422,15 +429,18 @@ def search(
         job = bar.add_task("search", total=n_problems)
         try:
             res = run_search(lm, tok, b, t, builder, [m.strip() for m in methods.split(",") if m.strip()], n_problems, cfg,
-                             progress=lambda m, a, total: bar.update(job, description=m, completed=a, total=total))
+                             progress=lambda m, a, total: bar.update(job, description=m, completed=a, total=total),
+                             done=done, on_method=lambda r: atomic_write_json(out, {**meta, **r}))
         except ValueError as err:
             _fail(str(err))
+    res = {**meta, **res}
     atomic_write_json(out, res)
     table = Table(title=f"step-level search, n={candidates}, {n_problems} problems")
-    for col in ("method", "accuracy [95% CI]", "tokens / problem"):
+    for col in ("method", "accuracy [95% CI]", "tokens / problem", "accuracy per 1k tokens"):
         table.add_column(col)
     for m, r in res["methods"].items():
-        table.add_row(m, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['tokens_per_problem']:.0f}")
+        table.add_row(m, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['tokens_per_problem']:.0f}",
+                      f"{r['accuracy_per_1k_tokens']:.2f}")
     console.print(table)
     console.print(f"results: {out}")
 

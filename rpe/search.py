@@ -13,14 +13,18 @@ or ``max_steps``. The kept candidate is chosen by:
 
 ``majority`` is the equal-budget baseline at the level of whole answers: ``n`` full samples and a vote over
 their final answers. Every method reports accuracy with a Wilson interval and the tokens it generated per
-problem. Activations for the internal scorers are recorded during candidate generation (no extra forward).
+problem.
+
+Problems advance in batches (``batch_problems`` problems x ``n`` candidates per ``generate`` call, the few-shot
+prefix encoded once and its KV cache shared); each kept candidate is scored by one hooked forward of the
+candidates (``SignalReader.read``, also with the shared prefix) or one forward for their log-probabilities.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,136 +52,172 @@ class SearchConfig:
     """Token budget of one full sample (``majority``) and of a whole searched completion."""
     temperature: float = 0.7
     seed: int = 0
+    batch_problems: int = 8
+    """Problems searched together (rows per generate call: ``batch_problems x n``)."""
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.max_steps < 1 or self.max_step_tokens < 1:
-            raise ValueError("n, max_steps and max_step_tokens must be >= 1")
+        if min(self.n, self.max_steps, self.max_step_tokens, self.max_new_tokens, self.batch_problems) < 1:
+            raise ValueError("n, max_steps, max_step_tokens, max_new_tokens and batch_problems must be >= 1")
 
 
-def _candidate_logprobs(model, prefix: list[int], cands: list[list[int]]) -> np.ndarray:
-    """Mean log-probability of each candidate given the prefix (one batched forward)."""
+def _candidate_logprobs(model, prefixes: Sequence[list[int]], cands: Sequence[list[int]]) -> np.ndarray:
+    """Mean token log-probability of each candidate given its prefix.
+
+    One forward per distinct prefix (its candidates share it); logits are computed only at the candidates'
+    positions (``logits_to_keep``), so memory is ``n x step length x vocab``, not the whole prompt's.
+    """
     from rpe.store import right_pad
 
-    seqs = [prefix + c for c in cands]
-    ids, mask = right_pad(seqs, 0)
+    out = np.full(len(cands), -np.inf)
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1).cpu()
-    out = []
-    for r, c in enumerate(cands):
-        n = len(prefix)
-        out.append(float(logp[r, n - 1 : n - 1 + len(c)].mean()) if c else -np.inf)
-    return np.array(out)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prefixes):
+        groups.setdefault(tuple(p), []).append(i)
+    for prefix, rows in groups.items():
+        rows = [r for r in rows if cands[r]]
+        if not rows:
+            continue
+        n, width = len(prefix), max(len(cands[r]) for r in rows)
+        ids, mask = right_pad([list(prefix) + cands[r] for r in rows], 0)
+        keep = torch.arange(n - 1, n - 1 + width)  # positions predicting the candidate tokens
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           logits_to_keep=keep.to(device)).logits.float()
+        logp = torch.log_softmax(logits, -1).cpu()
+        for j, r in enumerate(rows):
+            c = torch.tensor(cands[r])
+            out[r] = float(logp[j, torch.arange(len(c)), c].mean())
+    return out
 
 
-def search_one(model, tok, reader, prompt_ids: list[int], method: str, cfg: SearchConfig, rng: np.random.Generator,
-               seed: int) -> tuple[str, int]:
-    """One problem: the searched completion text and the tokens generated to find it."""
-    from rpe.tracker import ActivationTracker
+def _scores(method: str, model, reader, prefixes: list[list[int]], cands: list[list[int]],
+            rng: np.random.Generator) -> np.ndarray:
+    """Score of each candidate (higher is kept); empty candidates score -inf."""
+    if method in ("value", "dopamine"):
+        rows = [i for i, c in enumerate(cands) if c]
+        sigs = reader.read([prefixes[i] for i in rows], [cands[i] for i in rows],
+                           spans=[[(0, len(cands[i]))] for i in rows])
+        out = np.full(len(cands), -np.inf)
+        for i, s in zip(rows, sigs):
+            # value: V at the candidate's last token (its RPE differs by V(s_t), shared by all candidates);
+            # dopamine: the dopamine neurons' signed z-scored activity over the candidate's tokens
+            out[i] = s.values[-1] if method == "value" else float(s.dopamine.mean())
+        return out
+    if method == "logprob":
+        return _candidate_logprobs(model, prefixes, cands)
+    return np.where([bool(c) for c in cands], rng.random(len(cands)), -np.inf)
 
-    completion: list[int] = []
-    spent = 0
+
+def search_batch(model, tok, reader, prompts: Sequence[list[int]], method: str, cfg: SearchConfig,
+                 rng: np.random.Generator, seed: int) -> tuple[list[str], list[int]]:
+    """Step-level search on several problems at once: the searched completions' texts and the tokens
+    generated for each problem (all candidates, kept or not)."""
+    greedy = method == "greedy"
+    n = 1 if greedy else cfg.n
+    completions: list[list[int]] = [[] for _ in prompts]
+    spent = [0] * len(prompts)
+    active = list(range(len(prompts)))
+    stop_ids = tok(STEP_STOP, add_special_tokens=False)["input_ids"]
     for step in range(cfg.max_steps):
-        prefix = prompt_ids + completion
-        greedy = method == "greedy"
-        n = 1 if greedy else cfg.n
+        active = [p for p in active if len(completions[p]) < cfg.max_new_tokens]
+        if not active:
+            break
+        left = {p: cfg.max_new_tokens - len(completions[p]) for p in active}  # each problem's token budget
+        prefixes = [list(prompts[p]) + completions[p] for p in active for _ in range(n)]
         sampling = SamplingConfig(temperature=0.0 if greedy else cfg.temperature,
-                                  max_new_tokens=min(cfg.max_step_tokens, cfg.max_new_tokens - len(completion)))
-        if sampling.max_new_tokens < 1:
-            break
-        use_acts = method in ("value", "dopamine")
-        if use_acts:
-            with ActivationTracker(reader.model, [reader.bundle.layer], neurons=reader.columns, record_all=True) as tr:
-                gen = generate_from_ids(model, tok, [prefix] * n, sampling, stop_strings=[STEP_STOP],
-                                        seed=seed + step, reuse_prefix=False)
-            recorded = tr.generated()[reader.bundle.layer]
-        else:
-            gen = generate_from_ids(model, tok, [prefix] * n, sampling, stop_strings=[STEP_STOP], seed=seed + step,
-                                    reuse_prefix=False)
-        cands = gen.completion_ids
-        spent += sum(len(c) for c in cands)
-        if method == "value" or method == "dopamine":
-            spans = [[(0, len(c))] if c else [] for c in cands]
-            sigs = []
-            for i, c in enumerate(cands):
-                if not c:
-                    sigs.append(None)
-                    continue
-                pos = len(prefix) - 1 + len(c)  # the candidate's last token (prompts are unpadded and equal)
-                if pos < recorded.shape[1]:
-                    row = recorded[i].float()
-                    point = row[[len(prefix) - 1, pos]]
-                    mean = row[len(prefix) : len(prefix) + len(c)].mean(0, keepdim=True)
-                    sigs.append(reader._signals(point, mean, spans[i]))
-                else:  # the last token was never fed back: one forward for this candidate
-                    sigs.append(reader.read([prefix], [c], spans=[spans[i]])[0])
-            if method == "value":
-                scores = np.array([s.values[-1] if s is not None else -np.inf for s in sigs])
-            else:
-                scores = np.array([s.dopamine.mean() if s is not None and s.dopamine.size else -np.inf for s in sigs])
-        elif method == "logprob":
-            scores = _candidate_logprobs(model, prefix, cands)
-        else:
-            scores = rng.random(len(cands))
-        best = int(np.argmax(scores))
-        chosen = cands[best]
-        stop_ids = tok(STEP_STOP, add_special_tokens=False)["input_ids"] if gen.finish_reasons[best] == "stop" else []
-        completion = completion + chosen + stop_ids
-        if gen.finish_reasons[best] != "stop" or extract_answer(gen.texts[best]) is not None:
-            break
-    return tok.decode(completion, skip_special_tokens=True), spent
+                                  max_new_tokens=min(cfg.max_step_tokens, max(left.values())))
+        gen = generate_from_ids(model, tok, prefixes, sampling, stop_strings=[STEP_STOP], seed=seed + step)
+        cands = [c[: left[active[r // n]]] for r, c in enumerate(gen.completion_ids)]
+        scores = _scores(method, model, reader, prefixes, cands, rng).reshape(len(active), n)
+        still = []
+        for j, p in enumerate(active):
+            spent[p] += sum(len(c) for c in cands[j * n : (j + 1) * n])
+            best = j * n + int(np.argmax(scores[j]))
+            stopped = gen.finish_reasons[best] == "stop" and len(cands[best]) == len(gen.completion_ids[best])
+            completions[p] = completions[p] + cands[best] + (stop_ids if stopped else [])
+            if stopped and extract_answer(gen.texts[best]) is None:
+                still.append(p)
+        active = still
+    return [tok.decode(c, skip_special_tokens=True) for c in completions], spent
 
 
-def majority_one(model, tok, prompt_ids: list[int], cfg: SearchConfig, seed: int) -> tuple[str, int]:
-    """``n`` full samples; the completion whose answer is the most common (ties: first seen)."""
-    gen = generate_from_ids(model, tok, [prompt_ids] * cfg.n,
-                            SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens), seed=seed,
-                            reuse_prefix=False)
-    answers = [extract_answer(t) for t in gen.texts]
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return gen.texts[0], sum(len(c) for c in gen.completion_ids)
-    top = counts.most_common(1)[0][0]
-    return gen.texts[answers.index(top)], sum(len(c) for c in gen.completion_ids)
+def majority_batch(model, tok, prompts: Sequence[list[int]], cfg: SearchConfig, seed: int) -> tuple[list[str], list[int]]:
+    """``n`` full samples per problem; the completion whose answer is the most common (ties: first seen)."""
+    gen = generate_from_ids(model, tok, [list(p) for p in prompts for _ in range(cfg.n)],
+                            SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens), seed=seed)
+    texts, spent = [], []
+    for j in range(len(prompts)):
+        group = range(j * cfg.n, (j + 1) * cfg.n)
+        answers = [extract_answer(gen.texts[r]) for r in group]
+        counts = Counter(a for a in answers if a is not None)
+        pick = answers.index(counts.most_common(1)[0][0]) if counts else 0
+        texts.append(gen.texts[j * cfg.n + pick])
+        spent.append(sum(len(gen.completion_ids[r]) for r in group))
+    return texts, spent
 
 
-def run_search(model, tok, bundle, task, builder, methods: list[str], n_problems: int, cfg: SearchConfig, *,
-               problem_seed: int = 1, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Accuracy and tokens per problem of each method on the same problems."""
-    from rpe.signals import SignalReader
-
+def check_methods(methods: Sequence[str], bundle) -> None:
+    """Refuse unknown methods, and internal methods without the bundle parts they read."""
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown search methods {bad}; choose from {', '.join(METHODS)}")
-    needs_bundle = {"value", "dopamine"} & set(methods)
-    reader = SignalReader(bundle, model, tok) if bundle is not None else None
-    if needs_bundle and reader is None:
-        raise ValueError(f"methods {sorted(needs_bundle)} need a bundle")
+    needs_bundle = sorted({"value", "dopamine"} & set(methods))
+    if needs_bundle and bundle is None:
+        raise ValueError(f"methods {needs_bundle} need a bundle (--bundle DIR from `rpe fit`)")
     if "dopamine" in methods and bundle.dopamine_neurons.numel() == 0:
         raise ValueError("method 'dopamine' needs dopamine neurons in the bundle; run `rpe dopamine` first")
+
+
+def run_search(model, tok, bundle, task, builder, methods: list[str], n_problems: int, cfg: SearchConfig, *,
+               problem_seed: int = 1, progress: Callable[[str, int, int], None] | None = None,
+               done: dict[str, Any] | None = None,
+               on_method: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Accuracy and tokens per problem of each method on the same problems.
+
+    Args:
+        done: an earlier result of the same call (same config and problems); its methods are kept, not rerun.
+        on_method: called with the results so far after each method (e.g. to save them: a long run resumes).
+
+    Returns:
+        ``{"config", "n_problems", "problem_seed", "methods": {method: {"accuracy", "ci95", "tokens_per_problem",
+        "accuracy_per_1k_tokens", "correct"}}}``; ``correct`` is the per-problem 0/1 list (paired comparisons).
+    """
+    from rpe.signals import SignalReader
+
+    check_methods(methods, bundle)
+    reader = SignalReader(bundle, model, tok) if bundle is not None else None
     problems = list(task.problems(n_problems, seed=problem_seed))
     prompts = [tok(builder(p), add_special_tokens=False)["input_ids"] for p in problems]
-    results: dict[str, Any] = {"config": asdict(cfg), "n_problems": n_problems, "methods": {}}
+    results: dict[str, Any] = {"config": asdict(cfg), "n_problems": n_problems, "problem_seed": problem_seed,
+                               "methods": {}}
+    if done and all(done.get(k) == results[k] for k in ("config", "n_problems", "problem_seed")):
+        results["methods"].update({m: r for m, r in done.get("methods", {}).items() if m in methods})
     for method in methods:
+        if method in results["methods"]:
+            continue
         rng = np.random.default_rng(cfg.seed)
-        correct, tokens = [], []
-        for i, (p, ids) in enumerate(zip(problems, prompts)):
-            seed = cfg.seed + 1000 * i
+        correct: list[float] = []
+        tokens: list[int] = []
+        for start in range(0, len(problems), cfg.batch_problems):
+            chunk = prompts[start : start + cfg.batch_problems]
+            seed = cfg.seed + 1000 * start
             if method == "majority":
-                text, spent = majority_one(model, tok, ids, cfg, seed)
+                texts, spent = majority_batch(model, tok, chunk, cfg, seed)
             else:
-                text, spent = search_one(model, tok, reader, ids, method, cfg, rng, seed)
-            correct.append(task.score(p, text))
-            tokens.append(spent)
+                texts, spent = search_batch(model, tok, reader, chunk, method, cfg, rng, seed)
+            correct += [task.score(p, t) for p, t in zip(problems[start : start + cfg.batch_problems], texts)]
+            tokens += spent
             if progress:
-                progress(method, i + 1, len(problems))
+                progress(method, len(correct), len(problems))
         k = float(np.sum(correct))
         lo, hi = wilson_interval(k, len(correct))
         acc = k / len(correct)
         results["methods"][method] = {"accuracy": acc, "ci95": [lo, hi], "tokens_per_problem": float(np.mean(tokens)),
-                                      "accuracy_per_1k_tokens": 1000 * acc / max(float(np.mean(tokens)), 1e-9)}
+                                      "accuracy_per_1k_tokens": 1000 * acc / max(float(np.mean(tokens)), 1e-9),
+                                      "correct": [float(c) for c in correct]}
+        if on_method:
+            on_method(results)
     return results
 
 
-__all__ = ["METHODS", "SearchConfig", "majority_one", "run_search", "search_one"]
+__all__ = ["METHODS", "SearchConfig", "check_methods", "majority_batch", "run_search", "search_batch"]

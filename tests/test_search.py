@@ -1,7 +1,11 @@
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 
 from rpe.prompts import PromptBuilder, PromptConfig
-from rpe.search import SearchConfig, run_search
+from rpe.rollouts import SamplingConfig, generate_from_ids
+from rpe.search import STEP_STOP, SearchConfig, run_search, search_batch
 from rpe.tasks import load_task
 
 
@@ -27,3 +31,55 @@ def test_search_input_errors(tiny_llama, tiny_bundle):
         run_search(model, tok, tiny_bundle, task, builder, ["beam"], 1, SearchConfig())
     with pytest.raises(ValueError, match="need a bundle"):
         run_search(model, tok, None, task, builder, ["value"], 1, SearchConfig())
+
+
+class _LengthReader:
+    """Stands in for SignalReader: a candidate's internal value is its length in tokens."""
+
+    def read(self, prompts, completions, spans=None):
+        return [SimpleNamespace(values=np.array([0.0, float(len(c))]), dopamine=np.array([-float(len(c))]))
+                for c in completions]
+
+
+def test_value_search_keeps_the_candidate_the_reader_values_most(tiny_llama):
+    model, tok = tiny_llama
+    prompts = [tok("What is 2 + 3? " * 12, add_special_tokens=False)["input_ids"],
+               tok("What is 4 + 1? " * 12, add_special_tokens=False)["input_ids"]]
+    cfg = SearchConfig(n=3, max_steps=1, max_step_tokens=8, max_new_tokens=8, batch_problems=2)
+    rows = [p for p in prompts for _ in range(3)]
+    sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=8)
+    cands = generate_from_ids(model, tok, rows, sampling, stop_strings=[STEP_STOP], seed=5).completion_ids
+    rng = np.random.default_rng(0)
+    for method, pick in (("value", max), ("dopamine", min)):
+        texts, spent = search_batch(model, tok, _LengthReader(), prompts, method, cfg, rng, seed=5)
+        for j, text in enumerate(texts):
+            group = cands[3 * j : 3 * j + 3]
+            best = next(c for c in group if len(c) == pick(len(c) for c in group))
+            assert text == tok.decode(best, skip_special_tokens=True)
+            assert spent[j] == sum(len(c) for c in group)
+
+
+def test_greedy_search_does_not_depend_on_how_problems_are_batched(tiny_llama, tiny_bundle):
+    model, tok = tiny_llama
+    task = load_task("chain_sum_2")
+    builder = PromptBuilder(task, tok, PromptConfig(shots=1))
+    runs = [run_search(model, tok, tiny_bundle, task, builder, ["greedy"], 4,
+                       SearchConfig(max_steps=2, max_step_tokens=6, max_new_tokens=12, batch_problems=b))
+            for b in (1, 4)]
+    assert runs[0]["methods"]["greedy"] == runs[1]["methods"]["greedy"]
+
+
+def test_search_resumes_finished_methods_and_saves_after_each(tiny_llama, tiny_bundle):
+    model, tok = tiny_llama
+    task = load_task("chain_sum_2")
+    builder = PromptBuilder(task, tok, PromptConfig(shots=1))
+    cfg = SearchConfig(n=2, max_steps=1, max_step_tokens=4, max_new_tokens=4)
+    saved = []
+    first = run_search(model, tok, tiny_bundle, task, builder, ["random"], 2, cfg, on_method=lambda r: saved.append(r))
+    assert len(saved) == 1 and saved[0]["methods"]["random"]["correct"] == first["methods"]["random"]["correct"]
+    fake = {**first, "methods": {"random": {**first["methods"]["random"], "accuracy": 0.123}}}
+    kept = run_search(model, tok, tiny_bundle, task, builder, ["random"], 2, cfg, done=fake)
+    assert kept["methods"]["random"]["accuracy"] == 0.123  # not rerun
+    other = run_search(model, tok, tiny_bundle, task, builder, ["random"], 2, SearchConfig(n=3, max_steps=1, max_step_tokens=4,
+                       max_new_tokens=4), done=fake)
+    assert other["methods"]["random"]["accuracy"] != 0.123  # another config: rerun
