@@ -17,7 +17,6 @@ dopamine, reward, step text), ``confidence.json`` and ``report.html``; every fil
 from __future__ import annotations
 
 import html
-import json
 import logging
 import math
 from collections import Counter, defaultdict
@@ -43,19 +42,9 @@ class RolloutImportError(ValueError):
 # -- import ---------------------------------------------------------------------------------------------
 def _records(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RolloutImportError(f"{path}:{n}: not valid JSON ({err})") from err
-            if not isinstance(rec, dict):
-                raise RolloutImportError(f"{path}:{n}: each line must be a JSON object")
-            rec["_where"] = f"{path}:{n}"
-            out.append(rec)
-        return out
+        from rpe.jsonl import iter_jsonl_objects
+
+        return [{**rec, "_where": where} for where, rec in iter_jsonl_objects(path, RolloutImportError)]
     if path.suffix in (".parquet", ".csv"):
         import pandas as pd
 

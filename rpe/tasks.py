@@ -314,32 +314,24 @@ class JsonlTask(Task):
     def _read(self) -> list[Problem]:
         if not self.path.is_file():
             raise TaskFileError(f"task file {self.path} does not exist")
+        from rpe.jsonl import iter_jsonl_objects
+
         problems, seen = [], set()
-        with self.path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{self.path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise TaskFileError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
-                if not isinstance(row, dict):
-                    raise TaskFileError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                missing = [k for k in ("prompt", "answer") if k not in row]
-                if missing:
-                    raise TaskFileError(f"{where}: missing field(s) {missing}; each line needs 'prompt' and 'answer'")
-                verifier = row.get("verifier", "exact")
-                if verifier not in VERIFIERS:
-                    raise TaskFileError(f"{where}: unknown verifier {verifier!r}; choose one of {', '.join(VERIFIERS)}")
-                pid = str(row.get("id", f"{self.name}/{lineno}"))
-                if pid in seen:
-                    raise TaskFileError(f"{where}: duplicate id {pid!r}")
-                seen.add(pid)
-                meta = {"verifier": verifier}
-                if "solution" in row:
-                    meta["solution"] = str(row["solution"])
-                problems.append(Problem(id=pid, prompt=str(row["prompt"]), answer=str(row["answer"]), meta=meta))
+        for where, row in iter_jsonl_objects(self.path, TaskFileError):
+            missing = [k for k in ("prompt", "answer") if k not in row]
+            if missing:
+                raise TaskFileError(f"{where}: missing field(s) {missing}; each line needs 'prompt' and 'answer'")
+            verifier = row.get("verifier", "exact")
+            if verifier not in VERIFIERS:
+                raise TaskFileError(f"{where}: unknown verifier {verifier!r}; choose one of {', '.join(VERIFIERS)}")
+            pid = str(row.get("id", f"{self.name}/{where.rsplit(':', 1)[1]}"))
+            if pid in seen:
+                raise TaskFileError(f"{where}: duplicate id {pid!r}")
+            seen.add(pid)
+            meta = {"verifier": verifier}
+            if "solution" in row:
+                meta["solution"] = str(row["solution"])
+            problems.append(Problem(id=pid, prompt=str(row["prompt"]), answer=str(row["answer"]), meta=meta))
         if not problems:
             raise TaskFileError(f"{self.path}: no problems (the file is empty)")
         return problems
