@@ -18,6 +18,7 @@ block's output depends only on earlier blocks.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -249,15 +250,9 @@ def rpe_causal_check(model, tok, bundle, rollouts: str | Path, *, shares=(0.05, 
     mean, std = bundle.dopamine_stats()
 
     def spearman(neurons: torch.Tensor | None) -> float:
-        ctx = NeuronAblation(model, {la: neurons}) if neurons is not None else None
-        if ctx:
-            ctx.__enter__()
-        try:
+        with NeuronAblation(model, {la: neurons}) if neurons is not None else contextlib.nullcontext():
             st = capture_states(model, trajs, [bundle.layer], mode="steps", neurons=bundle.dopamine_neurons,
                                 pad_token_id=tok.pad_token_id or 0)
-        finally:
-            if ctx:
-                ctx.__exit__(None, None, None)
         rows = (st.step_index >= 1).nonzero().flatten()
         act = ((st.acts[bundle.layer][rows] - mean) / std * bundle.dopamine_sign).mean(1).numpy()
         delta = np.array([td_errors(values[st.trajectory_ids[int(st.traj_index[r])]], gamma)[int(st.step_index[r]) - 1]
