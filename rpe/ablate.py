@@ -32,7 +32,8 @@ import torch
 from rpe.controls import (SOURCES, massive_dims, matched_random_set, mc_probe_set, next_token_scores, random_set,
                           top_k, top_magnitude_set, wanda_scores)
 from rpe.interventions import NeuronAblation
-from rpe.rollouts import RolloutConfig, Trajectory, atomic_write_json, collect_rollouts, read_trajectories
+from rpe.rollouts import (RolloutConfig, Trajectory, atomic_write_json, collect_rollouts, read_trajectories,
+                          wilson_interval)
 from rpe.store import StateSet, capture_states
 
 logger = logging.getLogger(__name__)
@@ -177,15 +178,18 @@ def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cf
 
 
 def summarise(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per source: mean accuracy and drop over its seeds, with the min and max drop."""
+    """Per source: mean accuracy and drop over its seeds, the min and max drop, and the Wilson interval of the
+    accuracy pooled over its seeds (``ci95``)."""
     by: dict[str, list[dict[str, Any]]] = {}
     for name, r in arms.items():
         by.setdefault(name.split("/")[0], []).append(r)
     out = {}
     for source, rs in by.items():
         drops = [r["drop"] for r in rs]
+        correct = sum(round(r["accuracy"] * r["n"]) for r in rs)
         out[source] = {"accuracy": float(np.mean([r["accuracy"] for r in rs])), "drop": float(np.mean(drops)),
-                       "drop_min": float(min(drops)), "drop_max": float(max(drops)), "n_sets": len(rs)}
+                       "drop_min": float(min(drops)), "drop_max": float(max(drops)), "n_sets": len(rs),
+                       "ci95": list(wilson_interval(correct, sum(r["n"] for r in rs)))}
     return out
 
 
@@ -198,13 +202,21 @@ def plot_ablation(results: dict[str, Any], path: Path) -> None:
     layers = sorted(int(k) for k in results["layers"])
     sources = sorted({s for e in results["layers"].values() for s in e["summary"]})
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for s in sources:
-        acc = [results["layers"][str(layer)]["summary"].get(s, {}).get("accuracy", np.nan) for layer in layers]
-        ax.plot(layers, acc, marker="o", label=s)
-    ax.axhline(results["baseline"]["accuracy"], color="black", ls="--", lw=1, label="no ablation")
+    step = min(np.diff(layers)) if len(layers) > 1 else 1
+    for i, s in enumerate(sources):
+        rows = [results["layers"][str(layer)]["summary"].get(s) for layer in layers]
+        acc = np.array([r["accuracy"] if r else np.nan for r in rows])
+        lo = np.array([r["accuracy"] - r["ci95"][0] if r and "ci95" in r else 0.0 for r in rows])
+        hi = np.array([r["ci95"][1] - r["accuracy"] if r and "ci95" in r else 0.0 for r in rows])
+        x = np.array(layers) + step * 0.06 * (i - (len(sources) - 1) / 2)  # side by side at each layer
+        ax.errorbar(x, acc, yerr=[lo, hi], marker="o", capsize=3, label=s)
+    base = results["baseline"]
+    ax.axhline(base["accuracy"], color="black", ls="--", lw=1, label="no ablation")
+    if "ci95" in base:
+        ax.axhspan(*base["ci95"], color="black", alpha=0.08, lw=0)
     ax.set_xlabel("layer")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"ablating {results['n_neurons']} neurons per set")
+    ax.set_title(f"ablating {results['n_neurons']} neurons per set (95% Wilson intervals, pooled over seeds)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -129,3 +129,16 @@ def test_causal_rpe_check_runs_and_reports_each_share(tiny_llama, tiny_bundle, t
     assert out["ablation_layer"] == tiny_bundle.layer - 1 and set(out["shares"]) == {"0.1", "0.5"}
     for r in out["shares"].values():
         assert r["n_neurons"] in (6, 32) and len(r["random"]) == 2 and -1 <= r["value"] <= 1
+
+
+def test_summary_pools_seeds_into_one_wilson_interval():
+    from rpe.ablate import summarise
+    from rpe.rollouts import wilson_interval
+
+    arms = {"value": {"accuracy": 0.5, "n": 10, "drop": 0.1},
+            "random/0": {"accuracy": 0.2, "n": 10, "drop": 0.4}, "random/1": {"accuracy": 0.6, "n": 10, "drop": 0.0}}
+    s = summarise(arms)
+    assert s["random"]["accuracy"] == pytest.approx(0.4) and s["random"]["n_sets"] == 2
+    assert (s["random"]["drop_min"], s["random"]["drop_max"]) == (0.0, 0.4)
+    assert s["random"]["ci95"] == list(wilson_interval(8, 20))  # 2 + 6 correct of 20
+    assert s["value"]["ci95"] == list(wilson_interval(5, 10))
