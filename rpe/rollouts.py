@@ -331,6 +331,10 @@ class GeneratedBatch:
         completion_ids: per sequence, generated ids up to and excluding EOS / padding, cut at a stop string.
         texts: decoded completions (special tokens removed, stop string removed).
         finish_reasons: ``eos``, ``stop`` or ``length`` per sequence.
+        stop_ids: per sequence, the generated ids cut off after ``completion_ids`` up to the one that completes
+            the stop string (empty unless stopped): ``completion_ids + stop_ids`` is the model's own
+            tokenisation of the text through the stop string (re-tokenising the stop string can differ, e.g.
+            one ``"\n\n"`` token where the model wrote two ``"\n"``).
     """
 
     prompt_ids: list[list[int]]
@@ -338,6 +342,7 @@ class GeneratedBatch:
     texts: list[str]
     finish_reasons: list[str]
     prompt_truncated: list[bool]
+    stop_ids: list[list[int]] = field(default_factory=list)
 
 
 def generate_batch(
@@ -420,20 +425,32 @@ def generate_from_ids(
             **extra,
         )
     eos_ids = _eos_ids(model, tokenizer)
-    completion_ids, texts, reasons = [], [], []
+    completion_ids, texts, reasons, tails = [], [], [], []
     for row in out[:, width:].tolist():
-        ids, reason = [], "length"
+        raw, reason = [], "length"
         for t in row:
             if t in eos_ids:
                 reason = "eos"
                 break
-            ids.append(t)
-        ids, text, stopped = cut_at_stop(tokenizer, ids, stop_strings)
+            raw.append(t)
+        ids, text, stopped = cut_at_stop(tokenizer, raw, stop_strings)
         reason = "stop" if stopped else reason
         completion_ids.append(ids)
         texts.append(text)
         reasons.append(reason)
-    return GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc))
+        tails.append(_stop_tail(tokenizer, raw, len(ids), len(text), stop_strings) if stopped else [])
+    return GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails)
+
+
+def _stop_tail(tokenizer, raw: list[int], kept: int, text_len: int, stop_strings: Sequence[str]) -> list[int]:
+    """The generated ids after the first ``kept`` up to the one whose text completes the stop string."""
+    full = tokenizer.decode(raw, skip_special_tokens=True)
+    stop = next((s for s in stop_strings if full.startswith(s, text_len)), None)
+    if stop is None:
+        return []
+    ends = token_char_ends(tokenizer, raw)
+    last = next((i for i, e in enumerate(ends) if e >= text_len + len(stop)), len(raw) - 1)
+    return raw[kept : last + 1]
 
 
 def cut_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool]:

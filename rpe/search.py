@@ -117,7 +117,6 @@ def search_batch(model, tok, reader, prompts: Sequence[list[int]], method: str, 
     completions: list[list[int]] = [[] for _ in prompts]
     spent = [0] * len(prompts)
     active = list(range(len(prompts)))
-    stop_ids = tok(STEP_STOP, add_special_tokens=False)["input_ids"]
     for step in range(cfg.max_steps):
         active = [p for p in active if len(completions[p]) < cfg.max_new_tokens]
         if not active:
@@ -134,7 +133,7 @@ def search_batch(model, tok, reader, prompts: Sequence[list[int]], method: str, 
             spent[p] += sum(len(c) for c in cands[j * n : (j + 1) * n])
             best = j * n + int(np.argmax(scores[j]))
             stopped = gen.finish_reasons[best] == "stop" and len(cands[best]) == len(gen.completion_ids[best])
-            completions[p] = completions[p] + cands[best] + (stop_ids if stopped else [])
+            completions[p] = completions[p] + cands[best] + (gen.stop_ids[best] if stopped else [])
             if stopped and extract_answer(gen.texts[best]) is None:
                 still.append(p)
         active = still
