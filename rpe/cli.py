@@ -398,6 +398,7 @@ def search(
     methods: str = typer.Option("value,dopamine,logprob,random,greedy,majority", help="Comma-separated methods."),
     candidates: int = typer.Option(4, "--candidates", help="Candidates per step (samples for majority)."),
     max_new_tokens: int = typer.Option(128, help="Token budget of one completion."),
+    max_step_tokens: int = typer.Option(48, help="Token budget of one candidate step."),
     batch_problems: int = typer.Option(8, help="Problems searched together (rows per generate: this x candidates)."),
     out: Path = typer.Option(Path("runs/search.json"), help="Results JSON (saved after each method; a rerun with the "
                                                             "same options keeps the finished methods)."),
@@ -414,7 +415,8 @@ def search(
     try:
         b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok) if bundle else None
         t = load_task(task)
-        cfg = SearchConfig(n=candidates, seed=seed, max_new_tokens=max_new_tokens, batch_problems=batch_problems)
+        cfg = SearchConfig(n=candidates, seed=seed, max_new_tokens=max_new_tokens, max_step_tokens=max_step_tokens,
+                           batch_problems=batch_problems)
         done = json.loads(out.read_text()) if out.exists() else None
     except (BundleFormatError, BundleMismatchError, UnknownTaskError, ValueError) as err:
         _fail(str(err))

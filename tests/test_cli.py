@@ -58,3 +58,24 @@ def test_task_options_are_parsed_and_checked():
     assert bad.exit_code == 2 and "invalid options" in bad.output
     malformed = runner.invoke(app, ["rollouts", "--task-option", "novalue", "--out", "x"])
     assert malformed.exit_code == 2 and "KEY=VALUE" in malformed.output
+
+
+def test_search_cli_saves_per_method_and_resumes(real_model, tmp_path):
+    import json
+
+    out = tmp_path / "search.json"
+    args = ["search", "--n", "2", "--methods", "greedy", "--candidates", "2", "--max-new-tokens", "24",
+            "--max-step-tokens", "12", "--out", str(out)]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    saved = json.loads(out.read_text())
+    assert saved["model"] == "smollm2-135m-instruct" and saved["n_problems"] == 2
+    assert 0 < saved["methods"]["greedy"]["tokens_per_problem"] <= 24
+    saved["methods"]["greedy"]["accuracy"] = 0.25  # a marker: a resumed run keeps finished methods
+    out.write_text(json.dumps(saved))
+    again = runner.invoke(app, args + ["--methods", "greedy,random"])
+    assert again.exit_code == 0, again.output
+    both = json.loads(out.read_text())["methods"]
+    assert both["greedy"]["accuracy"] == 0.25 and set(both) == {"greedy", "random"}
+    bad = runner.invoke(app, ["search", "--n", "1", "--methods", "value", "--out", str(tmp_path / "x.json")])
+    assert bad.exit_code != 0 and "need a bundle" in bad.output
