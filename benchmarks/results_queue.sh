@@ -12,9 +12,10 @@ step "Gemma-3-270M discovery (count_bits)"
 $PY benchmarks/discovery.py --model gemma3-270m --task count_bits --n 100 --samples 2 --shots 4 --max-new-tokens 64 \
     --layer-stride 2 --continuations 4 --dopamine-trajectories 40 --out runs/results_gemma > runs/logs/gemma.log 2>&1
 
-step "ablation at the bundle layer, 200 held-out problems per arm, and the causal RPE check"
+step "ablation at the bundle layer, 200 held-out problems per arm, every control, and the causal RPE check"
 $RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation --n 200 \
-    --seeds 2 --causal > runs/logs/ablation.log 2>&1
+    --controls value,random,random_matched,top_magnitude,wanda,next_token,mc_probe --seeds 2 --causal \
+    > runs/logs/ablation.log 2>&1
 
 step "offline analysis report"
 ABL=""; [ -f runs/results/ablation/results.json ] && ABL="--ablation runs/results/ablation"
@@ -40,7 +41,12 @@ step "ablation layer sweep (64 problems per arm)"
 $RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation_sweep --n 64 \
     --layers 12,20,28 --controls value,random --seeds 2 > runs/logs/ablation_sweep.log 2>&1
 
-step "step-level search pilot"
-$RPE search --bundle runs/results/bundle --n 30 --methods value,greedy,random,majority --out runs/results/search.json \
-    > runs/logs/search.log 2>&1
+step "step-level search, 200 problems"
+$RPE search --bundle runs/results/bundle --n 200 --methods greedy,value,majority,logprob,random --max-step-tokens 32 \
+    --out runs/results/search.json > runs/logs/search.log 2>&1
+
+step "held-out rollouts (seed 2, 2 samples) and their analysis: confidence before answering"
+$RPE rollouts --task chain_sum --n 200 --samples 2 --seed 2 --out runs/results/rollouts_heldout > runs/logs/rollouts_heldout.log 2>&1
+$RPE analyze --rollouts runs/results/rollouts_heldout --bundle runs/results/bundle --out runs/results/analysis_heldout \
+    > runs/logs/analyze_heldout.log 2>&1
 step "done"
