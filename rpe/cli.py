@@ -350,7 +350,9 @@ def analyze(
     out: Path = typer.Option(..., help="Output folder: report.html, steps.parquet, confidence.json."),
     model: Optional[str] = typer.Option(None, help="Model (default: the one named in the rollouts' manifest)."),
     reward_column: str = typer.Option("reward", help="Reward field of imported files (e.g. TRL's 'correct')."),
-    ablation: Optional[Path] = typer.Option(None, help="An `rpe ablate` output folder to include."),
+    ablation: Optional[Path] = typer.Option(None, help="An `rpe ablate` output folder to include (with its causal check)."),
+    transfer: Optional[Path] = typer.Option(None, help="A transfer_heatmap.json (benchmarks/transfer_heatmap.py) to include."),
+    search_results: Optional[Path] = typer.Option(None, "--search", help="An `rpe search` JSON to include."),
 ) -> None:
     """Per-step internal value, RPE and dopamine activity of rollouts; confidence AUROCs; an HTML report."""
     from rpe.analyze import RolloutImportError, analyze_rollouts
@@ -373,6 +375,17 @@ def analyze(
         if not (ablation / "results.json").is_file():
             _fail(f"{ablation} holds no results.json; run `rpe ablate` first or drop --ablation")
         extra.append(ablation_section(ablation))
+    from rpe.report import search_section, transfer_section
+
+    for given, flag, make in ((transfer, "--transfer", transfer_section), (search_results, "--search", search_section)):
+        if given is None:
+            continue
+        if not given.is_file():
+            _fail(f"{given} does not exist; produce it first or drop {flag}")
+        try:
+            extra.append(make(given))
+        except (ValueError, KeyError, TypeError) as err:
+            _fail(f"{given} is not a {flag.lstrip('-')} result ({type(err).__name__}: {err})")
     with _progress() as bar:
         job = bar.add_task("internal signals", total=None)
         try:

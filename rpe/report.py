@@ -127,10 +127,52 @@ def ablation_section(ablate_dir: str | Path) -> str:
         f"<tr><td>{e(layer)}</td><td>{e(src)}</td><td>{s['accuracy']:.3f}</td><td>{s['drop']:+.3f}</td></tr>"
         for layer, entry in res["layers"].items() for src, s in entry["summary"].items()
     )
-    png = ablate_dir / "ablation.png"
-    img = f'<img alt="ablation by layer" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">' if png.exists() else ""
-    return (f"<h2>Ablation ({res['n_neurons']} neurons per set; no ablation: {res['baseline']['accuracy']:.3f})</h2>"
-            f"<table><tr><th>layer</th><th>source</th><th>accuracy</th><th>drop</th></tr>{rows}</table>{img}")
+    img = _png_img(ablate_dir / "ablation.png", "ablation by layer")
+    out = (f"<h2>Ablation ({res['n_neurons']} neurons per set; no ablation: {res['baseline']['accuracy']:.3f})</h2>"
+           f"<table><tr><th>layer</th><th>source</th><th>accuracy</th><th>drop</th></tr>{rows}</table>{img}")
+    causal = ablate_dir / "causal_rpe.json"
+    if causal.is_file():
+        c = json.loads(causal.read_text())
+        rows = "".join(f"<tr><td>{float(share):.0%} ({r['n_neurons']})</td><td>{_fmt(r['value'])}</td>"
+                       f"<td>{_fmt(r['random_mean'])}</td></tr>" for share, r in c["shares"].items())
+        out += (f"<h3>Causal RPE check (zeroed at layer {c['ablation_layer']}, dopamine neurons at layer "
+                f"{c['dopamine_layer']}; no ablation: {_fmt(c['baseline'])})</h3><table><tr><th>share zeroed</th>"
+                f"<th>Spearman, value-ranked zeroed</th><th>random zeroed (mean)</th></tr>{rows}</table>")
+    return out
+
+
+def _png_img(path: Path, alt: str) -> str:
+    """An inline ``<img>`` of a PNG file, or nothing when the file is absent."""
+    if not path.is_file():
+        return ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+
+
+def transfer_section(heatmap_json: str | Path) -> str:
+    """HTML for ``benchmarks/transfer_heatmap.py`` output: the IoU heatmap (the PNG beside the JSON) and chance."""
+    import json
+
+    path = Path(heatmap_json)
+    res = json.loads(path.read_text())
+    return (f"<h2>Transfer: value-neuron sets across tasks and layers</h2><p>IoU of the top {res['k']} of "
+            f"{res['d']} neurons; chance IoU of two random sets {_fmt(res['chance_iou'])}.</p>"
+            + _png_img(path.with_suffix(".png"), "IoU heatmap"))
+
+
+def search_section(search_json: str | Path) -> str:
+    """HTML for an ``rpe search`` result: accuracy, interval and tokens per problem of each method."""
+    import json
+
+    e = html.escape
+    res = json.loads(Path(search_json).read_text())
+    rows = "".join(
+        f"<tr><td>{e(m)}</td><td>{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]</td>"
+        f"<td>{r['tokens_per_problem']:.0f}</td><td>{r['accuracy_per_1k_tokens']:.2f}</td></tr>"
+        for m, r in res["methods"].items()
+    )
+    return (f"<h2>Step-level search ({res['n_problems']} problems, n = {res['config']['n']})</h2><table><tr>"
+            f"<th>method</th><th>accuracy [95% CI]</th><th>tokens / problem</th><th>accuracy per 1k tokens</th></tr>"
+            f"{rows}</table>")
 
 
 def rollout_report(

@@ -120,3 +120,26 @@ def test_report_renders_in_headless_chromium_and_runs_no_model_script(analysed, 
     shot = tmp_path / "shot.png"
     run = subprocess.run(args + ["--window-size=1000,1400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert run.returncode == 0 and shot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_result_sections_show_the_numbers_and_escape_names(tmp_path):
+    from rpe.report import ablation_section, search_section, transfer_section
+
+    search = {"n_problems": 200, "config": {"n": 4}, "methods": {
+        "<b>value</b>": {"accuracy": 0.4, "ci95": [0.33, 0.47], "tokens_per_problem": 120.4, "accuracy_per_1k_tokens": 3.32}}}
+    (tmp_path / "search.json").write_text(json.dumps(search))
+    page = search_section(tmp_path / "search.json")
+    assert "&lt;b&gt;value&lt;/b&gt;" in page and "<b>" not in page
+    assert "0.400 [0.330, 0.470]" in page and ">120<" in page and "3.32" in page
+    (tmp_path / "transfer_heatmap.json").write_text(json.dumps({"k": 29, "d": 576, "chance_iou": 0.0258, "labels": [],
+                                                                "iou": []}))
+    page = transfer_section(tmp_path / "transfer_heatmap.json")
+    assert "top 29 of 576" in page and "<img" not in page  # no PNG beside it: no broken image
+    abl = tmp_path / "ablation"
+    abl.mkdir()
+    (abl / "results.json").write_text(json.dumps({"n_neurons": 6, "baseline": {"accuracy": 0.22}, "layers": {
+        "28": {"summary": {"value": {"accuracy": 0.23, "drop": -0.01}}}}}))
+    (abl / "causal_rpe.json").write_text(json.dumps({"ablation_layer": 24, "dopamine_layer": 28, "baseline": 0.412,
+                                                     "shares": {"0.1": {"n_neurons": 58, "value": 0.345, "random_mean": 0.43}}}))
+    page = ablation_section(abl)
+    assert "0.230" in page and "-0.010" in page and "Causal RPE check" in page and "10% (58)" in page
