@@ -343,6 +343,9 @@ class GeneratedBatch:
     finish_reasons: list[str]
     prompt_truncated: list[bool]
     stop_ids: list[list[int]] = field(default_factory=list)
+    token_logprobs: list[list[float]] = field(default_factory=list)
+    """Per sequence, the log-probability of each token of ``completion_ids`` under the model's raw (untempered)
+    distribution; filled only when asked for (``generate_from_ids(..., token_logprobs=True)``)."""
 
 
 def generate_batch(
@@ -385,6 +388,7 @@ def generate_from_ids(
     seed: int | None = None,
     reuse_prefix: bool = True,
     min_prefix: int = 32,
+    token_logprobs: bool = False,
 ) -> GeneratedBatch:
     """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion).
 
@@ -392,6 +396,8 @@ def generate_from_ids(
     architecture is one where this is verified to give identical outputs (:data:`PREFIX_REUSE_MODEL_TYPES`),
     the shared prefix is encoded once and its KV cache reused by every row; padding then sits between the
     prefix and each row's own tokens (positions come from the attention mask, so nothing shifts).
+    ``token_logprobs`` also returns each generated token's log-probability from the logits computed while
+    generating (no extra forward).
     """
     enc = [list(ids) for ids in prompt_ids]
     pad = tokenizer.pad_token_id
@@ -416,6 +422,8 @@ def generate_from_ids(
         torch.manual_seed(seed)
     if stop_strings:
         extra.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+    if token_logprobs:
+        extra.update(output_logits=True, return_dict_in_generate=True)
     with torch.inference_mode():
         out = model.generate(
             input_ids=input_ids.to(device),
@@ -424,6 +432,13 @@ def generate_from_ids(
             **sampling.generate_kwargs(),
             **extra,
         )
+        logprobs: list[list[float]] = []
+        if token_logprobs:
+            new_tokens = out.sequences[:, width:]
+            per_step = [torch.log_softmax(step.float(), -1).gather(-1, new_tokens[:, t, None]).squeeze(-1).cpu()
+                        for t, step in enumerate(out.logits)]
+            logprobs = torch.stack(per_step, 1).tolist() if per_step else [[] for _ in enc]
+            out = out.sequences
     eos_ids = _eos_ids(model, tokenizer)
     completion_ids, texts, reasons, tails = [], [], [], []
     for row in out[:, width:].tolist():
@@ -439,7 +454,8 @@ def generate_from_ids(
         texts.append(text)
         reasons.append(reason)
         tails.append(_stop_tail(tokenizer, raw, len(ids), len(text), stop_strings) if stopped else [])
-    return GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails)
+    logprobs = [lp[: len(ids)] for lp, ids in zip(logprobs, completion_ids)]
+    return GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails, logprobs)
 
 
 def _stop_tail(tokenizer, raw: list[int], kept: int, text_len: int, stop_strings: Sequence[str]) -> list[int]:

@@ -7,7 +7,7 @@ or ``max_steps``. The kept candidate is chosen by:
 - ``value``: the internal value V at the candidate's last token (equivalently its internal RPE, since the
   current state's value is shared by all candidates);
 - ``dopamine``: the signed activity of the dopamine neurons over the candidate's tokens;
-- ``logprob``: the candidate's mean token log-probability (a baseline);
+- ``logprob``: the candidate's mean token log-probability, recorded while generating it (a baseline);
 - ``random``: a uniformly random candidate (a baseline);
 - ``greedy``: one greedy step, no sampling (a baseline; n is ignored).
 
@@ -17,7 +17,7 @@ problem.
 
 Problems advance in batches (``batch_problems`` problems x ``n`` candidates per ``generate`` call, the few-shot
 prefix encoded once and its KV cache shared); each kept candidate is scored by one hooked forward of the
-candidates (``SignalReader.read``, also with the shared prefix) or one forward for their log-probabilities.
+candidates (``SignalReader.read``, also with the shared prefix); log-probabilities come from the generation itself.
 """
 
 from __future__ import annotations
@@ -60,39 +60,10 @@ class SearchConfig:
             raise ValueError("n, max_steps, max_step_tokens, max_new_tokens and batch_problems must be >= 1")
 
 
-def _candidate_logprobs(model, prefixes: Sequence[list[int]], cands: Sequence[list[int]]) -> np.ndarray:
-    """Mean token log-probability of each candidate given its prefix.
-
-    One forward per distinct prefix (its candidates share it); logits are computed only at the candidates'
-    positions (``logits_to_keep``), so memory is ``n x step length x vocab``, not the whole prompt's.
-    """
-    from rpe.store import right_pad
-
-    out = np.full(len(cands), -np.inf)
-    device = next(model.parameters()).device
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(prefixes):
-        groups.setdefault(tuple(p), []).append(i)
-    for prefix, rows in groups.items():
-        rows = [r for r in rows if cands[r]]
-        if not rows:
-            continue
-        n, width = len(prefix), max(len(cands[r]) for r in rows)
-        ids, mask = right_pad([list(prefix) + cands[r] for r in rows], 0)
-        keep = torch.arange(n - 1, n - 1 + width)  # positions predicting the candidate tokens
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           logits_to_keep=keep.to(device)).logits.float()
-        logp = torch.log_softmax(logits, -1).cpu()
-        for j, r in enumerate(rows):
-            c = torch.tensor(cands[r])
-            out[r] = float(logp[j, torch.arange(len(c)), c].mean())
-    return out
-
-
-def _scores(method: str, model, reader, prefixes: list[list[int]], cands: list[list[int]],
+def _scores(method: str, reader, prefixes: list[list[int]], cands: list[list[int]], logprobs: list[list[float]],
             rng: np.random.Generator) -> np.ndarray:
-    """Score of each candidate (higher is kept); empty candidates score -inf."""
+    """Score of each candidate (higher is kept); empty candidates score -inf. ``logprobs``: each candidate's
+    token log-probabilities, recorded while generating it."""
     if method in ("value", "dopamine"):
         rows = [i for i, c in enumerate(cands) if c]
         sigs = reader.read([prefixes[i] for i in rows], [cands[i] for i in rows],
@@ -104,7 +75,7 @@ def _scores(method: str, model, reader, prefixes: list[list[int]], cands: list[l
             out[i] = s.values[-1] if method == "value" else float(s.dopamine.mean())
         return out
     if method == "logprob":
-        return _candidate_logprobs(model, prefixes, cands)
+        return np.array([float(np.mean(lp[: len(c)])) if c else -np.inf for lp, c in zip(logprobs, cands)])
     return np.where([bool(c) for c in cands], rng.random(len(cands)), -np.inf)
 
 
@@ -125,9 +96,10 @@ def search_batch(model, tok, reader, prompts: Sequence[list[int]], method: str, 
         prefixes = [list(prompts[p]) + completions[p] for p in active for _ in range(n)]
         sampling = SamplingConfig(temperature=0.0 if greedy else cfg.temperature,
                                   max_new_tokens=min(cfg.max_step_tokens, max(left.values())))
-        gen = generate_from_ids(model, tok, prefixes, sampling, stop_strings=[STEP_STOP], seed=seed + step)
+        gen = generate_from_ids(model, tok, prefixes, sampling, stop_strings=[STEP_STOP], seed=seed + step,
+                                token_logprobs=method == "logprob")
         cands = [c[: left[active[r // n]]] for r, c in enumerate(gen.completion_ids)]
-        scores = _scores(method, model, reader, prefixes, cands, rng).reshape(len(active), n)
+        scores = _scores(method, reader, prefixes, cands, gen.token_logprobs, rng).reshape(len(active), n)
         still = []
         for j, p in enumerate(active):
             spent[p] += sum(len(c) for c in cands[j * n : (j + 1) * n])
