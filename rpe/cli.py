@@ -421,7 +421,7 @@ def search(
     from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
     from rpe.prompts import PromptBuilder, PromptConfig
     from rpe.rollouts import atomic_write_json
-    from rpe.search import SearchConfig, run_search
+    from rpe.search import SearchConfig, paired_counts, run_search
     from rpe.tasks import UnknownTaskError, load_task
 
     lm, tok = _load(model)
@@ -451,11 +451,14 @@ def search(
     res = {**meta, **res}
     atomic_write_json(out, res)
     table = Table(title=f"step-level search, n={candidates}, {n_problems} problems")
-    for col in ("method", "accuracy [95% CI]", "tokens / problem", "accuracy per 1k tokens"):
+    ref = "greedy" if "greedy" in res["methods"] else next(iter(res["methods"]))
+    pairs = paired_counts(res, ref)
+    for col in ("method", "accuracy [95% CI]", "tokens / problem", "accuracy per 1k tokens", f"won / lost vs {ref}"):
         table.add_column(col)
     for m, r in res["methods"].items():
+        won_lost = "-" if m == ref else f"{pairs[m][0]} / {pairs[m][1]}"
         table.add_row(m, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['tokens_per_problem']:.0f}",
-                      f"{r['accuracy_per_1k_tokens']:.2f}")
+                      f"{r['accuracy_per_1k_tokens']:.2f}", won_lost)
     console.print(table)
     console.print(f"results: {out}")
 

@@ -127,6 +127,14 @@ def majority_batch(model, tok, prompts: Sequence[list[int]], cfg: SearchConfig, 
     return texts, spent
 
 
+def paired_counts(results: dict[str, Any], reference: str) -> dict[str, tuple[int, int]]:
+    """Per method, ``(problems it solves and reference does not, problems reference solves and it does not)``
+    (the discordant pairs of a McNemar test; every method ran on the same problems)."""
+    ref = results["methods"][reference]["correct"]
+    return {m: (sum(a > b for a, b in zip(r["correct"], ref)), sum(b > a for a, b in zip(r["correct"], ref)))
+            for m, r in results["methods"].items() if m != reference}
+
+
 def check_methods(methods: Sequence[str], bundle) -> None:
     """Refuse unknown methods, and internal methods without the bundle parts they read."""
     bad = [m for m in methods if m not in METHODS]
@@ -191,4 +199,4 @@ def run_search(model, tok, bundle, task, builder, methods: list[str], n_problems
     return results
 
 
-__all__ = ["METHODS", "SearchConfig", "check_methods", "majority_batch", "run_search", "search_batch"]
+__all__ = ["METHODS", "SearchConfig", "check_methods", "majority_batch", "paired_counts", "run_search", "search_batch"]

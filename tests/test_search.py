@@ -83,3 +83,11 @@ def test_search_resumes_finished_methods_and_saves_after_each(tiny_llama, tiny_b
     other = run_search(model, tok, tiny_bundle, task, builder, ["random"], 2, SearchConfig(n=3, max_steps=1, max_step_tokens=4,
                        max_new_tokens=4), done=fake)
     assert other["methods"]["random"]["accuracy"] != 0.123  # another config: rerun
+
+
+def test_paired_counts_are_the_discordant_problems():
+    from rpe.search import paired_counts
+
+    res = {"methods": {"greedy": {"correct": [1, 1, 0, 0, 1]}, "value": {"correct": [1, 0, 1, 1, 0]},
+                       "random": {"correct": [1, 1, 0, 0, 1]}}}
+    assert paired_counts(res, "greedy") == {"value": (2, 2), "random": (0, 0)}
