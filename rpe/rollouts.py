@@ -448,39 +448,34 @@ def generate_from_ids(
                 reason = "eos"
                 break
             raw.append(t)
-        ids, text, stopped = cut_at_stop(tokenizer, raw, stop_strings)
+        ids, text, stopped, tail = split_at_stop(tokenizer, raw, stop_strings)
         reason = "stop" if stopped else reason
         completion_ids.append(ids)
         texts.append(text)
         reasons.append(reason)
-        tails.append(_stop_tail(tokenizer, raw, len(ids), len(text), stop_strings) if stopped else [])
+        tails.append(tail)
     logprobs = [lp[: len(ids)] for lp, ids in zip(logprobs, completion_ids)]
     return GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails, logprobs)
-
-
-def _stop_tail(tokenizer, raw: list[int], kept: int, text_len: int, stop_strings: Sequence[str]) -> list[int]:
-    """The generated ids after the first ``kept`` up to the one whose text completes the stop string."""
-    full = tokenizer.decode(raw, skip_special_tokens=True)
-    stop = next((s for s in stop_strings if full.startswith(s, text_len)), None)
-    if stop is None:
-        return []
-    ends = token_char_ends(tokenizer, raw)
-    last = next((i for i, e in enumerate(ends) if e >= text_len + len(stop)), len(raw) - 1)
-    return raw[kept : last + 1]
 
 
 def cut_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool]:
     """Cut a completion before the first stop string: ``(ids, text, stopped)``. Tokens whose text ends at or
     before the cut are kept (the last content token stays); a token reaching into the stop string is dropped."""
+    return split_at_stop(tokenizer, ids, stop_strings)[:3]
+
+
+def split_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool, list[int]]:
+    """:func:`cut_at_stop` plus the cut-off ids up to the one whose text completes the stop string (empty
+    unless stopped): ``kept + tail`` is the model's own tokenisation of the text through the stop string."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
-    stopped = False
-    for stop in stop_strings:
-        cut = text.find(stop)
-        if cut >= 0:
-            text, stopped = text[:cut], True
-            ends = token_char_ends(tokenizer, ids)
-            ids = ids[: next((i for i, e in enumerate(ends) if e > cut), len(ids))]
-    return ids, text, stopped
+    hits = [(text.find(stop), stop) for stop in stop_strings if stop in text]
+    if not hits:
+        return ids, text, False, []
+    cut, stop = min(hits)  # the earliest stop string
+    ends = token_char_ends(tokenizer, ids)
+    kept = next((i for i, e in enumerate(ends) if e > cut), len(ids))
+    last = next((i for i, e in enumerate(ends) if e >= cut + len(stop)), len(ids) - 1)
+    return ids[:kept], text[:cut], True, ids[kept : last + 1]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -253,17 +253,17 @@ def test_parts_merge_when_one_part_has_no_answers_and_no_steps(tmp_path):
 def test_stop_tail_keeps_the_models_own_tokens_of_the_stop_string(tiny_llama):
     """Search appends the kept step plus its stop string: re-tokenising "\\n\\n" can give one token where the
     model wrote two, a context the model never produces itself."""
-    from rpe.rollouts import _stop_tail, cut_at_stop
+    from rpe.rollouts import split_at_stop
 
     _, tok = tiny_llama
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     raw = enc("Step 1: 2 + 3 = 5.") + enc("\n") + enc("\n") + enc("Step 2")
-    ids, text, stopped = cut_at_stop(tok, raw, ["\n\n"])
-    tail = _stop_tail(tok, raw, len(ids), len(text), ["\n\n"])
+    ids, text, stopped, tail = split_at_stop(tok, raw, ["###", "\n\n"])
     assert stopped and text == "Step 1: 2 + 3 = 5."
     assert ids + tail == raw[: len(raw) - len(enc("Step 2"))]
     assert tok.decode(ids + tail) == "Step 1: 2 + 3 = 5.\n\n"
-    assert _stop_tail(tok, raw, len(ids), len(text), ["###"]) == []
+    assert split_at_stop(tok, raw, ["###"]) == (raw, tok.decode(raw, skip_special_tokens=True), False, [])
+    assert split_at_stop(tok, raw, ["Step 2", "\n\n"])[1] == text  # the earliest stop string wins
 
 
 def test_generation_logprobs_match_a_forward_pass(tiny_llama):
