@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from rpe.rollouts import SamplingConfig, generate_from_ids, wilson_interval
 from rpe.tasks import extract_answer
