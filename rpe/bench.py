@@ -13,6 +13,31 @@ from rpe.rollouts import SamplingConfig, generate_batch
 from rpe.tasks import load_task
 
 
+def machine_info() -> dict[str, Any]:
+    """The machine a benchmark ran on (numbers from different machines must never be compared as one):
+    CPU model, logical cores, torch threads and version, whether the CPU has native bf16 instructions, GPU."""
+    import os
+    import platform
+
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "platform": platform.platform(), "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu_bf16": any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")) if flags else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
 @dataclass
 class RolloutBenchConfig:
     """Sizes of ``rpe bench rollouts``."""
@@ -314,7 +339,8 @@ with tempfile.TemporaryDirectory() as out:
                             shots=2, n_train_problems=64, eval_before_after=False)
     args = GRPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, num_generations=8,
                       max_completion_length=48, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                      gradient_checkpointing=False, learning_rate=1e-6, beta=0.0, seed=0)
+                      gradient_checkpointing=False, learning_rate=1e-6, beta=0.0, seed=0,
+                      bf16=False, fp16=False)  # TRL defaults to bf16: on a CPU without bf16 kernels 10x+ slower
     train(rpe_args, args)
     hist = json.load(open(out + "/log_history.json"))
 times = [h["step_time"] for h in hist if "step_time" in h][1:]  # the first step pays one-off costs

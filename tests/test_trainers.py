@@ -137,6 +137,16 @@ def test_unknown_recipe_key_names_the_nearest(tmp_path, bundle_dir):
         read_recipe(path)
 
 
+def test_unknown_command_line_override_names_the_nearest(tmp_path, bundle_dir):
+    from rpe.trainers.recipes import RecipeError, parse_recipe
+
+    path = _tiny_recipe(tmp_path, bundle_dir, "grpo")
+    with pytest.raises(RecipeError, match="unknown command-line option --max_stepz; did you mean 'max_steps'"):
+        parse_recipe(path, ["--max_stepz", "2"])
+    rpe_args, train_args = parse_recipe(path, ["--max_steps", "3"])  # a valid override still goes through
+    assert train_args.max_steps == 3
+
+
 def test_bundle_for_another_model_is_refused(tmp_path, bundle_dir):
     from rpe.bundle import BundleMismatchError
     from rpe.models import TinyModelConfig, tiny_model

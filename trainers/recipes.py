@@ -109,13 +109,36 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     trainer = data.get("trainer", "grpo")
     if trainer not in TRAINERS:
         raise RecipeError(f"{path}: trainer {trainer!r} is not one of {', '.join(TRAINERS)}")
-    valid = {f.name for f in fields(RPEArguments)} | {f.name for f in fields(trainer_config_class(trainer))}
+    valid = _valid_keys(trainer)
     for key in data:
         if key not in valid:
-            near = difflib.get_close_matches(key, sorted(valid), n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise RecipeError(f"{path}: unknown key {key!r}{hint}")
+            raise RecipeError(f"{path}: unknown key {key!r}{_nearest(key, valid)}")
     return data
+
+
+def _valid_keys(trainer: str) -> set[str]:
+    return {f.name for f in fields(RPEArguments)} | {f.name for f in fields(trainer_config_class(trainer))}
+
+
+def _nearest(key: str, valid: set[str]) -> str:
+    near = difflib.get_close_matches(key, sorted(valid), n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def check_overrides(overrides: list[str], trainer: str) -> None:
+    """Refuse a command-line ``--key`` that is no recipe field, naming the nearest valid key (HfArgumentParser
+    would only say "arguments are not used").
+
+    Raises:
+        RecipeError: naming the unknown flag and the nearest valid key.
+    """
+    valid = _valid_keys(trainer)
+    for arg in overrides:
+        if not arg.startswith("--"):
+            continue
+        key = arg[2:].split("=", 1)[0].replace("-", "_")
+        if key not in valid and key != "config":
+            raise RecipeError(f"unknown command-line option --{key}{_nearest(key, valid)} (recipe keys are valid flags)")
 
 
 def parse_recipe(path: str | Path, overrides: list[str] | None = None):
@@ -123,7 +146,9 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None):
     from trl import TrlParser
 
     data = read_recipe(path)
-    cls = trainer_config_class(data.get("trainer", "grpo"))
+    trainer = data.get("trainer", "grpo")
+    check_overrides(overrides or [], trainer)
+    cls = trainer_config_class(trainer)
     parser = TrlParser((RPEArguments, cls))
     rpe_args, train_args = parser.parse_args_and_config(args=["--config", str(path), *(overrides or [])])
     return rpe_args, train_args
