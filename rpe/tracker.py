@@ -157,7 +157,8 @@ class ActivationTracker(BlockHooks):
         self._selection: Selection | None = None
         self.captured: dict[int, torch.Tensor] = {}
         self._recorded: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
-
+        self.prefix_tokens = 0
+        """Positions of a batch-1 shared-prefix prefill found by :meth:`generated`."""
 
     # -- capture ---------------------------------------------------------------------------------------
     def select(self, rows: Sequence[int], starts: Sequence[int], ends: Sequence[int] | None = None) -> None:
@@ -183,9 +184,35 @@ class ActivationTracker(BlockHooks):
                 pass
         return self.captured
 
-    def generated(self) -> dict[int, torch.Tensor]:
-        """Generation mode: ``{layer: (batch, total_tokens, k)}``, prefill and decode steps joined in time."""
-        return {layer: torch.cat(chunks, dim=1) for layer, chunks in self._recorded.items() if chunks}
+    def generated(self, *, drop_prefix: bool = False) -> dict[int, torch.Tensor]:
+        """Generation mode: ``{layer: (batch, total_tokens, k)}``, prefill and decode steps joined in time.
+
+        A batch-1 call recorded before a batched one is a shared-prefix KV-cache prefill (the few-shot
+        examples, see :func:`rpe.rollouts.generate_from_ids`): it is repeated for every row, so position ``i``
+        of the result is position ``i`` of the padded ``prefix + suffix`` input. With ``drop_prefix`` those
+        positions are left out instead (their count is :attr:`prefix_tokens`; every state lies after them).
+
+        Raises:
+            ValueError: calls of other batch sizes were recorded (one tracker per ``generate`` call).
+        """
+        out = {}
+        self.prefix_tokens = 0
+        for layer, chunks in self._recorded.items():
+            if not chunks:
+                continue
+            batch = chunks[-1].shape[0]
+            sizes = [c.shape[0] for c in chunks]
+            n_prefix = next((i for i, b in enumerate(sizes) if b == batch), len(sizes))
+            if any(b != 1 for b in sizes[:n_prefix]) or any(b != batch for b in sizes[n_prefix:]):
+                raise ValueError(
+                    f"the tracker recorded forward calls of batch sizes {sorted(set(sizes))}: only one generate call "
+                    "(after at most a batch-1 shared-prefix prefill) can be joined in time. Use one "
+                    "ActivationTracker(record_all=True) per generate call."
+                )
+            self.prefix_tokens = sum(c.shape[1] for c in chunks[:n_prefix])
+            head = [] if drop_prefix else [c.expand(batch, -1, -1) for c in chunks[:n_prefix]]
+            out[layer] = torch.cat(head + chunks[n_prefix:], dim=1)
+        return out
 
     def _make_hook(self, layer: int):
         deepest = max(self.layers)
