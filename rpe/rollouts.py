@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from rpe.metrics import wilson_interval
 from rpe.models import fingerprint
 from rpe.prompts import PromptBuilder, PromptConfig
 from rpe.segment import Segmenter, split_steps, token_char_ends, token_spans
@@ -278,6 +279,11 @@ def _read_table(path: Path):
 def _checked_parquet(source: str | Path) -> Path:
     """The Parquet path of a rollout folder (its sha256 checked against the manifest) or a Parquet file."""
     path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{source} does not exist: no rollouts there. Collect them first with "
+            f"`rpe rollouts --task TASK --n N --out {source}`, or point at an existing rollout folder or Parquet file"
+        )
     if path.is_dir():
         manifest_path = path / MANIFEST_FILE
         path = path / TRAJECTORIES_FILE
@@ -606,7 +612,6 @@ def collect_rollouts(
                 stop_strings=builder.stop_strings,
                 max_prompt_tokens=cfg.max_prompt_tokens,
                 seed=batch_seed(cfg.seed, b),
-                reuse_prefix=not cfg.capture_layers,  # capture expects every row's forward from position 0
             )
 
         if cfg.capture_layers:
@@ -615,7 +620,7 @@ def collect_rollouts(
             neurons = torch.tensor(cfg.capture_neurons) if cfg.capture_neurons else None
             with ActivationTracker(model, cfg.capture_layers, neurons=neurons, record_all=True) as tracker:
                 gen = generate()
-            recorded = tracker.generated()
+            recorded = tracker.generated(drop_prefix=True)  # states never lie inside the shared prefix
         else:
             gen = generate()
         records = [
@@ -623,7 +628,7 @@ def collect_rollouts(
             for i, ((problem, k), prompt_text) in enumerate(zip(batch, prompt_texts))
         ]
         if cfg.capture_layers:
-            width = max(len(ids) for ids in gen.prompt_ids)
+            width = max(len(ids) for ids in gen.prompt_ids) - tracker.prefix_tokens
             from rpe.store import states_from_generation
 
             states = states_from_generation(model, recorded, records, width, neurons, tokenizer.pad_token_id or 0)
@@ -723,17 +728,6 @@ def _result(out_dir: Path, manifest: dict[str, Any]) -> RolloutResult:
         mean_steps=manifest["mean_steps"],
         manifest=manifest,
     )
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 __all__ = [

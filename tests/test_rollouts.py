@@ -134,6 +134,11 @@ def test_unfinished_folder_is_reported(tmp_path):
         read_trajectories(tmp_path)
 
 
+def test_missing_folder_names_rpe_rollouts(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist: no rollouts there.*`rpe rollouts "):
+        read_trajectories(tmp_path / "nowhere")
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match="n_problems"):
         RolloutConfig(n_problems=0)

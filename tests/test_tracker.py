@@ -56,6 +56,7 @@ def test_hooks_removed_on_error(tiny_llama):
 def test_generation_mode_records_prefill_and_decode(tiny_llama):
     model, tok = tiny_llama
     enc = tok(["1 + 2 ="], return_tensors="pt")
+    model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tok.pad_token_id)  # transformers' own hooks
     before = _n_hooks(model)
     with ActivationTracker(model, [1], record_all=True) as tr:
         out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -65,6 +66,40 @@ def test_generation_mode_records_prefill_and_decode(tiny_llama):
     ref = _hidden_states(model, out[:, :total], torch.ones_like(out[:, :total]))
     assert torch.allclose(rec, ref[2], atol=1e-4)
     assert _n_hooks(model) == before
+
+
+def test_generation_mode_around_generate_batch_with_a_shared_prefix(tiny_llama):
+    """generate_batch encodes the shared few-shot prefix once (a batch-1 call) before the batched generate: the
+    tracker joins the two so position i is position i of the padded prefix + suffix input (was a crash)."""
+    from rpe.rollouts import SamplingConfig, generate_batch
+
+    model, tok = tiny_llama
+    prefix = "Q: worked example one. A: 1.\n\nQ: worked example two. A: 2.\n\nQ: three and four. A: 7.\n\n"
+    prompts = [prefix + q for q in ("Q: 3+4?", "Q: a longer question here?", "Q: x")]
+    with ActivationTracker(model, [1, 2], record_all=True) as tr:
+        gen = generate_batch(model, tok, prompts, SamplingConfig(temperature=0.0, max_new_tokens=6))
+    full = tr.generated()
+    assert tr.prefix_tokens >= 32  # the prefix call really happened
+    width = max(len(p) for p in gen.prompt_ids)
+    for r, (p, c) in enumerate(zip(gen.prompt_ids, gen.completion_ids)):
+        seq = torch.tensor([p + c[:-1]]) if c else torch.tensor([p])
+        ref = _hidden_states(model, seq, torch.ones_like(seq))
+        last_prompt = full[1][r, width - 1]
+        assert torch.allclose(last_prompt, ref[2][0, len(p) - 1], atol=1e-4)  # s_0 of each row
+        if c:
+            assert torch.allclose(full[2][r, width + len(c) - 2], ref[3][0, -1], atol=1e-4)  # a decode position
+    dropped = tr.generated(drop_prefix=True)
+    assert dropped[1].shape[1] == full[1].shape[1] - tr.prefix_tokens
+    assert torch.equal(dropped[1], full[1][:, tr.prefix_tokens :])
+
+
+def test_generation_mode_refuses_unrelated_calls(tiny_llama):
+    model, tok = tiny_llama
+    with ActivationTracker(model, [1], record_all=True) as tr:
+        model(**tok(["a b", "c d"], return_tensors="pt", padding=True))
+        model(**tok(["a b", "c d", "e f"], return_tensors="pt", padding=True))
+    with pytest.raises(ValueError, match="one ActivationTracker.record_all=True. per generate call"):
+        tr.generated()
 
 
 def test_bad_layers_and_neurons_are_refused(tiny_llama):
