@@ -195,7 +195,7 @@ class SubsystemBundle:
             layer=meta["layer"],
             value_neurons=value_neurons,
             probe_state=state,
-            probe_config=ProbeConfig(**meta["probe_config"]),
+            probe_config=ProbeConfig(**{"family": "mlp" if meta["hidden"] else "linear", **meta["probe_config"]}),
             dopamine_neurons=tensors["dopamine_neurons"],
             dopamine_sign=tensors["dopamine_sign"],
             metrics=meta.get("metrics", {}),
@@ -224,7 +224,7 @@ def random_bundle(model, tokenizer, *, layer: int = 2, k: int = 6, m: int = 4, h
     state = ProbeState(layer, value, torch.zeros(k), torch.ones(k), {n: w.clone() for n, w in net.state_dict().items()}, hidden)
     return SubsystemBundle(
         model=fingerprint(model, tokenizer), layer=layer, value_neurons=value, probe_state=state,
-        probe_config=ProbeConfig(hidden=hidden), dopamine_neurons=dopa,
+        probe_config=ProbeConfig(hidden=hidden, family="mlp" if hidden else "linear"), dopamine_neurons=dopa,
         dopamine_sign=torch.tensor([1.0, -1.0] * (m // 2) + [1.0] * (m % 2)),
         dopamine_mean=torch.zeros(m), dopamine_std=torch.ones(m), metrics={"note": "random bundle (no fit)"},
     )

@@ -2,13 +2,21 @@
 
 Per PAPER.md: an MLP ``d -> 1024 -> 1`` on standardised activations (mean/std from the training split),
 targets TD(0) (gamma = 1 - 1e-5, bootstrapped with stop-gradient; the last state's target is the reward),
-TD(lambda) or Monte-Carlo (the final reward at every state), AdamW (lr 1e-4, weight decay 0.01), about 100
-epochs with early stopping on the validation split, split by problem. The output is a probability (sigmoid)
+TD(lambda) or Monte-Carlo (the final reward at every state), AdamW (weight decay 0.01; lr 1e-3 here, the
+paper's 1e-4 is an option), up to 100 epochs with early stopping on the validation split (not before 30),
+split by problem. The output is a probability (sigmoid)
 trained with binary cross-entropy against the (soft) targets.
 
-Value neurons: input dimensions ranked by the L1 norm of their first-layer weight columns, from a dense fit
-(no sparsity penalty); :meth:`ValueProbe.prune` returns the top fraction, and a probe refitted on only those
-dimensions measures how much value signal they carry.
+Two probe families, same targets, same standardisation, same splits:
+- ``mlp`` (PAPER.md): the network above, trained with AdamW and early stopping;
+- ``linear``: an L2-regularised logistic probe ``sigmoid(w.x + b)`` fitted to convergence by damped Newton steps;
+  TD targets by fitted-value iteration (bootstrap the current V, refit, repeat). The L2 strength is picked from
+  ``l2_grid`` by validation log-loss against the final outcome. Deterministic and cheap: the control family
+  of ``rpe fit --compare-probes`` and the quick option ``--family linear``.
+
+Value neurons: input dimensions ranked by the L1 norm of their first-layer weight columns (for the linear family
+``|w|``), from a dense fit (no sparsity penalty); :meth:`ValueProbe.prune` returns the top fraction, and a probe
+refitted on only those dimensions measures how much value signal they carry.
 
 Example:
     >>> probe = ValueProbe(ProbeConfig(target="mc")).fit(states, layer=12)  # doctest: +SKIP
@@ -33,6 +41,9 @@ from rpe.store import StateSet
 logger = logging.getLogger(__name__)
 
 Target = Literal["td0", "td_lambda", "mc"]
+Family = Literal["linear", "mlp"]
+FAMILIES = ("linear", "mlp")
+TARGETS = ("td0", "td_lambda", "mc")
 
 
 class SingleClassError(ValueError):
@@ -45,18 +56,29 @@ class ProbeConfig:
 
     target: Target = "td0"
     """``td0`` (bootstrapped), ``td_lambda`` (lambda-returns) or ``mc`` (final reward at every state)."""
+    family: Family = "mlp"
+    """``mlp`` (PAPER.md's ``d -> hidden -> 1``, the default) or ``linear`` (L2 logistic, damped Newton: fast and
+    deterministic; on SmolLM2 its dense probe matches the MLP but its 1% refit is weaker, README)."""
+    l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    """Linear family: L2 strengths tried (loss = mean BCE + l2/2 * |w|^2); the best on validation is kept."""
+    td_iterations: int = 20
+    """Linear family with a TD target: fitted-value iterations (stops early once targets move < 1e-4)."""
     gamma: float = 1 - 1e-5
     """Discount per step."""
     td_lambda: float = 0.9
     """Lambda of ``td_lambda`` (0 = TD(0), 1 = Monte-Carlo)."""
     hidden: int = 1024
     """Hidden width of the MLP; 0 gives a linear probe."""
-    lr: float = 1e-4
+    lr: float = 1e-3
+    """MLP learning rate. PAPER.md uses 1e-4; on a few thousand states that moves the first layer so little in
+    100 epochs that early stopping keeps a near-random network (tests/test_discovery.py); 1e-4 stays available."""
     weight_decay: float = 0.01
     epochs: int = 100
     batch_size: int = 256
     patience: int = 15
     """Epochs without validation improvement before stopping."""
+    min_epochs: int = 30
+    """MLP: never stop before this many epochs (a noisy validation split must not stop training at the init)."""
     val_frac: float = 0.15
     """Share of problems used for early stopping and layer choice."""
     test_frac: float = 0.3
@@ -64,8 +86,13 @@ class ProbeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.target not in ("td0", "td_lambda", "mc"):
-            raise ValueError(f"target {self.target!r} is not one of td0, td_lambda, mc")
+        if self.target not in TARGETS:
+            raise ValueError(f"target {self.target!r} is not one of {', '.join(TARGETS)}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        self.l2_grid = tuple(float(v) for v in self.l2_grid)
+        if not self.l2_grid or min(self.l2_grid) < 0:
+            raise ValueError(f"l2_grid needs at least one strength >= 0, got {self.l2_grid}")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if not 0 <= self.td_lambda <= 1:
@@ -122,6 +149,63 @@ def lambda_returns(values: torch.Tensor, rewards: torch.Tensor, traj_index: torc
     return targets
 
 
+def _require_both_outcomes(rewards: torch.Tensor, what: str) -> None:
+    n_pos = int((rewards >= 0.5).sum())
+    if n_pos in (0, rewards.numel()):
+        which = "correct" if n_pos else "wrong"
+        raise SingleClassError(
+            f"all {rewards.numel()} {what} are {which}: a value probe needs both outcomes. The task is too "
+            f"{'easy' if n_pos else 'hard'} for this model; recalibrate (e.g. a {'harder' if n_pos else 'easier'} "
+            "preset or difficulty options, more or fewer few-shot examples) until accuracy is between 20% and 80%, "
+            "or collect more trajectories."
+        )
+
+
+def _newton(model: _MLP, x: torch.Tensor, targets: torch.Tensor, l2: float, max_iter: int = 50, tol: float = 1e-7) -> int:
+    """Minimise mean BCE(model(x), targets) + l2/2 |W|^2 (bias unpenalised) by damped Newton steps, in place,
+    starting from the model's current weights. Soft targets in [0, 1] are allowed. Returns Newton steps taken.
+
+    Each step solves the (d+1) x (d+1) system of the penalised Hessian; a step that does not lower the loss is
+    halved until it does, so the iteration is monotone even on separable data with a weak penalty.
+    """
+    n, d = x.shape
+    xa = torch.cat([x, torch.ones(n, 1)], 1)  # (n, d+1); the last column carries the bias
+    w = torch.cat([model.first.weight.detach().flatten(), model.first.bias.detach()]).double()  # (d+1,)
+    pen = torch.full((d + 1,), float(l2), dtype=torch.float64)
+    pen[-1] = 0.0
+    t = targets.double()
+
+    def loss_of(w_: torch.Tensor) -> float:
+        z = (xa @ w_.float()).double()
+        return float(nn.functional.binary_cross_entropy_with_logits(z, t) + 0.5 * (pen * w_ * w_).sum())
+
+    current, steps = loss_of(w), 0
+    for steps in range(1, max_iter + 1):
+        z = (xa @ w.float()).double()
+        p = torch.sigmoid(z)
+        grad = (xa.double().T @ (p - t)) / n + pen * w  # (d+1,)
+        h = (xa * (p * (1 - p)).float()[:, None]).T @ xa  # (d+1, d+1)
+        hess = h.double() / n + torch.diag(pen) + 1e-10 * torch.eye(d + 1, dtype=torch.float64)
+        step = torch.linalg.solve(hess, grad)
+        scale = 1.0
+        while scale > 1e-4:
+            candidate = w - scale * step
+            new = loss_of(candidate)
+            if new <= current + 1e-12:
+                break
+            scale /= 2
+        else:
+            break
+        w, improved = candidate, current - new
+        current = new
+        if improved < tol * max(1.0, abs(current)):
+            break
+    with torch.no_grad():
+        model.first.weight.copy_(w[:-1].float().view(1, d))
+        model.first.bias.copy_(w[-1:].float())
+    return steps
+
+
 class _MLP(nn.Module):
     def __init__(self, d_in: int, hidden: int):
         super().__init__()
@@ -163,48 +247,122 @@ class ValueProbe:
         self.metrics: dict[str, float] = {}
         self.split: np.ndarray | None = None
         self._model: _MLP | None = None
+        self.chosen_l2: float | None = None
+        self._init_first: torch.Tensor | None = None
+        """Linear family: the L2 strength picked on validation."""
 
     # -- training --------------------------------------------------------------------------------------
-    def fit(self, states: StateSet, layer: int, neurons: torch.Tensor | None = None) -> ValueProbe:
+    def fit(
+        self, states: StateSet, layer: int, neurons: torch.Tensor | None = None, *, split: np.ndarray | None = None
+    ) -> ValueProbe:
         """Fit on ``states.acts[layer]`` (optionally only the columns ``neurons``).
 
+        Args:
+            split: (n_trajectories,) 0 = train, 1 = validation (early stopping, L2 choice), 2 = test (reported),
+                -1 = unused; default :func:`split_by_problem` with the config's fractions. Cross-validation
+                passes its folds here.
+
         Raises:
-            SingleClassError: all trajectories share one outcome (the task is too easy or too hard).
+            SingleClassError: all trajectories (or all training trajectories) share one outcome.
         """
         cfg = self.cfg
         rewards = states.rewards
-        n_pos = int((rewards >= 0.5).sum())
-        if n_pos in (0, rewards.numel()):
-            which = "correct" if n_pos else "wrong"
-            raise SingleClassError(
-                f"all {rewards.numel()} trajectories are {which}: a value probe needs both outcomes. The task is too "
-                f"{'easy' if n_pos else 'hard'} for this model; recalibrate (e.g. a {'harder' if n_pos else 'easier'} "
-                "preset or difficulty options, more or fewer few-shot examples) until accuracy is between 20% and 80%."
-            )
+        _require_both_outcomes(rewards, "trajectories")
         if layer not in states.acts:
             raise ValueError(f"layer {layer} was not captured; captured layers: {states.layers}")
         x_all = states.acts[layer]
         if neurons is not None:
             x_all = x_all[:, neurons]
         torch.manual_seed(cfg.seed)
-        split = split_by_problem(states.problem_ids, cfg.val_frac, cfg.test_frac, cfg.seed)
+        if split is None:
+            split = split_by_problem(states.problem_ids, cfg.val_frac, cfg.test_frac, cfg.seed)
+        split = np.asarray(split)
+        if split.shape != (len(states.trajectory_ids),):
+            raise ValueError(f"split has shape {split.shape}; expected ({len(states.trajectory_ids)},), one code per trajectory")
+        _require_both_outcomes(rewards[torch.as_tensor(split == 0)], "training trajectories")
         state_split = torch.as_tensor(split)[states.traj_index]
-        train = state_split == 0
+        train, val = state_split == 0, state_split == 1
+        if not val.any():
+            raise ValueError("the split has no validation trajectories (code 1): early stopping and L2 choice need them")
         mean = x_all[train].mean(0)
         std = x_all[train].std(0).clamp_min(1e-6)
         x = (x_all - mean) / std  # (n_states, k) standardised
-        model = _MLP(x.shape[1], cfg.hidden)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.family == "linear":
+            model, epochs = self._fit_linear(x, states, train, val)
+        else:
+            model, epochs = self._fit_mlp(x, states, train, val)
+        model.eval()
+        self._model = model
+        self.split = split
+        hidden = 0 if cfg.family == "linear" else cfg.hidden
+        self.state = ProbeState(layer, neurons, mean, std, {k: v.detach().clone() for k, v in model.state_dict().items()}, hidden)
+        self.metrics = self.evaluate(states, split)
+        self.metrics["epochs"] = epochs
+        return self
+
+    def _targets(self, model: _MLP, x: torch.Tensor, states: StateSet) -> torch.Tensor:
+        """(n_states,) the configured target for every state, bootstrapped from ``model``'s current V."""
+        if self.cfg.lam == 1.0:
+            return lambda_returns(torch.zeros(x.shape[0]), states.rewards, states.traj_index, self.cfg.gamma, 1.0)
+        with torch.no_grad():
+            values = torch.sigmoid(model(x))
+        return lambda_returns(values, states.rewards, states.traj_index, self.cfg.gamma, self.cfg.lam)
+
+    def _fit_linear(self, x: torch.Tensor, states: StateSet, train: torch.Tensor, val: torch.Tensor) -> tuple[_MLP, int]:
+        """L2 logistic probe for each strength in ``l2_grid`` (strongest first, each warm-started from the last);
+        TD targets by fitted-value iteration, warm-started from the Monte-Carlo fit. The strength with the lowest
+        validation log-loss against the final outcome wins. Returns (model, TD iterations used)."""
+        cfg = self.cfg
         y_final = states.state_rewards()
-        val = state_split == 1
+        mc_targets = lambda_returns(torch.zeros(x.shape[0]), states.rewards, states.traj_index, cfg.gamma, 1.0)
+        model = _MLP(x.shape[1], 0)
+        nn.init.zeros_(model.first.weight)
+        nn.init.zeros_(model.first.bias)
+        best_loss, best_state, best_iters = math.inf, None, 0
+        for l2 in sorted(cfg.l2_grid, reverse=True):
+            _newton(model, x[train], mc_targets[train], l2)
+            used = 1
+            if cfg.lam < 1.0:
+                targets = self._targets(model, x, states)
+                for used in range(1, cfg.td_iterations + 1):
+                    _newton(model, x[train], targets[train], l2, max_iter=10)
+                    new = self._targets(model, x, states)
+                    moved = float((new - targets).abs().max())
+                    targets = new
+                    if moved < 1e-4:
+                        break
+            with torch.no_grad():
+                loss = float(nn.functional.binary_cross_entropy_with_logits(model(x[val]), y_final[val]))
+            if loss < best_loss - 1e-9:
+                best_loss, best_state, best_iters = loss, copy.deepcopy(model.state_dict()), used
+                self.chosen_l2 = l2
+        assert best_state is not None
+        model.load_state_dict(best_state)
+        return model, best_iters
+
+    def _fit_mlp(self, x: torch.Tensor, states: StateSet, train: torch.Tensor, val: torch.Tensor) -> tuple[_MLP, int]:
+        """PAPER.md's MLP: AdamW on mini-batches, targets recomputed every epoch, early stopping on validation
+        Brier against the final outcome. Returns (model, epochs run)."""
+        cfg = self.cfg
+        model = _MLP(x.shape[1], cfg.hidden)
+        y_final = states.state_rewards()
+        # An untrained MLP is a random projection of the activations, and on states with a strong difficulty
+        # direction a random projection can rank outcomes well or inverted (seen: validation AUROC 0.19). So the
+        # output layer starts at zero (V = base rate everywhere until training writes something) and neurons are
+        # ranked by what training wrote into the first layer (|W - W_init|), never by the random init itself.
+        rate = float(y_final[train].mean().clamp(1e-3, 1 - 1e-3))
+        with torch.no_grad():
+            model.net[2].weight.zero_()
+            model.net[2].bias.fill_(math.log(rate / (1 - rate)))
+        self._init_first = model.first.weight.detach().clone()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         train_idx = train.nonzero().flatten()
         gen = torch.Generator().manual_seed(cfg.seed)
         best, best_state, stale, epochs = math.inf, None, 0, 0
         for epoch in range(cfg.epochs):
             epochs = epoch + 1
-            with torch.no_grad():
-                values = torch.sigmoid(model(x))
-            targets = lambda_returns(values, rewards, states.traj_index, cfg.gamma, cfg.lam)
+            model.eval()
+            targets = self._targets(model, x, states)
             model.train()
             perm = train_idx[torch.randperm(train_idx.numel(), generator=gen)]
             for i in range(0, perm.numel(), cfg.batch_size):
@@ -221,17 +379,11 @@ class ValueProbe:
                 best, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
             else:
                 stale += 1
-                if stale >= cfg.patience:
+                if stale >= cfg.patience and epochs >= cfg.min_epochs:
                     break
         if best_state is not None:
             model.load_state_dict(best_state)
-        model.eval()
-        self._model = model
-        self.split = split
-        self.state = ProbeState(layer, neurons, mean, std, {k: v.detach().clone() for k, v in model.state_dict().items()}, cfg.hidden)
-        self.metrics = self.evaluate(states, split)
-        self.metrics["epochs"] = epochs
-        return self
+        return model, epochs
 
     # -- inference -------------------------------------------------------------------------------------
     def predict(self, acts: torch.Tensor) -> torch.Tensor:
@@ -272,8 +424,13 @@ class ValueProbe:
 
     # -- neurons ---------------------------------------------------------------------------------------
     def neuron_scores(self) -> torch.Tensor:
-        """(k,) L1 norm of each input dimension's first-layer weight column (inputs are standardised)."""
+        """(k,) L1 norm of each input dimension's first-layer weight column (inputs are standardised). For an MLP
+        fitted here the column's change from its random initialisation is used: what training wrote, not the
+        init (with the paper's lr 1e-4 the learned part can be small beside the init)."""
         w = self._net().first.weight.detach()  # (hidden, k)
+        init = getattr(self, "_init_first", None)
+        if init is not None and init.shape == w.shape and self.state is not None and self.state.hidden:
+            w = w - init
         return w.abs().sum(0)
 
     def prune(self, top_frac: float) -> torch.Tensor:
@@ -301,6 +458,8 @@ class ValueProbe:
         splits = {"val": 1, "test": 2} if split is not None else {"all": None}
         for name, code in splits.items():
             mask = np.ones_like(y, dtype=bool) if code is None else (split[states.traj_index.numpy()] == code)
+            if not mask.any():
+                continue  # e.g. no test split: the bundle's own probe is scored by cross-validation instead
             out[f"{name}_auroc_s0"] = auroc(y[mask & (step == 0)], values[mask & (step == 0)])
             out[f"{name}_auroc_final"] = auroc(y[mask & final], values[mask & final])
             out[f"{name}_auroc_all"] = auroc(y[mask], values[mask])
