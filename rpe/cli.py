@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from rpe.tasks import DEFAULT_TASK
+
 app = typer.Typer(help="Find the reward subsystem inside a language model and put it to work.", no_args_is_help=True)
 models_app = typer.Typer(help="Offline model registry: list and fetch models.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: ratios against baselines measured in the same run.", no_args_is_help=True)
@@ -94,7 +96,7 @@ def _load(model: str):
 @app.command("rollouts")
 def rollouts(
     model: str = typer.Option("smollm2-135m-instruct", help="Registry name, local folder or Hugging Face id."),
-    task: str = typer.Option("chain_sum", help="Task preset, rg:NAME, or a JSONL file (see `rpe tasks`)."),
+    task: str = typer.Option(DEFAULT_TASK, help="Task preset, rg:NAME, or a JSONL file (see `rpe tasks`)."),
     task_option: Optional[list[str]] = typer.Option(
         None, help="Difficulty option of a reasoning-gym task as KEY=VALUE (repeatable), e.g. max_animals=2."),
     n: int = typer.Option(200, help="Number of problems."),
@@ -161,6 +163,13 @@ def report(
     console.print(f"report: {path.resolve()}")
 
 
+def _print_bench(result: dict) -> None:
+    """A benchmark's JSON as the last line, with the machine it ran on."""
+    from rpe.bench import machine_info
+
+    print(json.dumps({**result, "machine": machine_info()}))
+
+
 def _parse_options(pairs: list[str]) -> dict:
     """``["k=v", ...]`` -> dict, values parsed as JSON when they can be (numbers, booleans), else strings."""
     options = {}
@@ -201,20 +210,27 @@ def fit(
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers to sweep (default: every --layer-stride-th)."),
     layer_stride: int = typer.Option(2, help="Stride of the default layer sweep."),
     target: str = typer.Option("td0", help="Probe target: td0, td_lambda or mc."),
+    family: str = typer.Option("mlp", help="Probe family: mlp (PAPER.md, the default) or linear (L2 logistic, fast)."),
+    sweep_family: str = typer.Option("linear", help="Probe family of the layer sweep (it only picks the layer): linear or mlp."),
     top_frac: float = typer.Option(0.01, help="Fraction of neurons kept as value neurons."),
-    epochs: int = typer.Option(100, help="Probe training epochs (early stopping on validation)."),
-    seed: int = typer.Option(0, help="Seed of the split and the probe."),
+    folds: int = typer.Option(5, help="Cross-validation folds by problem (every problem scored once)."),
+    compare_probes: bool = typer.Option(False, help="Also cross-validate every probe family x target at the best layer."),
+    epochs: int = typer.Option(100, help="MLP probe training epochs (early stopping on validation)."),
+    seed: int = typer.Option(0, help="Seed of the folds and the probe."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for the intervals."),
     save_states: bool = typer.Option(True, help="Also write BUNDLE/states.safetensors (captured activations)."),
 ) -> None:
-    """Find value neurons: capture states, sweep layers, prune, refit; write the bundle and metrics.json."""
-    from rpe.fit import FitConfig, fit_bundle
+    """Find value neurons: capture states, sweep layers, prune, refit, all cross-validated by problem; write the
+    bundle and metrics.json."""
+    from rpe.fit import FitConfig, difficulty_from_run, fit_bundle
     from rpe.models import fingerprint as fp_of
     from rpe.probe import ProbeConfig, SingleClassError
     from rpe.rollouts import read_trajectories
 
     try:
-        cfg = FitConfig(layers=_parse_layers(layers), layer_stride=layer_stride, top_frac=top_frac,
-                        probe=ProbeConfig(target=target, epochs=epochs, seed=seed))
+        cfg = FitConfig(layers=_parse_layers(layers), layer_stride=layer_stride, top_frac=top_frac, folds=folds,
+                        compare_probes=compare_probes, n_boot=n_boot, sweep_family=sweep_family,
+                        probe=ProbeConfig(target=target, family=family, epochs=epochs, seed=seed))
         trajectories = read_trajectories(rollouts)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
@@ -233,10 +249,13 @@ def fit(
 
         captured = StateSet.load(rollouts / "states.safetensors")
         console.print(f"using activations captured during generation: layers {captured.layers}")
+    difficulty = difficulty_from_run(rollouts, trajectories)
+    if difficulty is None:
+        console.print("the task has no difficulty features: no difficulty control, no within-difficulty AUROC")
     with console.status("fitting value probes") as status:
         try:
             bundle, states = fit_bundle(lm, tokenizer, trajectories, cfg, model_name=name, states=captured,
-                                        progress=status.update)
+                                        difficulty=difficulty, progress=status.update)
         except (SingleClassError, ValueError) as err:
             _fail(str(err))
     bundle.save(out)
@@ -290,26 +309,55 @@ def dopamine(
     console.print(f"neurons {result.neurons.tolist()} signs {result.sign.tolist()} -> {bundle}")
 
 
+def _short(name: str) -> str:
+    """A control's name without its parenthesised explanation (the JSON keeps the full one)."""
+    import re
+
+    return re.sub(r" \([^)]*\)", "", name)
+
+
+def _interval(m: dict) -> str:
+    point = m.get("auroc", m.get("diff"))
+    return f"{point:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
+
+
 def _print_fit_metrics(metrics: dict, out: Path) -> None:
-    table = Table(title=f"value probe, layer {metrics['best_layer']} (test split, 95% bootstrap CI)")
-    table.add_column("AUROC of", no_wrap=True)
-    table.add_column("at s_0")
-    table.add_column("at final step")
-    for name in metrics["headline_test"]["s0"]:
+    from rpe.fit import power_note
+
+    head = metrics["headline_cv"]
+    table = Table(title=f"value probe, layer {metrics['best_layer']}: {metrics['folds']}-fold cross-validated by problem, "
+                        f"{metrics['n_trajectories']} trajectories (95% problem-clustered bootstrap CI)")
+    table.add_column("AUROC of", overflow="fold", ratio=3)
+    for where in ("s_0", "final step"):
+        table.add_column(f"at {where}", overflow="fold", ratio=2)
+        table.add_column("reading", overflow="fold", ratio=2)
+    for name in head["s0"]:
         cells = []
         for where in ("s0", "final"):
-            m = metrics["headline_test"][where][name]
-            cells.append(f"{m['auroc']:.3f} [{m['low']:.3f}, {m['high']:.3f}]")
-        table.add_row(name, *cells)
+            m = head[where][name]
+            cells += [_interval(m), m["verdict"]]
+        table.add_row(_short(name), *cells)
     console.print(table)
-    curve = Table(title="pruning curve (test AUROC, all states)")
-    curve.add_column("kept")
-    curve.add_column("neurons")
-    curve.add_column("AUROC s_0")
-    curve.add_column("AUROC final")
+    beyond = metrics.get("beyond_difficulty") or {}
+    if beyond:
+        t = Table(title="value beyond difficulty (AUROC counting only pairs of equal difficulty; probe with difficulty regressed out)")
+        t.add_column("AUROC of", no_wrap=True)
+        t.add_column("at s_0")
+        t.add_column("at final step")
+        for name in beyond["within_strata_s0"]:
+            t.add_row(f"{_short(name)}, within strata", *(_interval(beyond[f"within_strata_{w}"][name]) for w in ("s0", "final")))
+        for key in ("residualised_all_neurons", "residualised_value_neurons"):
+            t.add_row(key.replace("_", " "), *(_interval(beyond[key][w]) for w in ("s0", "final")))
+        console.print(t)
+    curve = Table(title="pruning curve (cross-validated AUROC; neurons ranked inside each fold)")
+    for col in ("kept", "neurons", "AUROC s_0", "AUROC final"):
+        curve.add_column(col)
     for row in metrics["pruning_curve"]:
-        curve.add_row(f"{row['frac']:g}", str(row["n_neurons"]), f"{row['test_auroc_s0']:.3f}", f"{row['test_auroc_final']:.3f}")
+        curve.add_row(f"{row['frac']:g}", str(row["n_neurons"]), _interval(row["s0"]), _interval(row["final"]))
     console.print(curve)
+    note = power_note(metrics)
+    if note:
+        console.print(f"[bold yellow]{note}[/]", soft_wrap=True)
     console.print(f"bundle -> {out} (metrics.json beside it)")
 
 
@@ -406,7 +454,7 @@ def analyze(
 def search(
     bundle: Optional[Path] = typer.Option(None, help="Bundle folder (needed by the value and dopamine methods)."),
     model: str = typer.Option("smollm2-135m-instruct", help="Model."),
-    task: str = typer.Option("chain_sum", help="Task."),
+    task: str = typer.Option(DEFAULT_TASK, help="Task."),
     n_problems: int = typer.Option(200, "--n", help="Problems (same for every method)."),
     methods: str = typer.Option("value,dopamine,logprob,random,greedy,majority", help="Comma-separated methods."),
     candidates: int = typer.Option(4, "--candidates", help="Candidates per step (samples for majority)."),
@@ -468,7 +516,7 @@ def ablate(
     bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit`."),
     rollouts: Path = typer.Option(..., help="The rollouts the bundle was fitted on (activation statistics for the controls)."),
     out: Path = typer.Option(..., help="Output folder: results.json, ablation.png, one rollout folder per arm."),
-    task: str = typer.Option("chain_sum", help="Task of the held-out evaluation."),
+    task: str = typer.Option(DEFAULT_TASK, help="Task of the held-out evaluation."),
     n: int = typer.Option(200, help="Held-out problems per arm."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: the bundle's layer)."),
     controls: str = typer.Option(",".join(["value", "random", "random_matched", "top_magnitude", "next_token", "wanda", "mc_probe"]),
@@ -525,7 +573,7 @@ def bench_memory(quick: bool = typer.Option(False, help="1k vs 10k trajectories 
 
     with console.status("collecting and analysing trajectories in fresh processes"):
         result = run(quick=quick)
-    print(json.dumps(result))
+    _print_bench(result)
 
 
 @bench_app.command("train")
@@ -543,7 +591,7 @@ def bench_train(
         _fail(f"{bundle} is not a bundle; run `make demo` (or pass --bundle)")
     with console.status("benchmarking GRPO arms in fresh processes"):
         result = run(model, str(bundle), quick=quick)
-    print(json.dumps(result))
+    _print_bench(result)
 
 
 @bench_app.command("analyze")
@@ -559,7 +607,7 @@ def bench_analyze(
         _fail(f"need a finished rollout folder and a bundle ({rollouts}, {bundle}); run `make demo` first")
     with console.status("benchmarking analysis vs plain forwards"):
         result = run(str(rollouts), str(bundle), quick=quick)
-    print(json.dumps(result))
+    _print_bench(result)
 
 
 @bench_app.command("ablate")
@@ -573,7 +621,7 @@ def bench_ablate(
     _load(model)
     with console.status("benchmarking generation with and without the ablation hook"):
         result = run(model, quick=quick)
-    print(json.dumps(result))
+    _print_bench(result)
 
 
 @bench_app.command("rollouts")
@@ -588,7 +636,7 @@ def bench_rollouts(
     _load(model)  # clear error before timing if the model is missing
     with console.status("benchmarking rollouts (naive env loop, then batched)"):
         result = run(cfg)
-    print(json.dumps(result))
+    _print_bench(result)
 
 
 @bench_app.command("tracker")
@@ -602,7 +650,7 @@ def bench_tracker(
     _load(model)
     with console.status("benchmarking the activation tracker"):
         result = run(model, quick=quick)
-    print(json.dumps(result))
+    _print_bench(result)
 
 
 @bench_app.command("probe")
@@ -612,7 +660,7 @@ def bench_probe(quick: bool = typer.Option(False, help="1k and 10k states only."
 
     with console.status("benchmarking probe fits"):
         result = run(quick=quick)
-    print(json.dumps(result))
+    _print_bench(result)
 
 
 if __name__ == "__main__":

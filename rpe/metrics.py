@@ -1,8 +1,10 @@
-"""Metrics of value estimates against binary outcomes: AUROC (with bootstrap intervals), Brier, ECE, IoU."""
+"""Metrics of value estimates against binary outcomes: AUROC (cluster and paired bootstrap intervals, within
+strata), Brier, ECE, IoU, Wilson intervals, and the words used for an interval against chance."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -76,3 +78,140 @@ def chance_iou(n: int, k1: int, k2: int) -> float:
     E|A∩B| / (k1 + k2 - E|A∩B|))."""
     inter = k1 * k2 / n
     return inter / (k1 + k2 - inter)
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def _pairs_auroc(y: np.ndarray, scores: np.ndarray, strata: np.ndarray | None) -> float:
+    """AUROC from ranks (Mann-Whitney U, ties averaged); with ``strata`` only pairs within one stratum count:
+    sum_k U_k / sum_k n1_k n0_k. NaN when no (positive, negative) pair exists."""
+    from scipy.stats import rankdata
+
+    if strata is None:
+        n1 = int(y.sum())
+        n0 = y.size - n1
+        if n1 == 0 or n0 == 0:
+            return math.nan
+        r = rankdata(scores)
+        return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    u, pairs = 0.0, 0
+    for k in np.unique(strata):
+        m = strata == k
+        yk = y[m]
+        n1 = int(yk.sum())
+        n0 = yk.size - n1
+        if n1 and n0:
+            r = rankdata(scores[m])
+            u += r[yk].sum() - n1 * (n1 + 1) / 2
+            pairs += n1 * n0
+    return float(u / pairs) if pairs else math.nan
+
+
+def stratified_auroc(y: np.ndarray, scores: np.ndarray, strata: np.ndarray) -> float:
+    """AUROC counting only (positive, negative) pairs of the same stratum (e.g. the same difficulty): how well
+    ``scores`` rank outcomes among problems of equal difficulty. The pair-weighted mean of per-stratum AUROCs."""
+    return _pairs_auroc(np.asarray(y) >= 0.5, np.asarray(scores, dtype=np.float64), np.asarray(strata))
+
+
+def paired_bootstrap_auroc(
+    y: np.ndarray,
+    scores: dict[str, np.ndarray],
+    *,
+    groups: np.ndarray,
+    diffs: Sequence[tuple[str, str]] = (),
+    strata: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """AUROC of several scores of the same samples, and of their differences, with one cluster bootstrap.
+
+    Every bootstrap draw resamples whole clusters (``groups``, e.g. problem ids) once and scores every method
+    on the same draw, so the interval of a difference reflects the pairing (much narrower than two separate
+    intervals suggest).
+
+    Args:
+        y: (n,) binary outcomes.
+        scores: name -> (n,) scores (higher = more likely correct).
+        groups: (n,) cluster ids.
+        diffs: pairs ``(a, b)``: report AUROC(a) - AUROC(b).
+        strata: optional (n,) stratum ids: every AUROC counts only within-stratum pairs.
+
+    Returns:
+        ``{name: {"auroc", "low", "high"}, "a - b": {"diff", "low", "high"}}``, 95% percentile intervals.
+    """
+    yb = np.asarray(y) >= 0.5
+    sc = {k: np.asarray(v, dtype=np.float64) for k, v in scores.items()}
+    for a, b in diffs:
+        if a not in sc or b not in sc:
+            raise ValueError(f"difference {a!r} - {b!r} names a score that is not given; scores: {sorted(sc)}")
+    st = None if strata is None else np.asarray(strata)
+    point = {k: _pairs_auroc(yb, v, st) for k, v in sc.items()}
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+    members = [order[bounds[g] : bounds[g + 1]] for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in sc}
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+        for k, v in sc.items():
+            draws[k].append(_pairs_auroc(yb[idx], v[idx], None if st is None else st[idx]))
+    out: dict[str, dict[str, float]] = {}
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        values = values[~np.isnan(values)]
+        if values.size < max(10, n_boot // 10):
+            return math.nan, math.nan
+        lo, hi = np.percentile(values, [2.5, 97.5])
+        return float(lo), float(hi)
+
+    arrays = {k: np.asarray(v) for k, v in draws.items()}
+    for k in sc:
+        lo, hi = interval(arrays[k])
+        out[k] = {"auroc": point[k], "low": lo, "high": hi}
+    for a, b in diffs:
+        lo, hi = interval(arrays[a] - arrays[b])
+        out[f"{a} - {b}"] = {"diff": point[a] - point[b], "low": lo, "high": hi}
+    return out
+
+
+def chance_verdict(low: float, high: float, chance: float = 0.5) -> str:
+    """Words for an interval against chance: ``above chance``, ``below chance (inverted)``, ``not distinguishable
+    from chance`` (the interval includes it), or ``not measurable`` (no interval)."""
+    if math.isnan(low) or math.isnan(high):
+        return "not measurable"
+    if low > chance:
+        return "above chance"
+    if high < chance:
+        return "below chance (inverted)"
+    return "not distinguishable from chance"
+
+
+def difference_verdict(low: float, high: float) -> str:
+    """Words for an interval of a difference A - B: ``A higher``, ``A lower``, or ``no difference distinguishable``
+    (the interval includes 0), or ``not measurable``."""
+    if math.isnan(low) or math.isnan(high):
+        return "not measurable"
+    if low > 0:
+        return "higher"
+    if high < 0:
+        return "lower"
+    return "no difference distinguishable"
+
+
+def n_to_decide(point: float, low: float, high: float, n: int, chance: float = 0.5) -> int | None:
+    """Rough sample size at which an interval like ``[low, high]`` around ``point`` (measured on ``n``) would
+    exclude ``chance``, assuming its width shrinks as 1/sqrt(n); None when it already does or cannot."""
+    if any(math.isnan(v) for v in (point, low, high)) or not low <= chance <= high or point == chance:
+        return None
+    half = (high - low) / 2
+    return int(math.ceil(round(n * (half / abs(point - chance)) ** 2, 6)))

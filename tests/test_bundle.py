@@ -27,11 +27,15 @@ def test_fit_produces_metrics_and_neurons(fitted):
     assert m["best_layer"] in (1, 2) and bundle.layer == m["best_layer"]
     assert bundle.value_neurons.numel() == round(0.1 * 64)
     assert [r["frac"] for r in m["pruning_curve"]] == [1.0, 0.1]
-    assert set(m["headline_test"]["s0"]) == {
-        "value_neurons_0.1", "all_neurons", "question_length (shorter = more confident)", "mean prompt log-prob"}
+    assert set(m["headline_cv"]["s0"]) == {
+        "value neurons", "all neurons", "question length (shorter = more confident)", "mean prompt log-prob",
+        "value neurons - all neurons", "value neurons - question length (shorter = more confident)",
+        "value neurons - mean prompt log-prob"}
     for where in ("s0", "final"):
-        for v in m["headline_test"][where].values():
-            assert 0 <= v["auroc"] <= 1 or v["auroc"] != v["auroc"]
+        for name, v in m["headline_cv"][where].items():
+            point = v["diff"] if " - " in name else v["auroc"]
+            assert v["low"] <= point <= v["high"] and v["verdict"]
+            assert v["n"] == (80 if where == "s0" else 80)  # every trajectory is scored once (cross-validated)
     assert json.loads((path / "metrics.json").read_text())["best_layer"] == m["best_layer"]
 
 

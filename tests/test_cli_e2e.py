@@ -27,12 +27,18 @@ def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "bundle" / "metrics.json").read_text())
     assert metrics["best_layer"] in (8, 14) and len(metrics["pruning_curve"]) == 6
-    assert "all_neurons" in r.output and "pruning curve" in r.output
+    assert "all neurons" in r.output and "pruning curve" in r.output
+    assert metrics["headline_cv"]["s0"]["value neurons"]["n"] == 48  # cross-validated: every trajectory scored
+    assert {r["stratum"]["num_terms"] for r in metrics["beyond_difficulty"]["per_stratum"]} <= {2.0, 3.0, 4.0}
+    s0 = metrics["headline_cv"]["s0"]["value neurons"]
+    if s0["verdict"] != "above chance":  # 48 trajectories: the output must say it is a smoke run and name the real one
+        assert "Smoke run without power" in r.output and "rpe rollouts --task chain_sum_mix --n 800" in r.output
 
     r = runner.invoke(app, ["report", "--rollouts", str(out), "--bundle", str(out / "bundle")])
     assert r.exit_code == 0, r.output
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "Value neurons" in page
+    assert page.index("Report card") < page.index("Steps per completion")  # the card opens the report
 
 
 @pytest.mark.slow
