@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from rpe.metrics import auroc, bootstrap_auroc
+from rpe.metrics import auroc, bootstrap_auroc, chance_verdict
 from rpe.rollouts import SCHEMA_VERSION, Trajectory, atomic_write_bytes, atomic_write_json, make_steps, read_trajectories
 
 logger = logging.getLogger(__name__)
@@ -298,31 +298,37 @@ def render_report(table: dict[str, list], conf: dict[str, dict[str, float]], *, 
         for i in order if not math.isnan(rpe[i])
     )
     conf_rows = "".join(
-        f"<tr><td>{e(name)}</td><td>{v['auroc']:.3f} [{v['low']:.3f}, {v['high']:.3f}]</td><td>{v['n']}</td></tr>"
+        f"<tr><td>{e(name)}</td><td>{v['auroc']:.3f} [{v['low']:.3f}, {v['high']:.3f}]</td>"
+        f"<td>{e(chance_verdict(v['low'], v['high']))}</td><td>{v['n']}</td></tr>"
         for name, v in conf.items()
     )
     final = [i for i, (k, n) in enumerate(zip(table["step"], table["n_steps"])) if k == n]
-    auc_final = auroc(np.array(table["reward"])[final] >= 0.5, np.array(table["value"])[final])
-    bundle_html = ""
+    groups = np.array([str(t).rsplit("#", 1)[0] for t in table["trajectory_id"]])[final]  # problem of each trajectory
+    auc_final = bootstrap_auroc(np.array(table["reward"])[final] >= 0.5, np.array(table["value"])[final], groups=groups,
+                                n_boot=500)
+    bundle_html = card_html = ""
     if bundle_dir is not None:
-        from rpe.report import bundle_section
+        from rpe.report import bundle_section, report_card_section
 
         bundle_html = bundle_section(bundle_dir)
+        card_html = report_card_section(bundle_dir)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} table{{border-collapse:collapse;margin:0.5em 0}}
 th,td{{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}} .correct h4{{color:#1a7f37}}
 .incorrect h4{{color:#b42318}} pre{{white-space:pre-wrap;margin:0}} img{{max-width:100%}}</style></head><body>
 <h1>{e(title)}</h1>
+{card_html}
 <p>{len(by_traj)} trajectories, {len(table['step'])} states. AUROC of internal value at the final state vs outcome:
-{auroc_fmt(auc_final)}.</p>
+{auroc_fmt(auc_final[0])} [{auroc_fmt(auc_final[1])}, {auroc_fmt(auc_final[2])}], {e(chance_verdict(auc_final[1], auc_final[2]))}
+(in-sample if these rollouts were used to fit the bundle).</p>
 <h2>Internal value over reasoning steps</h2><img alt="value trajectories" src="{plots['value']}">
 <h2>RPE distribution</h2><img alt="RPE distribution" src="{plots['rpe']}">
 <h2>Surprises: steps with the largest |RPE|</h2>
 <table><tr><th>trajectory</th><th>step</th><th>RPE</th><th>outcome</th><th>text</th></tr>{surprises}</table>
 <h2>Calibration of internal value</h2><img alt="calibration" src="{plots['calibration']}">
 <h2>Confidence before answering (AUROC, 95% bootstrap over problems)</h2>
-<table><tr><th>signal at s_0</th><th>AUROC</th><th>n</th></tr>{conf_rows}</table>
+<table><tr><th>signal at s_0</th><th>AUROC</th><th>reading</th><th>n</th></tr>{conf_rows}</table>
 <h2>Example trajectories</h2>{''.join(_trajectory_card(r, table) for r in correct + wrong)}
 {bundle_html}
 {''.join(extra_sections)}

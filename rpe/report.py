@@ -73,6 +73,31 @@ def _line_plot(xs, series: dict[str, list[float]], xlabel: str, ylabel: str, log
     return _png(fig)
 
 
+def report_card_section(bundle_dir: str | Path) -> str:
+    """HTML that opens a report: the smoke-run warning when the value signal has no power, then the report card
+    (one row per paper claim measured in this bundle)."""
+    import json
+
+    from rpe.fit import power_note
+    from rpe.report_card import generic_row, to_html, value_rows
+
+    m = json.loads((Path(bundle_dir) / "bundle.json").read_text())["metrics"]
+    if "headline_cv" not in m:
+        return "<p>This bundle predates cross-validated metrics; re-run <code>rpe fit</code> for a report card.</p>"
+    note = power_note(m)
+    rows = value_rows(m)
+    d = m.get("dopamine")
+    rows.append(generic_row("dopamine neurons encode RPE with its sign", "Spearman ~0.3-0.4", {
+        "measured": f"held-out Spearman {d['test_spearman_dopamine']:.3f} ({d['n_surprising']} surprising steps)",
+        "control": f"random neurons mean {d['test_spearman_random_mean']:.3f}, 95th pct {d['test_spearman_random_q95']:.3f}",
+        "verdict": "reproduced" if d["test_spearman_dopamine"] > d["test_spearman_random_q95"] and d["n_surprising"] >= 300
+        else "inconclusive",
+        "note": "" if d["n_surprising"] >= 300 else f"only {d['n_surprising']} surprising steps; >= 300 needed for power",
+    } if d else None))
+    warn = f'<p class="warn"><b>{html.escape(note)}</b></p>' if note else ""
+    return warn + to_html(rows)
+
+
 def bundle_section(bundle_dir: str | Path) -> str:
     """HTML for a bundle's metrics: headline AUROCs beside controls, layer sweep, pruning curve, dopamine."""
     import json
@@ -80,28 +105,44 @@ def bundle_section(bundle_dir: str | Path) -> str:
     e = html.escape
     meta = json.loads((Path(bundle_dir) / "bundle.json").read_text())
     m = meta["metrics"]
-    rows = "".join(
-        f"<tr><td>{e(name)}</td>"
-        + "".join(
-            f"<td>{_fmt(m['headline_test'][w][name]['auroc'])} [{_fmt(m['headline_test'][w][name]['low'])}, "
-            f"{_fmt(m['headline_test'][w][name]['high'])}]</td>"
-            for w in ("s0", "final")
-        )
-        + "</tr>"
-        for name in m["headline_test"]["s0"]
-    )
+    head = m["headline_cv"]
+
+    def cell(r: dict) -> str:
+        point = r.get("auroc", r.get("diff"))
+        return f"<td>{_fmt(point)} [{_fmt(r['low'])}, {_fmt(r['high'])}]</td><td>{e(r.get('verdict', ''))}</td>"
+
+    rows = "".join(f"<tr><td>{e(name)}</td>{cell(head['s0'][name])}{cell(head['final'][name])}</tr>" for name in head["s0"])
     layers = sorted(int(k) for k in m["layer_sweep"])
-    sweep = _line_plot(layers, {"validation AUROC (all states)": [m["layer_sweep"][str(k)]["val_auroc_all"] for k in layers]},
-                       "layer", "AUROC")
+    sweep = _line_plot(layers, {
+        "inner validation (chooses the layer)": [m["layer_sweep"][str(k)]["val_auroc_all"] for k in layers],
+        "cross-validated, s_0": [m["layer_sweep"][str(k)]["cv_auroc_s0"] for k in layers],
+        "cross-validated, final": [m["layer_sweep"][str(k)]["cv_auroc_final"] for k in layers]}, "layer", "AUROC")
     curve = m["pruning_curve"]
-    prune = _line_plot([r["frac"] for r in curve], {"s_0": [r["test_auroc_s0"] for r in curve],
-                       "final step": [r["test_auroc_final"] for r in curve]}, "fraction of neurons kept", "test AUROC", logx=True)
+    prune = _line_plot([r["frac"] for r in curve], {"s_0": [r["cv_auroc_s0"] for r in curve],
+                       "final step": [r["cv_auroc_final"] for r in curve]}, "fraction of neurons kept",
+                       "cross-validated AUROC", logx=True)
+    from rpe.fit import power_note
+
+    note = power_note(m)
     parts = [
-        f"<h2>Value neurons (layer {m['best_layer']}, {meta['n_value_neurons']} neurons, target {e(m['target'])})</h2>",
-        "<table><tr><th>AUROC of (test split, 95% CI)</th><th>at s_0</th><th>at final step</th></tr>" + rows + "</table>",
-        f'<h3>Layer sweep</h3><img alt="layer sweep" src="{sweep}">',
-        f'<h3>Pruning curve</h3><img alt="pruning curve" src="{prune}">',
+        f"<h2>Value neurons (layer {m['best_layer']}, {meta['n_value_neurons']} neurons, {e(str(m.get('probe', m['target'])))})</h2>",
+        f'<p class="warn"><b>{e(note)}</b></p>' if note else "",
+        f"<table><tr><th>AUROC of ({m['folds']}-fold cross-validated by problem, {m['n_trajectories']} trajectories, "
+        "95% problem-clustered CI)</th><th>at s_0</th><th>reading</th><th>at final step</th><th>reading</th></tr>" + rows + "</table>",
     ]
+    beyond = m.get("beyond_difficulty") or {}
+    if beyond:
+        brows = "".join(
+            f"<tr><td>{e(name)}, within difficulty strata</td>{cell(beyond['within_strata_s0'][name])}"
+            f"{cell(beyond['within_strata_final'][name])}</tr>" for name in beyond["within_strata_s0"]
+        ) + "".join(
+            f"<tr><td>{e(key.replace('_', ' '))} (difficulty regressed out)</td>{cell(beyond[key]['s0'])}{cell(beyond[key]['final'])}</tr>"
+            for key in ("residualised_all_neurons", "residualised_value_neurons")
+        )
+        parts.append("<h3>Value beyond difficulty</h3><table><tr><th>AUROC of</th><th>at s_0</th><th>reading</th>"
+                     "<th>at final step</th><th>reading</th></tr>" + brows + "</table>")
+    parts += [f'<h3>Layer sweep</h3><img alt="layer sweep" src="{sweep}">',
+              f'<h3>Pruning curve</h3><img alt="pruning curve" src="{prune}">']
     if "dopamine" in m:
         d = m["dopamine"]
         parts.append(
@@ -210,7 +251,7 @@ def rollout_report(
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}} table{{border-collapse:collapse}}
 th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}} .correct h4{{color:#1a7f37}}
 .incorrect h4{{color:#b42318}} pre{{white-space:pre-wrap;margin:0}}</style></head><body>
-<h1>Rollouts</h1><table>{rows}</table>
+<h1>Rollouts</h1>{report_card_section(bundle) if bundle else ""}<table>{rows}</table>
 <h2>Steps per completion</h2><img alt="steps per completion" src="{_steps_plot(trajectories)}">
 {bundle_section(bundle) if bundle else ""}
 <h2>Example trajectories</h2>{''.join(_trajectory_html(t) for t in correct + wrong)}

@@ -1,0 +1,36 @@
+"""Print the README's report card: value rows from a bundle fitted by the cross-validated pipeline, the other
+claims from their result files or, where this session did not re-run them, from benchmarks/previous_results.json
+(each row names its command).
+
+    python benchmarks/report_card.py --bundle runs/mix/bundle > runs/mix/report_card.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rpe.report_card import generic_row, markdown, value_rows
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder from `rpe fit`")
+    ap.add_argument("--previous", type=Path, default=HERE / "previous_results.json")
+    args = ap.parse_args()
+    metrics = json.loads((args.bundle / "bundle.json").read_text())["metrics"]
+    previous = json.loads(args.previous.read_text())
+    rows = value_rows(metrics)
+    for key in ("ablation", "dopamine", "transfer", "search", "gemma_s0", "gemma_final"):
+        r = previous.get(key)
+        rows.append(generic_row(r["claim"], r["paper"], r) if r else generic_row(key, "", None))
+    print(markdown(rows))
+    print()
+    print("Commands: " + "; ".join(f"{k}: `{v['command']}`" for k, v in previous.items() if isinstance(v, dict)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The report card: one row per claim of the paper, this project's measurement beside its control, the interval,
+and a verdict in fixed words.
+
+Verdicts:
+- ``reproduced``: the measurement's interval excludes chance on the paper's side, and the comparison the claim
+  makes holds with an interval that excludes no difference;
+- ``not reproduced at this scale``: the interval excludes the paper's effect (or the control is significantly
+  better), at the model and sample size stated;
+- ``inconclusive``: the interval includes chance or no difference; the row says roughly what n would decide it.
+
+Rows are built from result dictionaries (a bundle's ``metrics``, ``rpe dopamine``, ``rpe ablate``, ``rpe search``
+and transfer results); a claim with no result gets ``not measured``. Nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rpe.metrics import n_to_decide
+
+REPRODUCED = "reproduced"
+NOT_REPRODUCED = "not reproduced at this scale"
+INCONCLUSIVE = "inconclusive"
+NOT_MEASURED = "not measured"
+
+
+@dataclass
+class CardRow:
+    """One claim of the paper and what this project measured for it."""
+
+    claim: str
+    paper: str
+    """What the paper reports."""
+    measured: str
+    """This project's number with its 95% interval and n."""
+    control: str
+    """The control measured in the same run, with its interval."""
+    verdict: str
+    note: str = ""
+    """Why the verdict, or what n would decide it."""
+
+
+def _iv(r: dict[str, Any], key: str = "auroc") -> str:
+    point = r.get(key, r.get("diff", math.nan))
+    return f"{point:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+
+
+def _decide(r: dict[str, Any]) -> str:
+    need = n_to_decide(r["auroc"], r["low"], r["high"], int(r.get("n", 0)))
+    return f"roughly {need} trajectories would decide it" if need else ""
+
+
+def value_rows(m: dict[str, Any]) -> list[CardRow]:
+    """Rows for the value-probe claims from a bundle's ``metrics`` (``rpe fit``)."""
+    from rpe.fit import DENSE, DIFFICULTY, LOGPROB, QLEN, VALUE
+
+    rows = []
+    n = f"{m['n_trajectories']} trajectories, {m['folds']}-fold CV, layer {m['best_layer']}"
+    s0 = m["headline_cv"]["s0"]
+    v = s0[VALUE]
+    controls = [c for c in (QLEN, LOGPROB, DIFFICULTY, DENSE) if c in s0]
+    diffs = {c: s0[f"{VALUE} - {c}"] for c in controls}
+    control_text = "; ".join(f"{c.split(' (')[0]} {_iv(s0[c])}, diff {_iv(diffs[c], 'diff')}" for c in controls)
+    if v["verdict"] == "above chance":
+        beaten = [c for c in controls if diffs[c]["verdict"] == "lower"]
+        if beaten:
+            verdict, note = NOT_REPRODUCED, f"value signal present, but {', '.join(c.split(' (')[0] for c in beaten)} rank(s) outcomes better"
+        elif all(diffs[c]["verdict"] == "higher" for c in controls if c != DENSE):
+            verdict, note = REPRODUCED, "above chance and above every baseline control"
+        else:
+            verdict, note = INCONCLUSIVE, "value signal present; its advantage over the controls is within noise"
+    elif v["verdict"] == "below chance (inverted)":
+        verdict, note = NOT_REPRODUCED, "inverted: the probe ranks outcomes the wrong way round"
+    else:
+        verdict, note = INCONCLUSIVE, _decide(v)
+    rows.append(CardRow("value neurons know the outcome before reasoning (s_0)", "AUROC ~0.67 (0.59-0.73) vs all "
+                        "neurons 0.60, question length 0.62", f"{_iv(v)} ({n})", control_text, verdict, note))
+
+    f = m["headline_cv"]["final"]
+    vf = f[VALUE]
+    verdict = REPRODUCED if vf["verdict"] == "above chance" else NOT_REPRODUCED if "below" in vf["verdict"] else INCONCLUSIVE
+    rows.append(CardRow("value at the final step", "AUROC mostly > 0.8", f"{_iv(vf)} ({n})",
+                        f"all neurons {_iv(f[DENSE])}; question length {_iv(f[QLEN])}", verdict,
+                        "" if verdict != INCONCLUSIVE else _decide(vf)))
+
+    d0, dfin = s0[f"{VALUE} - {DENSE}"], f[f"{VALUE} - {DENSE}"]
+    curve = "; ".join(f"{r['frac']:g}: {r['cv_auroc_s0']:.3f}/{r['cv_auroc_final']:.3f}" for r in m["pruning_curve"])
+    dense_s0 = next(r["cv_auroc_s0"] for r in m["pruning_curve"] if r["frac"] == 1.0)
+    flat = [r["frac"] for r in m["pruning_curve"] if r["cv_auroc_s0"] >= dense_s0 - 0.02]
+    flat_note = f"; within 0.02 of all neurons at s_0 down to {min(flat):g} kept" if flat else ""
+    if v["verdict"] == "above chance" and vf["verdict"] == "above chance" and "lower" not in (d0["verdict"], dfin["verdict"]):
+        verdict, note = REPRODUCED, "1% keeps the signal: no significant loss against all neurons"
+    elif "lower" in (d0["verdict"], dfin["verdict"]):
+        verdict, note = NOT_REPRODUCED, f"the 1% set loses signal against all neurons (paired interval below 0){flat_note}"
+    else:
+        verdict, note = INCONCLUSIVE, "the 1% probe is not distinguishable from chance"
+    rows.append(CardRow("a sparse 1% carries the value (pruning curve nearly flat)", "AUROC nearly flat when 80-99% "
+                        "of dimensions are removed", f"1% - all neurons: s_0 {_iv(d0, 'diff')}, final {_iv(dfin, 'diff')}",
+                        f"curve (kept: s_0/final) {curve}", verdict, note))
+
+    beyond = m.get("beyond_difficulty") or {}
+    if beyond:
+        w = beyond["within_strata_s0"][VALUE]
+        r = beyond["residualised_value_neurons"]["s0"]
+        ok = w["verdict"] == "above chance" and r["verdict"] == "above chance"
+        verdict = "present" if ok else "absent" if "below" in w["verdict"] else INCONCLUSIVE
+        rows.append(CardRow("(beyond the paper) value neurons know more than difficulty at s_0", "not tested in the paper",
+                            f"within difficulty strata {_iv(w)}; difficulty regressed out {_iv(r)}",
+                            f"difficulty-only probe {_iv(s0[DIFFICULTY])}; prompt log-prob within strata "
+                            f"{_iv(beyond['within_strata_s0'][LOGPROB])}" if DIFFICULTY in s0 else "",
+                            verdict, "AUROC among problems of equal difficulty" if ok else _decide(w)))
+    return rows
+
+
+def ablation_row(res: dict[str, Any] | None) -> CardRow:
+    """Row for zeroing value neurons vs controls, from ``rpe ablate``'s ``results.json`` or a summary with keys
+    ``n``, ``baseline``, ``value``, ``random`` (accuracies) and their Wilson intervals ``*_ci``."""
+    paper = "zeroing 1% at layers 2-5 drops MATH500 accuracy 54.9 points; random 1% -0.6"
+    if not res:
+        return CardRow("zeroing value neurons destroys reasoning", paper, "-", "-", NOT_MEASURED)
+    drop_v = res["baseline"] - res["value"]
+    drop_r = res["baseline"] - res["random"]
+    lo, hi = res["value_ci"]
+    blo, bhi = res["baseline_ci"]
+    separated = hi < blo
+    verdict = REPRODUCED if separated and drop_v > drop_r + 0.05 else NOT_REPRODUCED if lo <= res["baseline"] <= hi and hi - lo < 0.2 else INCONCLUSIVE
+    return CardRow("zeroing value neurons destroys reasoning", paper,
+                   f"accuracy {res['value']:.3f} [{lo:.3f}, {hi:.3f}] vs none {res['baseline']:.3f} [{blo:.3f}, {bhi:.3f}] "
+                   f"(n = {res['n']} per arm, {res.get('where', '')})",
+                   f"random {res['random']:.3f}; {res.get('controls', '')}", verdict,
+                   res.get("note", "a drop of the paper's size would be far outside these intervals"))
+
+
+def generic_row(claim: str, paper: str, res: dict[str, Any] | None) -> CardRow:
+    """Row from a summary dict with ``measured``, ``control``, ``verdict`` and optional ``note`` (texts written
+    by the script that ran the experiment)."""
+    if not res:
+        return CardRow(claim, paper, "-", "-", NOT_MEASURED)
+    return CardRow(claim, paper, res["measured"], res["control"], res["verdict"], res.get("note", ""))
+
+
+def markdown(rows: list[CardRow]) -> str:
+    """The card as a Markdown table."""
+    out = ["| claim (PAPER.md) | paper | measured here (95% CI) | control, same run | verdict |", "|---|---|---|---|---|"]
+    for r in rows:
+        verdict = f"**{r.verdict}**" + (f": {r.note}" if r.note else "")
+        out.append(f"| {r.claim} | {r.paper} | {r.measured} | {r.control} | {verdict} |")
+    return "\n".join(out)
+
+
+def to_html(rows: list[CardRow]) -> str:
+    """The card as an HTML table (every text escaped)."""
+    e = html.escape
+    body = "".join(
+        f"<tr><td>{e(r.claim)}</td><td>{e(r.paper)}</td><td>{e(r.measured)}</td><td>{e(r.control)}</td>"
+        f"<td><b>{e(r.verdict)}</b>{(': ' + e(r.note)) if r.note else ''}</td></tr>"
+        for r in rows
+    )
+    return ("<h2>Report card</h2><table><tr><th>claim (PAPER.md)</th><th>paper</th><th>measured here (95% CI)</th>"
+            "<th>control, same run</th><th>verdict</th></tr>" + body + "</table>")
+
+
+__all__ = ["CardRow", "INCONCLUSIVE", "NOT_MEASURED", "NOT_REPRODUCED", "REPRODUCED", "ablation_row", "generic_row",
+           "markdown", "to_html", "value_rows"]

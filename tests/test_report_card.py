@@ -1,0 +1,77 @@
+"""Report card verdicts and the power warning, on metrics built by hand (the real numbers are in README)."""
+
+import pytest
+
+from rpe.fit import DENSE, DIFFICULTY, LOGPROB, QLEN, VALUE, power_note
+from rpe.report_card import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, CardRow, markdown, to_html, value_rows
+
+
+def _r(auroc, low, high, n=1600):
+    from rpe.metrics import chance_verdict
+
+    return {"auroc": auroc, "low": low, "high": high, "n": n, "verdict": chance_verdict(low, high)}
+
+
+def _d(diff, low, high):
+    from rpe.metrics import difference_verdict
+
+    return {"diff": diff, "low": low, "high": high, "verdict": difference_verdict(low, high)}
+
+
+def metrics(value_s0, diffs_s0=(0.05, 0.04, 0.06), value_final=(0.8, 0.75, 0.85), n=1600, dense_diff=(0.0, -0.03, 0.03)):
+    s0 = {VALUE: _r(*value_s0, n=n), DENSE: _r(0.7, 0.65, 0.75, n), QLEN: _r(0.6, 0.55, 0.65, n),
+          LOGPROB: _r(0.6, 0.55, 0.65, n), DIFFICULTY: _r(0.6, 0.55, 0.65, n)}
+    for c, (d, lo, hi) in zip((QLEN, LOGPROB, DIFFICULTY), [(x, x - 0.03, x + 0.03) for x in diffs_s0]):
+        s0[f"{VALUE} - {c}"] = _d(d, lo, hi)
+    s0[f"{VALUE} - {DENSE}"] = _d(*dense_diff)
+    final = {VALUE: _r(*value_final, n=n), DENSE: _r(0.85, 0.8, 0.9, n), QLEN: _r(0.6, 0.55, 0.65, n),
+             f"{VALUE} - {DENSE}": _d(-0.05, -0.08, -0.02)}
+    curve = [{"frac": 1.0, "cv_auroc_s0": 0.7, "cv_auroc_final": 0.85}, {"frac": 0.01, "cv_auroc_s0": value_s0[0],
+                                                                         "cv_auroc_final": value_final[0]}]
+    return {"n_trajectories": n, "folds": 5, "best_layer": 12, "headline_cv": {"s0": s0, "final": final},
+            "pruning_curve": curve}
+
+
+def test_reproduced_when_above_chance_and_above_every_control():
+    rows = value_rows(metrics((0.68, 0.64, 0.72)))
+    assert rows[0].verdict == REPRODUCED
+    assert rows[1].verdict == REPRODUCED  # final step above chance
+    assert rows[2].verdict == NOT_REPRODUCED and "loses signal" in rows[2].note  # final: 1% below all neurons
+
+
+def test_a_control_that_ranks_better_means_not_reproduced():
+    rows = value_rows(metrics((0.68, 0.64, 0.72), diffs_s0=(-0.08, 0.02, 0.05)))
+    assert rows[0].verdict == NOT_REPRODUCED and "question length" in rows[0].note
+
+
+def test_an_interval_over_chance_is_inconclusive_with_the_n_that_decides_it():
+    rows = value_rows(metrics((0.55, 0.45, 0.65), n=200))
+    assert rows[0].verdict == INCONCLUSIVE and "roughly 800 trajectories" in rows[0].note  # (0.1/0.05)^2 x 200
+
+
+def test_an_inverted_probe_is_never_inconclusive():
+    rows = value_rows(metrics((0.27, 0.16, 0.41)))
+    assert rows[0].verdict == NOT_REPRODUCED and "inverted" in rows[0].note
+
+
+@pytest.mark.parametrize("value,n,expect", [
+    ((0.68, 0.64, 0.72), 1600, None),
+    ((0.52, 0.477, 0.567), 1600, "A measured null"),
+    ((0.55, 0.40, 0.70), 64, "Smoke run without power"),
+    ((0.30, 0.10, 0.45), 64, "Smoke run without power"),
+])
+def test_power_note_says_smoke_run_or_measured_null(value, n, expect):
+    note = power_note(metrics(value, n=n))
+    if expect is None:
+        assert note is None
+    else:
+        assert expect in note and f"on {n} trajectories" in note
+        if "Smoke" in expect:
+            assert "rpe rollouts --task chain_sum_mix --n 800" in note
+
+
+def test_card_renders_and_escapes():
+    rows = [CardRow("<script>x</script>", "p", "m", "c", REPRODUCED, "n & m")]
+    page = to_html(rows)
+    assert "<script>" not in page and "&lt;script&gt;" in page and "n &amp; m" in page
+    assert markdown(rows).splitlines()[2].endswith("| **reproduced**: n & m |")
