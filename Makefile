@@ -24,20 +24,25 @@ fetch: install
 	$(RPE) models fetch $(MODEL)
 
 demo: fetch
-	$(RPE) rollouts --model $(MODEL) --task chain_sum --n $(DEMO_N) --samples 2 --out $(DEMO_DIR)/rollouts
+	$(RPE) rollouts --model $(MODEL) --task chain_sum_mix --n $(DEMO_N) --samples 2 --out $(DEMO_DIR)/rollouts
 	$(RPE) fit --rollouts $(DEMO_DIR)/rollouts --out $(DEMO_DIR)/bundle --layer-stride 3
 	$(RPE) dopamine --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --n-continuations 4 --max-trajectories 32 --threshold 0.25
 	$(RPE) analyze --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --out $(DEMO_DIR)/analysis
 	@echo "Open $(abspath $(DEMO_DIR)/analysis/report.html) in a browser."
 
 # pytest exits 5 when it collects no test: say so and fail, a silent pass would hide a broken suite.
-# Headless Chromium checks the HTML report in a real browser; installed here when apt-get can (else that test skips).
+# Headless Chromium checks the HTML report in a real browser; installed here when apt-get can. Where apt-get can
+# install as root the browser test is required (a failed install fails it); elsewhere it skips.
+# RPE_REQUIRE_TRL: a broken TRL install fails the TRL tests instead of skipping them.
+CAN_APT := $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && echo 1)
+
 browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  apt-get install -y -q chromium >/dev/null 2>&1 && echo "installed chromium"; } || echo "no chromium: the browser test will skip"
+	@command -v chromium >/dev/null 2>&1 || { [ -n "$(CAN_APT)" ] && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; } && \
+	  echo "installed chromium"; } || echo "no chromium: the browser test will skip (or fail where apt-get could install it)"
 
 test: fetch browser
-	RPE_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	RPE_REQUIRE_REAL_MODEL=1 RPE_REQUIRE_TRL=1 RPE_REQUIRE_BROWSER=$(CAN_APT) $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 bench: fetch

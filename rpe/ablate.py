@@ -35,6 +35,7 @@ from rpe.interventions import NeuronAblation
 from rpe.rollouts import (RolloutConfig, Trajectory, atomic_write_json, collect_rollouts, read_trajectories,
                           wilson_interval)
 from rpe.store import StateSet, capture_states
+from rpe.tasks import DEFAULT_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 class AblateConfig:
     """Options of ``rpe ablate``."""
 
-    task: str = "chain_sum"
+    task: str = DEFAULT_TASK
     n_problems: int = 200
     """Held-out problems per arm (one sample each)."""
     seed: int = 1

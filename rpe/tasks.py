@@ -193,6 +193,22 @@ class Task:
         """A JSON-serialisable description that :func:`load_task` turns back into this task."""
         raise NotImplementedError
 
+    def difficulty(self, problem: Problem) -> dict[str, float]:
+        """The problem's own difficulty features (e.g. ``{"num_terms": 3}``), empty when the task has none.
+
+        reasoning-gym problems name their difficulty parameters in ``meta["difficulty"]`` and carry each
+        problem's value under the same key; JSONL problems may give a ``difficulty`` object of numbers.
+        """
+        named = problem.meta.get("difficulty")
+        if not isinstance(named, dict):
+            return {}
+        out = {}
+        for key, value in named.items():
+            own = problem.meta.get(key, value)  # reasoning-gym: the per-problem value sits beside the ranges
+            if isinstance(own, (int, float)) and not isinstance(own, bool):
+                out[key] = float(own)
+        return out
+
 
 class ReasoningGymTask(Task):
     """Any reasoning-gym task, scored by its own ``score_answer``.
@@ -331,6 +347,8 @@ class JsonlTask(Task):
             meta = {"verifier": verifier}
             if "solution" in row:
                 meta["solution"] = str(row["solution"])
+            if isinstance(row.get("difficulty"), dict):
+                meta["difficulty"] = row["difficulty"]
             problems.append(Problem(id=pid, prompt=str(row["prompt"]), answer=str(row["answer"]), meta=meta))
         if not problems:
             raise TaskFileError(f"{self.path}: no problems (the file is empty)")
@@ -369,9 +387,11 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "chain_sum": ("chain_sum", {"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1}),
     "chain_sum_2": ("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
     "chain_sum_4": ("chain_sum", {"min_terms": 4, "max_terms": 4, "min_digits": 1, "max_digits": 1}),
+    "chain_sum_mix": ("chain_sum", {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 1}),
     "count_bits": ("count_bits", {"min_n": 1, "max_n": 15}),
 }
-DEFAULT_TASK = "chain_sum"
+DEFAULT_TASK = "chain_sum_mix"
+"""The default: 2-4 one-digit terms, a natural difficulty spread (22.8% accuracy for SmolLM2, README)."""
 
 
 def available_tasks() -> list[str]:
