@@ -173,7 +173,8 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
         traj_t = torch.tensor(traj)
         y = torch.tensor((rewards >= 0.5).astype(np.float32))
         losses = []
-        for _ in range(cfg.critic_updates):
+        # a NaN reward skips the whole update, the critic's too (its targets would be NaN read as 0)
+        for _ in range(0 if self._skip_update else cfg.critic_updates):
             with torch.no_grad():
                 targets = lambda_returns(self._critic_values(x).reshape(-1), y, traj_t, cfg.gamma, cfg.lam)
             st = self.rpe_signals.bundle.probe_state
