@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rpe.report_card import generic_row, markdown, value_rows
+from rpe.report_card import ablation_row, ablation_summary, generic_row, markdown, value_rows
 
 HERE = Path(__file__).parent
 
@@ -20,11 +20,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True, help="bundle folder from `rpe fit`")
     ap.add_argument("--previous", type=Path, default=HERE / "previous_results.json")
+    ap.add_argument("--ablation", type=Path, help="results.json of `rpe ablate` on this bundle (replaces the old row)")
     args = ap.parse_args()
     metrics = json.loads((args.bundle / "bundle.json").read_text())["metrics"]
     previous = json.loads(args.previous.read_text())
     rows = value_rows(metrics)
+    if args.ablation:
+        rows.append(ablation_row(ablation_summary(json.loads(args.ablation.read_text()))))
     for key in ("ablation", "dopamine", "transfer", "search", "gemma_s0", "gemma_final"):
+        if key == "ablation" and args.ablation:
+            continue
         r = previous.get(key)
         rows.append(generic_row(r["claim"], r["paper"], r) if r else generic_row(key, "", None))
     print(markdown(rows))

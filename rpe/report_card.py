@@ -134,6 +134,21 @@ def ablation_row(res: dict[str, Any] | None) -> CardRow:
                    res.get("note", "a drop of the paper's size would be far outside these intervals"))
 
 
+def ablation_summary(results: dict[str, Any], layer: int | str | None = None) -> dict[str, Any]:
+    """The input of :func:`ablation_row` from ``rpe ablate``'s ``results.json`` (one layer: the given one or the
+    first)."""
+    layers = results["layers"]
+    key = str(layer) if layer is not None else next(iter(layers))
+    summary = layers[key]["summary"]
+    base = results["baseline"]
+    others = "; ".join(f"{src} {s['accuracy']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+                       for src, s in summary.items() if src not in ("value", "random"))
+    rnd = summary.get("random", {"accuracy": math.nan})
+    return {"n": results.get("n_problems", base.get("n")), "baseline": base["accuracy"], "baseline_ci": base["ci95"],
+            "value": summary["value"]["accuracy"], "value_ci": summary["value"]["ci95"], "random": rnd["accuracy"],
+            "controls": others, "where": f"{results['n_neurons']} neurons zeroed at layer {key}"}
+
+
 def generic_row(claim: str, paper: str, res: dict[str, Any] | None) -> CardRow:
     """Row from a summary dict with ``measured``, ``control``, ``verdict`` and optional ``note`` (texts written
     by the script that ran the experiment)."""
@@ -163,5 +178,6 @@ def to_html(rows: list[CardRow]) -> str:
             "<th>control, same run</th><th>verdict</th></tr>" + body + "</table>")
 
 
-__all__ = ["CardRow", "INCONCLUSIVE", "NOT_MEASURED", "NOT_REPRODUCED", "REPRODUCED", "ablation_row", "generic_row",
+__all__ = ["CardRow", "INCONCLUSIVE", "NOT_MEASURED", "NOT_REPRODUCED", "REPRODUCED", "ablation_row", "ablation_summary",
+           "generic_row",
            "markdown", "to_html", "value_rows"]

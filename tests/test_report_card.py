@@ -75,3 +75,16 @@ def test_card_renders_and_escapes():
     page = to_html(rows)
     assert "<script>" not in page and "&lt;script&gt;" in page and "n &amp; m" in page
     assert markdown(rows).splitlines()[2].endswith("| **reproduced**: n & m |")
+
+
+def test_ablation_row_from_results_json():
+    from rpe.report_card import ablation_row, ablation_summary
+
+    res = {"n_neurons": 6, "baseline": {"accuracy": 0.24, "ci95": [0.205, 0.279], "n": 500},
+           "layers": {"29": {"summary": {"value": {"accuracy": 0.236, "ci95": [0.201, 0.275]},
+                                         "random": {"accuracy": 0.238, "ci95": [0.203, 0.277]},
+                                         "random_matched": {"accuracy": 0.242, "ci95": [0.207, 0.281]}}}}}
+    row = ablation_row(ablation_summary(res))
+    assert row.verdict == NOT_REPRODUCED and "n = 500 per arm" in row.measured and "random_matched 0.242" in row.control
+    res["layers"]["29"]["summary"]["value"] = {"accuracy": 0.05, "ci95": [0.034, 0.073]}
+    assert ablation_row(ablation_summary(res)).verdict == REPRODUCED
