@@ -18,7 +18,8 @@ from pathlib import Path
 from rpe.dopamine import DopamineConfig, dopamine_from_rollouts
 from rpe.fit import FitConfig, difficulty_from_run, fit_bundle
 from rpe.models import load_model
-from rpe.rollouts import RolloutConfig, collect_rollouts, read_trajectories
+from rpe.records import read_trajectories
+from rpe.rollouts import RolloutConfig, collect_rollouts
 
 
 def fmt(m: dict) -> str:
@@ -123,7 +124,7 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     from rpe.prompts import PromptConfig
-    from rpe.rollouts import SamplingConfig
+    from rpe.generation import SamplingConfig
     from rpe.store import StateSet
 
     layers = [int(x) for x in args.capture_layers.split(",")]

@@ -20,7 +20,8 @@ import numpy as np
 from rpe.metrics import auroc, chance_iou, iou
 from rpe.models import load_model
 from rpe.probe import ProbeConfig, ValueProbe
-from rpe.rollouts import RolloutConfig, collect_rollouts, read_trajectories
+from rpe.records import read_trajectories
+from rpe.rollouts import RolloutConfig, collect_rollouts
 from rpe.store import capture_states
 
 

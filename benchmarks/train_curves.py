@@ -27,7 +27,7 @@ def subsystem_after(model, tok, bundle, rollout_dir: Path) -> dict:
     """Old bundle on new rollouts (no refit) and IoU of refitted value neurons with the old ones."""
     from rpe.metrics import auroc, chance_iou, iou
     from rpe.probe import ProbeConfig, SingleClassError, ValueProbe
-    from rpe.rollouts import read_trajectories
+    from rpe.records import read_trajectories
     from rpe.store import capture_states
 
     trajs = [t for t in read_trajectories(rollout_dir) if t.steps]

@@ -20,7 +20,7 @@ import numpy as np
 from rpe.metrics import chance_iou, iou
 from rpe.models import load_model
 from rpe.probe import ProbeConfig, ValueProbe
-from rpe.rollouts import read_trajectories
+from rpe.records import read_trajectories
 from rpe.store import capture_states
 
 

@@ -32,8 +32,9 @@ import torch
 from rpe.controls import (SOURCES, massive_dims, matched_random_set, mc_probe_set, next_token_scores, random_set,
                           top_k, top_magnitude_set, wanda_scores)
 from rpe.interventions import NeuronAblation
-from rpe.rollouts import (RolloutConfig, Trajectory, atomic_write_json, collect_rollouts, read_trajectories,
-                          wilson_interval)
+from rpe.metrics import wilson_interval
+from rpe.records import Trajectory, atomic_write_json, read_trajectories
+from rpe.rollouts import RolloutConfig, collect_rollouts
 from rpe.store import StateSet, capture_states
 from rpe.tasks import DEFAULT_TASK
 

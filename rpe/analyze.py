@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from rpe.metrics import auroc, bootstrap_auroc, chance_verdict
-from rpe.rollouts import SCHEMA_VERSION, Trajectory, atomic_write_bytes, atomic_write_json, make_steps, read_trajectories
+from rpe.metrics import bootstrap_auroc, chance_verdict
+from rpe.records import SCHEMA_VERSION, Trajectory, atomic_write_bytes, atomic_write_json, read_trajectories
+from rpe.rollouts import make_steps
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def auroc_fmt(x: float) -> str:
 
 def _trajectory_batches(rollouts: str | Path, tokenizer, reward_column: str, batch_size: int) -> Iterator[list[Trajectory]]:
     """Rollout folders stream from Parquet in batches; imported files are read whole, then batched."""
-    from rpe.rollouts import iter_trajectories
+    from rpe.records import iter_trajectories
 
     path = Path(rollouts)
     if path.is_dir():

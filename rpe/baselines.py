@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from rpe.rollouts import Trajectory
-from rpe.store import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
+from rpe.records import Trajectory
+from rpe.generation import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
 
 
 def question_length(trajectories: Sequence[Trajectory]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rpe.prompts import PromptBuilder, PromptConfig
-from rpe.rollouts import SamplingConfig, generate_batch
+from rpe.generation import SamplingConfig, generate_batch
 from rpe.tasks import DEFAULT_TASK, load_task
 
 
@@ -92,7 +92,7 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
 
     import torch
 
-    from rpe.rollouts import _eos_ids
+    from rpe.generation import _eos_ids
     from rpe.tracker import ActivationTracker, decoder_layers
 
     naive_tokens, naive_s = naive_env_loop(model, tokenizer, builder, problems, sampling, cfg)
@@ -165,7 +165,7 @@ def bench_tracker(model_name: str = "smollm2-135m-instruct", quick: bool = False
     import torch
 
     from rpe.models import load_model
-    from rpe.store import right_pad
+    from rpe.generation import right_pad
     from rpe.tracker import ActivationTracker, decoder_layers
 
     model, tok = load_model(model_name)
@@ -424,9 +424,9 @@ def bench_analyze(rollouts: str = "runs/demo/rollouts", bundle: str = "runs/demo
     from rpe.analyze import step_table
     from rpe.bundle import SubsystemBundle
     from rpe.models import load_model
-    from rpe.rollouts import read_trajectories
+    from rpe.records import read_trajectories
     from rpe.signals import SignalReader
-    from rpe.store import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
+    from rpe.generation import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
 
     b = SubsystemBundle.load(bundle)
     model, tok = load_model(b.model.name)

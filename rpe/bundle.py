@@ -101,7 +101,7 @@ class SubsystemBundle:
     # -- use -------------------------------------------------------------------------------------------
     def value(self, model, tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:
         """Internal value V at the last token of each text, in [0, 1]. Shape (len(texts),)."""
-        from rpe.store import right_pad
+        from rpe.generation import right_pad
         from rpe.tracker import ActivationTracker
 
         self.check_model(model, tokenizer)

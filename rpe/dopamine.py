@@ -28,7 +28,8 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from rpe.probe import split_by_problem
-from rpe.rollouts import SamplingConfig, Trajectory, atomic_write_json, generate_from_ids
+from rpe.generation import SamplingConfig, generate_from_ids
+from rpe.records import Trajectory, atomic_write_json
 from rpe.tasks import Problem, Task
 
 logger = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ def dopamine_from_rollouts(
     Monte-Carlo values are cached in ``rollout_dir/mc_values.json``.
     """
     from rpe.prompts import COMPLETION_STOP, PromptConfig, resolve_style
-    from rpe.rollouts import MANIFEST_FILE, read_trajectories
+    from rpe.records import MANIFEST_FILE, read_trajectories
     from rpe.store import capture_states
     from rpe.tasks import load_task
 

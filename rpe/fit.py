@@ -42,7 +42,7 @@ from rpe.metrics import (
 )
 from rpe.models import fingerprint
 from rpe.probe import FAMILIES, TARGETS, ProbeConfig, ValueProbe
-from rpe.rollouts import Trajectory
+from rpe.records import Trajectory
 from rpe.store import StateSet, capture_states
 from rpe.tracker import decoder_layers
 

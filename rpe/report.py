@@ -11,7 +11,7 @@ import io
 from collections import Counter
 from pathlib import Path
 
-from rpe.rollouts import MANIFEST_FILE, Trajectory, atomic_write_bytes, read_trajectories
+from rpe.records import MANIFEST_FILE, Trajectory, atomic_write_bytes, read_trajectories
 
 
 def _png(fig) -> str:

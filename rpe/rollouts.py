@@ -1,7 +1,7 @@
-"""Batched rollout collection into versioned, resumable Trajectory records.
+"""Batched rollout collection into versioned, resumable Trajectory records: the collection loop and its manifest.
 
-One ``model.generate`` call (KV cache) produces whole completions for a batch of problems x samples; they are
-split into steps afterwards (:mod:`rpe.segment`) and recorded as :class:`Trajectory` rows in Parquet.
+One ``model.generate`` call per batch of problems x samples (:mod:`rpe.generation`) produces whole completions;
+they are split into steps (:mod:`rpe.segment`) and recorded as :class:`rpe.records.Trajectory` rows in Parquet.
 
 On disk (``DIR``):
 - ``run_config.json``: what the run was asked to do; a resumed run must ask for the same thing.
@@ -19,71 +19,51 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rpe.generation import (  # re-exported: rpe.rollouts was their home
+    PREFIX_REUSE_MODEL_TYPES,
+    GeneratedBatch,
+    SamplingConfig,
+    cut_at_stop,
+    generate_batch,
+    generate_from_ids,
+    split_at_stop,
+)
 from rpe.metrics import wilson_interval
 from rpe.models import fingerprint
 from rpe.prompts import PromptBuilder, PromptConfig
+from rpe.records import (  # re-exported: rpe.rollouts was their home
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    TRAJECTORIES_FILE,
+    Step,
+    Trajectory,
+    _read_table,
+    _with_fixed_types,
+    atomic_write_bytes,
+    atomic_write_json,
+    iter_trajectories,
+    read_trajectories,
+    sha256_file,
+    write_trajectories,
+)
 from rpe.segment import Segmenter, split_steps, token_char_ends, token_spans
 from rpe.tasks import Problem, Task, extract_answer, load_task
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-TRAJECTORIES_FILE = "trajectories.parquet"
-MANIFEST_FILE = "manifest.json"
 RUN_CONFIG_FILE = "run_config.json"
 PARTS_DIR = "parts"
 STATES_FILE = "states.safetensors"
-#: Architectures on which generating from a shared-prefix KV cache was checked to give identical tokens
-#: (tests/test_rollouts.py). Others (e.g. Gemma3's sliding-window layers) take the plain padded path.
-PREFIX_REUSE_MODEL_TYPES = frozenset({"llama", "qwen2"})
-
-
-@dataclass
-class SamplingConfig:
-    """Generation settings shared by every rollout of a run."""
-
-    temperature: float = 0.7
-    """Softmax temperature; 0 means greedy decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    top_k: int = 50
-    """Sample among the k most likely tokens (0 = no limit); 50 is transformers' default."""
-    max_new_tokens: int = 128
-    """Completion budget in tokens; a completion that hits it is marked truncated."""
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature == 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "max_new_tokens": self.max_new_tokens,
-        }
 
 
 @dataclass
@@ -130,73 +110,6 @@ class RolloutConfig:
 
 
 @dataclass
-class Step:
-    """One reasoning step of a completion.
-
-    Attributes:
-        text: the step's text (no separators).
-        char_start, char_end: half-open span in the completion text.
-        token_start, token_end: half-open span in the completion tokens; ``token_end - 1`` is the state s_t.
-    """
-
-    text: str
-    char_start: int
-    char_end: int
-    token_start: int
-    token_end: int
-
-
-@dataclass
-class Trajectory:
-    """One sampled completion, split into steps, with its verified reward. One row of the Parquet file."""
-
-    schema_version: int
-    trajectory_id: str
-    problem_id: str
-    task: str
-    sample_index: int
-    prompt: str
-    completion: str
-    steps: list[Step]
-    final_answer: str | None
-    reference_answer: str
-    reward: float
-    prompt_token_ids: list[int]
-    completion_token_ids: list[int]
-    finish_reason: str
-    """``eos`` (model ended), ``stop`` (stop string) or ``length`` (hit ``max_new_tokens``)."""
-    truncated: bool
-    prompt_truncated: bool
-    model: dict[str, Any]
-    sampling: dict[str, Any]
-    seed: int
-
-    def to_row(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Trajectory:
-        version = row.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(
-                f"trajectory {row.get('trajectory_id')!r} has schema version {version}; this rpe reads version "
-                f"{SCHEMA_VERSION}. Re-collect the rollouts with this version of rpe."
-            )
-        data = {k: row[k] for k in cls.__dataclass_fields__}
-        data["steps"] = [Step(**s) for s in row["steps"]]
-        return cls(**data)
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_token_ids)
-
-    def state_positions(self) -> list[int]:
-        """Absolute token positions (in prompt + completion) of s_0 (last prompt token) and each step end."""
-        n = self.prompt_len
-        return [n - 1] + [n + s.token_end - 1 for s in self.steps]
-
-
-@dataclass
 class RolloutResult:
     """Summary of a finished collection."""
 
@@ -208,290 +121,7 @@ class RolloutResult:
 
 
 # --------------------------------------------------------------------------------------------------------
-# atomic files
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_trajectories(path: Path, trajectories: Sequence[Trajectory]) -> None:
-    """Atomically write trajectories to a Parquet file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = _with_fixed_types(pa.Table.from_pylist([t.to_row() for t in trajectories]))
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
-def _with_fixed_types(table):
-    """Give columns that can be all-empty in one batch their real type (Arrow infers ``null`` from a batch where
-    no completion has an answer, or none has a step), so the parts of a run always merge."""
-    import pyarrow as pa
-
-    fixed = {
-        "final_answer": pa.string(),
-        "steps": pa.list_(pa.struct([("text", pa.string()), ("char_start", pa.int64()), ("char_end", pa.int64()),
-                                     ("token_start", pa.int64()), ("token_end", pa.int64())])),
-        "completion_token_ids": pa.list_(pa.int64()),
-    }
-    for name, typ in fixed.items():
-        i = table.schema.get_field_index(name)
-        if i >= 0 and table.schema.field(i).type != typ:
-            table = table.set_column(i, name, table.column(i).cast(typ))
-    return table
-
-
-def _read_table(path: Path):
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path)
-    except Exception as err:  # pyarrow raises several types for damaged files
-        raise ValueError(f"{path} is not a readable Parquet file ({err}); delete it and re-run to regenerate") from err
-
-
-def _checked_parquet(source: str | Path) -> Path:
-    """The Parquet path of a rollout folder (its sha256 checked against the manifest) or a Parquet file."""
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{source} does not exist: no rollouts there. Collect them first with "
-            f"`rpe rollouts --task TASK --n N --out {source}`, or point at an existing rollout folder or Parquet file"
-        )
-    if path.is_dir():
-        manifest_path = path / MANIFEST_FILE
-        path = path / TRAJECTORIES_FILE
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{source} holds no {TRAJECTORIES_FILE}; the collection is unfinished or the folder is wrong "
-                "(re-run the same `rpe rollouts` command to resume)"
-            )
-        if manifest_path.exists():
-            expected = json.loads(manifest_path.read_text()).get("sha256")
-            if expected and sha256_file(path) != expected:
-                raise ValueError(
-                    f"{path} does not match the sha256 in {manifest_path}: the file was modified or damaged. "
-                    "Re-collect the rollouts into a fresh folder."
-                )
-    return path
-
-
-def read_trajectories(source: str | Path) -> list[Trajectory]:
-    """Read trajectories from a rollout folder (its ``trajectories.parquet``) or a Parquet file.
-
-    When the folder has a manifest, the file's sha256 is checked against it first.
-    """
-    return [Trajectory.from_row(row) for row in _read_table(_checked_parquet(source)).to_pylist()]
-
-
-def iter_trajectories(source: str | Path, batch_size: int = 256) -> Iterator[list[Trajectory]]:
-    """Like :func:`read_trajectories`, in batches of ``batch_size`` records: memory stays flat in the number of
-    trajectories (only one batch exists as Python objects at a time)."""
-    import pyarrow.parquet as pq
-
-    path = _checked_parquet(source)
-    try:
-        reader = pq.ParquetFile(path)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable Parquet file ({err}); delete it and re-run to regenerate") from err
-    for batch in reader.iter_batches(batch_size=batch_size):
-        yield [Trajectory.from_row(row) for row in batch.to_pylist()]
-
-
-# --------------------------------------------------------------------------------------------------------
-# generation
-
-
-@dataclass
-class GeneratedBatch:
-    """Raw output of one batched generation.
-
-    Attributes:
-        prompt_ids: per sequence, the prompt token ids (no padding).
-        completion_ids: per sequence, generated ids up to and excluding EOS / padding, cut at a stop string.
-        texts: decoded completions (special tokens removed, stop string removed).
-        finish_reasons: ``eos``, ``stop`` or ``length`` per sequence.
-        stop_ids: per sequence, the generated ids cut off after ``completion_ids`` up to the one that completes
-            the stop string (empty unless stopped): ``completion_ids + stop_ids`` is the model's own
-            tokenisation of the text through the stop string (re-tokenising the stop string can differ, e.g.
-            one ``"\n\n"`` token where the model wrote two ``"\n"``).
-    """
-
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    texts: list[str]
-    finish_reasons: list[str]
-    prompt_truncated: list[bool]
-    stop_ids: list[list[int]] = field(default_factory=list)
-    token_logprobs: list[list[float]] = field(default_factory=list)
-    """Per sequence, the log-probability of each token of ``completion_ids`` under the model's raw (untempered)
-    distribution; filled only when asked for (``generate_from_ids(..., token_logprobs=True)``)."""
-
-
-def generate_batch(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    sampling: SamplingConfig,
-    *,
-    stop_strings: Sequence[str] = (),
-    max_prompt_tokens: int = 1536,
-    seed: int | None = None,
-    reuse_prefix: bool = True,
-) -> GeneratedBatch:
-    """Generate completions for ``prompts`` in one padded ``generate`` call (KV cache on).
-
-    Args:
-        prompts: full prompt texts (templates already applied).
-        stop_strings: strings that end a completion besides EOS; removed from the text.
-        max_prompt_tokens: longer prompts keep their last ``max_prompt_tokens`` tokens and are flagged.
-        seed: when given, ``torch.manual_seed(seed)`` right before sampling (reproducible batches).
-        reuse_prefix: encode a prompt prefix shared by all rows once (see :func:`generate_from_ids`).
-    """
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    truncated = [len(ids) > max_prompt_tokens for ids in enc]
-    gen = generate_from_ids(
-        model, tokenizer, [ids[-max_prompt_tokens:] for ids in enc], sampling, stop_strings=stop_strings, seed=seed,
-        reuse_prefix=reuse_prefix,
-    )
-    gen.prompt_truncated = truncated
-    return gen
-
-
-def generate_from_ids(
-    model,
-    tokenizer,
-    prompt_ids: Sequence[list[int]],
-    sampling: SamplingConfig,
-    *,
-    stop_strings: Sequence[str] = (),
-    seed: int | None = None,
-    reuse_prefix: bool = True,
-    min_prefix: int = 32,
-    token_logprobs: bool = False,
-) -> GeneratedBatch:
-    """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion).
-
-    When every prompt starts with the same ``min_prefix`` or more tokens (the few-shot examples) and the
-    architecture is one where this is verified to give identical outputs (:data:`PREFIX_REUSE_MODEL_TYPES`),
-    the shared prefix is encoded once and its KV cache reused by every row; padding then sits between the
-    prefix and each row's own tokens (positions come from the attention mask, so nothing shifts).
-    ``token_logprobs`` also returns each generated token's log-probability from the logits computed while
-    generating (no extra forward).
-    """
-    enc = [list(ids) for ids in prompt_ids]
-    pad = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    prefix_len = 0
-    if reuse_prefix and getattr(model.config, "model_type", None) in PREFIX_REUSE_MODEL_TYPES:
-        from rpe.store import shared_prefix_len
-
-        prefix_len = shared_prefix_len(enc, min_prefix)
-    suffixes = [ids[prefix_len:] for ids in enc]
-    ws = max(len(x) for x in suffixes)
-    prefix = enc[0][:prefix_len]
-    input_ids = torch.tensor([prefix + [pad] * (ws - len(x)) + x for x in suffixes])  # (B, P + ws)
-    attention_mask = torch.tensor([[1] * prefix_len + [0] * (ws - len(x)) + [1] * len(x) for x in suffixes])
-    width = prefix_len + ws
-    extra: dict[str, Any] = {}
-    if prefix_len:
-        from rpe.store import batched_cache_kwargs, prefix_cache
-
-        extra.update(batched_cache_kwargs(model, prefix_cache(model, prefix, device), len(enc), keep_original=False))
-    if seed is not None:
-        torch.manual_seed(seed)
-    if stop_strings:
-        extra.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-    if token_logprobs:
-        extra.update(output_logits=True, return_dict_in_generate=True)
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            pad_token_id=pad,
-            **sampling.generate_kwargs(),
-            **extra,
-        )
-        logprobs: list[list[float]] = []
-        if token_logprobs:
-            new_tokens = out.sequences[:, width:]
-            per_step = [torch.log_softmax(step.float(), -1).gather(-1, new_tokens[:, t, None]).squeeze(-1).cpu()
-                        for t, step in enumerate(out.logits)]
-            logprobs = torch.stack(per_step, 1).tolist() if per_step else [[] for _ in enc]
-            out = out.sequences
-    eos_ids = _eos_ids(model, tokenizer)
-    completion_ids, texts, reasons, tails = [], [], [], []
-    for row in out[:, width:].tolist():
-        raw, reason = [], "length"
-        for t in row:
-            if t in eos_ids:
-                reason = "eos"
-                break
-            raw.append(t)
-        ids, text, stopped, tail = split_at_stop(tokenizer, raw, stop_strings)
-        reason = "stop" if stopped else reason
-        completion_ids.append(ids)
-        texts.append(text)
-        reasons.append(reason)
-        tails.append(tail)
-    logprobs = [lp[: len(ids)] for lp, ids in zip(logprobs, completion_ids)]
-    return GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails, logprobs)
-
-
-def cut_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool]:
-    """Cut a completion before the first stop string: ``(ids, text, stopped)``. Tokens whose text ends at or
-    before the cut are kept (the last content token stays); a token reaching into the stop string is dropped."""
-    return split_at_stop(tokenizer, ids, stop_strings)[:3]
-
-
-def split_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool, list[int]]:
-    """:func:`cut_at_stop` plus the cut-off ids up to the one whose text completes the stop string (empty
-    unless stopped): ``kept + tail`` is the model's own tokenisation of the text through the stop string."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    hits = [(text.find(stop), stop) for stop in stop_strings if stop in text]
-    if not hits:
-        return ids, text, False, []
-    cut, stop = min(hits)  # the earliest stop string
-    ends = token_char_ends(tokenizer, ids)
-    kept = next((i for i, e in enumerate(ends) if e > cut), len(ids))
-    last = next((i for i, e in enumerate(ends) if e >= cut + len(stop)), len(ids) - 1)
-    return ids[:kept], text[:cut], True, ids[kept : last + 1]
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    if tokenizer.pad_token_id is not None:
-        ids.add(tokenizer.pad_token_id)
-    return ids
+# steps
 
 
 def make_steps(tokenizer, completion_ids: list[int], text: str, segmenter: Segmenter, pattern: str | None) -> list[Step]:
@@ -742,4 +372,16 @@ __all__ = [
     "generate_from_ids",
     "read_trajectories",
     "wilson_interval",
+    # also importable from here for code written before the split: records, generation
+    "GeneratedBatch",
+    "MANIFEST_FILE",
+    "PREFIX_REUSE_MODEL_TYPES",
+    "TRAJECTORIES_FILE",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "cut_at_stop",
+    "iter_trajectories",
+    "sha256_file",
+    "split_at_stop",
+    "write_trajectories",
 ]

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from rpe.rollouts import SamplingConfig, generate_from_ids, wilson_interval
+from rpe.generation import SamplingConfig, generate_from_ids
+from rpe.metrics import wilson_interval
 from rpe.tasks import extract_answer
 
 logger = logging.getLogger(__name__)

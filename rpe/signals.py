@@ -157,7 +157,7 @@ class SignalReader:
             reuse_prefix: when all prompts share a prefix of ``min_prefix`` or more tokens (the few-shot
                 examples), encode it once and reuse its KV cache (same activations, several times faster).
         """
-        from rpe.store import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
+        from rpe.generation import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
         from rpe.tracker import ActivationTracker
 
         if len(prompt_ids) != len(completion_ids):

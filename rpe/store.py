@@ -7,7 +7,6 @@ one row per state, with its trajectory and step index. ``mode="steps"`` instead 
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,7 +16,15 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file
 
-from rpe.rollouts import Trajectory, atomic_write_bytes
+from rpe.generation import (  # re-exported: their home was this module
+    batched_cache_kwargs,
+    cache_kwarg,
+    common_prefix_len,
+    prefix_cache,
+    right_pad,
+    shared_prefix_len,
+)
+from rpe.records import Trajectory, atomic_write_bytes
 from rpe.tracker import ActivationTracker, check_finite
 
 STORE_VERSION = 1
@@ -89,71 +96,6 @@ class StateSet:
         neurons = {int(k.split("_")[1]): v for k, v in tensors.items() if k.startswith("neurons_")} or None
         return cls(acts, tensors["traj_index"], tensors["step_index"], json.loads(meta["trajectory_ids"]),
                    json.loads(meta["problem_ids"]), tensors["rewards"], neurons)
-
-
-def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix shared by all ``seqs``."""
-    if not seqs:
-        return 0
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        tok = first[i]
-        if any(s[i] != tok for s in seqs):
-            return i
-    return n
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token sequences for one forward pass.
-
-    Args:
-        seqs: token ids per row (after a cached prefix of ``prefix_len`` tokens, when there is one).
-        prefix_len: length of a KV-cached prefix shared by every row; the mask covers it.
-
-    Returns:
-        ``(input_ids (B, T), attention_mask (B, prefix_len + T))``, long tensors.
-    """
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)
-    mask[:, :prefix_len] = 1
-    for r, seq in enumerate(seqs):
-        ids[r, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[r, prefix_len : prefix_len + len(seq)] = 1
-    return ids, mask
-
-
-def cache_kwarg(model) -> str:
-    """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or the older
-    ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def shared_prefix_len(seqs: Sequence[Sequence[int]], min_prefix: int = 1) -> int:
-    """Length of the prefix all ``seqs`` share that leaves every row at least one token of its own (so the
-    row's last token is computed after the cache), or 0 when that is shorter than ``min_prefix``."""
-    n = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
-    return n if n >= min_prefix else 0
-
-
-def prefix_cache(model, prefix: list[int], device):
-    """KV cache of a shared prompt prefix (e.g. the few-shot examples), computed once, batch size 1."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_kwarg(model): cache})
-    return cache
-
-
-def batched_cache_kwargs(model, cache, batch_size: int, *, keep_original: bool = True) -> dict:
-    """Forward/generate keyword arguments carrying a batch-1 prefix ``cache`` repeated for ``batch_size``
-    rows. With ``keep_original`` the cache is copied first, so it can serve the next batch too."""
-    batch = copy.deepcopy(cache) if keep_original else cache
-    batch.batch_repeat_interleave(batch_size)
-    return {cache_kwarg(model): batch, "use_cache": True}
 
 
 def capture_states(
@@ -290,3 +232,8 @@ def merge_state_sets(parts: Sequence[StateSet]) -> StateSet:
         rewards=torch.cat([p.rewards for p in parts]),
         neurons=parts[0].neurons,
     )
+
+
+__all__ = ["StateSet", "capture_states", "merge_state_sets", "states_from_generation",
+           # re-exported from rpe.generation (their home was this module)
+           "batched_cache_kwargs", "cache_kwarg", "common_prefix_len", "prefix_cache", "right_pad", "shared_prefix_len"]

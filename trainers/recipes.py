@@ -186,7 +186,8 @@ def evaluate(model, tokenizer, rpe_args: RPEArguments, out: Path, name: str, ove
     """Held-out accuracy (one sample per problem, T=0.7, fixed seed) as a rollout folder ``out`` (a finished
     folder with the same configuration is reused unless ``overwrite``)."""
     from rpe.prompts import PromptConfig
-    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+    from rpe.generation import SamplingConfig
+    from rpe.rollouts import RolloutConfig, collect_rollouts
 
     from rpe.tasks import load_task
 

