@@ -1,0 +1,44 @@
+"""rpe.metrics against values computed by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from rpe.metrics import auroc, bootstrap_auroc, brier, chance_iou, ece, iou, stratified_auroc
+
+
+def test_brier_and_ece_by_hand():
+    y = np.array([1, 0, 1, 0])
+    p = np.array([0.9, 0.2, 0.6, 0.4])
+    assert brier(y, p) == pytest.approx((0.01 + 0.04 + 0.16 + 0.16) / 4)
+    # bins of width 0.5 (n_bins=2): [0.2, 0.4] -> mean p 0.3, rate 0; [0.6, 0.9] -> mean p 0.75, rate 1
+    assert ece(y, p, n_bins=2) == pytest.approx(0.5 * 0.3 + 0.5 * 0.25)
+    assert ece(np.array([1, 0]), np.array([1.0, 0.0])) == 0.0
+
+
+def test_auroc_counts_pairs_and_ties():
+    y = np.array([1, 1, 0, 0])
+    assert auroc(y, np.array([0.9, 0.5, 0.5, 0.1])) == pytest.approx(3.5 / 4)  # one tie counts half
+    assert math.isnan(auroc(np.ones(3), np.arange(3)))
+
+
+def test_stratified_auroc_counts_only_pairs_within_a_stratum():
+    y = np.array([1, 0, 1, 0])
+    s = np.array([0.9, 0.8, 0.2, 0.1])  # perfect within each stratum, mixed across
+    assert stratified_auroc(y, s, np.array([0, 0, 1, 1])) == 1.0
+    assert auroc(y, s) == pytest.approx(0.75)
+
+
+def test_cluster_bootstrap_moves_samples_of_a_problem_together():
+    rng = np.random.default_rng(0)
+    y = np.repeat(rng.random(100) < 0.5, 4)  # 100 problems x 4 identical samples
+    s = y + np.repeat(rng.normal(0, 1, 100), 4) + rng.normal(0, 0.1, 400)  # noise shared within a problem
+    _, lo_c, hi_c = bootstrap_auroc(y, s, groups=np.repeat(np.arange(100), 4), n_boot=300)
+    _, lo_i, hi_i = bootstrap_auroc(y, s, n_boot=300)
+    assert hi_c - lo_c > hi_i - lo_i  # treating correlated samples as independent understates the width
+
+
+def test_iou_and_its_chance_level():
+    assert iou([1, 2, 3], [2, 3, 4]) == 0.5
+    assert chance_iou(576, 6, 6) == pytest.approx((36 / 576) / (12 - 36 / 576))
