@@ -16,6 +16,24 @@ from rpe.report_card import ablation_row, ablation_summary, generic_row, markdow
 HERE = Path(__file__).parent
 
 
+def paired_note(ablate_dir: Path) -> str:
+    """Each arm's accuracy drop against no ablation on the same problems (paired bootstrap over problems)."""
+    import numpy as np
+
+    from rpe.rollouts import read_trajectories
+
+    base = {t.problem_id: t.reward for t in read_trajectories(ablate_dir / "baseline")}
+    parts = []
+    for arm in sorted(p for layer in ablate_dir.glob("layer*") for p in layer.iterdir() if (p / "manifest.json").exists()):
+        got = {t.problem_id: t.reward for t in read_trajectories(arm)}
+        d = np.array([base[i] - got[i] for i in sorted(set(base) & set(got))])
+        rng = np.random.default_rng(0)
+        lo, hi = np.percentile([d[rng.integers(0, len(d), len(d))].mean() for _ in range(2000)], [2.5, 97.5])
+        parts.append(f"{arm.name} {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (lost {(d > 0).sum()}, won {(d < 0).sum()})")
+    return "paired drop vs no ablation on the same problems: " + "; ".join(parts) + ". A drop of the paper's size " \
+        "(tens of points) would be far outside these intervals"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True, help="bundle folder from `rpe fit`")
@@ -26,7 +44,9 @@ def main() -> None:
     previous = json.loads(args.previous.read_text())
     rows = value_rows(metrics)
     if args.ablation:
-        rows.append(ablation_row(ablation_summary(json.loads(args.ablation.read_text()))))
+        summary = ablation_summary(json.loads(args.ablation.read_text()))
+        summary["note"] = paired_note(args.ablation.parent)
+        rows.append(ablation_row(summary))
     for key in ("ablation", "dopamine", "transfer", "search", "gemma_s0", "gemma_final"):
         if key == "ablation" and args.ablation:
             continue
