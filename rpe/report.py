@@ -105,6 +105,9 @@ def bundle_section(bundle_dir: str | Path) -> str:
     e = html.escape
     meta = json.loads((Path(bundle_dir) / "bundle.json").read_text())
     m = meta["metrics"]
+    if "headline_cv" not in m:
+        return (f"<h2>Value neurons (layer {meta['layer']})</h2><p>This bundle was fitted before cross-validated metrics; "
+                "re-run <code>rpe fit</code> for intervals, readings and the report card.</p>")
     head = m["headline_cv"]
 
     def cell(r: dict) -> str:

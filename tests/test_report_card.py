@@ -88,3 +88,13 @@ def test_ablation_row_from_results_json():
     assert row.verdict == NOT_REPRODUCED and "n = 500 per arm" in row.measured and "random_matched 0.242" in row.control
     res["layers"]["29"]["summary"]["value"] = {"accuracy": 0.05, "ci95": [0.034, 0.073]}
     assert ablation_row(ablation_summary(res)).verdict == REPRODUCED
+
+
+def test_a_bundle_from_before_cross_validation_gets_a_message_not_a_crash(tmp_path):
+    import json
+
+    from rpe.report import bundle_section, report_card_section
+
+    (tmp_path / "bundle.json").write_text(json.dumps({"layer": 28, "n_value_neurons": 6, "metrics": {"headline_test": {}}}))
+    assert "re-run <code>rpe fit</code>" in bundle_section(tmp_path)
+    assert "re-run <code>rpe fit</code>" in report_card_section(tmp_path)
