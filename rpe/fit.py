@@ -377,7 +377,7 @@ def power_note(metrics: dict[str, Any]) -> str | None:
     if half <= POWERED_HALF_WIDTH:
         return (f"The value-neuron AUROC at s_0 is {measured}: {m['verdict']}, at a power where the interval's "
                 f"half-width is {half:.3f}. A measured null for this neuron set, not a smoke run.")
-    need = m.get("n_to_decide")
+    need = m.get("n_to_decide") if m["auroc"] > 0.5 else None  # extrapolating a noisy inverted point misleads
     more = f" (roughly {need} trajectories would decide it)" if need else ""
     return (f"Smoke run without power: the value-neuron AUROC at s_0 is {measured}, {m['verdict']}{more}. Read no "
             f"finding from it; the run with power is: {POWERED_COMMAND}")
