@@ -93,11 +93,14 @@ def analyze(
                                    extra_sections=extra, progress=lambda a, t: bar.update(job, completed=a, total=t))
         except (RolloutImportError, BundleMismatchError, ValueError) as err:
             _fail(str(err))
-    table = Table(title=f"confidence before answering ({res['n_trajectories']} trajectories)")
-    for col in ("signal at s_0", "AUROC [95% CI]"):
+    from rpe.metrics import chance_verdict
+
+    table = Table(title=f"confidence before answering ({res['n_trajectories']} trajectories; in-sample if these "
+                        "rollouts fitted the bundle)")
+    for col in ("signal at s_0", "AUROC [95% CI]", "reading"):
         table.add_column(col)
     for k, v in res["confidence"].items():
-        table.add_row(k, f"{v['auroc']:.3f} [{v['low']:.3f}, {v['high']:.3f}]")
+        table.add_row(k, f"{v['auroc']:.3f} [{v['low']:.3f}, {v['high']:.3f}]", chance_verdict(v["low"], v["high"]))
     console.print(table)
     console.print(f"report: {Path(res['report']).resolve()}\nper-step table: {res['steps']}")
 
