@@ -49,6 +49,8 @@ def _iv(r: dict[str, Any], key: str = "auroc") -> str:
 
 
 def _decide(r: dict[str, Any]) -> str:
+    if not r["auroc"] > 0.5:  # an inverted noisy point: extrapolating its n would mislead
+        return "the interval includes chance"
     need = n_to_decide(r["auroc"], r["low"], r["high"], int(r.get("n", 0)))
     return f"roughly {need} trajectories would decide it" if need else ""
 
