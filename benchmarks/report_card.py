@@ -29,7 +29,7 @@ def paired_note(ablate_dir: Path) -> str:
         d = np.array([base[i] - got[i] for i in sorted(set(base) & set(got))])
         rng = np.random.default_rng(0)
         lo, hi = np.percentile([d[rng.integers(0, len(d), len(d))].mean() for _ in range(2000)], [2.5, 97.5])
-        parts.append(f"{arm.name} {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (lost {(d > 0).sum()}, won {(d < 0).sum()})")
+        parts.append(f"{arm.parent.name}/{arm.name} {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (lost {(d > 0).sum()}, won {(d < 0).sum()})")
     return "paired drop vs no ablation on the same problems: " + "; ".join(parts) + ". A drop of the paper's size " \
         "(tens of points) would be far outside these intervals"
 
@@ -44,7 +44,7 @@ def main() -> None:
     previous = json.loads(args.previous.read_text())
     rows = value_rows(metrics)
     if args.ablation:
-        summary = ablation_summary(json.loads(args.ablation.read_text()))
+        summary = ablation_summary(json.loads(args.ablation.read_text()), layer=metrics["best_layer"])
         summary["note"] = paired_note(args.ablation.parent)
         rows.append(ablation_row(summary))
     for key in ("ablation", "dopamine", "transfer", "search", "gemma_s0", "gemma_final"):
