@@ -20,15 +20,15 @@ def paired_note(ablate_dir: Path) -> str:
     """Each arm's accuracy drop against no ablation on the same problems (paired bootstrap over problems)."""
     import numpy as np
 
+    from rpe.metrics import cluster_resamples
     from rpe.rollouts import read_trajectories
 
     base = {t.problem_id: t.reward for t in read_trajectories(ablate_dir / "baseline")}
     parts = []
     for arm in sorted(p for layer in ablate_dir.glob("layer*") for p in layer.iterdir() if (p / "manifest.json").exists()):
         got = {t.problem_id: t.reward for t in read_trajectories(arm)}
-        d = np.array([base[i] - got[i] for i in sorted(set(base) & set(got))])
-        rng = np.random.default_rng(0)
-        lo, hi = np.percentile([d[rng.integers(0, len(d), len(d))].mean() for _ in range(2000)], [2.5, 97.5])
+        d = np.array([base[i] - got[i] for i in sorted(set(base) & set(got))])  # one entry per problem
+        lo, hi = np.percentile([d[idx].mean() for idx in cluster_resamples(np.arange(len(d)), 2000)], [2.5, 97.5])
         parts.append(f"{arm.parent.name}/{arm.name} {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (lost {(d > 0).sum()}, won {(d < 0).sum()})")
     return "paired drop vs no ablation on the same problems: " + "; ".join(parts) + ". A drop of the paper's size " \
         "(tens of points) would be far outside these intervals"

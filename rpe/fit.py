@@ -35,6 +35,7 @@ from rpe.metrics import (
     bootstrap_auroc,
     chance_iou,
     chance_verdict,
+    cluster_resamples,
     difference_verdict,
     iou,
     n_to_decide,
@@ -334,11 +335,7 @@ def _gap_ci(values: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int, 
         p, n = pos[idx], ~pos[idx]
         return float(values[idx][p].mean() - values[idx][n].mean()) if p.any() and n.any() else math.nan
 
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    draws = [gap(np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])) for _ in range(n_boot)]
-    draws = np.asarray([d for d in draws if not math.isnan(d)])
+    draws = np.asarray([d for d in map(gap, cluster_resamples(groups, n_boot, seed)) if not math.isnan(d)])
     point = gap(np.arange(len(y)))
     if draws.size < 10:
         return point, math.nan, math.nan

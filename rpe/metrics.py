@@ -4,7 +4,7 @@ strata), Brier, ECE, IoU, Wilson intervals, and the words used for an interval a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -16,6 +16,22 @@ def auroc(y: np.ndarray, scores: np.ndarray) -> float:
     if y.all() or not y.any():
         return math.nan
     return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
+
+
+def cluster_resamples(groups: np.ndarray, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """``n_boot`` bootstrap resamples of sample indices that draw whole clusters (``groups``, e.g. problem ids)
+    with replacement, so the samples of one cluster move together. Deterministic for ``seed``.
+
+    Yields:
+        (n_drawn,) int index arrays into the samples.
+    """
+    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+    members = [order[bounds[g] : bounds[g + 1]] for g in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
 
 
 def bootstrap_auroc(
@@ -32,15 +48,8 @@ def bootstrap_auroc(
     """
     y, scores = np.asarray(y), np.asarray(scores)
     point = auroc(y, scores)
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        groups = np.arange(len(y))
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
     stats = []
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(uniq), len(uniq))
-        idx = np.concatenate([members[g] for g in pick])
+    for idx in cluster_resamples(np.arange(len(y)) if groups is None else groups, n_boot, seed):
         value = auroc(y[idx], scores[idx])
         if not math.isnan(value):
             stats.append(value)
@@ -96,16 +105,8 @@ def _pairs_auroc(y: np.ndarray, scores: np.ndarray, strata: np.ndarray | None) -
     sum_k U_k / sum_k n1_k n0_k. NaN when no (positive, negative) pair exists."""
     from scipy.stats import rankdata
 
-    if strata is None:
-        n1 = int(y.sum())
-        n0 = y.size - n1
-        if n1 == 0 or n0 == 0:
-            return math.nan
-        r = rankdata(scores)
-        return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
     u, pairs = 0.0, 0
-    for k in np.unique(strata):
-        m = strata == k
+    for m in ([slice(None)] if strata is None else [strata == k for k in np.unique(strata)]):
         yk = y[m]
         n1 = int(yk.sum())
         n0 = yk.size - n1
@@ -155,14 +156,8 @@ def paired_bootstrap_auroc(
             raise ValueError(f"difference {a!r} - {b!r} names a score that is not given; scores: {sorted(sc)}")
     st = None if strata is None else np.asarray(strata)
     point = {k: _pairs_auroc(yb, v, st) for k, v in sc.items()}
-    uniq, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
-    members = [order[bounds[g] : bounds[g + 1]] for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {k: [] for k in sc}
-    for _ in range(n_boot):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(uniq), len(uniq))])
+    for idx in cluster_resamples(groups, n_boot, seed):
         for k, v in sc.items():
             draws[k].append(_pairs_auroc(yb[idx], v[idx], None if st is None else st[idx]))
     out: dict[str, dict[str, float]] = {}
