@@ -79,23 +79,14 @@ def report_card_section(bundle_dir: str | Path) -> str:
     import json
 
     from rpe.fit import power_note
-    from rpe.report_card import generic_row, to_html, value_rows
+    from rpe.report_card import dopamine_row, to_html, value_rows
 
     m = json.loads((Path(bundle_dir) / "bundle.json").read_text())["metrics"]
     if "headline_cv" not in m:
         return "<p>This bundle predates cross-validated metrics; re-run <code>rpe fit</code> for a report card.</p>"
     note = power_note(m)
-    rows = value_rows(m)
-    d = m.get("dopamine")
-    rows.append(generic_row("dopamine neurons encode RPE with its sign", "Spearman ~0.3-0.4", {
-        "measured": f"held-out Spearman {d['test_spearman_dopamine']:.3f} ({d['n_surprising']} surprising steps)",
-        "control": f"random neurons mean {d['test_spearman_random_mean']:.3f}, 95th pct {d['test_spearman_random_q95']:.3f}",
-        "verdict": "reproduced" if d["test_spearman_dopamine"] > d["test_spearman_random_q95"] and d["n_surprising"] >= 300
-        else "inconclusive",
-        "note": "" if d["n_surprising"] >= 300 else f"only {d['n_surprising']} surprising steps; >= 300 needed for power",
-    } if d else None))
     warn = f'<p class="warn"><b>{html.escape(note)}</b></p>' if note else ""
-    return warn + to_html(rows)
+    return warn + to_html(value_rows(m) + [dopamine_row(m.get("dopamine"))])
 
 
 def bundle_section(bundle_dir: str | Path) -> str:
@@ -124,12 +115,8 @@ def bundle_section(bundle_dir: str | Path) -> str:
     prune = _line_plot([r["frac"] for r in curve], {"s_0": [r["cv_auroc_s0"] for r in curve],
                        "final step": [r["cv_auroc_final"] for r in curve]}, "fraction of neurons kept",
                        "cross-validated AUROC", logx=True)
-    from rpe.fit import power_note
-
-    note = power_note(m)
     parts = [
         f"<h2>Value neurons (layer {m['best_layer']}, {meta['n_value_neurons']} neurons, {e(str(m.get('probe', m['target'])))})</h2>",
-        f'<p class="warn"><b>{e(note)}</b></p>' if note else "",
         f"<table><tr><th>AUROC of ({m['folds']}-fold cross-validated by problem, {m['n_trajectories']} trajectories, "
         "95% problem-clustered CI)</th><th>at s_0</th><th>reading</th><th>at final step</th><th>reading</th></tr>" + rows + "</table>",
     ]

@@ -151,6 +151,20 @@ def ablation_summary(results: dict[str, Any], layer: int | str | None = None) ->
             "controls": others, "where": f"{results['n_neurons']} neurons zeroed at layer {key}"}
 
 
+def dopamine_row(d: dict[str, Any] | None) -> CardRow:
+    """Row for dopamine neurons from a bundle's ``metrics["dopamine"]`` (``rpe dopamine``): reproduced only when
+    the held-out Spearman beats the random sets' 95th percentile on >= 300 surprising steps."""
+    claim, paper = "dopamine neurons encode RPE with its sign", "Spearman ~0.3-0.4"
+    if not d:
+        return CardRow(claim, paper, "-", "-", NOT_MEASURED)
+    powered = d["n_surprising"] >= 300
+    beats = d["test_spearman_dopamine"] > d["test_spearman_random_q95"]
+    return CardRow(claim, paper, f"held-out Spearman {d['test_spearman_dopamine']:.3f} ({d['n_surprising']} surprising steps)",
+                   f"random neurons mean {d['test_spearman_random_mean']:.3f}, 95th pct {d['test_spearman_random_q95']:.3f}",
+                   REPRODUCED if powered and beats else INCONCLUSIVE,
+                   "" if powered else f"only {d['n_surprising']} surprising steps; >= 300 needed for power")
+
+
 def generic_row(claim: str, paper: str, res: dict[str, Any] | None) -> CardRow:
     """Row from a summary dict with ``measured``, ``control``, ``verdict`` and optional ``note`` (texts written
     by the script that ran the experiment)."""
@@ -181,5 +195,5 @@ def to_html(rows: list[CardRow]) -> str:
 
 
 __all__ = ["CardRow", "INCONCLUSIVE", "NOT_MEASURED", "NOT_REPRODUCED", "REPRODUCED", "ablation_row", "ablation_summary",
-           "generic_row",
+           "dopamine_row", "generic_row",
            "markdown", "to_html", "value_rows"]
