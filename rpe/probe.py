@@ -248,8 +248,9 @@ class ValueProbe:
         self.split: np.ndarray | None = None
         self._model: _MLP | None = None
         self.chosen_l2: float | None = None
-        self._init_first: torch.Tensor | None = None
         """Linear family: the L2 strength picked on validation."""
+        self._init_first: torch.Tensor | None = None
+        """MLP fitted here: the first layer's initial weights (neurons are ranked by what training changed)."""
 
     # -- training --------------------------------------------------------------------------------------
     def fit(
@@ -300,10 +301,14 @@ class ValueProbe:
         self.metrics["epochs"] = epochs
         return self
 
+    def _mc_targets(self, states: StateSet) -> torch.Tensor:
+        """(n_states,) Monte-Carlo targets: gamma^(steps to the end) x the trajectory's reward."""
+        return lambda_returns(torch.zeros(states.n_states), states.rewards, states.traj_index, self.cfg.gamma, 1.0)
+
     def _targets(self, model: _MLP, x: torch.Tensor, states: StateSet) -> torch.Tensor:
         """(n_states,) the configured target for every state, bootstrapped from ``model``'s current V."""
         if self.cfg.lam == 1.0:
-            return lambda_returns(torch.zeros(x.shape[0]), states.rewards, states.traj_index, self.cfg.gamma, 1.0)
+            return self._mc_targets(states)
         with torch.no_grad():
             values = torch.sigmoid(model(x))
         return lambda_returns(values, states.rewards, states.traj_index, self.cfg.gamma, self.cfg.lam)
@@ -314,7 +319,7 @@ class ValueProbe:
         validation log-loss against the final outcome wins. Returns (model, TD iterations used)."""
         cfg = self.cfg
         y_final = states.state_rewards()
-        mc_targets = lambda_returns(torch.zeros(x.shape[0]), states.rewards, states.traj_index, cfg.gamma, 1.0)
+        mc_targets = self._mc_targets(states)
         model = _MLP(x.shape[1], 0)
         nn.init.zeros_(model.first.weight)
         nn.init.zeros_(model.first.bias)
@@ -428,7 +433,7 @@ class ValueProbe:
         fitted here the column's change from its random initialisation is used: what training wrote, not the
         init (with the paper's lr 1e-4 the learned part can be small beside the init)."""
         w = self._net().first.weight.detach()  # (hidden, k)
-        init = getattr(self, "_init_first", None)
+        init = self._init_first
         if init is not None and init.shape == w.shape and self.state is not None and self.state.hidden:
             w = w - init
         return w.abs().sum(0)
