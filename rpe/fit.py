@@ -187,6 +187,7 @@ def fit_bundle(
     final = states.is_terminal().numpy()
     y = states.state_rewards().numpy()
     pids = np.array(states.problem_ids)[tidx]
+    at = {"s0": step == 0, "final": final}  # the two reported positions: before any reasoning, the last step
 
     # 1. layer sweep: out-of-fold dense values per layer; the choice uses inner-validation AUROC only
     sweep: dict[int, dict[str, float]] = {}
@@ -208,11 +209,9 @@ def fit_bundle(
     d_model = states.acts[best].shape[1]
     curve = []
     for frac in fracs:
-        s0, fin = step == 0, final
         curve.append({"frac": frac, "n_neurons": d_model if frac == 1.0 else max(1, round(frac * d_model)),
                       **_auroc_at(oof[frac].values, y, step, final),
-                      "s0": _ci(oof[frac].values[s0], y[s0], pids[s0], cfg.n_boot),
-                      "final": _ci(oof[frac].values[fin], y[fin], pids[fin], cfg.n_boot)})
+                      **{w: _ci(oof[frac].values[m], y[m], pids[m], cfg.n_boot) for w, m in at.items()}})
     v_sparse, v_dense = oof[cfg.top_frac].values, oof[1.0].values
 
     # 3. the bundle: dense probe on every trajectory (a share of problems kept for validation), top neurons, refit
@@ -241,7 +240,7 @@ def fit_bundle(
         diffs += [(VALUE, DIFFICULTY), (DENSE, DIFFICULTY)]
     say("headline: paired cluster bootstrap")
     headline: dict[str, Any] = {}
-    for where, mask in (("s0", step == 0), ("final", final)):
+    for where, mask in at.items():
         res = paired_bootstrap_auroc(y[mask], {k: v[mask] for k, v in scores.items()}, groups=pids[mask], diffs=diffs,
                                      n_boot=cfg.n_boot, seed=0)
         for name, r in res.items():
@@ -256,7 +255,7 @@ def fit_bundle(
     if features is not None and strata is not None:
         say("value beyond difficulty: within strata, residualised probe")
         st_state = strata[tidx]
-        for where, mask in (("s0", step == 0), ("final", final)):
+        for where, mask in at.items():
             within = {k: scores[k][mask] for k in (VALUE, DENSE, LOGPROB, QLEN)}
             res = paired_bootstrap_auroc(y[mask], within, groups=pids[mask], strata=st_state[mask], n_boot=cfg.n_boot, seed=0)
             for r in res.values():
@@ -271,7 +270,7 @@ def fit_bundle(
         beyond["per_stratum"] = per
         resid = cross_validate(states, best, pcfg, folds, top_fracs=[cfg.top_frac], regress_out=features[tidx], progress=say)
         for label, frac in (("residualised_all_neurons", 1.0), ("residualised_value_neurons", cfg.top_frac)):
-            beyond[label] = {w: _ci(resid[frac].values[m], y[m], pids[m], cfg.n_boot) for w, m in (("s0", step == 0), ("final", final))}
+            beyond[label] = {w: _ci(resid[frac].values[m], y[m], pids[m], cfg.n_boot) for w, m in at.items()}
 
     # 6. step-resolved value: AUROC of V(s_t) per step and the correct/incorrect gap
     by_step = []
@@ -294,8 +293,8 @@ def fit_bundle(
                 cross_validate(states, best, c, folds, top_fracs=[cfg.top_frac])
             for frac, o in res.items():
                 families.append({"family": family, "target": target, "frac": frac,
-                                 **{k: v for k, v in _auroc_at(o.values, y, step, final).items()},
-                                 "s0": _ci(o.values[step == 0], y[step == 0], pids[step == 0], cfg.n_boot)})
+                                 **_auroc_at(o.values, y, step, final),
+                                 "s0": _ci(o.values[at["s0"]], y[at["s0"]], pids[at["s0"]], cfg.n_boot)})
 
     metrics = {
         "best_layer": best,
