@@ -4,6 +4,7 @@ pass/fail). Each returns a JSON-serialisable dict; the CLI prints it as the last
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -104,12 +105,11 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
         tokens, start = 0, time.perf_counter()
         for i in range(0, len(problems), cfg.batch_size):
             prompts = [builder(p) for p in problems[i : i + cfg.batch_size]]
-            if with_capture:
-                with ActivationTracker(model, capture, record_all=True) as tracker:
-                    gen = generate_batch(model, tokenizer, prompts, sampling, stop_strings=builder.stop_strings, seed=cfg.seed + i)
-                tracker.generated(drop_prefix=True)
-            else:
+            hooks = ActivationTracker(model, capture, record_all=True) if with_capture else contextlib.nullcontext()
+            with hooks as tracker:
                 gen = generate_batch(model, tokenizer, prompts, sampling, stop_strings=builder.stop_strings, seed=cfg.seed + i)
+            if with_capture:
+                tracker.generated(drop_prefix=True)  # the join is part of the cost being measured
             tokens += sum(max(1, len(ids)) for ids in gen.completion_ids)
         return tokens, time.perf_counter() - start
 
