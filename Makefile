@@ -9,7 +9,7 @@ DEMO_DIR := runs/demo
 DEMO_N ?= 32
 PYTEST_ARGS ?=
 
-.PHONY: demo test install fetch bench clean browser
+.PHONY: demo test install fetch bench clean browser docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,17 @@ browser:
 	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; } && \
 	  echo "installed chromium"; } || echo "no chromium: the browser test will skip (or fail where apt-get could install it)"
 
-test: fetch browser
+# The documentation site (MkDocs + Material + mkdocstrings) into site/; --strict: a warning (broken link, missing
+# page, undocumented parameter type, a reference that does not resolve) fails the build, and so `make test`.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]" $(TORCH)
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	@echo "Open $(abspath site/index.html) in a browser (or: $(VENV)/bin/mkdocs serve)."
+
+test: fetch browser docs
 	RPE_REQUIRE_REAL_MODEL=1 RPE_REQUIRE_TRL=1 RPE_REQUIRE_BROWSER=$(CAN_APT) $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
@@ -49,4 +59,4 @@ bench: fetch
 	$(RPE) bench rollouts
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) runs site .docs_src *.egg-info

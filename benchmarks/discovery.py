@@ -1,11 +1,11 @@
-"""Regenerate the README's discovery results (value and dopamine neurons) in one command.
+"""Regenerate the discovery results (docs/results.md) (value and dopamine neurons) in one command.
 
     python benchmarks/discovery.py --model smollm2-135m-instruct --task chain_sum_mix --n 800 --samples 2 --out runs/mix
 
 Steps (each resumable / cached): rollouts (activations captured during generation) -> cross-validated fit (layer
 sweep, pruning curve, controls, value beyond difficulty, every probe family x target) -> dopamine neurons vs
 random sets (``--dopamine-trajectories 0`` skips it). Writes OUT/discovery.json, OUT/discovery.png and prints the
-Markdown tables of the README. ``--tables-only`` reprints them from OUT/bundle.
+Markdown tables of docs/results.md. ``--tables-only`` reprints them from OUT/bundle.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def fmt(m: dict) -> str:
 
 
 def tables(m: dict) -> str:
-    """The README's Markdown tables from a bundle's metrics."""
+    """The Markdown tables of docs/results.md from a bundle's metrics."""
     out = []
     h = m["headline_cv"]
     out.append(f"| AUROC ({m['folds']}-fold CV by problem, 95% CI) | at s_0 | reading | at final step | reading |")

@@ -1,6 +1,6 @@
-"""Print the README's report card: value rows from a bundle fitted by the cross-validated pipeline, the other
-claims from their result files or, where this session did not re-run them, from benchmarks/previous_results.json
-(each row names its command).
+"""Print the report card (README, docs/results.md): value rows from a bundle fitted by the cross-validated
+pipeline, the other claims from their result files or, where this session did not re-run them, from
+benchmarks/previous_results.json (each row names its command).
 
     python benchmarks/report_card.py --bundle runs/mix/bundle > runs/mix/report_card.md
 """

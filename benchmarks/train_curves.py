@@ -1,4 +1,4 @@
-"""Regenerate the README's training results (issue: TRL integration) in one command.
+"""Regenerate the training results (docs/results.md) (issue: TRL integration) in one command.
 
     python benchmarks/train_curves.py --bundle runs/results/bundle --out runs/train
 

@@ -41,6 +41,10 @@ def kfold_by_problem(problem_ids: Sequence[str], k: int = 5, seed: int = 0) -> n
 
     Raises:
         ValueError: fewer than ``2 k`` distinct problems.
+
+    Example:
+        >>> kfold_by_problem(["a", "a", "b", "b", "c", "d"], k=2, seed=0)
+        array([1, 1, 0, 0, 0, 1])
     """
     if k < 2:
         raise ValueError(f"cross-validation needs k >= 2 folds, got {k}")

@@ -72,7 +72,7 @@ class FitConfig:
     sweep_family: str | None = "linear"
     """Probe family of the layer sweep (it only chooses the layer; everything reported at that layer uses
     ``probe``). ``linear`` cross-validates 18 layers in minutes and matches the MLP's dense AUROC on SmolLM2
-    (README); None sweeps with ``probe.family``."""
+    (docs/results.md); None sweeps with ``probe.family``."""
     folds: int = 5
     """Cross-validation folds by problem: every problem is scored once by probes that never saw it."""
     compare_probes: bool = False
@@ -349,7 +349,7 @@ def task_difficulty(trajectories: Sequence[Trajectory], task, n_problems: int, s
     return [by_id.get(t.problem_id, {}) for t in trajectories]
 
 
-#: The run with power behind the README's report card (see README "Results").
+#: The run with power behind the report card (README; docs/results.md).
 POWERED_COMMAND = (
     "rpe rollouts --task chain_sum_mix --n 800 --samples 2 --batch-size 32 --capture-layers 0,2,4,5,6,8,10,12,14,16,"
     "18,20,22,24,26,27,28,29 --out runs/mix && rpe fit --rollouts runs/mix --out runs/mix/bundle --compare-probes"

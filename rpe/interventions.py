@@ -8,9 +8,18 @@ forward, for ``generate`` (prefill and each decode step), and composes with :cla
 Modes: ``zero`` (set to 0, default), ``mean`` (set to a given per-neuron mean, e.g. over a rollout set) and
 ``scale`` (multiply by ``scale``). Indices and layers are checked before any hook is added.
 
-Example:
-    >>> with NeuronAblation(model, {28: bundle.value_neurons}):  # doctest: +SKIP
-    ...     out = model.generate(**inputs)
+Example (a tiny random Llama; with a bundle, ``{bundle.layer: bundle.value_neurons}``):
+    >>> import torch
+    >>> from rpe.models import tiny_model
+    >>> model, tok = tiny_model()
+    >>> inputs = tok(["2 + 2 ="], return_tensors="pt")
+    >>> with torch.no_grad():
+    ...     plain = model(**inputs).logits
+    ...     with NeuronAblation(model, {2: [3, 17, 40]}):
+    ...         ablated = model(**inputs).logits
+    ...     again = model(**inputs).logits
+    >>> bool((plain != ablated).any()), torch.equal(plain, again)
+    (True, True)
 """
 
 from __future__ import annotations

@@ -11,7 +11,12 @@ from sklearn.metrics import roc_auc_score
 
 
 def auroc(y: np.ndarray, scores: np.ndarray) -> float:
-    """AUROC of ``scores`` for binary labels ``y`` (NaN when only one class is present)."""
+    """AUROC of ``scores`` for binary labels ``y`` (NaN when only one class is present).
+
+    Example:
+        >>> auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+        0.75
+    """
     y = np.asarray(y) >= 0.5
     if y.all() or not y.any():
         return math.nan
@@ -90,7 +95,13 @@ def chance_iou(n: int, k1: int, k2: int) -> float:
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default)."""
+    """Wilson score interval for a binomial proportion (95% by default).
+
+    Example:
+        >>> low, high = wilson_interval(20, 100)
+        >>> round(low, 3), round(high, 3)
+        (0.133, 0.289)
+    """
     if n == 0:
         return (0.0, 1.0)
     p = successes / n
@@ -181,7 +192,14 @@ def paired_bootstrap_auroc(
 
 def chance_verdict(low: float, high: float, chance: float = 0.5) -> str:
     """Words for an interval against chance: ``above chance``, ``below chance (inverted)``, ``not distinguishable
-    from chance`` (the interval includes it), or ``not measurable`` (no interval)."""
+    from chance`` (the interval includes it), or ``not measurable`` (no interval).
+
+    Example:
+        >>> chance_verdict(0.47, 0.61)
+        'not distinguishable from chance'
+        >>> chance_verdict(0.16, 0.41)
+        'below chance (inverted)'
+    """
     if math.isnan(low) or math.isnan(high):
         return "not measurable"
     if low > chance:

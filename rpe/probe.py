@@ -58,7 +58,7 @@ class ProbeConfig:
     """``td0`` (bootstrapped), ``td_lambda`` (lambda-returns) or ``mc`` (final reward at every state)."""
     family: Family = "mlp"
     """``mlp`` (PAPER.md's ``d -> hidden -> 1``, the default) or ``linear`` (L2 logistic, damped Newton: fast and
-    deterministic; on SmolLM2 its dense probe matches the MLP but its 1% refit is weaker, README)."""
+    deterministic; on SmolLM2 its dense probe matches the MLP but its 1% refit is weaker, docs/results.md)."""
     l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     """Linear family: L2 strengths tried (loss = mean BCE + l2/2 * |w|^2); the best on validation is kept."""
     td_iterations: int = 20

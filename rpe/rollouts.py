@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -64,6 +64,10 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG_FILE = "run_config.json"
 PARTS_DIR = "parts"
 STATES_FILE = "states.safetensors"
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 
 @dataclass
@@ -181,8 +185,8 @@ def _check_run_config(out_dir: Path, config: dict[str, Any], overwrite: bool) ->
 
 
 def collect_rollouts(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     cfg: RolloutConfig,
     out_dir: str | Path,
     *,
@@ -194,7 +198,8 @@ def collect_rollouts(
     """Collect ``cfg.n_problems x cfg.samples`` trajectories into ``out_dir``, resuming finished batches.
 
     Args:
-        model, tokenizer: a causal LM and its tokenizer (left padding; see :func:`rpe.models.load_model`).
+        model: a causal LM (see :func:`rpe.models.load_model`).
+        tokenizer: its tokenizer (left padding).
         cfg: what to collect.
         out_dir: output folder (created).
         task: an already-built task (default: ``load_task(cfg.task)``).

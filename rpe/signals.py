@@ -14,10 +14,16 @@ step t. Then:
 the value and dopamine columns, stopped after that layer) or, with no forward at all, from activations
 recorded while the same sequences were generated (:class:`GenerationCapture`).
 
-Example:
-    >>> reader = SignalReader(bundle, model, tokenizer)  # doctest: +SKIP
-    >>> sig = reader.read([prompt_ids], [completion_ids])[0]  # doctest: +SKIP
-    >>> sig.values, sig.rpe  # doctest: +SKIP
+Example (a tiny random Llama and a random bundle for it; use your model and ``SubsystemBundle.load``):
+    >>> from rpe.bundle import random_bundle
+    >>> from rpe.models import tiny_model
+    >>> model, tok = tiny_model()
+    >>> bundle = random_bundle(model, tok)
+    >>> prompt = tok("Question: 2 + 3?\\n", add_special_tokens=False)["input_ids"]
+    >>> completion = tok("2 + 3 = 5.\\n\\nThe answer is 5.", add_special_tokens=False)["input_ids"]
+    >>> sig = SignalReader(bundle, model, tok).read([prompt], [completion])[0]
+    >>> len(sig.values), len(sig.rpe), len(sig.dopamine)      # V(s_0..s_2), delta_1..2, one per step
+    (3, 2, 2)
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +42,12 @@ logger = logging.getLogger(__name__)
 
 SCALAR_SIGNALS: tuple[str, ...] = ("value_s0", "value_final", "rpe_sum", "rpe_abs_mean", "rpe_min", "rpe_max", "rpe_last", "dopamine")
 """Per-sequence summaries :meth:`SequenceSignals.scalar` knows."""
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from rpe.bundle import SubsystemBundle
+
 
 
 @dataclass
@@ -99,7 +112,8 @@ class SignalReader:
         check: verify the bundle's fingerprint against the model (once, here).
     """
 
-    def __init__(self, bundle, model, tokenizer, *, segmenter: Segmenter = "paragraph", pattern: str | None = None,
+    def __init__(self, bundle: SubsystemBundle, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
+                 segmenter: Segmenter = "paragraph", pattern: str | None = None,
                  batch_size: int = 16, check: bool = True):
         self.bundle = bundle
         self.model = model

@@ -11,11 +11,17 @@ Two modes:
   decode call appends its (batch, tokens, neurons) slice; :meth:`ActivationTracker.generated` returns them
   joined along time, so rollouts can keep step-end states with no second forward pass.
 
-Example:
-    >>> with ActivationTracker(model, layers=[4]) as tr:  # doctest: +SKIP
-    ...     tr.select(rows=[0, 0], starts=[3, 9], ends=[4, 10])
-    ...     tr.forward(input_ids=ids, attention_mask=mask)
-    >>> tr.captured[4].shape  # (2, d_model)  # doctest: +SKIP
+Example (a tiny random Llama, d_model = 64; any transformers causal LM works the same way):
+    >>> from rpe.models import tiny_model
+    >>> model, tok = tiny_model()
+    >>> ids = tok(["4 + 1 = 5.\\n\\n5 + 3 = 8."], return_tensors="pt")
+    >>> with ActivationTracker(model, layers=[2]) as tr:
+    ...     tr.select(rows=[0, 0], starts=[0, 5], ends=[5, 6])   # a 5-token span (averaged) and one position
+    ...     acts = tr.forward(**ids)
+    >>> tuple(acts[2].shape)                                       # (spans, d_model)
+    (2, 64)
+    >>> any(m._forward_hooks for m in decoder_layers(model))       # hooks removed on exit
+    False
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +36,9 @@ from rpe.metrics import auroc
 from rpe.probe import ProbeState, lambda_returns
 
 from .rewards import InternalSignals, nan_guard
+
+if TYPE_CHECKING:
+    from rpe.bundle import SubsystemBundle
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +105,12 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
         bundle: a bundle (or folder) fitted on the policy's base model; its probe is the critic.
         critic: :class:`CriticConfig`.
         signals: share an :class:`InternalSignals` (e.g. with an :class:`RPECallback`).
-        All other arguments are ``GRPOTrainer``'s.
+        *args: passed to ``GRPOTrainer`` (as are all other keyword arguments).
+        **kwargs: ``GRPOTrainer``'s keyword arguments; every reward function is wrapped in :func:`nan_guard`.
     """
 
-    def __init__(self, *args, bundle=None, critic: CriticConfig | None = None, signals: InternalSignals | None = None,
-                 **kwargs):
+    def __init__(self, *args: Any, bundle: SubsystemBundle | str | Path | None = None,
+                 critic: CriticConfig | None = None, signals: InternalSignals | None = None, **kwargs: Any):
         self._skip_update = False
         if "reward_funcs" in kwargs:
             funcs = kwargs["reward_funcs"] if isinstance(kwargs["reward_funcs"], list) else [kwargs["reward_funcs"]]

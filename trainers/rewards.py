@@ -22,12 +22,16 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rpe.bundle import SubsystemBundle
 from rpe.signals import SCALAR_SIGNALS, GenerationCapture, SequenceSignals, SignalReader, unwrap_model
 
 logger = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 
 def load_bundle_for(bundle: SubsystemBundle | str | Path, model, tokenizer) -> SubsystemBundle:
@@ -50,7 +54,8 @@ class InternalSignals:
         capture: record activations during ``generate`` (no extra forward when the batch matches).
     """
 
-    def __init__(self, bundle: SubsystemBundle | str | Path, model, tokenizer, *, segmenter: str = "paragraph",
+    def __init__(self, bundle: SubsystemBundle | str | Path, model: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase, *, segmenter: str = "paragraph",
                  capture: bool = True):
         self.bundle = load_bundle_for(bundle, model, tokenizer)
         self.model = model

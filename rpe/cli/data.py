@@ -61,7 +61,7 @@ def rollouts(
     model: str = typer.Option("smollm2-135m-instruct", help="Registry name, local folder or Hugging Face id."),
     task: str = typer.Option(DEFAULT_TASK, help="Task preset, rg:NAME, or a JSONL file (see `rpe tasks`)."),
     task_option: Optional[list[str]] = typer.Option(
-        None, help="Difficulty option of a reasoning-gym task as KEY=VALUE (repeatable), e.g. max_animals=2."),
+        None, help="Difficulty option of a reasoning-gym task as KEY=VALUE (repeatable), e.g. min_animals=1 (rg:leg_counting)."),
     n: int = typer.Option(200, help="Number of problems."),
     samples: int = typer.Option(1, help="Completions per problem."),
     out: Path = typer.Option(..., help="Output folder (trajectories.parquet, manifest.json)."),

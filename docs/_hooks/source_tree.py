@@ -1,0 +1,23 @@
+"""MkDocs hook: a source tree in which ``rpe.envs`` and ``rpe.trainers`` sit where their import names say.
+
+The repository maps ``envs/`` and ``trainers/`` onto ``rpe.envs`` / ``rpe.trainers`` with setuptools'
+``package-dir`` (DESIGN.md), which static analysis (griffe, behind mkdocstrings) cannot follow (it resolves
+symlinks, so a symlinked tree does not work either). This hook copies ``rpe/`` with ``envs/`` and ``trainers/``
+inside it to ``.docs_src/rpe`` (a few hundred KB of source, ignored by git) before the API reference is
+rendered; ``mkdocs.yml`` points mkdocstrings at it.
+"""
+
+from pathlib import Path
+import shutil
+
+
+def on_config(config):
+    root = Path(config.config_file_path).parent
+    tree = root / ".docs_src" / "rpe"
+    if tree.parent.exists():
+        shutil.rmtree(tree.parent)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(root / "rpe", tree, ignore=skip)
+    for sub in ("envs", "trainers"):
+        shutil.copytree(root / sub, tree / sub, ignore=skip)
+    return config
