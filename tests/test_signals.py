@@ -86,3 +86,54 @@ def test_shared_prefix_reuse_gives_the_same_signals(tiny_llama, tiny_bundle):
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a.values, b.values, atol=1e-5)
         np.testing.assert_allclose(a.dopamine, b.dopamine, atol=1e-4)
+
+
+class _EosAfter:
+    """Logits processor: row i must emit EOS once it has generated ``k[i]`` tokens (None: never EOS)."""
+
+    def __init__(self, start: int, k: list[int | None], eos: int):
+        self.start, self.k, self.eos = start, k, eos
+
+    def __call__(self, input_ids, scores):
+        n = input_ids.shape[1] - self.start
+        for i, k in enumerate(self.k):
+            if k is None:
+                scores[i, self.eos] = -float("inf")
+            elif n >= k:
+                scores[i, :] = -float("inf")
+                scores[i, self.eos] = 0.0
+        return scores
+
+
+def test_eos_terminated_rows_are_read_from_the_capture_without_a_forward(tiny_llama, tiny_bundle):
+    """Rows that stopped at EOS have every state fed back during generation: they must come from the recording
+    (no recompute), and match a separate forward row by row. Only the row cut at the limit is recomputed."""
+    from transformers import LogitsProcessorList
+
+    model, tok = tiny_llama
+    reader = SignalReader(tiny_bundle, model, tok)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Q: 12+3=\n\n", "Q: 4=\n\n", "Q: 9-1-1=\n\n", "Q: 7\n\n")]
+    width = max(map(len, prompts))
+    ids = torch.full((4, width), tok.pad_token_id)
+    mask = torch.zeros(4, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    stop = _EosAfter(width, [3, 9, 6, None], tok.eos_token_id)  # three rows end with EOS, one runs to the limit
+    with GenerationCapture(model, tiny_bundle.layer, reader.columns) as cap:
+        torch.manual_seed(0)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                             pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([stop]))
+        comps = []
+        for row in out[:, width:].tolist():
+            comps.append(row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
+        assert [len(c) for c in comps] == [4, 10, 7, 12] and [c[-1] == tok.eos_token_id for c in comps] == [True] * 3 + [False]
+        captured = cap.match(comps)
+        assert captured is not None
+        from_gen = reader.from_recorded(captured.recorded, captured.width, comps, captured.prompt_ids)
+    assert reader.last_recomputed == 1  # only the length-cut row needed its own forward
+    separate = reader.read(prompts, comps)
+    for a, b in zip(from_gen, separate):
+        assert a.n_steps == b.n_steps
+        np.testing.assert_allclose(a.values, b.values, atol=1e-5)
+        np.testing.assert_allclose(a.dopamine, b.dopamine, atol=1e-4)

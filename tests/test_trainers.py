@@ -47,12 +47,17 @@ def _tiny_recipe(tmp_path, bundle_dir, trainer, **extra):
     return path
 
 
-@pytest.mark.parametrize("trainer,extra", [
-    ("grpo", {"internal_rewards": ["rpe_sum", "value_final"], "internal_reward_weights": [0.1, 0.0]}),
-    ("rloo", {"beta": 0.0}),
-    ("internal_critic", {"baseline_mix": 0.5}),
+TINY_EOS = 2  # the tiny tokenizer's EOS id
+EOS_AT_LIMIT = {"generation_kwargs": {"forced_eos_token_id": TINY_EOS}}  # every completion ends with EOS
+NEVER_EOS = {"generation_kwargs": {"suppress_tokens": [TINY_EOS]}}  # every completion is cut at the limit
+
+
+@pytest.mark.parametrize("trainer,extra,captured", [
+    ("grpo", {"internal_rewards": ["rpe_sum", "value_final"], "internal_reward_weights": [0.1, 0.0], **EOS_AT_LIMIT}, 1.0),
+    ("rloo", {"beta": 0.0, **NEVER_EOS}, 0.0),
+    ("internal_critic", {"baseline_mix": 0.5, **EOS_AT_LIMIT}, 1.0),
 ])
-def test_recipe_runs_and_logs_internal_signals(tmp_path, bundle_dir, trainer, extra):
+def test_recipe_runs_and_logs_internal_signals(tmp_path, bundle_dir, trainer, extra, captured):
     from rpe.trainers.callback import LOGGED_KEYS
     from rpe.trainers.recipes import parse_recipe, train
 
@@ -66,13 +71,15 @@ def test_recipe_runs_and_logs_internal_signals(tmp_path, bundle_dir, trainer, ex
         assert set(LOGGED_KEYS) <= set(h)
         assert 0 <= h["rpe/value_s0"] <= 1 and 0 <= h["rpe/value_final"] <= 1
         assert h["rpe/rpe_min"] is None or -1 <= h["rpe/rpe_min"] <= h["rpe/rpe_max"] <= 1
-        assert 0 <= h["rpe/captured"] <= 1  # share of rows read from the capture (length-cut rows need a forward)
+        # share of rows read from the capture: EOS-terminated rows come from it, length-cut rows need a forward
+        assert h["rpe/captured"] == captured
     if trainer == "grpo":
         assert all("rewards/internal_rpe_sum/mean" in h and "rewards/correct/mean" in h for h in steps)
     if trainer == "internal_critic":
         assert all("critic/loss" in h and "critic/adv_abs_mean" in h for h in steps)
     reads = summary["signal_reads"]  # every batch matched the trainer's own generation: no batch-wide forward
     assert reads["forward"] == 0 and reads["captured"] == 2
+    assert reads["rows_recomputed"] == (0 if captured == 1.0 else 2 * 4)  # 2 steps x 4 completions
     for key in ("eval_before", "eval_after"):
         assert 0 <= summary[key]["accuracy"] <= 1 and summary[key]["n"] == 4
 
@@ -255,3 +262,89 @@ def test_online_refit_saves_the_bundle_with_checkpoints_and_rewards_have_one_val
     saved = SubsystemBundle.load(tmp_path / "o" / "checkpoint-4" / "rpe_bundle", model=model, tokenizer=tok)
     assert saved.metrics["online_refits"] and [r["step"] for r in saved.metrics["online_refits"]] == [2, 4]
     assert any(not torch.equal(saved.probe_state.weights[k], before[k]) for k in before)  # the probe was refitted
+
+
+def _readme_advantages(values_per_row, spans_per_row, n_tokens, rewards, group_adv, gamma, lam, mix):
+    """The internal-critic algorithm as docs/guides/internal-rewards.md states it, written out independently."""
+    width = max(n_tokens)
+    adv = torch.zeros(len(n_tokens), width)
+    for i, (v, spans, n, r) in enumerate(zip(values_per_row, spans_per_row, n_tokens, rewards)):
+        v = list(v[:-1]) if spans else [v[0]]  # V(s_0..s_{T-1}): the states an action is taken from
+        deltas = [gamma * v[t + 1] - v[t] for t in range(len(v) - 1)] + [r - v[-1]]
+        a = [sum((gamma * lam) ** k * deltas[t + k] for k in range(len(deltas) - t)) for t in range(len(deltas))]
+        for j in range(n):  # token j: the step whose span ends after it (separators join the next step)
+            step = next((s for s, (_, end) in enumerate(spans) if j < end), len(spans) - 1)
+            adv[i, j] = a[max(step, 0)]
+    mask = torch.zeros(len(n_tokens), width, dtype=torch.bool)
+    for i, n in enumerate(n_tokens):
+        mask[i, :n] = True
+    mu, sd = adv[mask].mean(), adv[mask].std()
+    adv = torch.where(mask, (adv - mu) / sd, torch.zeros_like(adv))
+    return (1 - mix) * adv + mix * group_adv.unsqueeze(1) * mask
+
+
+def test_internal_critic_advantages_follow_the_documented_algorithm(tmp_path, bundle_dir, monkeypatch):
+    """Per-token (B, T) advantages inside the trainer: GAE over steps with gamma, lambda < 1, step-to-token
+    placement, whitening over completion tokens and the baseline mix, against an independent computation from
+    a separate SignalReader read of the same completions and TRL's own group advantages."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpe.bundle import SubsystemBundle
+    from rpe.models import tiny_model
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.signals import SignalReader
+    from rpe.tasks import load_task
+    from rpe.trainers import InternalCriticGRPOTrainer
+    from rpe.trainers.critic import CriticConfig
+    from rpe.trainers.recipes import build_dataset
+
+    model, tok = tiny_model()
+    task = load_task("chain_sum_2")
+    ds, _ = build_dataset(task, PromptBuilder(task, tok, PromptConfig(shots=1)), 4, 0, chat=True)
+    newline = tok.convert_tokens_to_ids("\n")
+
+    def parity(completion_ids, **kwargs):  # varies within the batch
+        return [float(sum(c) % 2) for c in completion_ids]
+
+    seen = {}
+    original = GRPOTrainer._generate_and_score_completions
+
+    def record(self, inputs):
+        out = original(self, inputs)
+        seen["group"] = out["advantages"].clone()
+        seen["completion_ids"] = out["completion_ids"].clone()
+        seen["mask"] = out["completion_mask"].clone()
+        seen["prompts"] = [row[m.bool()].tolist() for row, m in zip(out["prompt_ids"], out["prompt_mask"])]
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", record)
+    args = GRPOConfig(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=24, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
+                      generation_kwargs={"sequence_bias": {(newline,): 3.0}}, seed=0)  # paragraphs: several steps
+    cfg = CriticConfig(gamma=0.9, lam=0.7, baseline_mix=0.3, critic_updates=1)
+    trainer = InternalCriticGRPOTrainer(model=model, processing_class=tok, reward_funcs=[parity], args=args,
+                                        train_dataset=ds, bundle=str(bundle_dir), critic=cfg)
+    computed = {}
+    inner = trainer._generate_and_score_completions
+
+    def keep(inputs):
+        out = inner(inputs)
+        computed["advantages"] = out["advantages"].clone()
+        return out
+
+    trainer._generate_and_score_completions = keep
+    trainer.train()
+    trainer.rpe_signals.close()
+
+    mask = seen["mask"].bool()
+    comps = [row[m].tolist() for row, m in zip(seen["completion_ids"], mask)]
+    reader = SignalReader(SubsystemBundle.load(bundle_dir, model=model, tokenizer=tok), model, tok)  # the critic
+    sigs = reader.read(seen["prompts"], comps)  # before its update
+    assert max(s.n_steps for s in sigs) >= 2, "the batch needs multi-step completions to test the placement"
+    rewards = [float(sum(c) % 2) for c in comps]
+    assert 0 < sum(rewards) < len(rewards)
+    expected = _readme_advantages([s.values for s in sigs], [s.step_spans for s in sigs], [len(c) for c in comps],
+                                  rewards, seen["group"].float(), cfg.gamma, cfg.lam, cfg.baseline_mix)
+    got = computed["advantages"].float()
+    assert got.shape == mask.shape  # (B, T): per-token advantages
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
