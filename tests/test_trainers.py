@@ -5,6 +5,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -223,6 +224,28 @@ def test_two_process_data_parallel_run_logs_once_with_gathered_metrics(tmp_path)
     printed = run.stdout + run.stderr
     assert printed.count("'rpe/value_s0'") == 2  # the trainer printed each step's logs once (main process only)
     assert "RANK 0" in printed and "RANK 1" in printed
+    # the gathered metrics equal an independent read of both ranks' completions, each with its own rewards
+    # (a wrong per-process slice pairs rank 1's values with rank 0's rewards)
+    from rpe.bundle import random_bundle
+    from rpe.metrics import auroc
+    from rpe.models import tiny_model
+    from rpe.signals import SignalReader
+
+    model, tok = tiny_model()
+    reader = SignalReader(random_bundle(model, tok), model, tok)
+    ranks = [json.loads((tmp_path / f"batches_rank{r}.json").read_text()) for r in (0, 1)]
+    for step, logged in enumerate(steps):
+        v0, vf, y = [], [], []
+        for batches in ranks:
+            b = batches[step]
+            sigs = reader.read(b["prompts"], b["completions"])
+            v0 += [s.values[0] for s in sigs]
+            vf += [s.values[-1] for s in sigs]
+            y += [sum(c) % 2 == 1 for c in b["completions"]]
+        assert 0 < sum(y) < len(y), "the run needs both outcomes"
+        assert logged["rpe/value_s0"] == pytest.approx(np.mean(v0), abs=1e-5)
+        assert logged["rpe/value_final"] == pytest.approx(np.mean(vf), abs=1e-5)
+        assert logged["rpe/auroc_value_final"] == pytest.approx(auroc(np.array(y), np.round(vf, 4)), abs=1e-6)
 
 
 def test_online_refit_saves_the_bundle_with_checkpoints_and_rewards_have_one_value_per_completion(tmp_path, bundle_dir):
@@ -348,3 +371,79 @@ def test_internal_critic_advantages_follow_the_documented_algorithm(tmp_path, bu
     got = computed["advantages"].float()
     assert got.shape == mask.shape  # (B, T): per-token advantages
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def _record_batches(monkeypatch) -> list[dict]:
+    """Record every generated batch of a GRPO run (prompt ids, completion ids, as TRL made them)."""
+    from trl import GRPOTrainer
+
+    batches: list[dict] = []
+    original = GRPOTrainer._generate_and_score_completions
+
+    def record(self, inputs):
+        out = original(self, inputs)
+        batches.append({
+            "prompts": [row[m.bool()].tolist() for row, m in zip(out["prompt_ids"], out["prompt_mask"])],
+            "completions": [row[m.bool()].tolist() for row, m in zip(out["completion_ids"], out["completion_mask"])],
+        })
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", record)
+    return batches
+
+
+def test_callback_logs_the_numbers_an_independent_read_gives(tmp_path, bundle_dir, monkeypatch):
+    """The logged rpe/* values equal SignalReader.read of the same completions, with a verifiable reward that
+    varies within the batch, two weighted verifiable functions (the internal one is left out of the AUROC
+    target) and the AUROC keys exercised."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpe.bundle import SubsystemBundle
+    from rpe.metrics import auroc
+    from rpe.models import tiny_model
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.signals import SignalReader
+    from rpe.tasks import load_task
+    from rpe.trainers import InternalSignals, RPECallback
+    from rpe.trainers.recipes import build_dataset
+
+    model, tok = tiny_model()
+    task = load_task("chain_sum_2")
+    ds, _ = build_dataset(task, PromptBuilder(task, tok, PromptConfig(shots=1)), 4, 0, chat=True)
+    newline = tok.convert_tokens_to_ids("\n")
+
+    def parity(completion_ids, **kwargs):
+        return [float(sum(c) % 2) for c in completion_ids]
+
+    def has_newline(completion_ids, **kwargs):
+        return [float(newline in c) for c in completion_ids]
+
+    batches = _record_batches(monkeypatch)
+    signals = InternalSignals(str(bundle_dir), model, tok)
+    args = GRPOConfig(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=24, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
+                      reward_weights=[0.6, 0.4, 1.0], generation_kwargs={"sequence_bias": {(newline,): 3.0}}, seed=0)
+    cb = RPECallback(signals.bundle, signals=signals)
+    GRPOTrainer(model=model, processing_class=tok, reward_funcs=[parity, has_newline, signals.reward("value_final")],
+                args=args, train_dataset=ds, callbacks=[cb]).train()
+    signals.close()
+    assert len(batches) == len(cb.history) == 1
+    b, logged = batches[0], cb.history[0]
+    sigs = SignalReader(SubsystemBundle.load(bundle_dir, model=model, tokenizer=tok), model, tok).read(
+        b["prompts"], b["completions"])
+    v0 = np.array([s.values[0] for s in sigs])
+    vf = np.array([s.values[-1] for s in sigs])
+    rpe = [s.rpe for s in sigs if s.n_steps]
+    reward = 0.6 * np.array(parity(b["completions"])) + 0.4 * np.array(has_newline(b["completions"]))
+    y = reward >= 0.5
+    assert 0 < y.sum() < len(y), "the test needs both outcomes in the batch"
+    assert logged["rpe/value_s0"] == pytest.approx(v0.mean(), abs=1e-5)
+    assert logged["rpe/value_final"] == pytest.approx(vf.mean(), abs=1e-5)
+    assert logged["rpe/rpe_mean"] == pytest.approx(np.mean([r.mean() for r in rpe]), abs=1e-5)
+    assert logged["rpe/rpe_abs_mean"] == pytest.approx(np.mean([np.abs(r).mean() for r in rpe]), abs=1e-5)
+    assert logged["rpe/rpe_min"] == pytest.approx(min(r.min() for r in rpe), abs=1e-5)
+    assert logged["rpe/rpe_max"] == pytest.approx(max(r.max() for r in rpe), abs=1e-5)
+    assert logged["rpe/dopamine"] == pytest.approx(np.nanmean([s.scalar("dopamine") for s in sigs]), abs=1e-4)
+    assert logged["rpe/auroc_value_final"] == pytest.approx(auroc(y, vf.round(4)), abs=1e-6)
+    assert logged["rpe/auroc_value_s0"] == pytest.approx(auroc(y, v0.round(4)), abs=1e-6)  # tied within a group
+    assert logged["rpe/n_completions"] == 8

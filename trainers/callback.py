@@ -181,8 +181,10 @@ class RPECallback(TrainerCallback):
             "rpe/value_s0": _nanmean(v0), "rpe/value_final": _nanmean(vf), "rpe/rpe_mean": _nanmean(rmean),
             "rpe/rpe_abs_mean": _nanmean(rabs), "rpe/rpe_min": _nanreduce(np.nanmin, rmin),
             "rpe/rpe_max": _nanreduce(np.nanmax, rmax), "rpe/dopamine": _nanmean(dopa),
-            "rpe/auroc_value_final": auroc(y[ok], vf[ok]) if ok.any() else nan,
-            "rpe/auroc_value_s0": auroc(y[ok], v0[ok]) if ok.any() else nan,
+            # values rounded to 1e-4: the samples of one prompt share s_0, and float noise between batch rows
+            # (~1e-6) must not break their tie into an arbitrary ranking
+            "rpe/auroc_value_final": auroc(y[ok], vf[ok].round(4)) if ok.any() else nan,
+            "rpe/auroc_value_s0": auroc(y[ok], v0[ok].round(4)) if ok.any() else nan,
             "rpe/captured": _nanmean(captured),
             "rpe/n_completions": float(table.shape[0]),
         }
