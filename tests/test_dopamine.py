@@ -6,6 +6,7 @@ from rpe.dopamine import DopamineConfig, find_dopamine_neurons, mc_state_values,
 from rpe.prompts import PromptConfig
 from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts, read_trajectories
 from rpe.tasks import load_task
+from conftest import make_tiny_bundle  # noqa: I001
 
 
 def test_td_errors_definition():
@@ -52,3 +53,135 @@ def test_mc_values_are_cached_and_end_with_the_reward(tiny_llama, tmp_path):
     n_calls = len(calls)
     again = mc_state_values(model, tok, task, problems, trajs, dcfg, cache=tmp_path / "mc.json", progress=lambda a, b: calls.append(a))
     assert again == values and len(calls) == n_calls  # nothing resampled
+
+
+@pytest.fixture
+def stepped_rollouts(tiny_llama, tmp_path):
+    """Rollouts of the tiny model with many steps per completion (steps end at lower-case letters and digits), and a folder holding
+    the model so the CLI can load it by the name the manifest records."""
+    model, tok = tiny_llama
+    model_dir = tmp_path / "tiny_model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = RolloutConfig(n_problems=12, samples=1, segmenter="regex", segment_pattern="[a-z0-9]",
+                        sampling=SamplingConfig(max_new_tokens=24), prompt=PromptConfig(shots=1))
+    out = tmp_path / "rollouts"
+    collect_rollouts(model, tok, cfg, out, model_name=str(model_dir))
+    trajs = read_trajectories(out)
+    assert sum(len(t.steps) for t in trajs) >= 40
+    return out, trajs
+
+
+def _planted_values(trajs) -> dict[str, list[float]]:
+    """Known Monte-Carlo values: V(s_k) cycles through 0.9, 0.1, 0.6, ...; V(s_T) is the reward."""
+    cycle = [0.9, 0.1, 0.6, 0.0, 1.0, 0.3]
+    return {t.trajectory_id: [cycle[(k + i) % 6] for k in range(len(t.steps))] + [t.reward]
+            for i, t in enumerate(trajs) if t.steps}
+
+
+def test_dopamine_from_rollouts_maps_each_step_to_its_td_error(tiny_llama, stepped_rollouts, monkeypatch):
+    """Step rows -> TD errors: the activation of the end of step t is paired with gamma V(s_t) - V(s_{t-1}) of
+    its own trajectory, for every step in order, and the problem ids travel with them."""
+    import rpe.dopamine as dopamine
+    from rpe.store import capture_states
+
+    model, tok = tiny_llama
+    out, trajs = stepped_rollouts
+    planted = _planted_values(trajs)
+    monkeypatch.setattr(dopamine, "mc_state_values", lambda *a, **k: planted)
+    seen = {}
+    real_find = dopamine.find_dopamine_neurons
+
+    def spy(acts, deltas, pids, cfg):
+        seen.update(acts=acts, deltas=deltas, pids=pids)
+        return real_find(acts, deltas, pids, cfg)
+
+    monkeypatch.setattr(dopamine, "find_dopamine_neurons", spy)
+    cfg = DopamineConfig(n_random=5, epochs=20, gamma=0.9, min_surprising=5)
+    bundle = make_tiny_bundle(model, tok)  # dopamine_from_rollouts updates it (the session bundle stays as it is)
+    result = dopamine.dopamine_from_rollouts(model, tok, out, bundle, cfg)
+    expected_deltas, expected_pids, expected_acts = [], [], []
+    stepped = [t for t in trajs if t.steps]
+    states = capture_states(model, stepped, [bundle.layer], mode="steps", pad_token_id=tok.pad_token_id)
+    for i, t in enumerate(stepped):
+        v = planted[t.trajectory_id]
+        for k in range(1, len(t.steps) + 1):
+            expected_deltas.append(0.9 * v[k] - v[k - 1])
+            expected_pids.append(t.problem_id)
+            row = ((states.traj_index == i) & (states.step_index == k)).nonzero().item()
+            expected_acts.append(states.acts[bundle.layer][row])
+    np.testing.assert_allclose(seen["deltas"], expected_deltas, atol=1e-12)
+    assert seen["pids"] == expected_pids
+    torch.testing.assert_close(seen["acts"], torch.stack(expected_acts))
+    assert result.metrics["n_trajectories"] == len(stepped)
+    assert result.metrics["mean_mc_value"] == pytest.approx(np.mean(np.concatenate(list(planted.values()))))
+
+
+class _RecordingTask:
+    """Scores 1.0 when the text it is given ends with an odd continuation index, and remembers every text."""
+
+    def __init__(self):
+        self.texts = []
+
+    def score(self, problem, text):
+        self.texts.append(text)
+        return float(text.endswith(("#1", "#3")))
+
+
+def test_mc_values_join_each_continuation_to_the_transcript_up_to_its_state(tiny_llama, stepped_rollouts, monkeypatch):
+    import rpe.dopamine as dopamine
+    from rpe.generation import GeneratedBatch
+
+    model, tok = tiny_llama
+    _, trajs = stepped_rollouts
+    trajs = [t for t in trajs if len(t.steps) >= 2][:2]
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, sampling, stop_strings=(), seed=0):
+        calls.append([list(p) for p in prompts])
+        texts = [f" cont#{j % 4}" for j in range(len(prompts))]
+        return GeneratedBatch(prompt_ids=[list(p) for p in prompts], completion_ids=[[] for _ in prompts], texts=texts,
+                              finish_reasons=["eos"] * len(prompts), prompt_truncated=[False] * len(prompts))
+
+    monkeypatch.setattr(dopamine, "generate_from_ids", fake_generate)
+    task = _RecordingTask()
+    problems = {t.problem_id: None for t in trajs}
+    values = dopamine.mc_state_values(model, tok, task, problems, trajs, DopamineConfig(n_continuations=4, batch_size=8))
+    prompts = [p for c in calls for p in c]
+    expected_prompts, expected_texts = [], []
+    for t in trajs:
+        for k in range(len(t.steps)):
+            prefix = t.prompt_token_ids + t.completion_token_ids[: t.steps[k - 1].token_end] if k else t.prompt_token_ids
+            head = t.completion[: t.steps[k - 1].char_end] if k else ""
+            expected_prompts += [prefix] * 4
+            expected_texts += [head + f" cont#{j}" for j in range(4)]
+    assert prompts == expected_prompts  # every state's continuations start from the transcript up to it
+    assert task.texts == expected_texts  # and are scored joined to the text of the steps before
+    for t in trajs:
+        assert values[t.trajectory_id] == [0.5] * len(t.steps) + [t.reward]  # 2 of 4 continuations "correct"
+
+
+def test_rpe_dopamine_command_end_to_end(tiny_llama, stepped_rollouts, monkeypatch):
+    """`rpe dopamine` on a tiny model loaded from the folder the manifest names: the bundle on disk gains
+    dopamine neurons with signs and metrics, and the command prints the held-out table. The Monte-Carlo values
+    are planted (a random model solves nothing, so sampled values would all be 0)."""
+    from typer.testing import CliRunner
+
+    import rpe.dopamine as dopamine
+    from rpe.bundle import SubsystemBundle
+    from rpe.cli import app
+
+    model, tok = tiny_llama
+    out, trajs = stepped_rollouts
+    bundle_dir = make_tiny_bundle(model, tok).save(out.parent / "bundle")
+    planted = _planted_values(trajs)
+    monkeypatch.setattr(dopamine, "mc_state_values", lambda *a, **k: planted)
+    r = CliRunner().invoke(app, ["dopamine", "--rollouts", str(out), "--bundle", str(bundle_dir), "--threshold", "0.2",
+                                 "--top-frac", "0.05"])
+    assert r.exit_code == 0, r.output
+    saved = SubsystemBundle.load(bundle_dir, model=model, tokenizer=tok)
+    assert saved.dopamine_neurons.numel() == round(0.05 * 64) and set(saved.dopamine_sign.tolist()) <= {-1.0, 1.0}
+    m = saved.metrics["dopamine"]
+    assert m["n_trajectories"] == len([t for t in trajs if t.steps]) and m["n_surprising"] >= 10
+    assert "dopamine neurons, layer" in r.output and "Spearman with RPE" in r.output
+    assert f"{m['test_spearman_dopamine']:.3f}" in r.output
