@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from rpe.models import ModelFingerprint, fingerprint
 from rpe.probe import ProbeConfig, ProbeState, ValueProbe
+
+logger = logging.getLogger(__name__)
 
 BUNDLE_VERSION = 1
 BUNDLE_FILE = "bundle.json"
@@ -119,10 +122,17 @@ class SubsystemBundle:
     # -- persistence -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the bundle folder atomically (an existing bundle at ``path`` is replaced only once the new
-        one is complete)."""
+        one is complete).
+
+        The new bundle is written into a staging folder, the old one is renamed aside (``.NAME.old-PID``), the
+        staging folder renamed into place, and the old one removed. A process killed between the two renames
+        leaves the old bundle aside; :meth:`load` and the next :meth:`save` put it back.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        restore_interrupted_swap(path)
+        _remove_leftovers_of_killed_saves(path)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-{os.getpid()}-", dir=path.parent))
         try:
             tensors = {
                 "value_neurons": self.value_neurons.long().contiguous(),
@@ -170,6 +180,7 @@ class SubsystemBundle:
             BundleMismatchError: the bundle was made for another model.
         """
         path = Path(path)
+        restore_interrupted_swap(path)
         meta_path, weights_path = path / BUNDLE_FILE, path / WEIGHTS_FILE
         for p in (meta_path, weights_path):
             if not p.is_file():
@@ -208,6 +219,43 @@ class SubsystemBundle:
                 raise ValueError("pass the tokenizer with the model: the fingerprint includes the tokenizer")
             bundle.check_model(model, tokenizer)
         return bundle
+
+
+def restore_interrupted_swap(path: Path) -> bool:
+    """Put back a bundle that :meth:`SubsystemBundle.save` moved aside and was killed before replacing.
+
+    Returns:
+        True when ``path`` was missing and a complete old bundle (``.NAME.old-PID``) was moved back.
+    """
+    if path.exists():
+        return False
+    aside = sorted((p for p in path.parent.glob(f".{path.name}.old-*") if (p / BUNDLE_FILE).is_file()),
+                   key=lambda p: p.stat().st_mtime)
+    if not aside:
+        return False
+    os.replace(aside[-1], path)
+    logger.warning("restored the bundle %s from %s (a save was interrupted between its two renames)", path, aside[-1])
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_leftovers_of_killed_saves(path: Path) -> None:
+    """Delete staging and set-aside folders of saves to ``path`` whose process no longer runs."""
+    for p in path.parent.glob(f".{path.name}.*"):
+        tag = p.name[len(path.name) + 2 :]  # "staging-PID-xxxx" or "old-PID"
+        kind, _, rest = tag.partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("staging", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def random_bundle(model, tokenizer, *, layer: int = 2, k: int = 6, m: int = 4, hidden: int = 16, seed: int = 0) -> SubsystemBundle:

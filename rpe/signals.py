@@ -195,10 +195,10 @@ class SignalReader:
                     if sp and (min(a for a, _ in sp) < 0 or max(b for _, b in sp) > len(c) or any(b <= a for a, b in sp)):
                         raise ValueError(f"step spans {sp} do not fit a completion of {len(c)} tokens")
                 rows, starts, ends, layout = [], [], [], []
-                for r, (p, spans) in enumerate(zip(prompts, all_spans)):
+                for r, (p, row_spans) in enumerate(zip(prompts, all_spans)):
                     n = len(p) - pre  # positions are relative to the part after the cached prefix
-                    points = [(n - 1, n)] + [(n + e - 1, n + e) for _, e in spans]
-                    means = [(n + a, n + b) for a, b in spans]
+                    points = [(n - 1, n)] + [(n + e - 1, n + e) for _, e in row_spans]
+                    means = [(n + a, n + b) for a, b in row_spans]
                     layout.append((len(rows), len(points), len(means)))
                     for a, b in points + means:
                         rows.append(r)
@@ -211,10 +211,10 @@ class SignalReader:
                     inputs.update(batched_cache_kwargs(base, cache, len(prompts)))
                 acts = tracker.forward(**inputs)[self.bundle.layer]
                 _check_finite(acts, self.bundle.layer)
-                for (first, n_points, n_means), spans in zip(layout, all_spans):
+                for (first, n_points, n_means), row_spans in zip(layout, all_spans, strict=True):
                     point = acts[first : first + n_points]
                     span = acts[first + n_points : first + n_points + n_means]
-                    out.append(self._signals(point, span, spans))
+                    out.append(self._signals(point, span, row_spans))
         return out
 
     def from_recorded(self, recorded: torch.Tensor, width: int, completion_ids: Sequence[Sequence[int]],

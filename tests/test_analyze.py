@@ -68,14 +68,23 @@ def analysed(tiny_llama, tiny_bundle, tmp_path_factory):
     return res, tmp / "out"
 
 
-def test_analysis_outputs(analysed):
+def test_analysis_outputs(analysed, tiny_llama, tiny_bundle):
     import pyarrow.parquet as pq
+
+    from rpe.signals import SignalReader
 
     res, out = analysed
     table = pq.read_table(out / "steps.parquet").to_pydict()
     assert len(table["step"]) == 24 * 4 == res["n_states"]  # s_0 plus three steps each
     v = np.array(table["value"])
-    assert ((v >= 0) & (v <= 1)).all()
+    # the value column is V(s_0..s_3) of each trajectory as an independent SignalReader read gives it
+    model, tok = tiny_llama
+    trajs = import_rollouts(out.parent / "r.jsonl", tok)
+    sigs = SignalReader(tiny_bundle, model, tok).read([t.prompt_token_ids for t in trajs],
+                                                      [t.completion_token_ids for t in trajs])
+    np.testing.assert_allclose(v, np.concatenate([s.values for s in sigs]), atol=1e-5)
+    np.testing.assert_allclose(np.array(table["dopamine"]).reshape(24, 4)[:, 1:],
+                               np.stack([s.dopamine for s in sigs]), atol=1e-4)
     rpe = np.array(table["rpe"]).reshape(24, 4)
     np.testing.assert_allclose(rpe[:, 1:], (1 - 1e-5) * v.reshape(24, 4)[:, 1:] - v.reshape(24, 4)[:, :-1], atol=1e-9)
     conf = json.loads((out / "confidence.json").read_text())

@@ -1,3 +1,4 @@
+import pytest
 from typer.testing import CliRunner
 
 from rpe.cli import app
@@ -60,6 +61,7 @@ def test_task_options_are_parsed_and_checked():
     assert malformed.exit_code == 2 and "KEY=VALUE" in malformed.output
 
 
+@pytest.mark.slow
 def test_search_cli_saves_per_method_and_resumes(real_model, tmp_path):
     import json
 

@@ -100,6 +100,12 @@ def test_run_ablation_on_a_tiny_model(tiny_llama, tiny_bundle, tmp_path):
                          "next_token", "wanda", "mc_probe"}
     assert arms["value"]["neurons"] == tiny_bundle.value_neurons.tolist()
     assert all(len(a["neurons"]) == 6 and a["n"] == 3 for a in arms.values())
+    base = res["baseline"]["accuracy"]
+    assert all(a["drop"] == pytest.approx(base - a["accuracy"]) for a in arms.values())
+    assert len({tuple(a["neurons"]) for name, a in arms.items() if name.startswith("random")}) == 4  # 4 distinct sets
+    for name, a in arms.items():  # each arm's accuracy is the one its rollout folder records
+        manifest = json.loads((tmp_path / f"layer{tiny_bundle.layer}" / name.replace("/", "_") / "manifest.json").read_text())
+        assert a["accuracy"] == manifest["accuracy"] and a["n"] == manifest["n_trajectories"]
     assert json.loads((tmp_path / "results.json").read_text())["baseline"]["n"] == 3
     assert (tmp_path / "ablation.png").stat().st_size > 1000
     again = run_ablation(model, tok, tiny_bundle, trajs, cfg, tmp_path, model_name="tiny")  # resumes: same numbers
@@ -128,7 +134,44 @@ def test_causal_rpe_check_runs_and_reports_each_share(tiny_llama, tiny_bundle, t
                            ranking=ranking)
     assert out["ablation_layer"] == tiny_bundle.layer - 1 and set(out["shares"]) == {"0.1", "0.5"}
     for r in out["shares"].values():
-        assert r["n_neurons"] in (6, 32) and len(r["random"]) == 2 and -1 <= r["value"] <= 1
+        assert r["n_neurons"] in (6, 32) and len(r["random"]) == 2
+        assert r["drop_value"] == pytest.approx(out["baseline"] - r["value"])
+    # exact: the Spearman of the signed, standardised dopamine activity of each step (mean over its tokens) with its TD
+    # error, recomputed here with the tracker (and the same ablation), equals what the check reports
+    from scipy.stats import spearmanr
+
+    from rpe.dopamine import DopamineConfig, td_errors
+
+    trajs = [t for t in read_trajectories(tmp_path / "r") if t.steps]
+    mean, std = tiny_bundle.dopamine_stats()
+    dop = tiny_bundle.dopamine_neurons
+
+    def independent(ablate):
+        act, delta = [], []
+        with NeuronAblation(model, {tiny_bundle.layer - 1: ablate}) if ablate is not None else _nothing():
+            for t in trajs:
+                ids = torch.tensor([t.prompt_token_ids + t.completion_token_ids])
+                with ActivationTracker(model, [tiny_bundle.layer], record_all=True) as tr, torch.no_grad():
+                    model(input_ids=ids)
+                h = tr.generated()[tiny_bundle.layer][0]
+                d = td_errors(values[t.trajectory_id], DopamineConfig().gamma)
+                for k, s in enumerate(t.steps):
+                    step = h[t.prompt_len + s.token_start : t.prompt_len + s.token_end][:, dop].mean(0)  # step mean
+                    act.append(float(((step - mean) / std * tiny_bundle.dopamine_sign).mean()))
+                    delta.append(d[k])
+        return float(spearmanr(act, delta).statistic)
+
+    assert out["baseline"] == pytest.approx(independent(None), abs=1e-5)
+    assert out["shares"]["0.5"]["value"] == pytest.approx(independent(ranking[:32]), abs=1e-5)
+    assert out["shares"]["0.5"]["value"] != pytest.approx(out["baseline"], abs=1e-3)  # the ablation reached it
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def test_summary_pools_seeds_into_one_wilson_interval():

@@ -85,26 +85,65 @@ def test_td_targets_equal_mc_when_gamma_is_one_and_values_are_true_returns(lengt
 
 
 # -- kill -9 mid-run ---------------------------------------------------------------------------------------
-def _run_until(script: str, ready, timeout: float = 120.0) -> None:
-    """Start ``script``, SIGKILL it once ``ready()`` is true (or after ``timeout``)."""
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    start = time.time()
-    while proc.poll() is None and not ready() and time.time() - start < timeout:
-        time.sleep(0.05)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+# Each child holds still at a chosen point of a write (after the temp file or staging folder is complete, between
+# the two renames of a bundle swap, ...), says so by creating a marker file, and is killed there: the test knows
+# what it interrupted. A child that exits before reaching the point (a crash) fails the test with its stderr.
+HOLD = textwrap.dedent("""
+    import os, pathlib, sys, time
+    MARKER = pathlib.Path(sys.argv[1])
+    MODE = sys.argv[2]
+
+    def hold(point):
+        if point == MODE:
+            MARKER.write_text(point)
+            time.sleep(600)
+""")
+
+
+def _kill_at(script: str, mode: str, tmp_path: Path, timeout: float = 180.0) -> str:
+    """Run ``HOLD + script`` until it reaches the hold point ``mode``, then SIGKILL it; returns the point."""
+    marker = tmp_path / f"marker-{mode}"
+    marker.unlink(missing_ok=True)
+    err_path = tmp_path / f"stderr-{mode}.txt"
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD + script, str(marker), mode], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        start = time.time()
+        while proc.poll() is None and not marker.exists() and time.time() - start < timeout:
+            time.sleep(0.02)
+        exited = proc.poll()
+        if exited is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    stderr = err_path.read_text(errors="replace")[-3000:]
+    assert exited is None, f"the child exited ({exited}) before reaching {mode!r}:\n{stderr}"
+    assert marker.exists(), f"the child never reached {mode!r} in {timeout} s:\n{stderr}"
+    assert proc.returncode == -signal.SIGKILL
+    return marker.read_text()
 
 
 ROLLOUT_SCRIPT = textwrap.dedent("""
-    import sys
+    import rpe.records as records
     from rpe.models import tiny_model
     from rpe.prompts import PromptConfig
     from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+
+    real_replace = records.os.replace
+    def replace(src, dst):  # the part file of batch 2 is written in full, its rename pending
+        if str(dst).endswith("part-00002.parquet"):
+            hold("part written, rename pending")
+        real_replace(src, dst)
+    records.os.replace = replace
+    real_fsync = records.os.fsync
+    def fsync(fd):  # the temp file of batch 1 holds its bytes, not yet synced or renamed
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".part-00001"):
+            hold("part being written")
+        real_fsync(fd)
+    records.os.fsync = fsync
     model, tok = tiny_model()
     cfg = RolloutConfig(task="chain_sum_2", n_problems=12, samples=1, batch_size=3, seed=0,
                         prompt=PromptConfig(shots=1), sampling=SamplingConfig(max_new_tokens=24))
-    collect_rollouts(model, tok, cfg, sys.argv[1] if len(sys.argv) > 1 else "{out}", model_name="tiny")
+    collect_rollouts(model, tok, cfg, "{out}", model_name="tiny")
 """)
 
 
@@ -113,44 +152,69 @@ def test_kill_9_during_rollouts_then_resume_loses_and_duplicates_nothing(tmp_pat
 
     out = tmp_path / "killed"
     script = ROLLOUT_SCRIPT.replace("{out}", str(out))
-    _run_until(script, lambda: len(list(out.glob("parts/*.parquet"))) >= 2)
-    assert not (out / "trajectories.parquet").exists()  # never read as complete
-    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True)
+    for point in ("part being written", "part written, rename pending"):
+        _kill_at(script, point, tmp_path)
+        assert not (out / "trajectories.parquet").exists()  # never read as complete
+        assert list(out.glob("parts/.part-*.tmp")) or point.endswith("pending")  # the write really was in flight
+    n_parts = len(list(out.glob("parts/part-*.parquet")))
+    assert n_parts == 2  # batches 0 and 1 finished; batch 2's rename never happened
+    subprocess.run([sys.executable, "-c", HOLD + script, str(tmp_path / "m"), "none"], cwd=ROOT, check=True,
+                   capture_output=True)
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, "-c", ROLLOUT_SCRIPT.replace("{out}", str(ref))], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", HOLD + ROLLOUT_SCRIPT.replace("{out}", str(ref)), str(tmp_path / "m"), "none"],
+                   cwd=ROOT, check=True, capture_output=True)
     got, want = read_trajectories(out), read_trajectories(ref)
     assert len({t.trajectory_id for t in got}) == len(got) == 12
     assert [t.completion for t in got] == [t.completion for t in want]
 
 
-def test_kill_9_during_bundle_save_or_fit_keeps_the_old_bundle(tmp_path):
+BUNDLE_SCRIPT = textwrap.dedent("""
+    sys.path.insert(0, {tests!r})
+    import rpe.bundle as bundle_module
+    from conftest import make_tiny_bundle
+    from rpe.models import tiny_model
+
+    path = pathlib.Path({path!r})
+    real_save_file, real_replace = bundle_module.save_file, bundle_module.os.replace
+    def save_file(tensors, filename):
+        real_save_file(tensors, filename)
+        hold("staging half written")  # weights in the staging folder, bundle.json not yet
+    def replace(src, dst):
+        if pathlib.Path(dst) == path:
+            hold("old moved aside, new not yet in place")
+        else:
+            hold("staging complete, swap pending")
+        real_replace(src, dst)
+    bundle_module.save_file, bundle_module.os.replace = save_file, replace
+    model, tok = tiny_model()
+    make_tiny_bundle(model, tok, seed=int({seed})).save(path)
+""")
+
+
+def test_kill_9_during_bundle_save_keeps_a_complete_bundle(tmp_path):
+    """Killed at each point of the folder swap, the bundle path loads complete: the old bundle (the new one is
+    only in place once it is whole), also when the kill lands between moving the old one aside and moving the
+    new one in."""
     from rpe.bundle import SubsystemBundle
 
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(ROOT / 'tests')!r})
-        from conftest import make_tiny_bundle
-        from rpe.models import tiny_model
-        model, tok = tiny_model()
-        b = make_tiny_bundle(model, tok, seed=int(sys.argv[1]))
-        b.save({str(tmp_path / 'bundle')!r})
-        if sys.argv[1] == "1":
-            from test_probe import _synthetic_trajectories
-            from rpe.fit import FitConfig, fit_bundle
-            from rpe.probe import ProbeConfig
-            trajs = _synthetic_trajectories(tok, n_problems=40)
-            while True:  # refit and save again and again until killed
-                new, _ = fit_bundle(model, tok, trajs, FitConfig(layers=[1, 2], prune_fracs=[1.0, 0.1], top_frac=0.1,
-                                    probe=ProbeConfig(hidden=16, epochs=3), n_boot=20), model_name="tiny")
-                new.save({str(tmp_path / 'bundle')!r})
-    """)
-    subprocess.run([sys.executable, "-c", script, "0"], cwd=ROOT, check=True, capture_output=True)
-    for delay in (2.0, 4.0, 6.0):
-        proc = subprocess.Popen([sys.executable, "-c", script, "1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        SubsystemBundle.load(tmp_path / "bundle")  # always a complete bundle, old or new
+    path = tmp_path / "bundle"
+
+    def script(seed):
+        return BUNDLE_SCRIPT.format(tests=str(ROOT / "tests"), path=str(path), seed=seed)
+
+    subprocess.run([sys.executable, "-c", HOLD + script(0), str(tmp_path / "m"), "none"], cwd=ROOT, check=True,
+                   capture_output=True)
+    old = SubsystemBundle.load(path)
+    for point in ("staging half written", "staging complete, swap pending", "old moved aside, new not yet in place"):
+        _kill_at(script(1), point, tmp_path)
+        got = SubsystemBundle.load(path)
+        assert torch.equal(got.value_neurons, old.value_neurons) and all(
+            torch.equal(got.probe_state.weights[k], v) for k, v in old.probe_state.weights.items()), point
+    subprocess.run([sys.executable, "-c", HOLD + script(1), str(tmp_path / "m"), "none"], cwd=ROOT, check=True,
+                   capture_output=True)
+    new = SubsystemBundle.load(path)
+    assert not all(torch.equal(new.probe_state.weights[k], v) for k, v in old.probe_state.weights.items())
+    assert not list(tmp_path.glob(".bundle.*")), "a finished save leaves no staging or old folder behind"
 
 
 def test_kill_9_during_analysis_keeps_the_old_report(tmp_path):
@@ -158,23 +222,29 @@ def test_kill_9_during_analysis_keeps_the_old_report(tmp_path):
 
     rollouts = _write_jsonl(tmp_path / "r.jsonl", n=200)
     script = textwrap.dedent(f"""
-        import sys
         sys.path.insert(0, {str(ROOT / 'tests')!r})
+        import rpe.records as records
         from conftest import make_tiny_bundle
         from rpe.analyze import analyze_rollouts
         from rpe.models import tiny_model
+        real_replace = records.os.replace
+        def replace(src, dst):
+            if str(dst).endswith("report.html"):
+                hold("new report written, rename pending")
+            real_replace(src, dst)
+        records.os.replace = replace
         model, tok = tiny_model()
+        hold("model loaded")
         analyze_rollouts(model, tok, make_tiny_bundle(model, tok), {str(rollouts)!r}, {str(tmp_path / 'out')!r})
     """)
-    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", HOLD + script, str(tmp_path / "m"), "none"], cwd=ROOT, check=True,
+                   capture_output=True)
     good = (tmp_path / "out" / "report.html").read_bytes()
-    for delay in (1.0, 3.0):
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        page = (tmp_path / "out" / "report.html").read_bytes()
-        assert page == good  # same inputs: either untouched or replaced whole by an identical report
+    (tmp_path / "out" / "report.html").write_bytes(good + b"<!-- previous run -->")  # tell old from new
+    for point in ("model loaded", "new report written, rename pending"):
+        _kill_at(script, point, tmp_path)
+        assert (tmp_path / "out" / "report.html").read_bytes() == good + b"<!-- previous run -->", point
+    assert list((tmp_path / "out").glob(".report.html.*.tmp")), "the killed write left its temp file, not the report"
 
 
 # -- corrupted artefacts -------------------------------------------------------------------------------------
@@ -184,7 +254,7 @@ def test_truncated_parquet_and_safetensors_are_named(tmp_path):
 
     bad = tmp_path / "t.parquet"
     bad.write_bytes(b"PAR1" + b"\0" * 100)
-    with pytest.raises(Exception, match="t.parquet"):
+    with pytest.raises(ValueError, match=r"t\.parquet is not a readable Parquet file .*; delete it and re-run"):
         read_trajectories(bad)
     st_path = tmp_path / "s.safetensors"
     st_path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")

@@ -33,11 +33,16 @@ def test_search_input_errors(tiny_llama, tiny_bundle):
         run_search(model, tok, None, task, builder, ["value"], 1, SearchConfig())
 
 
-class _LengthReader:
-    """Stands in for SignalReader: a candidate's internal value is its length in tokens."""
+def _score(c) -> float:
+    """A stand-in internal value that differs between candidates of equal length: the sum of the token ids."""
+    return float(sum(c))
+
+
+class _StandInReader:
+    """Stands in for SignalReader: a candidate's internal value is :func:`_score`, its dopamine the negative."""
 
     def read(self, prompts, completions, spans=None):
-        return [SimpleNamespace(values=np.array([0.0, float(len(c))]), dopamine=np.array([-float(len(c))]))
+        return [SimpleNamespace(values=np.array([0.0, _score(c)]), dopamine=np.array([-_score(c)]))
                 for c in completions]
 
 
@@ -50,13 +55,17 @@ def test_value_search_keeps_the_candidate_the_reader_values_most(tiny_llama):
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=8)
     cands = generate_from_ids(model, tok, rows, sampling, stop_strings=[STEP_STOP], seed=5).completion_ids
     rng = np.random.default_rng(0)
+    groups = [cands[3 * j : 3 * j + 3] for j in range(2)]
+    assert all(len({_score(c) for c in g}) == 3 for g in groups)  # distinct scores: the argmax is unambiguous
+    picked = {}
     for method, pick in (("value", max), ("dopamine", min)):
-        texts, spent = search_batch(model, tok, _LengthReader(), prompts, method, cfg, rng, seed=5)
-        for j, text in enumerate(texts):
-            group = cands[3 * j : 3 * j + 3]
-            best = next(c for c in group if len(c) == pick(len(c) for c in group))
+        texts, spent = search_batch(model, tok, _StandInReader(), prompts, method, cfg, rng, seed=5)
+        for j, (text, group) in enumerate(zip(texts, groups)):
+            best = pick(group, key=_score)
             assert text == tok.decode(best, skip_special_tokens=True)
             assert spent[j] == sum(len(c) for c in group)
+            picked[method, j] = group.index(best)
+    assert len(set(picked.values())) > 1  # a selector that always takes one position would fail here
 
 
 def test_greedy_search_does_not_depend_on_how_problems_are_batched(tiny_llama, tiny_bundle):
@@ -91,3 +100,20 @@ def test_paired_counts_are_the_discordant_problems():
     res = {"methods": {"greedy": {"correct": [1, 1, 0, 0, 1]}, "value": {"correct": [1, 0, 1, 1, 0]},
                        "random": {"correct": [1, 1, 0, 0, 1]}}}
     assert paired_counts(res, "greedy") == {"value": (2, 2), "random": (0, 0)}
+
+
+def test_value_scores_cover_every_candidate_of_a_large_batch(tiny_llama, tiny_bundle):
+    """8 problems x 4 candidates = 32 rows, more than one reader batch: every non-empty candidate is scored by
+    its own read (the shadowed-``spans`` bug left rows 17-32 at -inf, so they could never be picked)."""
+    from rpe.search import _scores
+    from rpe.signals import SignalReader
+
+    model, tok = tiny_llama
+    reader = SignalReader(tiny_bundle, model, tok, batch_size=16)
+    prefixes = [tok(f"Q{i // 4}: {i}+1=", add_special_tokens=False)["input_ids"] for i in range(32)]
+    cands = [tok(f"{i}+1={i + 1}" + "x" * (i % 5), add_special_tokens=False)["input_ids"] for i in range(32)]
+    scores = _scores("value", reader, prefixes, cands, [[] for _ in cands], np.random.default_rng(0))
+    assert np.isfinite(scores).all()
+    for i in (3, 20, 31):
+        alone = reader.read([prefixes[i]], [cands[i]], spans=[[(0, len(cands[i]))]])[0]
+        assert scores[i] == pytest.approx(alone.values[-1], abs=1e-5)

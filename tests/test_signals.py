@@ -137,3 +137,22 @@ def test_eos_terminated_rows_are_read_from_the_capture_without_a_forward(tiny_ll
         assert a.n_steps == b.n_steps
         np.testing.assert_allclose(a.values, b.values, atol=1e-5)
         np.testing.assert_allclose(a.dopamine, b.dopamine, atol=1e-4)
+
+
+@pytest.mark.parametrize("given_spans", [False, True])
+def test_read_returns_every_row_when_a_call_spans_several_batches(tiny_llama, tiny_bundle, given_spans):
+    """40 sequences through a reader of batch size 16 (three forwards) give the 40 results one-by-one reads
+    give. (A loop variable once shadowed the ``spans`` argument: every batch after the first read the last
+    row's spans, and the call returned 16 results for 40 inputs; value-guided search scored only its first
+    16 candidates.)"""
+    model, tok = tiny_llama
+    reader = SignalReader(tiny_bundle, model, tok, batch_size=16)
+    prompts = [tok(f"Q{i}: {i}+{i % 7}=", add_special_tokens=False)["input_ids"] for i in range(40)]
+    comps = [tok(f"{i}+{i % 7}={2 * i}" + "\n\nmore" * (i % 3), add_special_tokens=False)["input_ids"] for i in range(40)]
+    spans = [reader.step_spans(c) for c in comps] if given_spans else None
+    together = reader.read(prompts, comps, spans=spans)
+    assert len(together) == 40
+    for i in (0, 15, 16, 17, 31, 32, 39):
+        alone = reader.read([prompts[i]], [comps[i]])[0]
+        assert together[i].step_spans == alone.step_spans and together[i].n_steps == 1 + i % 3
+        np.testing.assert_allclose(together[i].values, alone.values, atol=1e-5)
