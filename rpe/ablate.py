@@ -58,6 +58,9 @@ class AblateConfig:
     mode: str = "zero"
     n_neurons: int | None = None
     """Neurons per set (default: the bundle's value-neuron count)."""
+    share: float | None = None
+    """Neurons per set as a share of d_model (e.g. 0.1 for the top 10%); exclusive with ``n_neurons``. A set size
+    other than the bundle's takes the value set from a dense probe fitted at that layer (its top-ranked neurons)."""
     max_fit_trajectories: int = 400
     batch_size: int = 16
 
@@ -67,6 +70,8 @@ class AblateConfig:
             raise ValueError(f"unknown neuron sources {bad}; choose from {', '.join(SOURCES)}")
         if self.n_problems < 1 or self.random_seeds < 1:
             raise ValueError("n_problems and random_seeds must be >= 1")
+        if self.share is not None and (self.n_neurons is not None or not 0 < self.share <= 1):
+            raise ValueError(f"share must lie in (0, 1] and cannot be combined with n_neurons; got {self.share}")
 
 
 def _next_tokens(trajectories: list[Trajectory], states: StateSet) -> torch.Tensor:
@@ -144,10 +149,13 @@ def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cf
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = cfg.layers or [bundle.layer]
-    from rpe.tracker import check_layers
+    from rpe.tracker import _hidden_size, check_layers
 
     layers = check_layers(model, layers)
-    k = cfg.n_neurons or int(bundle.value_neurons.numel())
+    if cfg.share is not None:
+        k = max(1, round(cfg.share * _hidden_size(model)))
+    else:
+        k = cfg.n_neurons or int(bundle.value_neurons.numel())
     source = rollouts if isinstance(rollouts, list) else read_trajectories(rollouts)
     trajs = [t for t in source if t.steps][: cfg.max_fit_trajectories]
     if not trajs:

@@ -185,3 +185,21 @@ def test_summary_pools_seeds_into_one_wilson_interval():
     assert (s["random"]["drop_min"], s["random"]["drop_max"]) == (0.0, 0.4)
     assert s["random"]["ci95"] == list(wilson_interval(8, 20))  # 2 + 6 correct of 20
     assert s["value"]["ci95"] == list(wilson_interval(5, 10))
+
+
+def test_ablation_share_sets_the_size_of_every_set(tiny_llama, tiny_bundle, tmp_path):
+    from rpe.ablate import AblateConfig, run_ablation
+    from test_probe import _synthetic_trajectories
+
+    with pytest.raises(ValueError, match="share must lie in"):
+        AblateConfig(share=0.1, n_neurons=6)
+    with pytest.raises(ValueError, match="share must lie in"):
+        AblateConfig(share=1.5)
+    model, tok = tiny_llama
+    trajs = _synthetic_trajectories(tok, n_problems=30, samples=2)
+    cfg = AblateConfig(task="chain_sum_2", n_problems=2, random_seeds=1, batch_size=2, share=0.25,
+                       sources=["value", "random"])
+    res = run_ablation(model, tok, tiny_bundle, trajs, cfg, tmp_path, model_name="tiny")
+    arms = res["layers"][str(tiny_bundle.layer)]["arms"]
+    assert res["n_neurons"] == 16 and all(len(a["neurons"]) == 16 for a in arms.values())
+    assert set(tiny_bundle.value_neurons.tolist()) != set(arms["value"]["neurons"])  # a 16-neuron set from a probe
