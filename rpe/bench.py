@@ -4,13 +4,11 @@ pass/fail). Each returns a JSON-serialisable dict; the CLI prints it as the last
 
 from __future__ import annotations
 
-import contextlib
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from rpe.prompts import PromptBuilder, PromptConfig
 from rpe.generation import SamplingConfig, generate_batch
+from rpe.prompts import PromptBuilder, PromptConfig
 from rpe.tasks import DEFAULT_TASK, load_task
 
 
@@ -36,112 +34,6 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "cpu_bf16": any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")) if flags else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-@dataclass
-class RolloutBenchConfig:
-    """Sizes of ``rpe bench rollouts``."""
-
-    model: str = "smollm2-135m-instruct"
-    task: str = "chain_sum_mix"
-    n_problems: int = 16
-    batch_size: int = 16
-    max_new_tokens: int = 64
-    max_step_tokens: int = 32
-    """Per-step token budget of the naive loop (it generates one step at a time)."""
-    max_steps: int = 6
-    seed: int = 0
-
-    @classmethod
-    def quick(cls, model: str = "smollm2-135m-instruct") -> RolloutBenchConfig:
-        return cls(model=model, n_problems=8, batch_size=8, max_new_tokens=48, max_steps=4)
-
-
-def naive_env_loop(model, tokenizer, builder: PromptBuilder, problems, sampling: SamplingConfig, cfg) -> tuple[int, float]:
-    """Baseline: one problem at a time through :class:`rpe.envs.ReasoningEnv`, each step generated from the
-    re-encoded transcript (no cache across steps). Returns (generated tokens, seconds)."""
-    from rpe.envs import ReasoningEnv
-
-    env = ReasoningEnv(builder.task, n_problems=len(problems), problem_seed=cfg.seed, prompt_fn=builder, max_steps=cfg.max_steps)
-    step_sampling = SamplingConfig(sampling.temperature, sampling.top_p, sampling.top_k, cfg.max_step_tokens)
-    tokens, start = 0, time.perf_counter()
-    for i in range(len(problems)):
-        obs, _ = env.reset(seed=cfg.seed + i, options={"problem_index": i})
-        done, spent = False, 0
-        while not done and spent < cfg.max_new_tokens:
-            gen = generate_batch(model, tokenizer, [obs], step_sampling, stop_strings=["\n\n"], seed=cfg.seed + i)
-            n = len(tokenizer(gen.texts[0], add_special_tokens=False)["input_ids"]) if gen.texts[0] else 1
-            tokens += n
-            spent += n
-            obs, _, terminated, truncated, _ = env.step(gen.texts[0])
-            done = terminated or truncated or gen.finish_reasons[0] == "eos"
-    return tokens, time.perf_counter() - start
-
-
-def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
-    """Tokens/s of batched collection vs the naive environment loop, same model, problems and sampling."""
-    from rpe.models import load_model
-
-    model, tokenizer = load_model(cfg.model)
-    task = load_task(cfg.task)
-    builder = PromptBuilder(task, tokenizer, PromptConfig(), seed=cfg.seed)
-    problems = list(task.problems(cfg.n_problems, seed=cfg.seed))
-    sampling = SamplingConfig(temperature=0.7, max_new_tokens=cfg.max_new_tokens)
-    # warm-up so neither arm pays one-off costs
-    generate_batch(model, tokenizer, [builder(problems[0])], SamplingConfig(max_new_tokens=4), seed=0)
-
-    import torch
-
-    from rpe.generation import _eos_ids
-    from rpe.tracker import ActivationTracker, decoder_layers
-
-    naive_tokens, naive_s = naive_env_loop(model, tokenizer, builder, problems, sampling, cfg)
-    n_layers = len(decoder_layers(model))
-    capture = sorted({2, n_layers // 3, 2 * n_layers // 3, n_layers - 2})  # 4 layers, as in the issue's goal
-    eos = _eos_ids(model, tokenizer)
-
-    def rpe_arm(with_capture: bool) -> tuple[int, float]:
-        tokens, start = 0, time.perf_counter()
-        for i in range(0, len(problems), cfg.batch_size):
-            prompts = [builder(p) for p in problems[i : i + cfg.batch_size]]
-            hooks = ActivationTracker(model, capture, record_all=True) if with_capture else contextlib.nullcontext()
-            with hooks as tracker:
-                gen = generate_batch(model, tokenizer, prompts, sampling, stop_strings=builder.stop_strings, seed=cfg.seed + i)
-            if with_capture:
-                tracker.generated(drop_prefix=True)  # the join is part of the cost being measured
-            tokens += sum(max(1, len(ids)) for ids in gen.completion_ids)
-        return tokens, time.perf_counter() - start
-
-    def plain_generate() -> tuple[int, float]:
-        """What users write: left-padded prompts through ``model.generate``, no shared-prefix reuse."""
-        tokens, start = 0, time.perf_counter()
-        for i in range(0, len(problems), cfg.batch_size):
-            enc = tokenizer([builder(p) for p in problems[i : i + cfg.batch_size]], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-            torch.manual_seed(cfg.seed + i)
-            kw = {"stop_strings": list(builder.stop_strings), "tokenizer": tokenizer} if builder.stop_strings else {}
-            with torch.inference_mode():
-                out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs(), **kw)
-            for row in out[:, enc["input_ids"].shape[1]:].tolist():
-                tokens += max(1, next((j for j, t in enumerate(row) if t in eos), len(row)))
-        return tokens, time.perf_counter() - start
-
-    arms = {"plain_generate": plain_generate(), "rpe": rpe_arm(False), "rpe_capture_4_layers": rpe_arm(True)}
-    tps = {k: t / s for k, (t, s) in arms.items()}
-    naive_tps = naive_tokens / naive_s
-    return {
-        "bench": "rollouts",
-        "model": cfg.model,
-        "task": cfg.task,
-        "n_problems": cfg.n_problems,
-        "batch_size": cfg.batch_size,
-        "capture_layers": capture,
-        "useful_tokens_per_s": {"naive_env_loop": round(naive_tps, 2), **{k: round(v, 2) for k, v in tps.items()}},
-        "ratio_rpe_vs_plain_generate": round(tps["rpe"] / tps["plain_generate"], 3),
-        "ratio_capture_vs_no_capture": round(tps["rpe_capture_4_layers"] / tps["rpe"], 3),
-        "ratio": round(tps["rpe"] / naive_tps, 3),
-        "goal": "rpe >= 6x plain generate (issue #14); capture >= 0.9x; rpe >= 5x the naive env loop",
     }
 
 

@@ -59,6 +59,9 @@ class DopamineConfig:
     n_random: int = 50
     """Random neuron sets drawn for the control."""
     batch_size: int = 32
+    engine: str = "continuous"
+    """Generation engine of the continuations (:mod:`rpe.generation`); ``generate`` is the earlier path (one
+    padded ``model.generate`` per batch of states x continuations), kept for comparison."""
     min_surprising: int = 10
     """Fewer surprising steps than this is an error (below 50 the result is flagged as a small sample)."""
     seed: int = 0
@@ -94,7 +97,10 @@ def mc_state_values(
     Results are cached in ``cache`` (JSON keyed by the sampling settings) so a rerun or a resumed run only
     samples what is missing.
     """
-    key = json.dumps({"n": cfg.n_continuations, "max_new_tokens": cfg.max_new_tokens, "t": cfg.temperature, "seed": cfg.seed})
+    settings = {"n": cfg.n_continuations, "max_new_tokens": cfg.max_new_tokens, "t": cfg.temperature, "seed": cfg.seed}
+    if cfg.engine != "generate":  # caches written before the continuous engine keep their key
+        settings["engine"] = cfg.engine
+    key = json.dumps(settings)
     done: dict[str, list[float]] = {}
     if cache is not None and cache.exists():
         stored = json.loads(cache.read_text())
@@ -102,12 +108,15 @@ def mc_state_values(
     todo = [t for t in trajectories if t.trajectory_id not in done and t.steps]
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     items = [(t, k, prefix) for t in todo for k, prefix in enumerate(_state_prefixes(t))]
-    per_batch = max(1, cfg.batch_size // cfg.n_continuations)
+    # states per call: enough to keep `batch_size` rows busy as rows finish (the continuous engine refills
+    # free slots and prefills the N continuations of a state once); results are cached after each call
+    per_call = max(1, cfg.batch_size // cfg.n_continuations) * (4 if cfg.engine == "continuous" else 1)
     partial: dict[str, dict[int, float]] = {}
-    for b in range(0, len(items), per_batch):
-        chunk = items[b : b + per_batch]
+    for b in range(0, len(items), per_call):
+        chunk = items[b : b + per_call]
         prompts = [prefix for _, _, prefix in chunk for _ in range(cfg.n_continuations)]
-        gen = generate_from_ids(model, tokenizer, prompts, sampling, stop_strings=stop_strings, seed=cfg.seed + b)
+        gen = generate_from_ids(model, tokenizer, prompts, sampling, stop_strings=stop_strings, seed=cfg.seed + b,
+                                max_rows=cfg.batch_size, engine=cfg.engine)
         for i, (t, k, prefix) in enumerate(chunk):
             head = t.completion[: t.steps[k - 1].char_end] if k else ""
             scores = []
@@ -124,7 +133,7 @@ def mc_state_values(
             stored[key] = done
             atomic_write_json(cache, stored)
         if progress:
-            progress(min(b + per_batch, len(items)), len(items))
+            progress(min(b + per_call, len(items)), len(items))
     return {t.trajectory_id: done[t.trajectory_id] for t in trajectories if t.trajectory_id in done}
 
 

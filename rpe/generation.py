@@ -1,5 +1,16 @@
-"""Batched generation: sampling settings, one padded ``generate`` per batch with stop strings and token
-log-probabilities, and the shared-prefix KV cache (the few-shot examples encoded once for every row).
+"""Batched generation: one call per batch of prompts, with stop strings, token log-probabilities and the shared
+few-shot prefix encoded once for every row.
+
+Two engines produce the same :class:`~rpe.sampling.GeneratedBatch`:
+
+- ``continuous`` (default where supported: Llama, Qwen2): :func:`rpe.decoding.generate_continuous`, whose rows
+  leave the batch as they finish and whose identical prompts share one prefill; row ``i`` samples from its own
+  stream seeded with ``(seed, i)``, so a completion does not depend on the batch it ran in;
+- ``generate``: one padded ``model.generate`` per batch (every architecture; the batch runs until its longest
+  row stops; all rows draw from ``torch.manual_seed(seed)``'s stream).
+
+Greedy decoding gives the same tokens on both. Sampled completions differ between the engines for the same seed
+(both are reproducible), which is why rollout folders record the engine.
 
 Example:
     >>> gen = generate_batch(model, tokenizer, prompts, SamplingConfig(max_new_tokens=64))  # doctest: +SKIP
@@ -8,152 +19,37 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from rpe.segment import token_char_ends
+from rpe.decoding import CONTINUOUS_MODEL_TYPES, generate_continuous
+from rpe.sampling import (  # re-exported: rpe.generation was their home
+    PREFIX_REUSE_MODEL_TYPES,
+    GeneratedBatch,
+    SamplingConfig,
+    batched_cache_kwargs,
+    cache_kwarg,
+    common_prefix_len,
+    cut_at_stop,
+    eos_ids,
+    prefix_cache,
+    right_pad,
+    shared_prefix_len,
+    split_at_stop,
+)
 
-#: Architectures on which generating from a shared-prefix KV cache was checked to give identical tokens
-#: (tests/test_rollouts.py). Others (e.g. Gemma3's sliding-window layers) take the plain padded path.
-PREFIX_REUSE_MODEL_TYPES = frozenset({"llama", "qwen2"})
-
-
-@dataclass
-class SamplingConfig:
-    """Generation settings shared by every rollout of a run."""
-
-    temperature: float = 0.7
-    """Softmax temperature; 0 means greedy decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    top_k: int = 50
-    """Sample among the k most likely tokens (0 = no limit); 50 is transformers' default."""
-    max_new_tokens: int = 128
-    """Completion budget in tokens; a completion that hits it is marked truncated."""
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature == 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "max_new_tokens": self.max_new_tokens,
-        }
+ENGINES = ("continuous", "generate")
 
 
-# --------------------------------------------------------------------------------------------------------
-# shared-prefix KV cache
-
-
-def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix shared by all ``seqs``."""
-    if not seqs:
-        return 0
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        tok = first[i]
-        if any(s[i] != tok for s in seqs):
-            return i
-    return n
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token sequences for one forward pass.
-
-    Args:
-        seqs: token ids per row (after a cached prefix of ``prefix_len`` tokens, when there is one).
-        prefix_len: length of a KV-cached prefix shared by every row; the mask covers it.
-
-    Returns:
-        ``(input_ids (B, T), attention_mask (B, prefix_len + T))``, long tensors.
-    """
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)
-    mask[:, :prefix_len] = 1
-    for r, seq in enumerate(seqs):
-        ids[r, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[r, prefix_len : prefix_len + len(seq)] = 1
-    return ids, mask
-
-
-def cache_kwarg(model) -> str:
-    """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or the older
-    ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def shared_prefix_len(seqs: Sequence[Sequence[int]], min_prefix: int = 1) -> int:
-    """Length of the prefix all ``seqs`` share that leaves every row at least one token of its own (so the
-    row's last token is computed after the cache), or 0 when that is shorter than ``min_prefix``."""
-    n = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
-    return n if n >= min_prefix else 0
-
-
-def prefix_cache(model, prefix: list[int], device):
-    """KV cache of a shared prompt prefix (e.g. the few-shot examples), computed once, batch size 1."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_kwarg(model): cache})
-    return cache
-
-
-def batched_cache_kwargs(model, cache, batch_size: int, *, keep_original: bool = True) -> dict:
-    """Forward/generate keyword arguments carrying a batch-1 prefix ``cache`` repeated for ``batch_size``
-    rows. With ``keep_original`` the cache is copied first, so it can serve the next batch too."""
-    batch = copy.deepcopy(cache) if keep_original else cache
-    batch.batch_repeat_interleave(batch_size)
-    return {cache_kwarg(model): batch, "use_cache": True}
-
-
-# --------------------------------------------------------------------------------------------------------
-# generation
-
-
-@dataclass
-class GeneratedBatch:
-    """Raw output of one batched generation.
-
-    Attributes:
-        prompt_ids: per sequence, the prompt token ids (no padding).
-        completion_ids: per sequence, generated ids up to and excluding EOS / padding, cut at a stop string.
-        texts: decoded completions (special tokens removed, stop string removed).
-        finish_reasons: ``eos``, ``stop`` or ``length`` per sequence.
-        stop_ids: per sequence, the generated ids cut off after ``completion_ids`` up to the one that completes
-            the stop string (empty unless stopped): ``completion_ids + stop_ids`` is the model's own
-            tokenisation of the text through the stop string (re-tokenising the stop string can differ, e.g.
-            one ``"\n\n"`` token where the model wrote two ``"\n"``).
-    """
-
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    texts: list[str]
-    finish_reasons: list[str]
-    prompt_truncated: list[bool]
-    stop_ids: list[list[int]] = field(default_factory=list)
-    token_logprobs: list[list[float]] = field(default_factory=list)
-    """Per sequence, the log-probability of each token of ``completion_ids`` under the model's raw (untempered)
-    distribution; filled only when asked for (``generate_from_ids(..., token_logprobs=True)``)."""
+def resolve_engine(model, engine: str) -> str:
+    """``engine`` checked, with ``continuous`` falling back to ``generate`` on architectures it does not support."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown generation engine {engine!r}; choose {' or '.join(ENGINES)}")
+    if engine == "continuous" and getattr(model.config, "model_type", None) not in CONTINUOUS_MODEL_TYPES:
+        return "generate"
+    return engine
 
 
 def generate_batch(
@@ -166,21 +62,24 @@ def generate_batch(
     max_prompt_tokens: int = 1536,
     seed: int | None = None,
     reuse_prefix: bool = True,
+    **engine_options: Any,
 ) -> GeneratedBatch:
-    """Generate completions for ``prompts`` in one padded ``generate`` call (KV cache on).
+    """Generate completions for ``prompts`` (text) in one call.
 
     Args:
         prompts: full prompt texts (templates already applied).
         stop_strings: strings that end a completion besides EOS; removed from the text.
         max_prompt_tokens: longer prompts keep their last ``max_prompt_tokens`` tokens and are flagged.
-        seed: when given, ``torch.manual_seed(seed)`` right before sampling (reproducible batches).
+        seed: the sampling seed (see the module docstring for what each engine does with it).
         reuse_prefix: encode a prompt prefix shared by all rows once (see :func:`generate_from_ids`).
+        **engine_options: ``engine``, ``max_rows``, ``record_layers``, ``record_neurons`` of
+            :func:`generate_from_ids`.
     """
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     truncated = [len(ids) > max_prompt_tokens for ids in enc]
     gen = generate_from_ids(
         model, tokenizer, [ids[-max_prompt_tokens:] for ids in enc], sampling, stop_strings=stop_strings, seed=seed,
-        reuse_prefix=reuse_prefix,
+        reuse_prefix=reuse_prefix, **engine_options,
     )
     gen.prompt_truncated = truncated
     return gen
@@ -197,6 +96,10 @@ def generate_from_ids(
     reuse_prefix: bool = True,
     min_prefix: int = 32,
     token_logprobs: bool = False,
+    engine: str = "continuous",
+    max_rows: int | None = None,
+    record_layers: Sequence[int] | None = None,
+    record_neurons: torch.Tensor | None = None,
 ) -> GeneratedBatch:
     """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion).
 
@@ -206,8 +109,28 @@ def generate_from_ids(
     prefix and each row's own tokens (positions come from the attention mask, so nothing shifts).
     ``token_logprobs`` also returns each generated token's log-probability from the logits computed while
     generating (no extra forward).
+
+    Args:
+        engine: ``continuous`` (default; ``generate`` on architectures it does not support) or ``generate``.
+        max_rows: rows decoded together by the continuous engine (default: all prompts; more prompts than this
+            wait and fill the slots of finished rows).
+        record_layers: continuous engine only: record these blocks' outputs per row into
+            ``GeneratedBatch.activations`` (see :func:`rpe.decoding.generate_continuous`).
+        record_neurons: the neuron columns kept of each recorded layer.
     """
     enc = [list(ids) for ids in prompt_ids]
+    if resolve_engine(model, engine) == "continuous":
+        gen, recorded = generate_continuous(
+            model, tokenizer, enc, sampling, stop_strings=stop_strings,
+            seed=int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed,
+            max_rows=max_rows or len(enc), min_prefix=min_prefix if reuse_prefix else 1 << 30,
+            token_logprobs=token_logprobs, record_layers=record_layers, record_neurons=record_neurons,
+        )
+        gen.activations = recorded or []
+        return gen
+    if record_layers:
+        raise ValueError("record_layers needs the continuous engine; with engine='generate' wrap the call in "
+                         "rpe.tracker.ActivationTracker(record_all=True)")
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     prefix_len = 0
@@ -243,12 +166,12 @@ def generate_from_ids(
                         for t, step in enumerate(out.logits)]
             logprobs = torch.stack(per_step, 1).tolist() if per_step else [[] for _ in enc]
             out = out.sequences
-    eos_ids = _eos_ids(model, tokenizer)
+    ends = eos_ids(model, tokenizer)
     completion_ids, texts, reasons, tails = [], [], [], []
     for row in out[:, width:].tolist():
         raw, reason = [], "length"
         for t in row:
-            if t in eos_ids:
+            if t in ends:
                 reason = "eos"
                 break
             raw.append(t)
@@ -262,36 +185,6 @@ def generate_from_ids(
     return GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails, logprobs)
 
 
-def cut_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool]:
-    """Cut a completion before the first stop string: ``(ids, text, stopped)``. Tokens whose text ends at or
-    before the cut are kept (the last content token stays); a token reaching into the stop string is dropped."""
-    return split_at_stop(tokenizer, ids, stop_strings)[:3]
-
-
-def split_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool, list[int]]:
-    """:func:`cut_at_stop` plus the cut-off ids up to the one whose text completes the stop string (empty
-    unless stopped): ``kept + tail`` is the model's own tokenisation of the text through the stop string."""
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    hits = [(text.find(stop), stop) for stop in stop_strings if stop in text]
-    if not hits:
-        return ids, text, False, []
-    cut, stop = min(hits)  # the earliest stop string
-    ends = token_char_ends(tokenizer, ids)
-    kept = next((i for i, e in enumerate(ends) if e > cut), len(ids))
-    last = next((i for i, e in enumerate(ends) if e >= cut + len(stop)), len(ids) - 1)
-    return ids[:kept], text[:cut], True, ids[kept : last + 1]
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    if tokenizer.pad_token_id is not None:
-        ids.add(tokenizer.pad_token_id)
-    return ids
-
-
-__all__ = ["PREFIX_REUSE_MODEL_TYPES", "GeneratedBatch", "SamplingConfig", "batched_cache_kwargs", "cache_kwarg",
-           "common_prefix_len", "cut_at_stop", "generate_batch", "generate_from_ids", "prefix_cache", "right_pad",
-           "shared_prefix_len", "split_at_stop"]
+__all__ = ["ENGINES", "PREFIX_REUSE_MODEL_TYPES", "GeneratedBatch", "SamplingConfig", "batched_cache_kwargs",
+           "cache_kwarg", "common_prefix_len", "cut_at_stop", "eos_ids", "generate_batch", "generate_from_ids",
+           "prefix_cache", "resolve_engine", "right_pad", "shared_prefix_len", "split_at_stop"]

@@ -36,6 +36,8 @@ from rpe.generation import (  # re-exported: rpe.rollouts was their home
     cut_at_stop,
     generate_batch,
     generate_from_ids,
+    resolve_engine,
+    shared_prefix_len,
     split_at_stop,
 )
 from rpe.metrics import wilson_interval
@@ -81,7 +83,11 @@ class RolloutConfig:
     samples: int = 1
     """Completions sampled per problem."""
     batch_size: int = 16
-    """Sequences per ``generate`` call."""
+    """Sequences per generation call (and per part file)."""
+    engine: str = "continuous"
+    """Generation engine (:mod:`rpe.generation`): ``continuous`` (finished rows leave the batch; per-row
+    sampling streams) or ``generate`` (one padded ``model.generate``; the engine of runs made before it existed:
+    pass it to resume one). Architectures without continuous support use ``generate``."""
     seed: int = 0
     """Seeds problem drawing (``task.problems(n, seed)``) and sampling (batch b uses ``(seed, b)``)."""
     segmenter: Segmenter = "paragraph"
@@ -103,6 +109,8 @@ class RolloutConfig:
             self.sampling = SamplingConfig(**self.sampling)
         if isinstance(self.prompt, dict):
             self.prompt = PromptConfig(**self.prompt)
+        if self.engine not in ("continuous", "generate"):
+            raise ValueError(f"engine must be continuous or generate, got {self.engine!r}")
         for name in ("n_problems", "samples", "batch_size", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -213,7 +221,9 @@ def collect_rollouts(
     out_dir = Path(out_dir)
     task = task or load_task(cfg.task)
     fp = fingerprint(model, tokenizer, model_name).to_dict()
-    run_config = {"rollout": cfg.to_dict(), "task_spec": task.spec(), "model": fp, "schema_version": SCHEMA_VERSION}
+    engine = resolve_engine(model, cfg.engine)
+    rollout = {**cfg.to_dict(), "engine": engine}  # the engine that runs, not only the one asked for
+    run_config = {"rollout": rollout, "task_spec": task.spec(), "model": fp, "schema_version": SCHEMA_VERSION}
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_run_config(out_dir, run_config, overwrite)
     if (out_dir / MANIFEST_FILE).exists() and (out_dir / TRAJECTORIES_FILE).exists():
@@ -238,6 +248,9 @@ def collect_rollouts(
             continue
         prompt_texts = [builder(p) for p, _ in batch]
 
+        neurons = torch.tensor(cfg.capture_neurons) if cfg.capture_neurons else None
+        continuous = bool(cfg.capture_layers) and engine == "continuous"
+
         def generate() -> GeneratedBatch:
             return generate_batch(
                 model,
@@ -247,23 +260,29 @@ def collect_rollouts(
                 stop_strings=builder.stop_strings,
                 max_prompt_tokens=cfg.max_prompt_tokens,
                 seed=batch_seed(cfg.seed, b),
+                engine=engine,
+                record_layers=cfg.capture_layers if continuous else None,
+                record_neurons=neurons if continuous else None,
             )
 
-        if cfg.capture_layers:
+        if cfg.capture_layers and not continuous:
             from rpe.tracker import ActivationTracker
 
-            neurons = torch.tensor(cfg.capture_neurons) if cfg.capture_neurons else None
             with ActivationTracker(model, cfg.capture_layers, neurons=neurons, record_all=True) as tracker:
                 gen = generate()
             recorded = tracker.generated(drop_prefix=True)  # states never lie inside the shared prefix
+            width = max(len(ids) for ids in gen.prompt_ids) - tracker.prefix_tokens
         else:
             gen = generate()
+            if continuous:  # per row: its prompt after the shared prefix, then its fed-back tokens
+                recorded = gen.activations
+                prefix = shared_prefix_len(gen.prompt_ids, 32) if len(gen.prompt_ids) > 1 else 0
+                width = [len(ids) - prefix for ids in gen.prompt_ids]
         records = [
             _record(task, tokenizer, cfg, fp, problem, k, prompt_text, gen, i)
             for i, ((problem, k), prompt_text) in enumerate(zip(batch, prompt_texts))
         ]
         if cfg.capture_layers:
-            width = max(len(ids) for ids in gen.prompt_ids) - tracker.prefix_tokens
             from rpe.store import states_from_generation
 
             states = states_from_generation(model, recorded, records, width, neurons, tokenizer.pad_token_id or 0)

@@ -180,26 +180,32 @@ def capture_states(
 
 
 def states_from_generation(
-    model, recorded: dict[int, torch.Tensor], records: Sequence[Trajectory], width: int, neurons, pad_token_id: int
+    model, recorded: dict[int, torch.Tensor] | Sequence[dict[int, torch.Tensor]], records: Sequence[Trajectory],
+    width: int | Sequence[int], neurons, pad_token_id: int
 ) -> StateSet:
-    """Pick s_0..s_T of each trajectory out of activations recorded during a left-padded ``generate``.
+    """Pick s_0..s_T of each trajectory out of activations recorded while generating.
 
     Args:
-        recorded: ``{layer: (B, width + n_generated - 1, k)}`` from ``ActivationTracker.generated()``.
-        width: padded prompt length of the batch (completion token j sits at position ``width + j``).
+        recorded: ``{layer: (B, width + n_generated - 1, k)}`` from ``ActivationTracker.generated()`` around a
+            left-padded ``generate``; or, from the continuous engine, one ``{layer: (T_i, k)}`` per row
+            (``GeneratedBatch.activations``).
+        width: where completion token 0 sits: the padded prompt length of the batch (one int), or per row the
+            number of recorded prompt positions (prompt length minus the shared prefix).
 
-    The token that ends the longest completion is never fed back into the model; a state that falls on it
-    (a completion cut by ``max_new_tokens``) is computed with one extra forward over that trajectory alone.
+    A state whose token was never fed back into the model (the last token of a completion cut by
+    ``max_new_tokens``) is computed with one extra forward over that trajectory alone.
     """
-    layers = sorted(recorded)
-    total = recorded[layers[0]].shape[1]
+    per_row = not isinstance(recorded, dict)
+    layers = sorted(recorded[0] if per_row else recorded)
+    widths = list(width) if per_row else [int(width)] * len(records)
     acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     traj_index, step_index = [], []
     for i, t in enumerate(records):
-        positions = [width - 1] + [width + s.token_end - 1 for s in t.steps]
-        if max(positions) < total:
+        row = {layer: recorded[i][layer] if per_row else recorded[layer][i] for layer in layers}
+        positions = [widths[i] - 1] + [widths[i] + s.token_end - 1 for s in t.steps]
+        if max(positions) < row[layers[0]].shape[0]:
             for layer in layers:
-                acts[layer].append(recorded[layer][i, positions])
+                acts[layer].append(row[layer][positions])
         else:
             single = capture_states(model, [t], layers, neurons=neurons, pad_token_id=pad_token_id, reuse_prefix=False)
             for layer in layers:

@@ -137,7 +137,7 @@ def test_mc_values_join_each_continuation_to_the_transcript_up_to_its_state(tiny
     trajs = [t for t in trajs if len(t.steps) >= 2][:2]
     calls = []
 
-    def fake_generate(model, tokenizer, prompts, sampling, stop_strings=(), seed=0):
+    def fake_generate(model, tokenizer, prompts, sampling, stop_strings=(), seed=0, **engine_options):
         calls.append([list(p) for p in prompts])
         texts = [f" cont#{j % 4}" for j in range(len(prompts))]
         return GeneratedBatch(prompt_ids=[list(p) for p in prompts], completion_ids=[[] for _ in prompts], texts=texts,

@@ -281,13 +281,18 @@ def test_generation_logprobs_match_a_forward_pass(tiny_llama):
     model, tok = tiny_llama
     shared = tok("Solve each problem step by step. " * 6, add_special_tokens=False)["input_ids"]
     prompts = [shared + tok(q, add_special_tokens=False)["input_ids"] for q in ("2 + 3 =", "7 - 4 - 1 =")]
-    gen = generate_from_ids(model, tok, prompts, SamplingConfig(temperature=0.7, max_new_tokens=10), seed=3,
-                            token_logprobs=True)
-    for p, c, lp in zip(prompts, gen.completion_ids, gen.token_logprobs):
-        assert len(lp) == len(c) > 0
-        with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([p + c])).logits[0].float()
-        want = torch.log_softmax(logits[len(p) - 1 : -1], -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
-        np.testing.assert_allclose(lp, want.numpy(), atol=1e-4)
-    plain = generate_from_ids(model, tok, prompts, SamplingConfig(temperature=0.7, max_new_tokens=10), seed=3)
-    assert plain.completion_ids == gen.completion_ids and plain.token_logprobs == []
+    for engine in ("continuous", "generate"):
+        gen = generate_from_ids(model, tok, prompts, SamplingConfig(temperature=0.7, max_new_tokens=10), seed=3,
+                                token_logprobs=True, engine=engine)
+        assert sum(len(c) for c in gen.completion_ids) >= 10, engine
+        for p, c, lp in zip(prompts, gen.completion_ids, gen.token_logprobs):
+            assert len(lp) == len(c)
+            if not c:
+                continue
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([p + c])).logits[0].float()
+            want = torch.log_softmax(logits[len(p) - 1 : -1], -1).gather(-1, torch.tensor(c)[:, None]).squeeze(-1)
+            np.testing.assert_allclose(lp, want.numpy(), atol=1e-4)
+        plain = generate_from_ids(model, tok, prompts, SamplingConfig(temperature=0.7, max_new_tokens=10), seed=3,
+                                  engine=engine)
+        assert plain.completion_ids == gen.completion_ids and plain.token_logprobs == []

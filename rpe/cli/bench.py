@@ -73,7 +73,7 @@ def bench_rollouts(
     model: str = typer.Option("smollm2-135m-instruct", help="Model to benchmark."),
 ) -> None:
     """Tokens/s of batched collection vs the naive env loop; last line is JSON with the ratio."""
-    from rpe.bench import RolloutBenchConfig, bench_rollouts as run
+    from rpe.bench_rollouts import RolloutBenchConfig, bench_rollouts as run
 
     cfg = RolloutBenchConfig.quick(model) if quick else RolloutBenchConfig(model=model)
     _load(model)  # clear error before timing if the model is missing

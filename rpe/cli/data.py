@@ -65,7 +65,9 @@ def rollouts(
     n: int = typer.Option(200, help="Number of problems."),
     samples: int = typer.Option(1, help="Completions per problem."),
     out: Path = typer.Option(..., help="Output folder (trajectories.parquet, manifest.json)."),
-    batch_size: int = typer.Option(16, help="Sequences per generate call."),
+    batch_size: int = typer.Option(16, help="Sequences per generation call (and per part file)."),
+    engine: str = typer.Option("continuous", help="Generation engine: continuous (finished rows leave the batch) "
+                               "or generate (one padded model.generate; the engine of runs made before continuous existed)."),
     temperature: float = typer.Option(0.7, help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     top_k: int = typer.Option(50, help="Top-k sampling (0 = no limit)."),
@@ -86,7 +88,7 @@ def rollouts(
 
     try:
         cfg = RolloutConfig(
-            task=task, n_problems=n, samples=samples, batch_size=batch_size, seed=seed, segmenter=segmenter,
+            task=task, n_problems=n, samples=samples, batch_size=batch_size, engine=engine, seed=seed, segmenter=segmenter,
             segment_pattern=segment_pattern, capture_layers=_parse_layers(capture_layers),
             sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens), prompt=PromptConfig(shots=shots),
         )

@@ -1,0 +1,187 @@
+"""``rpe bench rollouts``: useful tokens per second of every generation path on the prompts users run (the default
+6-shot chat prompts), Monte-Carlo states valued per second under both engines, and the compute bound.
+
+Arms, all in one run on the same problems: the naive environment loop (re-encodes the transcript every step),
+plain ``model.generate`` on left-padded prompts (what users write), rpe with the ``generate`` engine (shared
+few-shot prefix encoded once), rpe with the ``continuous`` engine (finished rows leave the batch), the latter
+with 4 layers captured; then Monte-Carlo continuations of the resulting states under both engines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rpe.bench import _timeit
+from rpe.generation import SamplingConfig, generate_batch, generate_from_ids
+from rpe.prompts import PromptBuilder, PromptConfig
+from rpe.tasks import DEFAULT_TASK, load_task
+
+
+@dataclass
+class RolloutBenchConfig:
+    """Sizes of ``rpe bench rollouts``."""
+
+    model: str = "smollm2-135m-instruct"
+    task: str = DEFAULT_TASK
+    n_problems: int = 32
+    batch_size: int = 32
+    max_new_tokens: int = 128
+    max_step_tokens: int = 32
+    """Per-step token budget of the naive loop (it generates one step at a time)."""
+    max_steps: int = 6
+    naive_problems: int = 8
+    """Problems through the naive loop (it is slow; its rate is per token, so fewer problems suffice)."""
+    mc_states: int = 24
+    """States valued by Monte-Carlo continuations in the MC arms."""
+    n_continuations: int = 4
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, model: str = "smollm2-135m-instruct") -> RolloutBenchConfig:
+        return cls(model=model, n_problems=8, batch_size=8, max_new_tokens=48, max_steps=4, naive_problems=4,
+                   mc_states=8)
+
+
+def naive_env_loop(model, tokenizer, builder: PromptBuilder, problems, sampling: SamplingConfig, cfg) -> tuple[int, float]:
+    """Baseline: one problem at a time through :class:`rpe.envs.ReasoningEnv`, each step generated from the
+    re-encoded transcript (no cache across steps). Returns (generated tokens, seconds)."""
+    from rpe.envs import ReasoningEnv
+
+    env = ReasoningEnv(builder.task, n_problems=len(problems), problem_seed=cfg.seed, prompt_fn=builder, max_steps=cfg.max_steps)
+    step_sampling = SamplingConfig(sampling.temperature, sampling.top_p, sampling.top_k, cfg.max_step_tokens)
+    tokens, start = 0, time.perf_counter()
+    for i in range(len(problems)):
+        obs, _ = env.reset(seed=cfg.seed + i, options={"problem_index": i})
+        done, spent = False, 0
+        while not done and spent < cfg.max_new_tokens:
+            gen = generate_batch(model, tokenizer, [obs], step_sampling, stop_strings=["\n\n"], seed=cfg.seed + i)
+            n = len(tokenizer(gen.texts[0], add_special_tokens=False)["input_ids"]) if gen.texts[0] else 1
+            tokens += n
+            spent += n
+            obs, _, terminated, truncated, _ = env.step(gen.texts[0])
+            done = terminated or truncated or gen.finish_reasons[0] == "eos"
+    return tokens, time.perf_counter() - start
+
+
+def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
+    """Useful tokens/s of every generation path on the same prompts (the default 6-shot chat prompts), Monte-Carlo
+    states valued per second under both engines, and the compute bound (see the issue on throughput)."""
+    from rpe.models import load_model
+    from rpe.segment import make_steps
+
+    model, tokenizer = load_model(cfg.model)
+    task = load_task(cfg.task)
+    builder = PromptBuilder(task, tokenizer, PromptConfig(), seed=cfg.seed)
+    problems = list(task.problems(cfg.n_problems, seed=cfg.seed))
+    sampling = SamplingConfig(temperature=0.7, max_new_tokens=cfg.max_new_tokens)
+    # warm-up so no arm pays one-off costs
+    generate_batch(model, tokenizer, [builder(problems[0])], SamplingConfig(max_new_tokens=4), seed=0)
+
+    import torch
+
+    from rpe.sampling import eos_ids
+    from rpe.tracker import ActivationTracker, decoder_layers
+
+    naive_tokens, naive_s = naive_env_loop(model, tokenizer, builder, problems[: cfg.naive_problems], sampling, cfg)
+    n_layers = len(decoder_layers(model))
+    capture = sorted({2, n_layers // 3, 2 * n_layers // 3, n_layers - 2})  # 4 layers, as in the issue's goal
+    eos = eos_ids(model, tokenizer)
+    kept: dict[str, list] = {}
+
+    def rpe_arm(name: str, engine: str, with_capture: bool) -> tuple[int, float]:
+        tokens, start, gens = 0, time.perf_counter(), []
+        for i in range(0, len(problems), cfg.batch_size):
+            prompts = [builder(p) for p in problems[i : i + cfg.batch_size]]
+            tracked = with_capture and engine == "generate"
+            hooks = ActivationTracker(model, capture, record_all=True) if tracked else contextlib.nullcontext()
+            with hooks as tracker:
+                gen = generate_batch(model, tokenizer, prompts, sampling, stop_strings=builder.stop_strings,
+                                     seed=cfg.seed + i, engine=engine,
+                                     record_layers=capture if with_capture and engine == "continuous" else None)
+            if tracked:
+                tracker.generated(drop_prefix=True)  # the join is part of the cost being measured
+            tokens += sum(max(1, len(ids)) for ids in gen.completion_ids)
+            gens.append(gen)
+        kept[name] = gens
+        return tokens, time.perf_counter() - start
+
+    def plain_generate() -> tuple[int, float]:
+        """What users write: left-padded prompts through ``model.generate``, no shared-prefix reuse."""
+        tokens, start = 0, time.perf_counter()
+        for i in range(0, len(problems), cfg.batch_size):
+            enc = tokenizer([builder(p) for p in problems[i : i + cfg.batch_size]], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            torch.manual_seed(cfg.seed + i)
+            kw = {"stop_strings": list(builder.stop_strings), "tokenizer": tokenizer} if builder.stop_strings else {}
+            with torch.inference_mode():
+                out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs(), **kw)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                tokens += max(1, next((j for j, t in enumerate(row) if t in eos), len(row)))
+        return tokens, time.perf_counter() - start
+
+    arms = {"plain_generate": plain_generate(),
+            "rpe_generate_engine": rpe_arm("generate", "generate", False),
+            "rpe": rpe_arm("continuous", "continuous", False),
+            "rpe_capture_4_layers": rpe_arm("capture", "continuous", True)}
+    tps = {k: t / s for k, (t, s) in arms.items()}
+    naive_tps = naive_tokens / naive_s
+
+    # Monte-Carlo values: the states of the continuous arm's completions, N continuations each, both engines
+    states = []
+    for gen in kept["continuous"]:
+        for p_ids, c_ids, text in zip(gen.prompt_ids, gen.completion_ids, gen.texts):
+            steps = make_steps(tokenizer, c_ids, text, "paragraph", None)
+            states += [p_ids] + [p_ids + c_ids[: s.token_end] for s in steps[:-1]]
+    states = states[: cfg.mc_states]
+    mc_sampling = SamplingConfig(temperature=0.7, max_new_tokens=96)
+
+    def mc_arm(engine: str) -> float:
+        per_call = max(1, cfg.batch_size // cfg.n_continuations) * (4 if engine == "continuous" else 1)
+        start = time.perf_counter()
+        for i in range(0, len(states), per_call):
+            rows = [s for s in states[i : i + per_call] for _ in range(cfg.n_continuations)]
+            generate_from_ids(model, tokenizer, rows, mc_sampling, stop_strings=builder.stop_strings, seed=i,
+                              engine=engine, max_rows=cfg.batch_size)
+        return len(states) / (time.perf_counter() - start)
+
+    mc = {"generate": mc_arm("generate"), "continuous": mc_arm("continuous")}
+
+    # compute bound: one decode step of a full batch over a cache as long as the prompts, times the rows
+    from rpe.sampling import cache_kwarg, prefix_cache
+
+    ids = tokenizer(builder(problems[0]), add_special_tokens=False)["input_ids"]
+    cache = prefix_cache(model, ids, next(model.parameters()).device)
+    cache.batch_repeat_interleave(cfg.batch_size)
+    step = torch.full((cfg.batch_size, 1), ids[-1])
+    mask = torch.ones(cfg.batch_size, len(ids) + 1, dtype=torch.long)
+    with torch.inference_mode():
+        step_s = _timeit(lambda: (model(input_ids=step, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                                        **{cache_kwarg(model): copy.deepcopy(cache)})), repeats=5)
+    bound = cfg.batch_size / step_s
+    return {
+        "bench": "rollouts",
+        "model": cfg.model,
+        "task": cfg.task,
+        "n_problems": cfg.n_problems,
+        "batch_size": cfg.batch_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "capture_layers": capture,
+        "useful_tokens_per_s": {"naive_env_loop": round(naive_tps, 2), **{k: round(v, 2) for k, v in tps.items()}},
+        "ratio_rpe_vs_plain_generate": round(tps["rpe"] / tps["plain_generate"], 3),
+        "ratio_continuous_vs_generate_engine": round(tps["rpe"] / tps["rpe_generate_engine"], 3),
+        "ratio_capture_vs_no_capture": round(tps["rpe_capture_4_layers"] / tps["rpe"], 3),
+        "ratio": round(tps["rpe"] / naive_tps, 3),
+        "mc_states_per_s": {k: round(v, 3) for k, v in mc.items()},
+        "ratio_mc_continuous_vs_generate_engine": round(mc["continuous"] / mc["generate"], 3),
+        "decode_step_s_full_batch": round(step_s, 4),
+        "compute_bound_tokens_per_s": round(bound, 1),
+        "rpe_share_of_compute_bound": round(tps["rpe"] / bound, 3),
+        "goal": "rpe >= 6x plain generate; capture >= 0.9x; MC states/s >= 3x the generate engine (issue #14)",
+    }
+
+
+__all__ = ["RolloutBenchConfig", "bench_rollouts", "naive_env_loop"]

@@ -1,0 +1,291 @@
+"""Continuous batching for sampling on a CPU: finished rows stop costing compute, and free slots are refilled.
+
+``model.generate`` runs a padded batch until its longest row stops: with completions of 35 tokens on average and a
+128-token budget, most decode steps are spent on rows that already finished. :func:`generate_continuous` runs its
+own decode loop over a KV cache (``transformers.DynamicCache``):
+
+- every prompt waits in a queue; up to ``max_rows`` rows decode together;
+- after each step the rows that ended (EOS, a stop string, the token budget) are removed from the batch and from
+  the cache (``batch_select_indices``), so they cost nothing more;
+- when ``refill`` or more slots are free, waiting prompts are prefilled as a group (the shared few-shot prefix is
+  encoded once for the whole call and its cache copied into each group; identical prompts in a group, such as
+  the N Monte-Carlo continuations of one state, are prefilled once and their cache copied) and joined to the
+  running batch: the
+  shorter of the two caches is left-padded with masked positions (keys carry their rotary positions already,
+  and each row's next position comes from its own token count, so padding shifts nothing).
+
+Sampling is per row: row ``i`` draws from its own ``torch.Generator`` seeded with ``(seed, i)``, so a row's
+completion depends on its prompt, the seed and its index only, not on which rows share its batch or when it was
+admitted (up to floating-point differences between batch shapes of the same matmuls). Temperature, top-k and
+top-p are applied in transformers' order. The completions are therefore not token-identical to
+``model.generate`` with ``torch.manual_seed(seed)`` (which draws all rows from one stream); they are identical
+across batch sizes and refill timings, which is what resuming and batching need.
+
+Activations can be recorded during the loop (``record_layers``): every forward's block outputs are split by row,
+so row ``i`` gets the activations of its prompt suffix (after the shared prefix) and of every generated token
+that was fed back, exactly as a separate forward over the same tokens gives them (tested).
+
+Supported for architectures whose caches are plain per-layer key/value tensors (:data:`CONTINUOUS_MODEL_TYPES`,
+Llama and Qwen2); others use ``model.generate`` (:func:`rpe.generation.generate_from_ids`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from rpe.sampling import (
+    GeneratedBatch,
+    SamplingConfig,
+    cache_kwarg,
+    eos_ids,
+    prefix_cache,
+    shared_prefix_len,
+    split_at_stop,
+)
+
+CONTINUOUS_MODEL_TYPES = ("llama", "qwen2")
+"""Model types whose ``DynamicCache`` layers are plain (batch, heads, length, dim) tensors (no sliding window)."""
+
+
+@dataclass
+class _Row:
+    index: int
+    generator: torch.Generator
+    n_real: int
+    """Tokens of this row the model has seen or will see next (its next position id)."""
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    recorded: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    finish: str | None = None
+
+
+def row_generator(seed: int, index: int) -> torch.Generator:
+    """The sampling stream of row ``index`` under ``seed``."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+
+
+def _warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """(B, V) logits -> (B, V) sampling probabilities: temperature, top-k, top-p (transformers' order)."""
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cum <= 1 - sampling.top_p
+        remove[..., -1:] = False  # keep at least the most likely token
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return scores.softmax(-1)
+
+
+def _left_pad_cache(cache, pad: int) -> None:
+    """Insert ``pad`` masked positions at the start of every layer's keys and values (in place)."""
+    if pad <= 0:
+        return
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        layer.keys = torch.cat([k.new_zeros(k.shape[0], k.shape[1], pad, k.shape[3]), k], 2)
+        layer.values = torch.cat([v.new_zeros(v.shape[0], v.shape[1], pad, v.shape[3]), v], 2)
+
+
+def _concat_caches(a, b) -> None:
+    """Append ``b``'s rows to ``a`` (same length; in place on ``a``)."""
+    for la, lb in zip(a.layers, b.layers):
+        la.keys = torch.cat([la.keys, lb.keys], 0)
+        la.values = torch.cat([la.values, lb.values], 0)
+
+
+def _cache_len(cache) -> int:
+    return int(cache.layers[0].keys.shape[2])
+
+
+def generate_continuous(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    *,
+    stop_strings: Sequence[str] = (),
+    seed: int = 0,
+    max_rows: int = 32,
+    refill: int = 4,
+    min_prefix: int = 32,
+    token_logprobs: bool = False,
+    record_layers: Sequence[int] | None = None,
+    record_neurons: torch.Tensor | None = None,
+) -> tuple[GeneratedBatch, list[dict[int, torch.Tensor]] | None]:
+    """Sample a completion for every prompt with continuous batching (see the module docstring).
+
+    Args:
+        prompt_ids: token ids of each prompt (no padding); any number of them.
+        sampling: temperature (0 = greedy), top-k, top-p and the token budget.
+        stop_strings: strings that end a completion besides EOS (cut as in :func:`rpe.sampling.split_at_stop`).
+        seed: row ``i`` samples from :func:`row_generator` ``(seed, i)``.
+        max_rows: rows decoded together.
+        refill: free slots that trigger a refill from the queue (1 refills at every step; larger groups
+            amortise the prefill forward).
+        min_prefix: a prefix shared by all prompts this long or longer is encoded once (the few-shot examples).
+        token_logprobs: also return each generated token's log-probability under the raw distribution.
+        record_layers: decoder blocks whose outputs are recorded for every token after the shared prefix.
+        record_neurons: optional neuron columns kept of each recorded layer.
+
+    Returns:
+        ``(batch, recorded)``: a :class:`GeneratedBatch` in prompt order, and per prompt ``{layer: (T_i, k)}``
+        activations of its suffix tokens after the shared prefix followed by its generated tokens that were fed
+        back (all but the last), or None without ``record_layers``. ``batch.prompt_truncated`` is all False.
+    """
+    from transformers import DynamicCache
+
+    from rpe.tracker import ActivationTracker
+
+    if getattr(model.config, "model_type", None) not in CONTINUOUS_MODEL_TYPES:
+        raise ValueError(f"continuous batching supports {', '.join(CONTINUOUS_MODEL_TYPES)}; got "
+                         f"{model.config.model_type!r} (use rpe.generation.generate_from_ids)")
+    if max_rows < 1 or refill < 1:
+        raise ValueError(f"max_rows and refill must be >= 1, got {max_rows}, {refill}")
+    enc = [list(p) for p in prompt_ids]
+    if any(not p for p in enc):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = eos_ids(model, tokenizer)
+    kw = cache_kwarg(model)
+    prefix_len = shared_prefix_len(enc, min_prefix) if len(enc) > 1 else 0
+    base_cache = prefix_cache(model, enc[0][:prefix_len], device) if prefix_len else None
+    max_stop = max((len(s) for s in stop_strings), default=0)
+    rows: list[_Row] = [_Row(i, row_generator(seed, i), len(p)) for i, p in enumerate(enc)]
+    queue = list(range(len(enc)))
+    alive: list[_Row] = []
+    cache = None
+    mask = torch.zeros(0, 0, dtype=torch.long)
+    last_logits = torch.zeros(0)
+    layers = list(record_layers or [])
+    tracker = ActivationTracker(model, layers, neurons=record_neurons, record_all=True) if layers else None
+
+    def recorded_slice() -> dict[int, torch.Tensor]:
+        out = {layer: tracker._recorded[layer].pop() for layer in layers}
+        for layer in layers:
+            tracker._recorded[layer].clear()
+        return out
+
+    def sample(logits: torch.Tensor, group: list[_Row]) -> None:
+        """Pick the next token of each row of ``group`` from its (V,) logits; mark rows that end."""
+        probs = _warp(logits, sampling) if sampling.temperature > 0 else None
+        logp = torch.log_softmax(logits.float(), -1) if token_logprobs else None
+        for j, row in enumerate(group):
+            if probs is None:
+                tok = int(logits[j].argmax())
+            else:
+                tok = int(torch.multinomial(probs[j], 1, generator=row.generator))
+            if tok in eos:
+                row.finish = "eos"
+                continue
+            row.generated.append(tok)
+            if logp is not None:
+                row.logprobs.append(float(logp[j, tok]))
+            if len(row.generated) >= sampling.max_new_tokens:
+                row.finish = "length"
+            elif max_stop:
+                tail = tokenizer.decode(row.generated[-(max_stop + 8):], skip_special_tokens=True)
+                if any(s in tail for s in stop_strings):
+                    row.finish = "stop"
+
+    def admit() -> None:
+        """Prefill waiting prompts into free slots and join them to the running batch."""
+        nonlocal cache, mask, last_logits, alive
+        take = [rows[i] for i in queue[: max_rows - len(alive)]]
+        del queue[: len(take)]
+        # identical prompts (the N continuations of one state) are prefilled once and their cache copied
+        unique: dict[tuple[int, ...], int] = {}
+        order = [unique.setdefault(tuple(enc[r.index][prefix_len:]), len(unique)) for r in take]
+        suffixes = [list(k) for k in unique]
+        ws = max(len(x) for x in suffixes)
+        ids = torch.tensor([[pad] * (ws - len(x)) + x for x in suffixes], device=device)
+        suffix_mask = torch.tensor([[0] * (ws - len(x)) + [1] * len(x) for x in suffixes])
+        group_mask = torch.cat([torch.ones(len(suffixes), prefix_len, dtype=torch.long), suffix_mask], 1)
+        positions = (prefix_len + suffix_mask.cumsum(1) - 1).clamp_min(0)
+        if base_cache is not None:
+            group_cache = copy.deepcopy(base_cache)
+            group_cache.batch_repeat_interleave(len(suffixes))
+        else:
+            group_cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=group_mask.to(device), position_ids=positions.to(device),
+                     use_cache=True, logits_to_keep=1, **{kw: group_cache})
+        if len(suffixes) < len(take):
+            group_cache.batch_select_indices(torch.tensor(order, device=device))
+            group_mask = group_mask[order]
+        if tracker is not None:
+            got = recorded_slice()
+            for r, u in zip(take, order):
+                n = len(suffixes[u])
+                r.recorded = {layer: [got[layer][u, ws - n :].cpu()] for layer in layers}
+        logits = out.logits[:, -1][order]
+        if cache is None or not alive:
+            cache, mask, last_logits, alive = group_cache, group_mask, logits, take
+            return
+        la, lb = _cache_len(cache), _cache_len(group_cache)
+        if la < lb:
+            _left_pad_cache(cache, lb - la)
+            mask = torch.cat([torch.zeros(len(alive), lb - la, dtype=torch.long), mask], 1)
+        elif lb < la:
+            _left_pad_cache(group_cache, la - lb)
+            group_mask = torch.cat([torch.zeros(len(take), la - lb, dtype=torch.long), group_mask], 1)
+        _concat_caches(cache, group_cache)
+        mask = torch.cat([mask, group_mask], 0)
+        last_logits = torch.cat([last_logits, logits], 0)
+        alive = alive + take
+
+    with torch.inference_mode(), (tracker if tracker is not None else _Null()):
+        while queue or alive:
+            if queue and (not alive or max_rows - len(alive) >= min(refill, len(queue))):
+                admit()  # the admitted rows' first-token logits come from their prefill
+            sample(last_logits, alive)
+            keep = [j for j, r in enumerate(alive) if r.finish is None]
+            if len(keep) < len(alive):  # finished rows leave the batch and the cache
+                if keep:
+                    cache.batch_select_indices(torch.tensor(keep, device=device))
+                mask, last_logits = mask[keep], last_logits[keep]
+                alive = [alive[j] for j in keep]
+            if not alive:
+                cache = None
+                continue
+            ids = torch.tensor([[r.generated[-1]] for r in alive], device=device)
+            positions = torch.tensor([[r.n_real + len(r.generated) - 1] for r in alive], device=device)
+            mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], 1)
+            out = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, use_cache=True,
+                        logits_to_keep=1, **{kw: cache})
+            last_logits = out.logits[:, -1]
+            if tracker is not None:
+                got = recorded_slice()
+                for j, r in enumerate(alive):
+                    for layer in layers:
+                        r.recorded[layer].append(got[layer][j].cpu())
+
+    completion_ids, texts, reasons, tails, logprobs = [], [], [], [], []
+    for r in rows:
+        ids, text, stopped, tail = split_at_stop(tokenizer, r.generated, stop_strings)
+        completion_ids.append(ids)
+        texts.append(text)
+        reasons.append("stop" if stopped else (r.finish or "length"))
+        tails.append(tail)
+        logprobs.append(r.logprobs[: len(ids)])
+    batch = GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails,
+                           logprobs if token_logprobs else [])
+    recorded = [{layer: torch.cat(r.recorded[layer]) for layer in layers} for r in rows] if layers else None
+    return batch, recorded
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+__all__ = ["CONTINUOUS_MODEL_TYPES", "generate_continuous", "row_generator"]
