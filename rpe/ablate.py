@@ -63,6 +63,8 @@ class AblateConfig:
     other than the bundle's takes the value set from a dense probe fitted at that layer (its top-ranked neurons)."""
     max_fit_trajectories: int = 400
     batch_size: int = 16
+    engine: str = "continuous"
+    """Generation engine of every arm (``generate`` resumes arms made before the continuous engine existed)."""
 
     def __post_init__(self) -> None:
         bad = [s for s in self.sources if s not in SOURCES]
@@ -127,7 +129,8 @@ def _arm(model, tok, task, cfg: AblateConfig, out: Path, model_name: str, neuron
     spec = {"mode": cfg.mode, "neurons": {str(k): v.tolist() for k, v in (neurons or {}).items()}}
     spec_path = out / "ablation.json"
     overwrite = spec_path.exists() and json.loads(spec_path.read_text()) != spec
-    rcfg = RolloutConfig(task=cfg.task, n_problems=cfg.n_problems, samples=1, seed=cfg.seed, batch_size=cfg.batch_size)
+    rcfg = RolloutConfig(task=cfg.task, n_problems=cfg.n_problems, samples=1, seed=cfg.seed, batch_size=cfg.batch_size,
+                         engine=cfg.engine)
     if neurons:
         with NeuronAblation(model, neurons, mode="zero" if cfg.mode == "zero" else cfg.mode):
             res = collect_rollouts(model, tok, rcfg, out, task=task, model_name=model_name, overwrite=overwrite,

@@ -182,10 +182,15 @@ def _check_run_config(out_dir: Path, config: dict[str, Any], overwrite: bool) ->
         shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
     if path.exists():
         previous = json.loads(path.read_text())
+        if isinstance(previous.get("rollout"), dict):  # folders made before engines existed used model.generate
+            previous["rollout"].setdefault("engine", "generate")
         if _without_nones(previous) != _without_nones(config):
             diff = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            engines = (previous.get("rollout") or {}).get("engine"), config["rollout"]["engine"]
+            hint = f" The folder was generated with engine {engines[0]!r}: pass --engine {engines[0]} to resume it." \
+                if engines[0] != engines[1] else ""
             raise ValueError(
-                f"{out_dir} holds a run with a different configuration (differs in: {', '.join(diff)}). "
+                f"{out_dir} holds a run with a different configuration (differs in: {', '.join(diff)}).{hint} "
                 "Use another --out folder, or pass --overwrite to discard the old run."
             )
     else:

@@ -296,3 +296,26 @@ def test_generation_logprobs_match_a_forward_pass(tiny_llama):
         plain = generate_from_ids(model, tok, prompts, SamplingConfig(temperature=0.7, max_new_tokens=10), seed=3,
                                   engine=engine)
         assert plain.completion_ids == gen.completion_ids and plain.token_logprobs == []
+
+
+def test_folders_made_before_engines_resume_with_the_generate_engine_and_say_so(tiny_llama, tmp_path):
+    import json
+
+    import pytest
+
+    from rpe.prompts import PromptConfig
+    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+
+    model, tok = tiny_llama
+    cfg = RolloutConfig(task="chain_sum_2", n_problems=4, samples=1, batch_size=2, engine="generate",
+                        prompt=PromptConfig(shots=1), sampling=SamplingConfig(max_new_tokens=8))
+    collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny")
+    path = tmp_path / "run_config.json"
+    old = json.loads(path.read_text())
+    del old["rollout"]["engine"]  # as written before engines existed
+    path.write_text(json.dumps(old))
+    again = collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny")  # resumes: the old engine is generate
+    assert again.n_trajectories == 4
+    with pytest.raises(ValueError, match="pass --engine generate to resume it"):
+        collect_rollouts(model, tok, RolloutConfig(**{**cfg.to_dict(), "engine": "continuous"}), tmp_path,
+                         model_name="tiny")

@@ -180,6 +180,8 @@ def ablate(
     seed: int = typer.Option(1, help="Seed of the held-out problems and sampling (fitting rollouts use 0)."),
     share: Optional[float] = typer.Option(None, help="Neurons per set as a share of d_model (e.g. 0.1); default: "
                                            "the bundle's value-neuron count (1%)."),
+    engine: str = typer.Option("continuous", help="Generation engine of the arms (generate: resume arms made "
+                               "before the continuous engine existed)."),
     causal: bool = typer.Option(False, help="Also run the causal RPE check (needs `rpe dopamine` first)."),
 ) -> None:
     """Accuracy with value neurons ablated vs controls of the same size; optional causal RPE check."""
@@ -189,7 +191,7 @@ def ablate(
     try:
         cfg = AblateConfig(task=task, n_problems=n, seed=seed, layers=_parse_layers(layers),
                            sources=[s.strip() for s in controls.split(",") if s.strip()], random_seeds=seeds,
-                           share=share)
+                           share=share, engine=engine)
         b = SubsystemBundle.load(bundle)
     except (ValueError, BundleFormatError) as err:
         _fail(str(err))
