@@ -8,6 +8,7 @@ import sys
 
 from trl import GRPOConfig, GRPOTrainer
 
+from grpo_batches import record_batches
 from rpe.bundle import random_bundle
 from rpe.models import tiny_model
 from rpe.prompts import PromptBuilder, PromptConfig
@@ -21,24 +22,13 @@ task = load_task("chain_sum_2")
 ds, problems = build_dataset(task, PromptBuilder(task, tok, PromptConfig(shots=1)), 8, 0, chat=True)
 args = GRPOConfig(output_dir=out, max_steps=2, per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
                   report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, seed=0, learning_rate=0.0)
-batches = []
-original = GRPOTrainer._generate_and_score_completions
-
-
-def record(self, inputs):
-    result = original(self, inputs)
-    batches.append({
-        "prompts": [row[m.bool()].tolist() for row, m in zip(result["prompt_ids"], result["prompt_mask"])],
-        "completions": [row[m.bool()].tolist() for row, m in zip(result["completion_ids"], result["completion_mask"])],
-    })
-    return result
+batches = record_batches()
 
 
 def parity(completion_ids, **kwargs):  # varies within the batch (the old len(c) % 2 was constant at 8 tokens)
     return [float(sum(c) % 2) for c in completion_ids]
 
 
-GRPOTrainer._generate_and_score_completions = record
 cb = RPECallback(random_bundle(model, tok))
 trainer = GRPOTrainer(model=model, processing_class=tok, args=args, train_dataset=ds, callbacks=[cb],
                       reward_funcs=[parity])

@@ -10,6 +10,17 @@ def _hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+def _left_padded(tok, prompts):
+    """(ids, mask) of ``prompts`` left-padded to one width, as ``generate`` takes them."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), tok.pad_token_id)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 def test_read_values_rpe_and_dopamine(tiny_llama, tiny_bundle):
     model, tok = tiny_llama
     reader = SignalReader(tiny_bundle, model, tok)
@@ -34,12 +45,8 @@ def test_generation_capture_matches_a_separate_forward(tiny_llama, tiny_bundle):
     model, tok = tiny_llama
     reader = SignalReader(tiny_bundle, model, tok)
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Q: 12+3=\n\n", "Q: 4=\n\n", "Q: 9-1-1=\n\n")]
-    width = max(map(len, prompts))
-    ids = torch.full((3, width), tok.pad_token_id)
-    mask = torch.zeros(3, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = _left_padded(tok, prompts)
+    width = ids.shape[1]
     before = _hooks(model)
     with GenerationCapture(model, tiny_bundle.layer, reader.columns) as cap:
         torch.manual_seed(0)
@@ -113,12 +120,8 @@ def test_eos_terminated_rows_are_read_from_the_capture_without_a_forward(tiny_ll
     model, tok = tiny_llama
     reader = SignalReader(tiny_bundle, model, tok)
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Q: 12+3=\n\n", "Q: 4=\n\n", "Q: 9-1-1=\n\n", "Q: 7\n\n")]
-    width = max(map(len, prompts))
-    ids = torch.full((4, width), tok.pad_token_id)
-    mask = torch.zeros(4, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = _left_padded(tok, prompts)
+    width = ids.shape[1]
     stop = _EosAfter(width, [3, 9, 6, None], tok.eos_token_id)  # three rows end with EOS, one runs to the limit
     with GenerationCapture(model, tiny_bundle.layer, reader.columns) as cap:
         torch.manual_seed(0)

@@ -16,6 +16,7 @@ else:
     pytest.importorskip("trl")
 
 from conftest import make_tiny_bundle  # noqa: E402
+from grpo_batches import batch_ids, record_batches  # noqa: E402
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
 
@@ -337,7 +338,7 @@ def test_internal_critic_advantages_follow_the_documented_algorithm(tmp_path, bu
         seen["group"] = out["advantages"].clone()
         seen["completion_ids"] = out["completion_ids"].clone()
         seen["mask"] = out["completion_mask"].clone()
-        seen["prompts"] = [row[m.bool()].tolist() for row, m in zip(out["prompt_ids"], out["prompt_mask"])]
+        seen["prompts"] = batch_ids(out)["prompts"]
         return out
 
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", record)
@@ -373,25 +374,6 @@ def test_internal_critic_advantages_follow_the_documented_algorithm(tmp_path, bu
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def _record_batches(monkeypatch) -> list[dict]:
-    """Record every generated batch of a GRPO run (prompt ids, completion ids, as TRL made them)."""
-    from trl import GRPOTrainer
-
-    batches: list[dict] = []
-    original = GRPOTrainer._generate_and_score_completions
-
-    def record(self, inputs):
-        out = original(self, inputs)
-        batches.append({
-            "prompts": [row[m.bool()].tolist() for row, m in zip(out["prompt_ids"], out["prompt_mask"])],
-            "completions": [row[m.bool()].tolist() for row, m in zip(out["completion_ids"], out["completion_mask"])],
-        })
-        return out
-
-    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", record)
-    return batches
-
-
 def test_callback_logs_the_numbers_an_independent_read_gives(tmp_path, bundle_dir, monkeypatch):
     """The logged rpe/* values equal SignalReader.read of the same completions, with a verifiable reward that
     varies within the batch, two weighted verifiable functions (the internal one is left out of the AUROC
@@ -418,7 +400,7 @@ def test_callback_logs_the_numbers_an_independent_read_gives(tmp_path, bundle_di
     def has_newline(completion_ids, **kwargs):
         return [float(newline in c) for c in completion_ids]
 
-    batches = _record_batches(monkeypatch)
+    batches = record_batches(monkeypatch.setattr)
     signals = InternalSignals(str(bundle_dir), model, tok)
     args = GRPOConfig(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=8, num_generations=4,
                       max_completion_length=24, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1,
