@@ -429,3 +429,9 @@ def test_callback_logs_the_numbers_an_independent_read_gives(tmp_path, bundle_di
     assert logged["rpe/auroc_value_final"] == pytest.approx(auroc(y, vf.round(4)), abs=1e-6)
     assert logged["rpe/auroc_value_s0"] == pytest.approx(auroc(y, v0.round(4)), abs=1e-6)  # tied within a group
     assert logged["rpe/n_completions"] == 8
+    for k in range(1, 7):  # mean RPE by step position, over the completions that have that step
+        at_k = [s.rpe[k - 1] for s in sigs if s.n_steps >= k]
+        want = np.mean(at_k) if at_k else float("nan")
+        assert logged[f"rpe/rpe_step{k}"] == pytest.approx(want, abs=1e-5, nan_ok=True)
+    terminal = [r - s.values[-2] for r, s in zip(reward, sigs) if s.n_steps]
+    assert logged["rpe/rpe_terminal"] == pytest.approx(np.mean(terminal), abs=1e-5)

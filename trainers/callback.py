@@ -41,8 +41,12 @@ from .rewards import InternalSignals
 
 logger = logging.getLogger(__name__)
 
+STEP_POSITIONS = 6
+"""Step positions whose mean internal RPE is logged as ``rpe/rpe_step1`` .. ``rpe/rpe_step6``."""
+STEP_KEYS = tuple(f"rpe/rpe_step{k}" for k in range(1, STEP_POSITIONS + 1)) + ("rpe/rpe_terminal",)
 LOGGED_KEYS = ("rpe/value_s0", "rpe/value_final", "rpe/rpe_mean", "rpe/rpe_abs_mean", "rpe/rpe_min", "rpe/rpe_max",
-               "rpe/dopamine", "rpe/auroc_value_final", "rpe/auroc_value_s0", "rpe/captured", "rpe/n_completions")
+               "rpe/dopamine", "rpe/auroc_value_final", "rpe/auroc_value_s0", "rpe/captured", "rpe/n_completions",
+               *STEP_KEYS)
 
 
 def find_trainer(callback: TrainerCallback, max_depth: int = 12):
@@ -166,15 +170,20 @@ class RPECallback(TrainerCallback):
         rows = []
         for s, r in zip(sigs, verifiable.tolist()):
             rpe = s.rpe
+            by_step = [float(rpe[k]) if k < rpe.size else nan for k in range(STEP_POSITIONS)]
+            # the RPE at reward delivery: r - V(s_{T-1}), the value before the last step
+            terminal = r - float(s.values[-2]) if s.n_steps and not math.isnan(r) else nan
             rows.append([
                 s.scalar("value_s0"), s.scalar("value_final"),
                 float(rpe.mean()) if rpe.size else nan, float(np.abs(rpe).mean()) if rpe.size else nan,
                 float(rpe.min()) if rpe.size else nan, float(rpe.max()) if rpe.size else nan,
-                s.scalar("dopamine"), r, self.signals.last_captured_fraction,
+                s.scalar("dopamine"), r, self.signals.last_captured_fraction, *by_step, terminal,
             ])
-        local = torch.tensor(rows, dtype=torch.float32, device=acc.device).reshape(n_local, 9)
-        table = acc.gather(local).cpu().numpy()  # (N, 9) over all processes
-        v0, vf, rmean, rabs, rmin, rmax, dopa, reward, captured = table.T
+        width = 9 + STEP_POSITIONS + 1
+        local = torch.tensor(rows, dtype=torch.float32, device=acc.device).reshape(n_local, width)
+        table = acc.gather(local).cpu().numpy()  # (N, width) over all processes
+        v0, vf, rmean, rabs, rmin, rmax, dopa, reward, captured = table.T[:9]
+        steps = table[:, 9:]
         y = reward >= 0.5
         ok = ~np.isnan(reward)
         metrics = {
@@ -187,6 +196,9 @@ class RPECallback(TrainerCallback):
             "rpe/auroc_value_s0": auroc(y[ok], v0[ok].round(4)) if ok.any() else nan,
             "rpe/captured": _nanmean(captured),
             "rpe/n_completions": float(table.shape[0]),
+            # mean RPE by step position (NaN where no completion has that step): where in the reasoning the
+            # surprise happens, the quantity Schultz et al. (1997) saw move from the reward to the earliest cue
+            **{key: _nanmean(steps[:, j]) for j, key in enumerate(STEP_KEYS)},
         }
         mode = "train" if tr.model.training else "eval"
         for k, v in metrics.items():
@@ -254,4 +266,4 @@ def _nanreduce(fn, x: np.ndarray) -> float:
     return float(fn(x)) if (~np.isnan(x)).any() else float("nan")
 
 
-__all__ = ["LOGGED_KEYS", "RPECallback", "find_trainer"]
+__all__ = ["LOGGED_KEYS", "RPECallback", "STEP_KEYS", "STEP_POSITIONS", "find_trainer"]

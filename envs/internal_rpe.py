@@ -1,0 +1,129 @@
+"""A gymnasium wrapper that reads the model's internal value, RPE and dopamine activity at every step.
+
+``InternalRPE(env, bundle, model=..., tokenizer=...)`` wraps a :class:`~rpe.envs.ReasoningEnv` (or anything whose
+``unwrapped`` has ``prompt`` and ``completion`` text). ``reset`` puts V(s_0) in ``info["internal_value"]``; each
+``step`` puts in ``info``:
+
+- ``internal_value``: V(s_t), the bundle's value probe at the last token of the step;
+- ``internal_rpe``: delta_t = gamma V(s_t) - V(s_{t-1}); on the terminal step the reward-time error
+  r - V(s_{T-1}) (the value before the last step; an episode cut by a limit keeps gamma V(s_T) - V(s_{T-1}));
+- ``dopamine``: the dopamine neurons' signed, standardised activity averaged over the step's tokens (0.0 when the
+  bundle has none);
+- ``reward_unshaped``: the environment's reward (the returned reward includes the shaping below).
+
+Each step costs one incremental forward over that step's tokens only: the transcript's KV cache is kept across
+steps (the prompt is encoded once at ``reset``), and the forward stops after the bundle's layer. The values equal
+:meth:`rpe.signals.SignalReader.read` on the whole transcript (tested to 1e-4).
+
+``shaping=beta`` adds potential-based shaping beta * (gamma V(s') - V(s)) to every reward, with potential 0 after a
+terminal step (Ng, Harada and Russell 1999: the optimal policy is unchanged).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+import torch
+
+from rpe.bundle import SubsystemBundle
+from rpe.signals import SignalReader, unwrap_model
+from rpe.tracker import ActivationTracker
+
+
+class InternalRPE(gymnasium.Wrapper):
+    """Adds internal value, RPE and dopamine activity to each step's ``info`` (see the module docstring).
+
+    Args:
+        env: a text environment whose ``unwrapped`` has ``prompt`` and ``completion`` (a ``ReasoningEnv``).
+        bundle: a bundle fitted on ``model`` (checked).
+        model: the causal LM whose internal signals are read.
+        tokenizer: its tokenizer.
+        shaping: beta of the potential-based shaping added to the reward (0 = none).
+        gamma: discount of the TD error (default: the bundle's, as :class:`SignalReader` uses).
+    """
+
+    def __init__(self, env: gymnasium.Env, bundle: SubsystemBundle, *, model, tokenizer, shaping: float = 0.0,
+                 gamma: float | None = None):
+        super().__init__(env)
+        self.reader = SignalReader(bundle, model, tokenizer)
+        if gamma is not None:
+            self.reader.gamma = gamma
+        self.bundle = bundle
+        self.model = unwrap_model(model)
+        self.tokenizer = tokenizer
+        self.shaping = float(shaping)
+        self._prompt_ids: list[int] = []
+        self._fed: list[int] = []
+        self._acts: torch.Tensor | None = None
+        self._cache = None
+        self._values: list[float] = []
+
+    # -- incremental reading -----------------------------------------------------------------------------
+    def _feed(self, ids: list[int]) -> None:
+        """Bring the cache and the recorded columns up to ``ids`` (re-feeding from where they differ)."""
+        from transformers import DynamicCache
+
+        from rpe.sampling import cache_kwarg, common_prefix_len
+
+        keep = common_prefix_len([self._fed, ids])
+        if keep == len(ids):  # nothing new (an empty step): the last token must still be recomputed
+            keep -= 1
+        if self._cache is None or keep == 0:
+            self._cache, keep = DynamicCache(config=self.model.config), 0
+        elif keep < len(self._fed):
+            self._cache.crop(keep)
+        new = ids[keep:]
+        device = next(self.model.parameters()).device
+        with ActivationTracker(self.model, [self.bundle.layer], neurons=self.reader.columns, record_all=True) as tr, \
+                torch.inference_mode():
+            self.model(input_ids=torch.tensor([new], device=device),
+                       position_ids=torch.arange(keep, len(ids), device=device)[None], use_cache=True,
+                       logits_to_keep=1, **{cache_kwarg(self.model): self._cache})
+        got = tr.generated()[self.bundle.layer][0].float().cpu()
+        self._acts = got if keep == 0 or self._acts is None else torch.cat([self._acts[:keep], got])
+        self._fed = list(ids)
+
+    def _read(self):
+        """Signals of the transcript so far (no forward: from the recorded columns)."""
+        completion = self.env.unwrapped.completion
+        comp_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] if completion else []
+        self._feed(self._prompt_ids + comp_ids)
+        spans = self.reader.step_spans(comp_ids) if comp_ids else []
+        p = len(self._prompt_ids)
+        assert self._acts is not None
+        points = self._acts[[p - 1] + [p + e - 1 for _, e in spans]]
+        means = torch.stack([self._acts[p + a : p + b].mean(0) for a, b in spans]) if spans else self._acts[:0]
+        return self.reader._signals(points, means, spans)
+
+    # -- gymnasium -----------------------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._prompt_ids = self.tokenizer(self.env.unwrapped.prompt, add_special_tokens=False)["input_ids"]
+        self._fed, self._acts, self._cache = [], None, None
+        sig = self._read()
+        self._values = [float(sig.values[0])]
+        return obs, {**info, "internal_value": self._values[0]}
+
+    def step(self, action: str):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        sig = self._read()
+        v_prev, v = self._values[-1], float(sig.values[-1])
+        self._values.append(v)
+        gamma = self.reader.gamma
+        delta = float(reward) - v_prev if terminated else gamma * v - v_prev
+        dopamine = float(sig.dopamine[-1]) if len(sig.dopamine) else 0.0
+        potential_next = 0.0 if terminated else v
+        shaped = float(reward) + self.shaping * (gamma * potential_next - v_prev)
+        info = {**info, "internal_value": v, "internal_rpe": delta, "dopamine": dopamine,
+                "reward_unshaped": float(reward)}
+        return obs, shaped, terminated, truncated, info
+
+    @property
+    def internal_values(self) -> np.ndarray:
+        """V(s_0..s_t) of the current episode."""
+        return np.array(self._values)
+
+
+__all__ = ["InternalRPE"]
