@@ -21,7 +21,7 @@ terminal step (Ng, Harada and Russell 1999: the optimal policy is unchanged).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium
 import numpy as np
@@ -30,6 +30,9 @@ import torch
 from rpe.bundle import SubsystemBundle
 from rpe.signals import SignalReader, unwrap_model
 from rpe.tracker import ActivationTracker
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class InternalRPE(gymnasium.Wrapper):
@@ -44,8 +47,8 @@ class InternalRPE(gymnasium.Wrapper):
         gamma: discount of the TD error (default: the bundle's, as :class:`SignalReader` uses).
     """
 
-    def __init__(self, env: gymnasium.Env, bundle: SubsystemBundle, *, model, tokenizer, shaping: float = 0.0,
-                 gamma: float | None = None):
+    def __init__(self, env: gymnasium.Env, bundle: SubsystemBundle, *, model: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase, shaping: float = 0.0, gamma: float | None = None):
         super().__init__(env)
         self.reader = SignalReader(bundle, model, tokenizer)
         if gamma is not None:
