@@ -18,20 +18,28 @@ HERE = Path(__file__).parent
 
 def paired_note(ablate_dir: Path) -> str:
     """Each arm's accuracy drop against no ablation on the same problems (paired bootstrap over problems)."""
-    import numpy as np
+    from rpe.ablate import paired_drops
 
-    from rpe.metrics import cluster_resamples
-    from rpe.rollouts import read_trajectories
-
-    base = {t.problem_id: t.reward for t in read_trajectories(ablate_dir / "baseline")}
-    parts = []
-    for arm in sorted(p for layer in ablate_dir.glob("layer*") for p in layer.iterdir() if (p / "manifest.json").exists()):
-        got = {t.problem_id: t.reward for t in read_trajectories(arm)}
-        d = np.array([base[i] - got[i] for i in sorted(set(base) & set(got))])  # one entry per problem
-        lo, hi = np.percentile([d[idx].mean() for idx in cluster_resamples(np.arange(len(d)), 2000)], [2.5, 97.5])
-        parts.append(f"{arm.parent.name}/{arm.name} {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] (lost {(d > 0).sum()}, won {(d < 0).sum()})")
+    parts = [f"layer{r['layer']}/{r['arm']} {r['drop']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] (lost {r['lost']}, "
+             f"won {r['won']})" for r in paired_drops(ablate_dir)]
     return "paired drop vs no ablation on the same problems: " + "; ".join(parts) + ". A drop of the paper's size " \
         "(tens of points) would be far outside these intervals"
+
+
+def ablation_table(ablate_dirs: list[Path]) -> str:
+    """One Markdown row per arm of each ``rpe ablate`` folder: accuracy, paired drop with its interval."""
+    from rpe.ablate import paired_drops
+
+    out = ["| layer | neurons zeroed | set | held-out accuracy | paired drop vs none [95% CI] | lost / won | "
+           "value drop minus control drop (paired) |", "|---|---|---|---|---|---|---|"]
+    for d in ablate_dirs:
+        k = json.loads((d / "results.json").read_text())["n_neurons"]
+        for r in paired_drops(d):
+            extra = "; ".join(f"{name.removeprefix('vs ').removesuffix('_0')} {v['diff']:+.3f} "
+                              f"[{v['low']:+.3f}, {v['high']:+.3f}]" for name, v in r.items() if name.startswith("vs "))
+            out.append(f"| {r['layer']} | {k} | {r['arm'].removesuffix('_0')} | {r['accuracy']:.3f} | "
+                       f"{r['drop']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {r['lost']} / {r['won']} | {extra} |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -39,7 +47,12 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, required=True, help="bundle folder from `rpe fit`")
     ap.add_argument("--previous", type=Path, default=HERE / "previous_results.json")
     ap.add_argument("--ablation", type=Path, help="results.json of `rpe ablate` on this bundle (replaces the old row)")
+    ap.add_argument("--ablation-table", type=Path, nargs="*", default=[],
+                    help="`rpe ablate` output folders: print their paired table (e.g. the 1%% and the 10%% runs)")
     args = ap.parse_args()
+    if args.ablation_table:
+        print(ablation_table(args.ablation_table))
+        return
     metrics = json.loads((args.bundle / "bundle.json").read_text())["metrics"]
     previous = json.loads(args.previous.read_text())
     rows = value_rows(metrics)

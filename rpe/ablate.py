@@ -190,6 +190,43 @@ def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cf
     return results
 
 
+def paired_drops(out_dir: str | Path, n_boot: int = 2000) -> list[dict[str, Any]]:
+    """Each arm's accuracy drop against no ablation on the same problems, with a 95% paired bootstrap interval
+    over problems and the counts of problems lost and won, from an ``rpe ablate`` output folder.
+
+    Returns:
+        One dict per arm folder (``layer``, ``arm``, ``n``, ``accuracy``, ``drop``, ``low``, ``high``, ``lost``,
+        ``won``), sorted by layer and arm.
+    """
+    from rpe.metrics import cluster_resamples
+
+    out_dir = Path(out_dir)
+
+    def rewards(folder: Path) -> dict[str, float]:
+        return {t.problem_id: t.reward for t in read_trajectories(folder)}
+
+    def paired(a: dict[str, float], b: dict[str, float]) -> tuple[np.ndarray, float, float]:
+        d = np.array([a[i] - b[i] for i in sorted(set(a) & set(b))])  # one entry per problem
+        lo, hi = np.percentile([d[idx].mean() for idx in cluster_resamples(np.arange(len(d)), n_boot)], [2.5, 97.5])
+        return d, float(lo), float(hi)
+
+    base = rewards(out_dir / "baseline")
+    rows = []
+    arms = [p for layer in out_dir.glob("layer*") for p in layer.iterdir() if (p / "manifest.json").exists()]
+    for arm in sorted(arms, key=lambda p: (int(p.parent.name.removeprefix("layer")), p.name)):
+        got = rewards(arm)
+        d, lo, hi = paired(base, got)
+        row = {"layer": int(arm.parent.name.removeprefix("layer")), "arm": arm.name, "n": len(d),
+               "accuracy": float(np.mean(list(got.values()))), "drop": float(d.mean()), "low": lo, "high": hi,
+               "lost": int((d > 0).sum()), "won": int((d < 0).sum())}
+        if arm.name == "value":  # the claim: value neurons matter more than their controls, same problems
+            for control in sorted(p for p in arm.parent.iterdir() if p.name != "value" and (p / "manifest.json").exists()):
+                c, clo, chi = paired(rewards(control), got)
+                row[f"vs {control.name}"] = {"diff": float(c.mean()), "low": clo, "high": chi}
+        rows.append(row)
+    return rows
+
+
 def summarise(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per source: mean accuracy and drop over its seeds, the min and max drop, and the Wilson interval of the
     accuracy pooled over its seeds (``ci95``)."""
@@ -297,4 +334,5 @@ def rpe_causal_check(model, tok, bundle, rollouts: str | Path, *, shares=(0.05, 
     return out
 
 
-__all__ = ["AblateConfig", "neuron_sets", "plot_ablation", "rpe_causal_check", "run_ablation", "summarise"]
+__all__ = ["AblateConfig", "neuron_sets", "paired_drops", "plot_ablation", "rpe_causal_check", "run_ablation",
+           "summarise"]

@@ -203,3 +203,12 @@ def test_ablation_share_sets_the_size_of_every_set(tiny_llama, tiny_bundle, tmp_
     arms = res["layers"][str(tiny_bundle.layer)]["arms"]
     assert res["n_neurons"] == 16 and all(len(a["neurons"]) == 16 for a in arms.values())
     assert set(tiny_bundle.value_neurons.tolist()) != set(arms["value"]["neurons"])  # a 16-neuron set from a probe
+    from rpe.ablate import paired_drops
+
+    rows = {r["arm"]: r for r in paired_drops(tmp_path, n_boot=50)}
+    assert set(rows) == {"value", "random_0"}
+    for name, r in rows.items():  # the mean paired drop is the difference of the accuracies on the same problems
+        assert r["drop"] == pytest.approx(res["baseline"]["accuracy"] - arms[name.replace("_", "/")]["accuracy"])
+        assert r["low"] <= r["drop"] <= r["high"] and r["n"] == 2
+    vs = rows["value"]["vs random_0"]
+    assert vs["diff"] == pytest.approx(arms["random/0"]["accuracy"] - arms["value"]["accuracy"])
