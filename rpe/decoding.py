@@ -26,7 +26,8 @@ so row ``i`` gets the activations of its prompt suffix (after the shared prefix)
 that was fed back, exactly as a separate forward over the same tokens gives them (tested).
 
 Supported for architectures whose caches are plain per-layer key/value tensors (:data:`CONTINUOUS_MODEL_TYPES`,
-Llama and Qwen2); others use ``model.generate`` (:func:`rpe.generation.generate_from_ids`).
+Llama and Qwen2); others use ``model.generate`` (:func:`rpe.generation.generate_from_ids`), as do models whose
+generation config asks for processing this loop does not apply (a repetition penalty, minimum lengths, ...).
 """
 
 from __future__ import annotations

@@ -43,12 +43,25 @@ from rpe.sampling import (  # re-exported: rpe.generation was their home
 ENGINES = ("continuous", "generate")
 
 
+#: generation_config settings the continuous engine does not apply (it samples with temperature, top-k and
+#: top-p only); a model whose config sets one of them generates with ``model.generate``.
+_UNSUPPORTED_DEFAULTS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0,
+                         "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                         "encoder_repetition_penalty": 1.0, "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                         "eta_cutoff": 0.0}
+
+
 def resolve_engine(model, engine: str) -> str:
-    """``engine`` checked, with ``continuous`` falling back to ``generate`` on architectures it does not support."""
+    """``engine`` checked; ``continuous`` becomes ``generate`` on architectures it does not support and on models
+    whose generation config asks for processing it does not apply (e.g. a repetition penalty)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown generation engine {engine!r}; choose {' or '.join(ENGINES)}")
-    if engine == "continuous" and getattr(model.config, "model_type", None) not in CONTINUOUS_MODEL_TYPES:
-        return "generate"
+    if engine == "continuous":
+        if getattr(model.config, "model_type", None) not in CONTINUOUS_MODEL_TYPES:
+            return "generate"
+        gc = getattr(model, "generation_config", None)
+        if gc is not None and any(getattr(gc, k, d) not in (d, None) for k, d in _UNSUPPORTED_DEFAULTS.items()):
+            return "generate"
     return engine
 
 

@@ -104,3 +104,13 @@ def test_unsupported_architectures_use_model_generate(tiny_llama):
         resolve_engine(gemma, "vllm")
     out = generate_from_ids(gemma, tok, _prompts(tok, 2), SamplingConfig(temperature=0, max_new_tokens=4))
     assert len(out.completion_ids) == 2
+
+
+def test_models_asking_for_other_processing_use_model_generate():
+    from rpe.generation import resolve_engine
+    from rpe.models import tiny_model
+
+    model, _ = tiny_model()
+    assert resolve_engine(model, "continuous") == "continuous"
+    model.generation_config.repetition_penalty = 1.3  # the continuous engine would silently ignore it
+    assert resolve_engine(model, "continuous") == "generate"
