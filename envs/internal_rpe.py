@@ -68,6 +68,7 @@ class InternalRPE(gymnasium.Wrapper):
         """Bring the cache and the recorded columns up to ``ids`` (re-feeding from where they differ)."""
         from transformers import DynamicCache
 
+        from rpe.decoding import crop_cache
         from rpe.sampling import cache_kwarg, common_prefix_len
 
         keep = common_prefix_len([self._fed, ids])
@@ -76,7 +77,7 @@ class InternalRPE(gymnasium.Wrapper):
         if self._cache is None or keep == 0:
             self._cache, keep = DynamicCache(config=self.model.config), 0
         elif keep < len(self._fed):
-            self._cache.crop(keep)
+            crop_cache(self._cache, keep)
         new = ids[keep:]
         device = next(self.model.parameters()).device
         with ActivationTracker(self.model, [self.bundle.layer], neurons=self.reader.columns, record_all=True) as tr, \

@@ -69,7 +69,7 @@ def row_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
 
 
-def _warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """(B, V) logits -> (B, V) sampling probabilities: temperature, top-k, top-p (transformers' order)."""
     scores = logits.float() / sampling.temperature
     if sampling.top_k and sampling.top_k < scores.shape[-1]:
@@ -84,7 +84,7 @@ def _warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     return scores.softmax(-1)
 
 
-def _left_pad_cache(cache, pad: int) -> None:
+def left_pad_cache(cache, pad: int) -> None:
     """Insert ``pad`` masked positions at the start of every layer's keys and values (in place)."""
     if pad <= 0:
         return
@@ -94,7 +94,15 @@ def _left_pad_cache(cache, pad: int) -> None:
         layer.values = torch.cat([v.new_zeros(v.shape[0], v.shape[1], pad, v.shape[3]), v], 2)
 
 
-def _concat_caches(a, b) -> None:
+def crop_cache(cache, keep: int) -> None:
+    """Keep the first ``keep`` positions of every layer's keys and values (in place; transformers' own ``crop``
+    changed meaning across versions)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, :keep]
+        layer.values = layer.values[:, :, :keep]
+
+
+def concat_caches(a, b) -> None:
     """Append ``b``'s rows to ``a`` (same length; in place on ``a``)."""
     for la, lb in zip(a.layers, b.layers):
         la.keys = torch.cat([la.keys, lb.keys], 0)
@@ -176,7 +184,7 @@ def generate_continuous(
 
     def sample(logits: torch.Tensor, group: list[_Row]) -> None:
         """Pick the next token of each row of ``group`` from its (V,) logits; mark rows that end."""
-        probs = _warp(logits, sampling) if sampling.temperature > 0 else None
+        probs = warp_logits(logits, sampling) if sampling.temperature > 0 else None
         logp = torch.log_softmax(logits.float(), -1) if token_logprobs else None
         for j, row in enumerate(group):
             if probs is None:
@@ -231,12 +239,12 @@ def generate_continuous(
             return
         la, lb = _cache_len(cache), _cache_len(group_cache)
         if la < lb:
-            _left_pad_cache(cache, lb - la)
+            left_pad_cache(cache, lb - la)
             mask = torch.cat([torch.zeros(len(alive), lb - la, dtype=torch.long), mask], 1)
         elif lb < la:
-            _left_pad_cache(group_cache, la - lb)
+            left_pad_cache(group_cache, la - lb)
             group_mask = torch.cat([torch.zeros(len(take), la - lb, dtype=torch.long), group_mask], 1)
-        _concat_caches(cache, group_cache)
+        concat_caches(cache, group_cache)
         mask = torch.cat([mask, group_mask], 0)
         last_logits = torch.cat([last_logits, logits], 0)
         alive = alive + take
@@ -289,4 +297,5 @@ class _Null:
         return False
 
 
-__all__ = ["CONTINUOUS_MODEL_TYPES", "generate_continuous", "row_generator"]
+__all__ = ["CONTINUOUS_MODEL_TYPES", "concat_caches", "crop_cache", "generate_continuous", "left_pad_cache",
+           "row_generator", "warp_logits"]

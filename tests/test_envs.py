@@ -128,3 +128,85 @@ def test_internal_rpe_feeds_only_each_new_step_and_refuses_another_model(tiny_ll
     other, otok = tiny_model(TinyModelConfig(architecture="qwen2"))
     with pytest.raises(BundleMismatchError):
         InternalRPE(gymnasium.make("rpe/ChainSum-v0"), tiny_bundle, model=other, tokenizer=otok)
+
+
+def _greedy_tiny():
+    """A tiny model whose greedy steps are not empty (its end ids are damped) and end at blank lines now and then."""
+    import torch
+
+    from rpe.models import tiny_model
+
+    model, tok = tiny_model()
+    with torch.no_grad():
+        for end in (tok.eos_token_id, tok.pad_token_id):
+            model.lm_head.weight[end] *= 0.3
+        model.lm_head.weight[tok.convert_tokens_to_ids("\n")] *= 2.0  # steps end at blank lines
+    return model, tok
+
+
+def test_llm_policy_greedy_step_equals_generate_and_feeds_each_token_once():
+    import gymnasium
+
+    from rpe.envs import LLMPolicy
+    from rpe.generation import generate_from_ids
+    from rpe.sampling import SamplingConfig
+
+    model, tok = _greedy_tiny()
+    greedy = SamplingConfig(temperature=0)
+    policy = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=12)
+    env = gymnasium.make("rpe/ChainSum-v0", max_steps=4)
+    obs, _ = env.reset(seed=0)
+    for _ in range(4):
+        step = policy(obs)
+        ids = tok(obs, add_special_tokens=False)["input_ids"]
+        ref = generate_from_ids(model, tok, [ids], SamplingConfig(temperature=0, max_new_tokens=12),
+                                stop_strings=["\n\n"], engine="generate")
+        assert step == ref.texts[0].strip()  # the same step a fresh generate from the whole transcript gives
+        obs, _, terminated, truncated, _ = env.step(step)
+        if terminated or truncated:
+            break
+    final = len(tok(obs, add_special_tokens=False)["input_ids"])
+    # one prompt prefill, then only new tokens: each transcript token is fed about once (re-tokenised step
+    # boundaries are fed again), never the whole transcript per step
+    assert policy.stats["fed_tokens"] + policy.stats["generated_tokens"] <= final + 8 * policy.stats["calls"]
+
+
+def test_llm_policy_in_a_vector_env_matches_one_episode_at_a_time():
+    import gymnasium
+
+    from rpe.envs import LLMPolicy
+    from rpe.sampling import SamplingConfig
+
+    model, tok = _greedy_tiny()
+    greedy = SamplingConfig(temperature=0)
+    venv = gymnasium.make_vec("rpe/ChainSum-v0", num_envs=3, vectorization_mode="sync", max_steps=3)
+    obs, _ = venv.reset(seed=0)
+    batched = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=10)
+    single = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=10)
+    for _ in range(5):  # past the step limit: autoreset starts new episodes in the same slots
+        steps = batched(list(obs))
+        assert steps == [single(o) for o in obs]  # batching episodes together changes no step
+        obs, _, _, _, _ = venv.step(steps)
+    assert batched.stats["calls"] == 5
+
+
+def test_internal_rpe_refeeds_from_where_a_retokenised_transcript_differs(tiny_llama, tiny_bundle):
+    """When the transcript's tokens change before the end of what was fed (a re-tokenised boundary), the cache is
+    cropped to the common prefix and the rest fed again: the recorded columns equal a fresh forward's."""
+    import gymnasium
+    import torch
+
+    from rpe.envs import InternalRPE
+    from rpe.tracker import ActivationTracker
+
+    model, tok = tiny_llama
+    env = InternalRPE(gymnasium.make("rpe/ChainSum-v0"), tiny_bundle, model=model, tokenizer=tok)
+    env.reset(seed=0)
+    a = tok("Q: 12 + 30 = 42\n\nok", add_special_tokens=False)["input_ids"]
+    b = a[:6] + tok("9 + 1 = 10", add_special_tokens=False)["input_ids"]  # differs from position 6 on
+    env._feed(a)
+    env._feed(b)
+    with ActivationTracker(model, [tiny_bundle.layer], neurons=env.reader.columns, record_all=True) as tr, \
+            torch.no_grad():
+        model(input_ids=torch.tensor([b]))
+    torch.testing.assert_close(env._acts, tr.generated()[tiny_bundle.layer][0].float(), atol=1e-4, rtol=1e-4)
