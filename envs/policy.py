@@ -30,7 +30,7 @@ from rpe.decoding import (
     row_generator,
     warp_logits,
 )
-from rpe.sampling import SamplingConfig, cache_kwarg, common_prefix_len, eos_ids, prefix_cache, split_at_stop
+from rpe.sampling import SamplingConfig, cache_kwarg, common_prefix_len, eos_ids, split_at_stop
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
