@@ -184,4 +184,61 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
     }
 
 
-__all__ = ["RolloutBenchConfig", "bench_rollouts", "naive_env_loop"]
+def bench_env(cfg: RolloutBenchConfig, bundle_dir: str | None = None) -> dict[str, Any]:
+    """Useful tokens/s of N episodes stepped together (``LLMPolicy`` + ``InternalRPE`` on each of N environments,
+    in lockstep like a vector environment) vs ``rpe rollouts``' batched generation on the same problems and
+    prompts. The bundle only sets what is read (random probe weights cost the same); default: a random one."""
+    from rpe.bundle import SubsystemBundle, random_bundle
+    from rpe.envs import InternalRPE, LLMPolicy, ReasoningEnv
+    from rpe.models import load_model
+
+    model, tokenizer = load_model(cfg.model)
+    task = load_task(cfg.task)
+    builder = PromptBuilder(task, tokenizer, PromptConfig(), seed=cfg.seed)
+    problems = list(task.problems(cfg.n_problems, seed=cfg.seed))
+    bundle = (SubsystemBundle.load(bundle_dir, model=model, tokenizer=tokenizer) if bundle_dir
+              else random_bundle(model, tokenizer, layer=len(model.model.layers) - 2, k=6, m=6, hidden=32))
+    sampling = SamplingConfig(temperature=0.7, max_new_tokens=cfg.max_new_tokens)
+    generate_batch(model, tokenizer, [builder(problems[0])], SamplingConfig(max_new_tokens=4), seed=0)  # warm-up
+
+    start, tokens = time.perf_counter(), 0
+    for i in range(0, len(problems), cfg.batch_size):
+        gen = generate_batch(model, tokenizer, [builder(p) for p in problems[i : i + cfg.batch_size]], sampling,
+                             stop_strings=builder.stop_strings, seed=cfg.seed + i)
+        tokens += sum(max(1, len(c)) for c in gen.completion_ids)
+    rollouts_tps = tokens / (time.perf_counter() - start)
+
+    start, steps_taken = time.perf_counter(), 0
+    policy = LLMPolicy(model, tokenizer, sampling=sampling, max_step_tokens=cfg.max_step_tokens, seed=cfg.seed)
+    for i in range(0, len(problems), cfg.batch_size):
+        envs = [InternalRPE(ReasoningEnv(task, n_problems=len(problems), problem_seed=cfg.seed, prompt_fn=builder,
+                                         max_steps=cfg.max_steps), bundle, model=model, tokenizer=tokenizer)
+                for _ in problems[i : i + cfg.batch_size]]
+        obs = [env.reset(seed=cfg.seed, options={"problem_index": i + j})[0] for j, env in enumerate(envs)]
+        active = list(range(len(envs)))
+        while active:
+            steps = policy([obs[j] for j in active])
+            still = []
+            for j, step in zip(active, steps):
+                obs[j], _, terminated, truncated, _ = envs[j].step(step)
+                steps_taken += 1
+                if not (terminated or truncated):
+                    still.append(j)
+            active = still
+    env_s = time.perf_counter() - start
+    env_tps = policy.stats["generated_tokens"] / env_s
+    return {
+        "bench": "env",
+        "model": cfg.model,
+        "task": cfg.task,
+        "n_episodes": len(problems),
+        "batch_size": cfg.batch_size,
+        "useful_tokens_per_s": {"rpe_rollouts": round(rollouts_tps, 2), "llm_policy_internal_rpe": round(env_tps, 2)},
+        "env_steps": steps_taken,
+        "policy_stats": policy.stats,
+        "ratio": round(env_tps / rollouts_tps, 3),
+        "goal": "episodes through LLMPolicy + InternalRPE >= 0.8x rpe rollouts (issue #15)",
+    }
+
+
+__all__ = ["RolloutBenchConfig", "bench_env", "bench_rollouts", "naive_env_loop"]

@@ -210,3 +210,16 @@ def test_internal_rpe_refeeds_from_where_a_retokenised_transcript_differs(tiny_l
             torch.no_grad():
         model(input_ids=torch.tensor([b]))
     torch.testing.assert_close(env._acts, tr.generated()[tiny_bundle.layer][0].float(), atol=1e-4, rtol=1e-4)
+
+
+def test_bench_env_runs_both_arms_on_a_tiny_model(tiny_llama, tmp_path):
+    from rpe.bench_rollouts import RolloutBenchConfig, bench_env
+
+    model, tok = tiny_llama
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = RolloutBenchConfig(model=str(tmp_path / "m"), task="chain_sum_2", n_problems=3, batch_size=3,
+                             max_new_tokens=12, max_step_tokens=6, max_steps=2)
+    out = bench_env(cfg)
+    assert out["n_episodes"] == 3 and 3 <= out["env_steps"] <= 6
+    assert out["ratio"] > 0 and out["policy_stats"]["calls"] >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -79,6 +80,22 @@ def bench_rollouts(
     _load(model)  # clear error before timing if the model is missing
     with console.status("benchmarking rollouts (naive env loop, then batched)"):
         result = run(cfg)
+    _print_bench(result)
+
+
+@bench_app.command("env")
+def bench_env(
+    quick: bool = typer.Option(False, help="Small sizes (under a minute on 2 cores)."),
+    model: str = typer.Option("smollm2-135m-instruct", help="Model to benchmark."),
+    bundle: Optional[Path] = typer.Option(None, help="Bundle read by InternalRPE (default: a random one, same cost)."),
+) -> None:
+    """Episodes through LLMPolicy + InternalRPE vs rpe rollouts on the same problems; last line is JSON."""
+    from rpe.bench_rollouts import RolloutBenchConfig, bench_env as run
+
+    cfg = RolloutBenchConfig.quick(model) if quick else RolloutBenchConfig(model=model)
+    _load(model)
+    with console.status("benchmarking episodes through the environment vs batched rollouts"):
+        result = run(cfg, str(bundle) if bundle else None)
     _print_bench(result)
 
 
