@@ -284,7 +284,7 @@ def generate_continuous(
         tails.append(tail)
         logprobs.append(r.logprobs[: len(ids)])
     batch = GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails,
-                           logprobs if token_logprobs else [])
+                           logprobs if token_logprobs else [], prefix_len=prefix_len)
     recorded = [{layer: torch.cat(r.recorded[layer]) for layer in layers} for r in rows] if layers else None
     return batch, recorded
 

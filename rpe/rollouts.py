@@ -37,7 +37,6 @@ from rpe.generation import (  # re-exported: rpe.rollouts was their home
     generate_batch,
     generate_from_ids,
     resolve_engine,
-    shared_prefix_len,
     split_at_stop,
 )
 from rpe.metrics import wilson_interval
@@ -281,8 +280,7 @@ def collect_rollouts(
             gen = generate()
             if continuous:  # per row: its prompt after the shared prefix, then its fed-back tokens
                 recorded = gen.activations
-                prefix = shared_prefix_len(gen.prompt_ids, 32) if len(gen.prompt_ids) > 1 else 0
-                width = [len(ids) - prefix for ids in gen.prompt_ids]
+                width = [len(ids) - gen.prefix_len for ids in gen.prompt_ids]
         records = [
             _record(task, tokenizer, cfg, fp, problem, k, prompt_text, gen, i)
             for i, ((problem, k), prompt_text) in enumerate(zip(batch, prompt_texts))

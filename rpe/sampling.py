@@ -152,6 +152,8 @@ class GeneratedBatch:
     activations: list[dict[int, torch.Tensor]] = field(default_factory=list)
     """Per sequence, ``{layer: (T, k)}`` block outputs recorded while generating (continuous engine with
     ``record_layers``): the prompt's tokens after the shared prefix, then each generated token that was fed back."""
+    prefix_len: int = 0
+    """Length of the prompt prefix shared by all rows and encoded once (``activations`` start after it)."""
 
 
 def cut_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool]:
