@@ -224,3 +224,36 @@ def ablate(
         for share, r in check["shares"].items():
             console.print(f"  {share}: value {r['value']:.3f} vs random {r['random_mean']:.3f}")
     console.print(f"results: {out / 'results.json'}, plot: {out / 'ablation.png'}")
+
+
+@app.command("simulate")
+def simulate(
+    rollouts: Path = typer.Option(..., help="Rollout folder (with mc_values.json from `rpe dopamine` for the MC RPE)."),
+    bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit`."),
+    out: Path = typer.Option(..., help="Output folder: simulation.json, simulation.png."),
+    max_trajectories: Optional[int] = typer.Option(None, help="Use only the first N trajectories."),
+) -> None:
+    """The model's internal RPE beside a TD(lambda) learner's RPE and the Monte-Carlo RPE on the same steps."""
+    from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
+    from rpe.simulation import simulate_rollouts
+
+    try:
+        b = SubsystemBundle.load(bundle)
+    except BundleFormatError as err:
+        _fail(str(err))
+    lm, tok = _load(_rollout_model_name(rollouts, None))
+    try:
+        b.check_model(lm, tok)
+        with console.status("internal RPE, TD(lambda) learner, Monte-Carlo RPE"):
+            res = simulate_rollouts(lm, tok, b, rollouts, out, max_trajectories=max_trajectories)
+    except (BundleMismatchError, ValueError) as err:
+        _fail(str(err))
+    table = Table(title=f"Spearman of per-step RPE ({res['n_steps']} steps, {res['n_trajectories']} trajectories)")
+    for col in ("pair", "all steps [95% CI]", "by step position"):
+        table.add_column(col)
+    for pair, r in res["pairs"].items():
+        by = "; ".join(f"{k}: {v['spearman']:.2f}" for k, v in res["by_step"].get(pair, {}).items())
+        table.add_row(pair, f"{r['spearman']:.3f} [{r['low']:.3f}, {r['high']:.3f}]", by)
+    console.print(table)
+    console.print(f"learner weights: {', '.join(f'{k} {v:+.2f}' for k, v in res['weights'].items())}")
+    console.print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")

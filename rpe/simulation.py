@@ -1,0 +1,267 @@
+"""The textbook account of dopamine as a TD error, run on the same episodes as the model: an RPE simulation.
+
+A TD(lambda) learner (Sutton 1988; Schultz, Dayan and Montague 1997) with a linear value over simple, named
+features of the transcript learns V from the episodes' rewards and emits its own RPE at every step. Comparing it
+with the model's internal RPE (read through a bundle) and the Monte-Carlo RPE (from ``rpe dopamine``'s sampled
+continuations) asks whether the model's surprise looks like what an agent that knows only these features would
+feel.
+
+Features are functions ``(trajectory, k) -> float`` of state ``s_k`` (0 = before any step); :data:`FEATURES`
+holds the default ones, and any mapping of names to such functions can be passed.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rpe.records import Trajectory
+
+Feature = Callable[[Trajectory, int], float]
+
+_ARITH = re.compile(r"(-?\d+(?:\s*[-+*]\s*-?\d+)+)\s*=\s*(-?\d+)")
+
+
+def bias(t: Trajectory, k: int) -> float:
+    """Always 1: the learner's baseline value."""
+    return 1.0
+
+
+def step_fraction(t: Trajectory, k: int) -> float:
+    """How far into the episode the state is: k / T."""
+    return k / max(1, len(t.steps))
+
+
+def last_step_verifies(t: Trajectory, k: int) -> float:
+    """1 when the last step's arithmetic claims (``a + b - c = d``) are all true, 0 when one is false, 0.5 when it
+    makes none (and at s_0)."""
+    if k == 0:
+        return 0.5
+    claims = _ARITH.findall(t.steps[k - 1].text)
+    if not claims:
+        return 0.5
+    for expr, result in claims:
+        if re.fullmatch(r"[-+*\d\s]+", expr) is None:
+            return 0.5
+        value = eval_arith(expr)
+        if value is None or value != int(result):
+            return 0.0
+    return 1.0
+
+
+def eval_arith(expr: str) -> int | None:
+    """Integer value of ``a op b op c ...`` with +, - and * (* before + and -), or None when it does not parse."""
+    tokens = re.findall(r"\d+|[-+*]", expr)
+    nums: list[int] = []
+    ops: list[str] = []
+    i, expect_number = 0, True
+    try:
+        while i < len(tokens):
+            if expect_number:
+                sign = 1
+                while tokens[i] in "+-":  # unary signs
+                    sign = -sign if tokens[i] == "-" else sign
+                    i += 1
+                nums.append(sign * int(tokens[i]))
+                expect_number = False
+            else:
+                ops.append(tokens[i])
+                expect_number = True
+            i += 1
+    except (IndexError, ValueError):
+        return None
+    if expect_number or not nums:
+        return None
+    terms = [nums[0]]
+    for op, n in zip(ops, nums[1:]):
+        if op == "*":
+            terms[-1] *= n
+        else:
+            terms.append(n if op == "+" else -n)
+    return sum(terms)
+
+
+def wrong_so_far(t: Trajectory, k: int) -> float:
+    """1 when any step up to s_k made a false arithmetic claim."""
+    return float(any(last_step_verifies(t, j) == 0.0 for j in range(1, k + 1)))
+
+
+FEATURES: dict[str, Feature] = {"bias": bias, "step_fraction": step_fraction,
+                                "last_step_verifies": last_step_verifies, "wrong_so_far": wrong_so_far}
+"""The default features (add the task's difficulty with :func:`difficulty_feature`)."""
+
+
+def difficulty_feature(difficulty: Mapping[str, float]) -> Feature:
+    """A feature giving each trajectory's problem difficulty (e.g. the number of terms), from ``{problem_id: d}``."""
+    return lambda t, k: float(difficulty.get(t.problem_id, 0.0))
+
+
+@dataclass
+class TDLambdaLearner:
+    """Linear TD(lambda) with accumulating eligibility traces over the episodes, several passes.
+
+    V(s) = w . phi(s); after step t the error delta_t = r_t + gamma V(s_t) - V(s_{t-1}) (terminal: r - V(s_{T-1}),
+    V of the terminal state is 0) moves w by alpha delta_t e_t, e_t = gamma lambda e_{t-1} + phi(s_{t-1}).
+    """
+
+    features: Mapping[str, Feature]
+    alpha: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.9
+    epochs: int = 20
+    seed: int = 0
+
+    def _phi(self, t: Trajectory) -> np.ndarray:
+        return np.array([[f(t, k) for f in self.features.values()] for k in range(len(t.steps) + 1)])
+
+    def fit(self, trajectories: Sequence[Trajectory]) -> TDLambdaLearner:
+        """Learn w from the episodes (visited in a seeded random order each pass)."""
+        rng = np.random.default_rng(self.seed)
+        self._phis = {t.trajectory_id: self._phi(t) for t in trajectories}
+        self.w = np.zeros(len(self.features))
+        for _ in range(self.epochs):
+            for i in rng.permutation(len(trajectories)):
+                t = trajectories[i]
+                phi = self._phis[t.trajectory_id]
+                e = np.zeros_like(self.w)
+                for step in range(1, len(t.steps) + 1):
+                    v_prev = phi[step - 1] @ self.w
+                    terminal = step == len(t.steps)
+                    delta = (t.reward - v_prev) if terminal else self.gamma * (phi[step] @ self.w) - v_prev
+                    e = self.gamma * self.lam * e + phi[step - 1]
+                    self.w += self.alpha * delta * e
+        return self
+
+    def values(self, t: Trajectory) -> np.ndarray:
+        """(T + 1,) V(s_0..s_T) under the learned weights (V(s_T) is the last state's value, before the reward)."""
+        phi = self._phis.get(t.trajectory_id)
+        return (phi if phi is not None else self._phi(t)) @ self.w
+
+    def rpe(self, t: Trajectory) -> np.ndarray:
+        """(T,) the learner's RPE per step: gamma V(s_t) - V(s_{t-1}), the last step r - V(s_{T-1})."""
+        v = self.values(t)
+        out = self.gamma * v[1:] - v[:-1]
+        if len(out):
+            out[-1] = t.reward - v[-2]
+        return out
+
+
+def spearman_by_problem(a: np.ndarray, b: np.ndarray, problems: Sequence[str], n_boot: int = 1000,
+                        seed: int = 0) -> dict[str, float]:
+    """Spearman correlation of two per-step series with a 95% bootstrap interval over problems."""
+    from scipy.stats import spearmanr
+
+    from rpe.metrics import cluster_resamples
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    with warnings.catch_warnings():  # a resample with a constant series has no correlation: dropped below
+        warnings.simplefilter("ignore")
+        rho = float(spearmanr(a, b).statistic)
+        boots = [float(spearmanr(a[idx], b[idx]).statistic)
+                 for idx in cluster_resamples(np.asarray(problems), n_boot, seed)]
+    boots = [x for x in boots if np.isfinite(x)]
+    low, high = (np.percentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan))
+    return {"spearman": rho, "low": float(low), "high": float(high), "n_steps": int(len(a))}
+
+
+def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajectories: int | None = None,
+                      learner: TDLambdaLearner | None = None, n_boot: int = 1000, examples: int = 4) -> dict:
+    """The model's internal RPE, the TD(lambda) learner's RPE and (when ``rpe dopamine`` cached Monte-Carlo values
+    in the folder) the Monte-Carlo RPE on the same steps: pairwise Spearman with problem-bootstrap intervals, over
+    all steps and per step position. Writes ``simulation.json`` and ``simulation.png`` (example episodes).
+    """
+    import json
+    from pathlib import Path
+
+    from rpe.dopamine import DopamineConfig, td_errors
+    from rpe.fit import difficulty_from_run
+    from rpe.records import atomic_write_json, read_trajectories
+    from rpe.signals import SignalReader
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trajs = [t for t in read_trajectories(rollouts) if t.steps][:max_trajectories]
+    if len(trajs) < 10:
+        raise ValueError(f"{rollouts} has {len(trajs)} trajectories with steps; the simulation needs at least 10")
+    features = dict(FEATURES)
+    diff = difficulty_from_run(rollouts, trajs)
+    if diff:
+        for name in diff[0]:
+            by_id = {t.trajectory_id: d[name] for t, d in zip(trajs, diff)}
+            features[f"difficulty:{name}"] = lambda t, k, by_id=by_id: float(by_id.get(t.trajectory_id, 0.0))
+    learner = learner or TDLambdaLearner(features)
+    learner.features = features
+    learner.fit(trajs)
+    sigs = SignalReader(bundle, model, tokenizer).read([t.prompt_token_ids for t in trajs],
+                                                       [t.completion_token_ids for t in trajs],
+                                                       spans=[[(s.token_start, s.token_end) for s in t.steps] for t in trajs])
+    mc_path = Path(rollouts) / "mc_values.json"
+    mc: dict[str, list[float]] = {}
+    if mc_path.exists():
+        for values in json.loads(mc_path.read_text()).values():
+            mc.update(values)
+    series: dict[str, list[float]] = {"internal": [], "learner": [], "monte_carlo": []}
+    problems, positions = [], []
+    gamma = DopamineConfig().gamma
+    for t, sig in zip(trajs, sigs):
+        internal = list(sig.rpe)
+        internal[-1] = t.reward - sig.values[-2]  # reward-time error, as the learner's and the MC ones
+        mc_rpe = td_errors(mc[t.trajectory_id], gamma) if t.trajectory_id in mc else [np.nan] * len(t.steps)
+        series["internal"] += internal
+        series["learner"] += list(learner.rpe(t))
+        series["monte_carlo"] += list(mc_rpe)
+        problems += [t.problem_id] * len(t.steps)
+        positions += list(range(1, len(t.steps) + 1))
+    arr = {k: np.asarray(v, float) for k, v in series.items()}
+    pos = np.asarray(positions)
+    pairs = [("internal", "learner"), ("internal", "monte_carlo"), ("learner", "monte_carlo")]
+    result: dict = {"n_trajectories": len(trajs), "n_steps": int(len(pos)), "features": list(features),
+                    "weights": dict(zip(features, map(float, learner.w))), "pairs": {}, "by_step": {}}
+    for a, b in pairs:
+        ok = np.isfinite(arr[a]) & np.isfinite(arr[b])
+        if ok.sum() < 10:
+            continue
+        key = f"{a} vs {b}"
+        result["pairs"][key] = spearman_by_problem(arr[a][ok], arr[b][ok], [p for p, o in zip(problems, ok) if o], n_boot)
+        result["by_step"][key] = {
+            int(k): spearman_by_problem(arr[a][ok & (pos == k)], arr[b][ok & (pos == k)],
+                                        [p for p, o in zip(problems, ok & (pos == k)) if o], n_boot)
+            for k in sorted(set(pos[ok].tolist())) if (ok & (pos == k)).sum() >= 10}
+    atomic_write_json(out_dir / "simulation.json", result)
+    _plot(trajs[:examples], sigs, learner, mc, gamma, out_dir / "simulation.png")
+    return result
+
+
+def _plot(trajs, sigs, learner, mc, gamma, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rpe.dopamine import td_errors
+
+    fig, axes = plt.subplots(1, len(trajs), figsize=(3.2 * len(trajs), 2.8), squeeze=False)
+    for ax, t, sig in zip(axes[0], trajs, sigs):
+        steps = np.arange(1, len(t.steps) + 1)
+        internal = np.array(sig.rpe, float)
+        internal[-1] = t.reward - sig.values[-2]
+        ax.plot(steps, internal, "o-", label="internal (model)")
+        ax.plot(steps, learner.rpe(t), "s--", label="TD(lambda) learner")
+        if t.trajectory_id in mc:
+            ax.plot(steps, td_errors(mc[t.trajectory_id], gamma), "^:", label="Monte-Carlo")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(f"{t.problem_id} (r = {t.reward:.0f})", fontsize=8)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("RPE")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["FEATURES", "TDLambdaLearner", "bias", "difficulty_feature", "eval_arith", "last_step_verifies",
+           "simulate_rollouts", "spearman_by_problem", "step_fraction", "wrong_so_far"]
