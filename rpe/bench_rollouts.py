@@ -71,7 +71,7 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
     """Useful tokens/s of every generation path on the same prompts (the default 6-shot chat prompts), Monte-Carlo
     states valued per second under both engines, and the compute bound (see the issue on throughput)."""
     from rpe.models import load_model
-    from rpe.segment import make_steps
+    from rpe.rollouts import make_steps
 
     model, tokenizer = load_model(cfg.model)
     task = load_task(cfg.task)
@@ -139,16 +139,20 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
     states = states[: cfg.mc_states]
     mc_sampling = SamplingConfig(temperature=0.7, max_new_tokens=96)
 
-    def mc_arm(engine: str) -> float:
+    def mc_arm(engine: str) -> tuple[float, float]:
+        """(states valued per second, useful continuation tokens per second)."""
         per_call = max(1, cfg.batch_size // cfg.n_continuations) * (4 if engine == "continuous" else 1)
-        start = time.perf_counter()
+        start, tokens = time.perf_counter(), 0
         for i in range(0, len(states), per_call):
             rows = [s for s in states[i : i + per_call] for _ in range(cfg.n_continuations)]
-            generate_from_ids(model, tokenizer, rows, mc_sampling, stop_strings=builder.stop_strings, seed=i,
-                              engine=engine, max_rows=cfg.batch_size)
-        return len(states) / (time.perf_counter() - start)
+            gen = generate_from_ids(model, tokenizer, rows, mc_sampling, stop_strings=builder.stop_strings, seed=i,
+                                    engine=engine, max_rows=cfg.batch_size)
+            tokens += sum(max(1, len(c)) for c in gen.completion_ids)
+        seconds = time.perf_counter() - start
+        return len(states) / seconds, tokens / seconds
 
-    mc = {"generate": mc_arm("generate"), "continuous": mc_arm("continuous")}
+    mc_runs = {"generate": mc_arm("generate"), "continuous": mc_arm("continuous")}
+    mc = {k: v[0] for k, v in mc_runs.items()}
 
     # compute bound: one decode step of a full batch over a cache as long as the prompts, times the rows
     from rpe.sampling import cache_kwarg, prefix_cache
@@ -177,6 +181,7 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
         "ratio": round(tps["rpe"] / naive_tps, 3),
         "mc_states_per_s": {k: round(v, 3) for k, v in mc.items()},
         "ratio_mc_continuous_vs_generate_engine": round(mc["continuous"] / mc["generate"], 3),
+        "mc_useful_tokens_per_s": {k: round(v[1], 2) for k, v in mc_runs.items()},
         "decode_step_s_full_batch": round(step_s, 4),
         "compute_bound_tokens_per_s": round(bound, 1),
         "rpe_share_of_compute_bound": round(tps["rpe"] / bound, 3),

@@ -223,3 +223,17 @@ def test_bench_env_runs_both_arms_on_a_tiny_model(tiny_llama, tmp_path):
     out = bench_env(cfg)
     assert out["n_episodes"] == 3 and 3 <= out["env_steps"] <= 6
     assert out["ratio"] > 0 and out["policy_stats"]["calls"] >= 1
+
+
+def test_bench_rollouts_runs_every_arm_on_a_tiny_model(tiny_llama, tmp_path):
+    from rpe.bench_rollouts import RolloutBenchConfig, bench_rollouts
+
+    model, tok = tiny_llama
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = RolloutBenchConfig(model=str(tmp_path / "m"), task="chain_sum_2", n_problems=4, batch_size=4,
+                             max_new_tokens=12, max_step_tokens=6, max_steps=2, naive_problems=2, mc_states=4)
+    out = bench_rollouts(cfg)
+    assert set(out["useful_tokens_per_s"]) == {"naive_env_loop", "plain_generate", "rpe_generate_engine", "rpe",
+                                               "rpe_capture_4_layers"}
+    assert set(out["mc_states_per_s"]) == {"generate", "continuous"} and out["compute_bound_tokens_per_s"] > 0
