@@ -82,20 +82,21 @@ class LLMPolicy:
         return steps[0] if single else steps
 
     # -- caches --------------------------------------------------------------------------------------------
-    def _start(self, ids: list[int]) -> _Episode:
+    def _start(self, ids: list[int], siblings: Sequence[_Episode] = ()) -> _Episode:
         """The cached episode that ``ids`` extends (taken from the store), or a copy of the one sharing the longest
-        prefix (e.g. the few-shot examples of another episode) cropped to it, or a fresh one."""
+        prefix (e.g. the few-shot examples of another episode, also one started earlier in this call:
+        ``siblings``) cropped to it, or a fresh one."""
         from transformers import DynamicCache
 
         best, keep = None, 0
-        for ep in self._episodes:
+        for ep in [*self._episodes, *siblings]:
             k = common_prefix_len([ep.ids, ids])
             if k > keep:
                 best, keep = ep, k
         keep = min(keep, len(ids) - 1)  # the last token is fed again: its logits pick the first new token
         if best is None or keep <= 0:
             return _Episode([], DynamicCache(config=self.model.config))
-        if keep == len(best.ids):  # the transcript extends this episode: continue it
+        if keep == len(best.ids) and best in self._episodes:  # the transcript extends this episode: continue it
             self._episodes.remove(best)
             return best
         ep = _Episode(best.ids[:keep], copy.deepcopy(best.cache))  # share a prefix, leave the other episode be
@@ -133,7 +134,7 @@ class LLMPolicy:
             all_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in observations]
             episodes, logits = [], []
             for ids in all_ids:
-                ep = self._start(ids)
+                ep = self._start(ids, episodes)  # a new episode copies the shared prefix of one fed before it
                 episodes.append(ep)
                 logits.append(self._feed(ep, ids))
             # one batch: every cache left-padded to the longest, masks marking the real positions

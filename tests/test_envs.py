@@ -183,8 +183,11 @@ def test_llm_policy_in_a_vector_env_matches_one_episode_at_a_time():
     obs, _ = venv.reset(seed=0)
     batched = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=10)
     single = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=10)
-    for _ in range(5):  # past the step limit: autoreset starts new episodes in the same slots
+    prompt_len = len(tok(obs[0], add_special_tokens=False)["input_ids"])
+    for call in range(5):  # past the step limit: autoreset starts new episodes in the same slots
         steps = batched(list(obs))
+        if call == 0:  # three new episodes: the shared few-shot prefix is fed once, then each question
+            assert batched.stats["fed_tokens"] < 1.5 * prompt_len
         assert steps == [single(o) for o in obs]  # batching episodes together changes no step
         obs, _, _, _, _ = venv.step(steps)
     assert batched.stats["calls"] == 5
