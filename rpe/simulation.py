@@ -172,7 +172,8 @@ def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajec
                       learner: TDLambdaLearner | None = None, n_boot: int = 1000, examples: int = 4) -> dict:
     """The model's internal RPE, the TD(lambda) learner's RPE and (when ``rpe dopamine`` cached Monte-Carlo values
     in the folder) the Monte-Carlo RPE on the same steps: pairwise Spearman with problem-bootstrap intervals, over
-    all steps and per step position. Writes ``simulation.json`` and ``simulation.png`` (example episodes).
+    all steps, per step position, and over the steps before the last (``nonterminal``: the last step's error carries
+    the reward in every series, which alone correlates them). Writes ``simulation.json`` and ``simulation.png``.
     """
     import json
     from pathlib import Path
@@ -205,7 +206,7 @@ def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajec
         for values in json.loads(mc_path.read_text()).values():
             mc.update(values)
     series: dict[str, list[float]] = {"internal": [], "learner": [], "monte_carlo": []}
-    problems, positions = [], []
+    problems, positions, terminal = [], [], []
     gamma = DopamineConfig().gamma
     for t, sig in zip(trajs, sigs):
         internal = list(sig.rpe)
@@ -216,17 +217,24 @@ def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajec
         series["monte_carlo"] += list(mc_rpe)
         problems += [t.problem_id] * len(t.steps)
         positions += list(range(1, len(t.steps) + 1))
+        terminal += [False] * (len(t.steps) - 1) + [True]
     arr = {k: np.asarray(v, float) for k, v in series.items()}
     pos = np.asarray(positions)
     pairs = [("internal", "learner"), ("internal", "monte_carlo"), ("learner", "monte_carlo")]
+    last = np.asarray(terminal)
     result: dict = {"n_trajectories": len(trajs), "n_steps": int(len(pos)), "features": list(features),
-                    "weights": dict(zip(features, map(float, learner.w))), "pairs": {}, "by_step": {}}
+                    "weights": dict(zip(features, map(float, learner.w))), "pairs": {}, "by_step": {},
+                    "nonterminal": {}}
     for a, b in pairs:
         ok = np.isfinite(arr[a]) & np.isfinite(arr[b])
         if ok.sum() < 10:
             continue
         key = f"{a} vs {b}"
         result["pairs"][key] = spearman_by_problem(arr[a][ok], arr[b][ok], [p for p, o in zip(problems, ok) if o], n_boot)
+        mid = ok & ~last  # steps before the last: no reward term shared by every series
+        if mid.sum() >= 10:
+            result["nonterminal"][key] = spearman_by_problem(arr[a][mid], arr[b][mid],
+                                                             [p for p, o in zip(problems, mid) if o], n_boot)
         result["by_step"][key] = {
             int(k): spearman_by_problem(arr[a][ok & (pos == k)], arr[b][ok & (pos == k)],
                                         [p for p, o in zip(problems, ok & (pos == k)) if o], n_boot)
@@ -254,7 +262,8 @@ def _plot(trajs, sigs, learner, mc, gamma, path) -> None:
         if t.trajectory_id in mc:
             ax.plot(steps, td_errors(mc[t.trajectory_id], gamma), "^:", label="Monte-Carlo")
         ax.axhline(0, color="grey", lw=0.5)
-        ax.set_title(f"{t.problem_id} (r = {t.reward:.0f})", fontsize=8)
+        ax.set_xticks(steps)
+        ax.set_title(f"{t.trajectory_id} (r = {t.reward:.0f})", fontsize=8)
         ax.set_xlabel("step")
     axes[0][0].set_ylabel("RPE")
     axes[0][0].legend(fontsize=6)

@@ -77,6 +77,7 @@ def test_rpe_simulate_command_end_to_end(tiny_llama, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "sim" / "simulation.json").read_text())
     assert set(res["pairs"]) == {"internal vs learner", "internal vs monte_carlo", "learner vs monte_carlo"}
+    assert set(res["nonterminal"]) == set(res["pairs"])  # the same pairs without the reward-time step
     assert res["n_steps"] == sum(len(t.steps) for t in read_trajectories(tmp_path / "r"))
     assert (tmp_path / "sim" / "simulation.png").stat().st_size > 1000
     assert "internal vs monte_carlo" in r.output

@@ -249,11 +249,13 @@ def simulate(
     except (BundleMismatchError, ValueError) as err:
         _fail(str(err))
     table = Table(title=f"Spearman of per-step RPE ({res['n_steps']} steps, {res['n_trajectories']} trajectories)")
-    for col in ("pair", "all steps [95% CI]", "by step position"):
+    for col in ("pair", "all steps [95% CI]", "steps before the last [95% CI]", "by step position"):
         table.add_column(col)
     for pair, r in res["pairs"].items():
         by = "; ".join(f"{k}: {v['spearman']:.2f}" for k, v in res["by_step"].get(pair, {}).items())
-        table.add_row(pair, f"{r['spearman']:.3f} [{r['low']:.3f}, {r['high']:.3f}]", by)
+        mid = res["nonterminal"].get(pair)
+        table.add_row(pair, f"{r['spearman']:.3f} [{r['low']:.3f}, {r['high']:.3f}]",
+                      f"{mid['spearman']:.3f} [{mid['low']:.3f}, {mid['high']:.3f}]" if mid else "-", by)
     console.print(table)
     console.print(f"learner weights: {', '.join(f'{k} {v:+.2f}' for k, v in res['weights'].items())}")
     console.print(f"wrote {out / 'simulation.json'} and {out / 'simulation.png'}")
