@@ -7,10 +7,13 @@ inside it to ``.docs_src/rpe`` (a few hundred KB of source, ignored by git) befo
 rendered; ``mkdocs.yml`` points mkdocstrings at it.
 """
 
-from pathlib import Path
 import shutil
+from pathlib import Path
+
+from mkdocs.plugins import event_priority
 
 
+@event_priority(100)  # before mkdocstrings reads its `paths` (it drops a search path that does not exist yet)
 def on_config(config):
     root = Path(config.config_file_path).parent
     tree = root / ".docs_src" / "rpe"
