@@ -80,4 +80,4 @@ def test_rpe_simulate_command_end_to_end(tiny_llama, tmp_path):
     assert set(res["nonterminal"]) == set(res["pairs"])  # the same pairs without the reward-time step
     assert res["n_steps"] == sum(len(t.steps) for t in read_trajectories(tmp_path / "r"))
     assert (tmp_path / "sim" / "simulation.png").stat().st_size > 1000
-    assert "internal vs monte_carlo" in r.output
+    assert "learner weights:" in r.output and "Spearman of per-step RPE" in r.output  # (the table wraps at 80)
