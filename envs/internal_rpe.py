@@ -68,8 +68,8 @@ class InternalRPE(gymnasium.Wrapper):
         """Bring the cache and the recorded columns up to ``ids`` (re-feeding from where they differ)."""
         from transformers import DynamicCache
 
-        from rpe.decoding import crop_cache
-        from rpe.sampling import cache_kwarg, common_prefix_len
+        from rpe.decoding import crop_cache, feed_tokens
+        from rpe.sampling import common_prefix_len
 
         keep = common_prefix_len([self._fed, ids])
         if keep == len(ids):  # nothing new (an empty step): the last token must still be recomputed
@@ -78,13 +78,9 @@ class InternalRPE(gymnasium.Wrapper):
             self._cache, keep = DynamicCache(config=self.model.config), 0
         elif keep < len(self._fed):
             crop_cache(self._cache, keep)
-        new = ids[keep:]
-        device = next(self.model.parameters()).device
         with ActivationTracker(self.model, [self.bundle.layer], neurons=self.reader.columns, record_all=True) as tr, \
                 torch.inference_mode():
-            self.model(input_ids=torch.tensor([new], device=device),
-                       position_ids=torch.arange(keep, len(ids), device=device)[None], use_cache=True,
-                       logits_to_keep=1, **{cache_kwarg(self.model): self._cache})
+            feed_tokens(self.model, self._cache, ids[keep:], keep)
         got = tr.generated()[self.bundle.layer][0].float().cpu()
         self._acts = got if keep == 0 or self._acts is None else torch.cat([self._acts[:keep], got])
         self._fed = list(ids)

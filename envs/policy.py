@@ -26,11 +26,14 @@ from rpe.decoding import (
     CONTINUOUS_MODEL_TYPES,
     concat_caches,
     crop_cache,
+    decode_step,
+    feed_tokens,
+    hits_stop,
     left_pad_cache,
+    next_tokens,
     row_generator,
-    warp_logits,
 )
-from rpe.sampling import SamplingConfig, cache_kwarg, common_prefix_len, eos_ids, split_at_stop
+from rpe.sampling import SamplingConfig, common_prefix_len, eos_ids, split_at_stop
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -72,7 +75,6 @@ class LLMPolicy:
         self._episodes: list[_Episode] = []
         self._calls = 0
         self._ends = eos_ids(model, tokenizer)
-        self._kw = cache_kwarg(model)
         self.stats = {"calls": 0, "fed_tokens": 0, "generated_tokens": 0}
         """Work done so far: policy calls, tokens fed to extend cached transcripts, tokens generated."""
 
@@ -114,14 +116,11 @@ class LLMPolicy:
 
     def _feed(self, ep: _Episode, ids: list[int]) -> torch.Tensor:
         """Feed ``ids[len(ep.ids):]`` into the episode's cache; returns the last position's logits (V,)."""
-        device = next(self.model.parameters()).device
         new = ids[len(ep.ids):]
-        out = self.model(input_ids=torch.tensor([new], device=device),
-                         position_ids=torch.arange(len(ep.ids), len(ids), device=device)[None], use_cache=True,
-                         logits_to_keep=1, **{self._kw: ep.cache})
+        logits = feed_tokens(self.model, ep.cache, new, len(ep.ids))
         self.stats["fed_tokens"] += len(new)
         ep.ids = list(ids)
-        return out.logits[0, -1]
+        return logits
 
     # -- acting --------------------------------------------------------------------------------------------
     def act(self, observations: list[str]) -> list[str]:
@@ -155,16 +154,13 @@ class LLMPolicy:
             generated: list[list[int]] = [[] for _ in episodes]
             alive = list(range(len(episodes)))
             while alive:
-                probs = warp_logits(last, self.sampling) if self.sampling.temperature > 0 else None
                 keep = []
-                for j, i in enumerate(alive):
-                    tok = int(last[j].argmax()) if probs is None else int(
-                        torch.multinomial(probs[j], 1, generator=gens[i]))
+                for j, (i, tok) in enumerate(zip(alive, next_tokens(last, self.sampling, [gens[i] for i in alive]))):
                     fed_all = tok in self._ends  # an end token: every generated token was fed back
                     if not fed_all:
                         generated[i].append(tok)
-                        tail = self.tokenizer.decode(generated[i][-(len(STEP_STOP) + 8):], skip_special_tokens=True)
-                        if len(generated[i]) < self.max_step_tokens and STEP_STOP not in tail:
+                        if (len(generated[i]) < self.max_step_tokens
+                                and not hits_stop(self.tokenizer, generated[i], [STEP_STOP])):
                             keep.append(j)
                             continue
                     # the row is done: its cache leaves the batch with the episode (the last token, not fed, is
@@ -178,12 +174,8 @@ class LLMPolicy:
                     cache.batch_select_indices(torch.tensor(keep, device=device))
                     mask = mask[keep]
                     alive = [alive[j] for j in keep]
-                ids = torch.tensor([[generated[i][-1]] for i in alive], device=device)
-                positions = torch.tensor([[lengths[i] + len(generated[i]) - 1] for i in alive], device=device)
-                mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], 1)
-                out = self.model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, use_cache=True,
-                                 logits_to_keep=1, **{self._kw: cache})
-                last = out.logits[:, -1]
+                last, mask = decode_step(self.model, cache, mask, [generated[i][-1] for i in alive],
+                                         [lengths[i] + len(generated[i]) - 1 for i in alive])
         steps = []
         for ep, gen in zip(episodes, generated):
             self.stats["generated_tokens"] += len(gen)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rpe.bench import _timeit
+from rpe.dopamine import states_per_call
 from rpe.generation import SamplingConfig, generate_batch, generate_from_ids
 from rpe.prompts import PromptBuilder, PromptConfig
 from rpe.tasks import DEFAULT_TASK, load_task
@@ -67,19 +68,25 @@ def naive_env_loop(model, tokenizer, builder: PromptBuilder, problems, sampling:
     return tokens, time.perf_counter() - start
 
 
-def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
-    """Useful tokens/s of every generation path on the same prompts (the default 6-shot chat prompts), Monte-Carlo
-    states valued per second under both engines, and the compute bound (see the issue on throughput)."""
+def _setup(cfg: RolloutBenchConfig):
+    """Model, tokenizer, task, prompt builder, problems and sampling of a run, after a warm-up generation so no arm
+    pays one-off costs."""
     from rpe.models import load_model
-    from rpe.rollouts import make_steps
 
     model, tokenizer = load_model(cfg.model)
     task = load_task(cfg.task)
     builder = PromptBuilder(task, tokenizer, PromptConfig(), seed=cfg.seed)
     problems = list(task.problems(cfg.n_problems, seed=cfg.seed))
-    sampling = SamplingConfig(temperature=0.7, max_new_tokens=cfg.max_new_tokens)
-    # warm-up so no arm pays one-off costs
     generate_batch(model, tokenizer, [builder(problems[0])], SamplingConfig(max_new_tokens=4), seed=0)
+    return model, tokenizer, task, builder, problems, SamplingConfig(temperature=0.7, max_new_tokens=cfg.max_new_tokens)
+
+
+def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
+    """Useful tokens/s of every generation path on the same prompts (the default 6-shot chat prompts), Monte-Carlo
+    states valued per second under both engines, and the compute bound (see the issue on throughput)."""
+    from rpe.rollouts import make_steps
+
+    model, tokenizer, task, builder, problems, sampling = _setup(cfg)
 
     import torch
 
@@ -141,7 +148,7 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
 
     def mc_arm(engine: str) -> tuple[float, float]:
         """(states valued per second, useful continuation tokens per second)."""
-        per_call = max(1, cfg.batch_size // cfg.n_continuations) * (4 if engine == "continuous" else 1)
+        per_call = states_per_call(cfg.batch_size, cfg.n_continuations, engine)  # as `rpe dopamine` does
         start, tokens = time.perf_counter(), 0
         for i in range(0, len(states), per_call):
             rows = [s for s in states[i : i + per_call] for _ in range(cfg.n_continuations)]
@@ -195,16 +202,10 @@ def bench_env(cfg: RolloutBenchConfig, bundle_dir: str | None = None) -> dict[st
     prompts. The bundle only sets what is read (random probe weights cost the same); default: a random one."""
     from rpe.bundle import SubsystemBundle, random_bundle
     from rpe.envs import InternalRPE, LLMPolicy, ReasoningEnv
-    from rpe.models import load_model
 
-    model, tokenizer = load_model(cfg.model)
-    task = load_task(cfg.task)
-    builder = PromptBuilder(task, tokenizer, PromptConfig(), seed=cfg.seed)
-    problems = list(task.problems(cfg.n_problems, seed=cfg.seed))
+    model, tokenizer, task, builder, problems, sampling = _setup(cfg)
     bundle = (SubsystemBundle.load(bundle_dir, model=model, tokenizer=tokenizer) if bundle_dir
               else random_bundle(model, tokenizer, layer=len(model.model.layers) - 2, k=6, m=6, hidden=32))
-    sampling = SamplingConfig(temperature=0.7, max_new_tokens=cfg.max_new_tokens)
-    generate_batch(model, tokenizer, [builder(problems[0])], SamplingConfig(max_new_tokens=4), seed=0)  # warm-up
 
     start, tokens = time.perf_counter(), 0
     for i in range(0, len(problems), cfg.batch_size):

@@ -32,6 +32,7 @@ generation config asks for processing this loop does not apply (a repetition pen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,44 @@ class _Row:
 def row_generator(seed: int, index: int) -> torch.Generator:
     """The sampling stream of row ``index`` under ``seed``."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+
+
+def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generators: Sequence[torch.Generator]) -> list[int]:
+    """One token per row of (B, V) ``logits``: the argmax at temperature 0, else a draw from the warped
+    distribution with row ``j``'s own generator."""
+    if sampling.temperature <= 0:
+        return logits.argmax(-1).tolist()
+    probs = warp_logits(logits, sampling)
+    return [int(torch.multinomial(probs[j], 1, generator=g)) for j, g in enumerate(generators)]
+
+
+def hits_stop(tokenizer, generated: Sequence[int], stop_strings: Sequence[str]) -> bool:
+    """Whether the text of the last generated tokens contains a stop string (checked after every token)."""
+    longest = max((len(s) for s in stop_strings), default=0)
+    if not longest:
+        return False
+    tail = tokenizer.decode(list(generated[-(longest + 8):]), skip_special_tokens=True)
+    return any(s in tail for s in stop_strings)
+
+
+def decode_step(model, cache, mask: torch.Tensor, tokens: Sequence[int], positions: Sequence[int]):
+    """Feed one token per row (``tokens`` at ``positions``) through ``cache``; returns ``(logits (B, V), mask)``
+    with ``mask`` (B, L) extended by the new column."""
+    device = next(model.parameters()).device
+    mask = torch.cat([mask, torch.ones(len(tokens), 1, dtype=torch.long)], 1)
+    out = model(input_ids=torch.tensor([[t] for t in tokens], device=device), attention_mask=mask.to(device),
+                position_ids=torch.tensor([[p] for p in positions], device=device), use_cache=True,
+                logits_to_keep=1, **{cache_kwarg(model): cache})
+    return out.logits[:, -1], mask
+
+
+def feed_tokens(model, cache, tokens: Sequence[int], start: int) -> torch.Tensor:
+    """Append ``tokens`` (one sequence, positions ``start..``) to a batch-1 ``cache``; returns the last logits."""
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([list(tokens)], device=device),
+                position_ids=torch.arange(start, start + len(tokens), device=device)[None], use_cache=True,
+                logits_to_keep=1, **{cache_kwarg(model): cache})
+    return out.logits[0, -1]
 
 
 def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
@@ -166,7 +205,6 @@ def generate_continuous(
     kw = cache_kwarg(model)
     prefix_len = shared_prefix_len(enc, min_prefix) if len(enc) > 1 else 0
     base_cache = prefix_cache(model, enc[0][:prefix_len], device) if prefix_len else None
-    max_stop = max((len(s) for s in stop_strings), default=0)
     rows: list[_Row] = [_Row(i, row_generator(seed, i), len(p)) for i, p in enumerate(enc)]
     queue = list(range(len(enc)))
     alive: list[_Row] = []
@@ -176,21 +214,10 @@ def generate_continuous(
     layers = list(record_layers or [])
     tracker = ActivationTracker(model, layers, neurons=record_neurons, record_all=True) if layers else None
 
-    def recorded_slice() -> dict[int, torch.Tensor]:
-        out = {layer: tracker._recorded[layer].pop() for layer in layers}
-        for layer in layers:
-            tracker._recorded[layer].clear()
-        return out
-
     def sample(logits: torch.Tensor, group: list[_Row]) -> None:
         """Pick the next token of each row of ``group`` from its (V,) logits; mark rows that end."""
-        probs = warp_logits(logits, sampling) if sampling.temperature > 0 else None
         logp = torch.log_softmax(logits.float(), -1) if token_logprobs else None
-        for j, row in enumerate(group):
-            if probs is None:
-                tok = int(logits[j].argmax())
-            else:
-                tok = int(torch.multinomial(probs[j], 1, generator=row.generator))
+        for j, (row, tok) in enumerate(zip(group, next_tokens(logits, sampling, [r.generator for r in group]))):
             if tok in eos:
                 row.finish = "eos"
                 continue
@@ -199,10 +226,8 @@ def generate_continuous(
                 row.logprobs.append(float(logp[j, tok]))
             if len(row.generated) >= sampling.max_new_tokens:
                 row.finish = "length"
-            elif max_stop:
-                tail = tokenizer.decode(row.generated[-(max_stop + 8):], skip_special_tokens=True)
-                if any(s in tail for s in stop_strings):
-                    row.finish = "stop"
+            elif hits_stop(tokenizer, row.generated, stop_strings):
+                row.finish = "stop"
 
     def admit() -> None:
         """Prefill waiting prompts into free slots and join them to the running batch."""
@@ -229,7 +254,7 @@ def generate_continuous(
             group_cache.batch_select_indices(torch.tensor(order, device=device))
             group_mask = group_mask[order]
         if tracker is not None:
-            got = recorded_slice()
+            got = tracker.take_last()
             for r, u in zip(take, order):
                 n = len(suffixes[u])
                 r.recorded = {layer: [got[layer][u, ws - n :].cpu()] for layer in layers}
@@ -249,7 +274,7 @@ def generate_continuous(
         last_logits = torch.cat([last_logits, logits], 0)
         alive = alive + take
 
-    with torch.inference_mode(), (tracker if tracker is not None else _Null()):
+    with torch.inference_mode(), (tracker if tracker is not None else contextlib.nullcontext()):
         while queue or alive:
             if queue and (not alive or max_rows - len(alive) >= min(refill, len(queue))):
                 admit()  # the admitted rows' first-token logits come from their prefill
@@ -263,14 +288,10 @@ def generate_continuous(
             if not alive:
                 cache = None
                 continue
-            ids = torch.tensor([[r.generated[-1]] for r in alive], device=device)
-            positions = torch.tensor([[r.n_real + len(r.generated) - 1] for r in alive], device=device)
-            mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], 1)
-            out = model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions, use_cache=True,
-                        logits_to_keep=1, **{kw: cache})
-            last_logits = out.logits[:, -1]
+            last_logits, mask = decode_step(model, cache, mask, [r.generated[-1] for r in alive],
+                                            [r.n_real + len(r.generated) - 1 for r in alive])
             if tracker is not None:
-                got = recorded_slice()
+                got = tracker.take_last()
                 for j, r in enumerate(alive):
                     for layer in layers:
                         r.recorded[layer].append(got[layer][j].cpu())
@@ -289,13 +310,5 @@ def generate_continuous(
     return batch, recorded
 
 
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-__all__ = ["CONTINUOUS_MODEL_TYPES", "concat_caches", "crop_cache", "generate_continuous", "left_pad_cache",
-           "row_generator", "warp_logits"]
+__all__ = ["CONTINUOUS_MODEL_TYPES", "concat_caches", "crop_cache", "decode_step", "feed_tokens",
+           "generate_continuous", "hits_stop", "left_pad_cache", "next_tokens", "row_generator", "warp_logits"]

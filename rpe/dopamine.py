@@ -80,6 +80,13 @@ def _state_prefixes(t: Trajectory) -> list[list[int]]:
     return [t.prompt_token_ids] + [t.prompt_token_ids + t.completion_token_ids[: s.token_end] for s in t.steps[:-1]]
 
 
+def states_per_call(batch_size: int, n_continuations: int, engine: str) -> int:
+    """States valued per generation call: one batch of rows with ``generate``; with the continuous engine enough
+    to keep ``batch_size`` rows busy as rows finish (it refills free slots and prefills a state's N continuations
+    once)."""
+    return max(1, batch_size // n_continuations) * (4 if engine == "continuous" else 1)
+
+
 def mc_state_values(
     model,
     tokenizer,
@@ -108,9 +115,7 @@ def mc_state_values(
     todo = [t for t in trajectories if t.trajectory_id not in done and t.steps]
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
     items = [(t, k, prefix) for t in todo for k, prefix in enumerate(_state_prefixes(t))]
-    # states per call: enough to keep `batch_size` rows busy as rows finish (the continuous engine refills
-    # free slots and prefills the N continuations of a state once); results are cached after each call
-    per_call = max(1, cfg.batch_size // cfg.n_continuations) * (4 if cfg.engine == "continuous" else 1)
+    per_call = states_per_call(cfg.batch_size, cfg.n_continuations, cfg.engine)  # results cached after each call
     partial: dict[str, dict[int, float]] = {}
     for b in range(0, len(items), per_call):
         chunk = items[b : b + per_call]

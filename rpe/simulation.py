@@ -205,62 +205,53 @@ def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajec
     if mc_path.exists():
         for values in json.loads(mc_path.read_text()).values():
             mc.update(values)
-    series: dict[str, list[float]] = {"internal": [], "learner": [], "monte_carlo": []}
-    problems, positions, terminal = [], [], []
     gamma = DopamineConfig().gamma
+    per_traj = []  # per trajectory: each series' (T,) RPE, the last step's being the reward-time error
     for t, sig in zip(trajs, sigs):
-        internal = list(sig.rpe)
-        internal[-1] = t.reward - sig.values[-2]  # reward-time error, as the learner's and the MC ones
+        internal = np.array(sig.rpe, float)
+        internal[-1] = t.reward - sig.values[-2]
         mc_rpe = td_errors(mc[t.trajectory_id], gamma) if t.trajectory_id in mc else [np.nan] * len(t.steps)
-        series["internal"] += internal
-        series["learner"] += list(learner.rpe(t))
-        series["monte_carlo"] += list(mc_rpe)
-        problems += [t.problem_id] * len(t.steps)
-        positions += list(range(1, len(t.steps) + 1))
-        terminal += [False] * (len(t.steps) - 1) + [True]
-    arr = {k: np.asarray(v, float) for k, v in series.items()}
-    pos = np.asarray(positions)
-    pairs = [("internal", "learner"), ("internal", "monte_carlo"), ("learner", "monte_carlo")]
-    last = np.asarray(terminal)
+        per_traj.append({"internal": internal, "learner": learner.rpe(t), "monte_carlo": np.asarray(mc_rpe, float)})
+    arr = {k: np.concatenate([r[k] for r in per_traj]) for k in ("internal", "learner", "monte_carlo")}
+    problems = np.array([t.problem_id for t in trajs for _ in t.steps])
+    pos = np.concatenate([np.arange(1, len(t.steps) + 1) for t in trajs])
+    last = np.concatenate([np.arange(1, len(t.steps) + 1) == len(t.steps) for t in trajs])
     result: dict = {"n_trajectories": len(trajs), "n_steps": int(len(pos)), "features": list(features),
                     "weights": dict(zip(features, map(float, learner.w))), "pairs": {}, "by_step": {},
                     "nonterminal": {}}
-    for a, b in pairs:
+    for a, b in [("internal", "learner"), ("internal", "monte_carlo"), ("learner", "monte_carlo")]:
         ok = np.isfinite(arr[a]) & np.isfinite(arr[b])
         if ok.sum() < 10:
             continue
+
+        def corr(rows: np.ndarray) -> dict[str, float]:
+            return spearman_by_problem(arr[a][rows], arr[b][rows], list(problems[rows]), n_boot)
+
         key = f"{a} vs {b}"
-        result["pairs"][key] = spearman_by_problem(arr[a][ok], arr[b][ok], [p for p, o in zip(problems, ok) if o], n_boot)
-        mid = ok & ~last  # steps before the last: no reward term shared by every series
-        if mid.sum() >= 10:
-            result["nonterminal"][key] = spearman_by_problem(arr[a][mid], arr[b][mid],
-                                                             [p for p, o in zip(problems, mid) if o], n_boot)
-        result["by_step"][key] = {
-            int(k): spearman_by_problem(arr[a][ok & (pos == k)], arr[b][ok & (pos == k)],
-                                        [p for p, o in zip(problems, ok & (pos == k)) if o], n_boot)
-            for k in sorted(set(pos[ok].tolist())) if (ok & (pos == k)).sum() >= 10}
+        result["pairs"][key] = corr(ok)
+        if (ok & ~last).sum() >= 10:  # steps before the last: no reward term shared by every series
+            result["nonterminal"][key] = corr(ok & ~last)
+        result["by_step"][key] = {int(k): corr(ok & (pos == k)) for k in sorted(set(pos[ok].tolist()))
+                                  if (ok & (pos == k)).sum() >= 10}
     atomic_write_json(out_dir / "simulation.json", result)
-    _plot(trajs[:examples], sigs, learner, mc, gamma, out_dir / "simulation.png")
+    _plot(trajs[:examples], per_traj[:examples], out_dir / "simulation.png")
     return result
 
 
-def _plot(trajs, sigs, learner, mc, gamma, path) -> None:
+def _plot(trajs, series, path) -> None:
+    """The three RPE series of a few example episodes side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rpe.dopamine import td_errors
-
     fig, axes = plt.subplots(1, len(trajs), figsize=(3.2 * len(trajs), 2.8), squeeze=False)
-    for ax, t, sig in zip(axes[0], trajs, sigs):
+    for ax, t, r in zip(axes[0], trajs, series):
         steps = np.arange(1, len(t.steps) + 1)
-        internal = np.array(sig.rpe, float)
-        internal[-1] = t.reward - sig.values[-2]
-        ax.plot(steps, internal, "o-", label="internal (model)")
-        ax.plot(steps, learner.rpe(t), "s--", label="TD(lambda) learner")
-        if t.trajectory_id in mc:
-            ax.plot(steps, td_errors(mc[t.trajectory_id], gamma), "^:", label="Monte-Carlo")
+        ax.plot(steps, r["internal"], "o-", label="internal (model)")
+        ax.plot(steps, r["learner"], "s--", label="TD(lambda) learner")
+        if np.isfinite(r["monte_carlo"]).all():
+            ax.plot(steps, r["monte_carlo"], "^:", label="Monte-Carlo")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xticks(steps)
         ax.set_title(f"{t.trajectory_id} (r = {t.reward:.0f})", fontsize=8)

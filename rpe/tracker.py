@@ -190,6 +190,14 @@ class ActivationTracker(BlockHooks):
                 pass
         return self.captured
 
+    def take_last(self) -> dict[int, torch.Tensor]:
+        """``{layer: (B, T, k)}`` of the last forward recorded in ``record_all`` mode, forgetting everything
+        recorded so far (for decode loops whose batch changes between forwards)."""
+        out = {layer: chunks[-1] for layer, chunks in self._recorded.items()}
+        for chunks in self._recorded.values():
+            chunks.clear()
+        return out
+
     def generated(self, *, drop_prefix: bool = False) -> dict[int, torch.Tensor]:
         """Generation mode: ``{layer: (batch, total_tokens, k)}``, prefill and decode steps joined in time.
 

@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -148,7 +149,7 @@ def test_causal_rpe_check_runs_and_reports_each_share(tiny_llama, tiny_bundle, t
 
     def independent(ablate):
         act, delta = [], []
-        with NeuronAblation(model, {tiny_bundle.layer - 1: ablate}) if ablate is not None else _nothing():
+        with NeuronAblation(model, {tiny_bundle.layer - 1: ablate}) if ablate is not None else contextlib.nullcontext():
             for t in trajs:
                 ids = torch.tensor([t.prompt_token_ids + t.completion_token_ids])
                 with ActivationTracker(model, [tiny_bundle.layer], record_all=True) as tr, torch.no_grad():
@@ -164,14 +165,6 @@ def test_causal_rpe_check_runs_and_reports_each_share(tiny_llama, tiny_bundle, t
     assert out["baseline"] == pytest.approx(independent(None), abs=1e-5)
     assert out["shares"]["0.5"]["value"] == pytest.approx(independent(ranking[:32]), abs=1e-5)
     assert out["shares"]["0.5"]["value"] != pytest.approx(out["baseline"], abs=1e-3)  # the ablation reached it
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_summary_pools_seeds_into_one_wilson_interval():
