@@ -11,9 +11,14 @@
   bundle has none);
 - ``reward_unshaped``: the environment's reward (the returned reward includes the shaping below).
 
-Each step costs one incremental forward over that step's tokens only: the transcript's KV cache is kept across
-steps (the prompt is encoded once at ``reset``), and the forward stops after the bundle's layer. The values equal
-:meth:`rpe.signals.SignalReader.read` on the whole transcript (tested to 1e-4).
+With ``policy=`` (an :class:`~rpe.envs.LLMPolicy` acting in the environment) the signals come from the activations
+the policy recorded while it generated the step: no forward of the wrapper's own (the policy feeds the step's
+separator, which it would feed for its next step anyway, and the next step skips it). An action that came from
+elsewhere (a person, another model) is fed through the policy's cache: one incremental forward over that step's
+tokens only. Without a policy (``model=``, ``tokenizer=``), the wrapper keeps its own KV cache of the transcript
+(the prompt is encoded once at ``reset``) and each step costs one incremental forward over that step's tokens. The
+values equal :meth:`rpe.signals.SignalReader.read` on the whole transcript, in the tokens the model saw (tested to
+1e-4).
 
 ``shaping=beta`` adds potential-based shaping beta * (gamma V(s') - V(s)) to every reward, with potential 0 after a
 terminal step (Ng, Harada and Russell 1999: the optimal policy is unchanged).
@@ -34,23 +39,40 @@ from rpe.tracker import ActivationTracker
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from rpe.envs.policy import LLMPolicy
+
 
 class InternalRPE(gymnasium.Wrapper):
     """Adds internal value, RPE and dopamine activity to each step's ``info`` (see the module docstring).
 
     Args:
-        env: a text environment whose ``unwrapped`` has ``prompt`` and ``completion`` (a ``ReasoningEnv``).
-        bundle: a bundle fitted on ``model`` (checked).
-        model: the causal LM whose internal signals are read.
+        env: a text environment whose ``unwrapped`` has ``prompt``, ``completion`` and ``steps`` (a ``ReasoningEnv``).
+        bundle: a bundle fitted on the policy's (or ``model``'s) model (checked).
+        policy: the :class:`~rpe.envs.LLMPolicy` that acts in ``env``: signals are read from what it recorded while
+            generating (it is set to record the bundle's neurons; every wrapper of a vector environment can share
+            it).
+        model: without a policy, the causal LM whose internal signals are read.
         tokenizer: its tokenizer.
         shaping: beta of the potential-based shaping added to the reward (0 = none).
         gamma: discount of the TD error (default: the bundle's, as :class:`SignalReader` uses).
     """
 
-    def __init__(self, env: gymnasium.Env, bundle: SubsystemBundle, *, model: PreTrainedModel,
-                 tokenizer: PreTrainedTokenizerBase, shaping: float = 0.0, gamma: float | None = None):
+    def __init__(self, env: gymnasium.Env, bundle: SubsystemBundle, policy: LLMPolicy | None = None, *,
+                 model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 shaping: float = 0.0, gamma: float | None = None):
         super().__init__(env)
+        if policy is not None:
+            if model is not None and unwrap_model(model) is not unwrap_model(policy.model):
+                raise ValueError("InternalRPE got a policy and a different model=: the signals are read from the "
+                                 "policy's model; drop model= (and tokenizer=)")
+            model, tokenizer = policy.model, tokenizer or policy.tokenizer
+        if model is None or tokenizer is None:
+            raise TypeError("InternalRPE needs policy= (an rpe.envs.LLMPolicy acting in the environment) or "
+                            "model= and tokenizer=")
         self.reader = SignalReader(bundle, model, tokenizer)
+        self.policy = policy
+        if policy is not None:
+            policy.record(bundle.layer, self.reader.columns)
         if gamma is not None:
             self.reader.gamma = gamma
         self.bundle = bundle
@@ -85,11 +107,31 @@ class InternalRPE(gymnasium.Wrapper):
         self._acts = got if keep == 0 or self._acts is None else torch.cat([self._acts[:keep], got])
         self._fed = list(ids)
 
+    def _text(self) -> str:
+        """The transcript as the next step's context (the observation a policy acts on; its separator unread)."""
+        from rpe.envs.reasoning_env import STEP_SEPARATOR
+
+        u = self.env.unwrapped
+        return u.prompt + (u.completion + STEP_SEPARATOR if u.steps else "")
+
     def _read(self):
-        """Signals of the transcript so far (no forward: from the recorded columns)."""
-        completion = self.env.unwrapped.completion
-        comp_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] if completion else []
-        self._feed(self._prompt_ids + comp_ids)
+        """Signals of the transcript so far (from recorded columns: the policy's, or the wrapper's own forward)."""
+        if self.policy is not None:  # what the policy recorded while writing the step (it feeds anything else)
+            ids, self._acts = self.policy.observe(self._text())
+            if not self._prompt_ids:
+                self._prompt_ids = ids
+            if ids[: len(self._prompt_ids)] != self._prompt_ids:
+                raise RuntimeError("the policy's tokens of this transcript do not start with its prompt's tokens; was "
+                                   "the observation cut by max_chars?")
+            comp_ids = ids[len(self._prompt_ids):]
+            spans = self.reader.step_spans(comp_ids) if comp_ids else []
+            needed = len(self._prompt_ids) + (spans[-1][1] if spans else 0)
+            if len(self._acts) < needed:  # the step's last token is among those the policy left unfed
+                _, self._acts = self.policy.observe(self._text(), complete=True)
+        else:
+            completion = self.env.unwrapped.completion
+            comp_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] if completion else []
+            self._feed(self._prompt_ids + comp_ids)
         spans = self.reader.step_spans(comp_ids) if comp_ids else []
         p = len(self._prompt_ids)
         assert self._acts is not None
@@ -100,7 +142,8 @@ class InternalRPE(gymnasium.Wrapper):
     # -- gymnasium -----------------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
-        self._prompt_ids = self.tokenizer(self.env.unwrapped.prompt, add_special_tokens=False)["input_ids"]
+        self._prompt_ids = ([] if self.policy is not None  # the policy's tokens, set by the first read
+                            else self.tokenizer(self.env.unwrapped.prompt, add_special_tokens=False)["input_ids"])
         self._fed, self._acts, self._cache = [], None, None
         sig = self._read()
         self._values = [float(sig.values[0])]

@@ -11,13 +11,23 @@ environment's separator and the step the policy just wrote), so a T-step episode
 few-shot prefix shared by all episodes is encoded once), never a re-encode of the transcript. Where the
 transcript's tokens differ from what was fed (a re-tokenised boundary), the cache is cropped to the common prefix
 and the rest fed again; an unknown transcript (a new episode, an autoreset) starts from the shared prefix.
+
+The policy keeps its own tokens: when the next observation is the transcript it just extended (the step it wrote
+plus the separator, as :class:`~rpe.envs.ReasoningEnv` returns it), it continues from the tokens it generated
+rather than a re-tokenisation of the text (which can differ: SmolLM2 writes a blank line as two ``"\n"`` tokens,
+its tokenizer encodes it as one ``"\n\n"``, and the model continues differently after the one it never writes).
+
+Recording (:meth:`LLMPolicy.record`, used by :class:`~rpe.envs.InternalRPE`): the chosen neurons of one layer are
+kept for every token fed to an episode's cache, prompt, fed observations and generated steps alike, so the
+wrapper reads the step's internal value from what the policy computed anyway, without a forward of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,11 +51,17 @@ if TYPE_CHECKING:
 STEP_STOP = "\n\n"
 
 
-@dataclass
+@dataclass(eq=False)  # episodes are compared by identity (their tensors have no truth value)
 class _Episode:
     ids: list[int]
     """Tokens in the cache."""
     cache: object
+    text: str | None = None
+    """The transcript that ``ids + pending`` encode (the observation plus the step generated from it), when known."""
+    pending: list[int] = field(default_factory=list)
+    """Tokens of ``text`` not fed yet (the last token of a step: its logits were never needed)."""
+    acts: torch.Tensor | None = None
+    """(len(ids), k) recorded neurons of the fed tokens (when the policy records)."""
 
 
 class LLMPolicy:
@@ -75,8 +91,40 @@ class LLMPolicy:
         self._episodes: list[_Episode] = []
         self._calls = 0
         self._ends = eos_ids(model, tokenizer)
+        self._record: tuple[int, torch.Tensor] | None = None
         self.stats = {"calls": 0, "fed_tokens": 0, "generated_tokens": 0}
         """Work done so far: policy calls, tokens fed to extend cached transcripts, tokens generated."""
+
+    def record(self, layer: int, columns: torch.Tensor) -> None:
+        """Keep the activations of ``columns`` (LongTensor (k,), neuron indices) at decoder block ``layer`` for every
+        token fed from now on; :meth:`observe` returns them. Episodes cached before have no record and are dropped.
+
+        Raises:
+            ValueError: the policy already records another layer or other neurons (one bundle per policy).
+        """
+        from rpe.tracker import check_layers
+
+        check_layers(self.model, [layer])
+        columns = torch.as_tensor(columns, dtype=torch.long).cpu()
+        if self._record is not None:
+            if self._record[0] != layer or not torch.equal(self._record[1], columns):
+                raise ValueError(f"this LLMPolicy already records layer {self._record[0]} for another bundle; use one "
+                                 "policy per bundle (or the same bundle for every InternalRPE wrapper)")
+            return
+        self._record = (layer, columns)
+        self._episodes.clear()
+
+    def _tracker(self):
+        from rpe.tracker import ActivationTracker
+
+        if self._record is None:
+            return contextlib.nullcontext()
+        layer, columns = self._record
+        return ActivationTracker(self.model, [layer], neurons=columns, record_all=True)
+
+    def _recorded(self, tracker) -> torch.Tensor | None:
+        """(B, T, k) of the last forward, or None when not recording."""
+        return None if self._record is None else tracker.take_last()[self._record[0]]
 
     def __call__(self, obs: str | Sequence[str]) -> str | list[str]:
         single = isinstance(obs, str)
@@ -84,26 +132,35 @@ class LLMPolicy:
         return steps[0] if single else steps
 
     # -- caches --------------------------------------------------------------------------------------------
-    def _start(self, ids: list[int], siblings: Sequence[_Episode] = ()) -> _Episode:
-        """The cached episode that ``ids`` extends (taken from the store), or a copy of the one sharing the longest
+    def _start(self, ids: list[int], siblings: Sequence[_Episode] = (), *, whole: bool = False) -> _Episode:
+        """An episode whose cache holds a prefix of ``ids`` (all but the last token, or all with ``whole``): the
+        cached episode ``ids`` extends or repeats (taken from the store), else a copy of the one sharing the longest
         prefix (e.g. the few-shot examples of another episode, also one started earlier in this call:
-        ``siblings``) cropped to it, or a fresh one."""
+        ``siblings``) cropped to it, else a fresh one."""
         from transformers import DynamicCache
 
-        best, keep = None, 0
+        best, common = None, 0
         for ep in [*self._episodes, *siblings]:
             k = common_prefix_len([ep.ids, ids])
-            if k > keep:
-                best, keep = ep, k
-        keep = min(keep, len(ids) - 1)  # the last token is fed again: its logits pick the first new token
+            if k > common:
+                best, common = ep, k
+        keep = common if whole else min(common, len(ids) - 1)  # the last token is fed with the batch's first step
         if best is None or keep <= 0:
-            return _Episode([], DynamicCache(config=self.model.config))
-        if keep == len(best.ids) and best in self._episodes:  # the transcript extends this episode: continue it
+            return _Episode([], DynamicCache(config=self.model.config), acts=self._empty_acts())
+        if common == len(best.ids) and best in self._episodes:  # the transcript extends (or repeats) this episode
             self._episodes.remove(best)
-            return best
-        ep = _Episode(best.ids[:keep], copy.deepcopy(best.cache))  # share a prefix, leave the other episode be
-        crop_cache(ep.cache, keep)
+            ep = best
+        else:  # share a prefix, leave the other episode be
+            ep = _Episode(best.ids, copy.deepcopy(best.cache), acts=None if best.acts is None else best.acts.clone())
+        if keep < len(ep.ids):
+            crop_cache(ep.cache, keep)
+        ep.ids = ep.ids[:keep]
+        ep.acts = None if ep.acts is None else ep.acts[:keep]
+        ep.text, ep.pending = None, []
         return ep
+
+    def _empty_acts(self) -> torch.Tensor | None:
+        return None if self._record is None else torch.zeros(0, self._record[1].numel())
 
     def _row_cache(self, cache, j: int, pad: int):
         """Row ``j`` of a batch cache without its ``pad`` left-padding columns, as a batch-1 cache."""
@@ -114,13 +171,65 @@ class LLMPolicy:
             out.update(layer.keys[j : j + 1, :, pad:].clone(), layer.values[j : j + 1, :, pad:].clone(), layer_idx)
         return out
 
-    def _feed(self, ep: _Episode, ids: list[int]) -> torch.Tensor:
-        """Feed ``ids[len(ep.ids):]`` into the episode's cache; returns the last position's logits (V,)."""
+    def _feed(self, ep: _Episode, ids: list[int], tracker=None) -> None:
+        """Feed ``ids[len(ep.ids):]`` into the episode's cache (recording into ``ep.acts`` when the policy records)."""
         new = ids[len(ep.ids):]
-        logits = feed_tokens(self.model, ep.cache, new, len(ep.ids))
+        if not new:
+            return
+        feed_tokens(self.model, ep.cache, new, len(ep.ids))
+        got = self._recorded(tracker)
+        if got is not None and ep.acts is not None:
+            ep.acts = torch.cat([ep.acts, got[0]])
         self.stats["fed_tokens"] += len(new)
         ep.ids = list(ids)
-        return logits
+
+    def _ids(self, observation: str) -> list[int]:
+        """Tokens of an observation: the policy's own tokens of a transcript it wrote (plus the tokenised rest
+        when the observation extends it), else the tokenizer's."""
+        known = [ep for ep in self._episodes if ep.text is not None and observation.startswith(ep.text)]
+        if not known:
+            ids = self.tokenizer(observation, add_special_tokens=False)["input_ids"]
+        else:
+            ep = max(known, key=lambda e: len(e.text or ""))  # the longest transcript the observation extends
+            rest = observation[len(ep.text or ""):]
+            ids = ep.ids + ep.pending + (self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else [])
+        if len(ids) < 2:
+            raise ValueError(f"LLMPolicy needs an observation of at least two tokens (a prompt); got {observation!r}")
+        return ids
+
+    def observe(self, observation: str, *, complete: bool = False) -> tuple[list[int], torch.Tensor]:
+        """The tokens of ``observation`` as the policy encodes them and the recorded activations of those fed,
+        feeding what the policy has not seen (an action from elsewhere, a new episode's prompt).
+
+        A transcript the policy wrote itself costs nothing: its last tokens (the step separator the policy
+        generated, never needed for its content) are left for the next :meth:`act`, which feeds them with its
+        batch. ``complete=True`` feeds them now.
+
+        Returns:
+            ``(ids, acts)``: the transcript's token ids, and (n, k) float32 activations of the recorded columns for
+            ``ids[:n]``; n is ``len(ids)`` except for that unfed separator.
+
+        Raises:
+            RuntimeError: the policy does not record (:meth:`record`).
+        """
+        if self._record is None:
+            raise RuntimeError("LLMPolicy.observe needs recording: call policy.record(layer, columns) first")
+        ids = self._ids(observation)
+        own = next((ep for ep in self._episodes if ep.text == observation and ep.ids + ep.pending == ids), None)
+        if own is not None and not (complete and own.pending):
+            assert own.acts is not None
+            return list(ids), own.acts
+        with torch.inference_mode(), self._tracker() as tracker:
+            ep = self._start(ids, whole=True)
+            self._feed(ep, ids, tracker)
+        ep.text, ep.pending = observation, []
+        self._keep(ep)
+        assert ep.acts is not None and len(ep.acts) == len(ids)
+        return list(ids), ep.acts
+
+    def _keep(self, ep: _Episode) -> None:
+        self._episodes.append(ep)
+        del self._episodes[: max(0, len(self._episodes) - self.max_episodes)]
 
     # -- acting --------------------------------------------------------------------------------------------
     def act(self, observations: list[str]) -> list[str]:
@@ -129,60 +238,72 @@ class LLMPolicy:
         call = self._calls
         self._calls += 1
         self.stats["calls"] += 1
-        with torch.inference_mode():
-            all_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in observations]
-            episodes, logits = [], []
+        with torch.inference_mode(), self._tracker() as tracker:
+            all_ids = [self._ids(o) for o in observations]
+            episodes = []
             for ids in all_ids:
                 ep = self._start(ids, episodes)  # a new episode copies the shared prefix of one fed before it
+                self._feed(ep, ids[:-1], tracker)  # the last token goes with the batch's first step
                 episodes.append(ep)
-                logits.append(self._feed(ep, ids))
-            # one batch: every cache left-padded to the longest, masks marking the real positions
+            # one batch: every cache left-padded to the longest, masks marking the real positions (the episodes'
+            # own caches are used: each gets its row back when its step ends)
             lengths = [len(ep.ids) for ep in episodes]
-            width = max(lengths)
-            pads = [width - n for n in lengths]
-            caches = []
-            for ep, pad in zip(episodes, pads):
-                c = copy.deepcopy(ep.cache)
-                left_pad_cache(c, pad)
-                caches.append(c)
-            cache = caches[0]
-            for c in caches[1:]:
-                concat_caches(cache, c)
+            pads = [max(lengths) - n for n in lengths]
+            cache = episodes[0].cache
+            left_pad_cache(cache, pads[0])
+            for ep, pad in zip(episodes[1:], pads[1:]):
+                left_pad_cache(ep.cache, pad)
+                concat_caches(cache, ep.cache)
             mask = torch.tensor([[0] * pad + [1] * n for pad, n in zip(pads, lengths)])
-            last = torch.stack(logits)
             gens = [row_generator(self.seed, call * 4096 + i) for i in range(len(episodes))]
             generated: list[list[int]] = [[] for _ in episodes]
+            fed: list[list[torch.Tensor]] = [[] for _ in episodes]  # recorded (k,) per token fed in the batch
             alive = list(range(len(episodes)))
-            while alive:
+            tokens = [ids[-1] for ids in all_ids]  # each observation's last token, then the generated ones
+            while True:
+                last, mask = decode_step(self.model, cache, mask, tokens,
+                                         [len(all_ids[i]) + len(generated[i]) - 1 for i in alive])
+                got = self._recorded(tracker)
+                if got is not None:
+                    for j, i in enumerate(alive):
+                        fed[i].append(got[j, 0])
                 keep = []
                 for j, (i, tok) in enumerate(zip(alive, next_tokens(last, self.sampling, [gens[i] for i in alive]))):
-                    fed_all = tok in self._ends  # an end token: every generated token was fed back
-                    if not fed_all:
+                    ends = tok in self._ends  # an end token: every generated token was fed back
+                    if not ends:
                         generated[i].append(tok)
                         if (len(generated[i]) < self.max_step_tokens
                                 and not hits_stop(self.tokenizer, generated[i], [STEP_STOP])):
                             keep.append(j)
                             continue
-                    # the row is done: its cache leaves the batch with the episode (the last token, not fed, is
-                    # fed with the environment's next transcript)
-                    fed = generated[i] if fed_all else generated[i][:-1]
-                    episodes[i].cache = self._row_cache(cache, j, pads[i])
-                    episodes[i].ids = episodes[i].ids + fed
+                    # the row is done: its cache leaves the batch with the episode; a last generated token (not
+                    # fed) is fed with the episode's next step
+                    ep = episodes[i]
+                    ep.cache = self._row_cache(cache, j, pads[i])
+                    ep.ids = all_ids[i] + (generated[i] if ends else generated[i][:-1])
+                    ep.pending = [] if ends else generated[i][-1:]
+                    if ep.acts is not None:
+                        ep.acts = torch.cat([ep.acts, torch.stack(fed[i])])
                 if not keep:
                     break
                 if len(keep) < len(alive):
                     cache.batch_select_indices(torch.tensor(keep, device=device))
                     mask = mask[keep]
                     alive = [alive[j] for j in keep]
-                last, mask = decode_step(self.model, cache, mask, [generated[i][-1] for i in alive],
-                                         [lengths[i] + len(generated[i]) - 1 for i in alive])
+                tokens = [generated[i][-1] for i in alive]
+        self.stats["fed_tokens"] += len(episodes)  # each observation's last token
         steps = []
-        for ep, gen in zip(episodes, generated):
+        for obs, ep, gen in zip(observations, episodes, generated):
             self.stats["generated_tokens"] += len(gen)
-            _, text, _, _ = split_at_stop(self.tokenizer, gen, [STEP_STOP])
-            steps.append(text.strip())
-            self._episodes.append(ep)  # its cache holds the transcript the environment will extend
-        del self._episodes[: max(0, len(self._episodes) - self.max_episodes)]
+            kept, text, stopped, tail = split_at_stop(self.tokenizer, gen, [STEP_STOP])
+            step = text.strip()
+            steps.append(step)
+            # the transcript the environment will return: the observation, the step, the separator. When the
+            # generated tokens spell exactly that, the next call continues from them (the model's own tokens)
+            exact = (stopped and step == text and kept + tail == gen
+                     and self.tokenizer.decode(gen, skip_special_tokens=True) == text + STEP_STOP)
+            ep.text = obs + text + STEP_STOP if exact else None
+            self._keep(ep)  # its cache holds the transcript the environment will extend
         return steps
 
 

@@ -1,7 +1,8 @@
 """``ReasoningEnv``: a verifiable reasoning task as a gymnasium environment (one action = one step).
 
-Observation: the transcript so far (prompt + the steps taken), as text. Action: the next reasoning step, as
-text. The reward is 0 until the episode ends; a step that states a final answer ends it (``terminated``) with
+Observation: the transcript so far (prompt + the steps taken), as text, ending where the next step starts: after
+a step that did not end the episode it ends with the step separator (a blank line), so an agent that continues
+the text writes the next step, not a separator. Action: the next reasoning step, as text. The reward is 0 until the episode ends; a step that states a final answer ends it (``terminated``) with
 the verifier's score. Hitting ``max_steps`` or ``max_chars`` ends it with reward 0 (``truncated``).
 
 Example:
@@ -95,6 +96,7 @@ class ReasoningEnv(gymnasium.Env[str, str]):
         self.problem: Problem | None = None
         self.prompt = ""
         self.steps: list[str] = []
+        self._ended = False
 
     @property
     def completion(self) -> str:
@@ -102,7 +104,9 @@ class ReasoningEnv(gymnasium.Env[str, str]):
         return STEP_SEPARATOR.join(self.steps)
 
     def _obs(self) -> str:
-        return (self.prompt + self.completion)[-self.max_chars :]
+        """The context of the next step: the transcript, plus the separator after a step when the episode goes on."""
+        sep = STEP_SEPARATOR if self.steps and not self._ended else ""
+        return (self.prompt + self.completion + sep)[-self.max_chars :]
 
     def _info(self) -> dict[str, Any]:
         assert self.problem is not None
@@ -123,6 +127,7 @@ class ReasoningEnv(gymnasium.Env[str, str]):
         self.problem = self.problems[index]
         self.prompt = self.prompt_fn(self.problem)
         self.steps = []
+        self._ended = False
         return self._obs(), self._info()
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
@@ -146,6 +151,7 @@ class ReasoningEnv(gymnasium.Env[str, str]):
         )
         if terminated or truncated:
             info["final"] = True
+            self._ended = True
         return self._obs(), reward, terminated, truncated, info
 
     def render(self) -> str | None:

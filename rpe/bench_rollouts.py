@@ -218,7 +218,7 @@ def bench_env(cfg: RolloutBenchConfig, bundle_dir: str | None = None) -> dict[st
     policy = LLMPolicy(model, tokenizer, sampling=sampling, max_step_tokens=cfg.max_step_tokens, seed=cfg.seed)
     for i in range(0, len(problems), cfg.batch_size):
         envs = [InternalRPE(ReasoningEnv(task, n_problems=len(problems), problem_seed=cfg.seed, prompt_fn=builder,
-                                         max_steps=cfg.max_steps), bundle, model=model, tokenizer=tokenizer)
+                                         max_steps=cfg.max_steps), bundle, policy)
                 for _ in problems[i : i + cfg.batch_size]]
         obs = [env.reset(seed=cfg.seed, options={"problem_index": i + j})[0] for j, env in enumerate(envs)]
         active = list(range(len(envs)))

@@ -80,7 +80,8 @@ AFTER = {  # what each page's examples must have produced, beyond running
     and list(ns["adv"]) == pytest.approx([0.8, 0.5, 0.1]),
     "guides/recipes.md": lambda ns: ns["outcome"].summary["steps"] == 1,
     "guides/analysis.md": lambda ns: Path("analysis/report.html").exists() and len(ns["sig"].values) == 3,
-    "guides/gymnasium.md": lambda ns: len(ns["values"]) == 4 and ns["policy"].stats["calls"] == 4,
+    "guides/gymnasium.md": lambda ns: len(ns["values"]) == 4 and ns["policy"].stats["calls"] == 4
+    and len(ns["vector_values"]) == 5 and all(len(v) == 4 for v in ns["vector_values"]),
     "guides/models-tasks.md": lambda ns: [p.answer for p in ns["mine"].problems(2, seed=0)] == ["3/4", "12"],
 }
 

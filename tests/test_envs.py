@@ -23,9 +23,10 @@ def test_reward_only_at_the_end_from_the_verifier():
     obs, info = env.reset(seed=1)
     obs, reward, terminated, truncated, info = env.step("Step 1: 1 + 1 = 2.")
     assert (reward, terminated, truncated, info["step_index"]) == (0.0, False, False, 1)
-    assert obs.endswith("Step 1: 1 + 1 = 2.")
+    assert obs.endswith("Step 1: 1 + 1 = 2.\n\n")  # the next step starts after the separator
     obs, reward, terminated, truncated, info = env.step(f"Answer: {info['answer']}")
     assert (reward, terminated, truncated, info["step_index"], info["final"]) == (1.0, True, False, 2, True)
+    assert obs.endswith(f"Step 1: 1 + 1 = 2.\n\nAnswer: {info['answer']}")  # the final transcript
     env.reset(seed=1)
     assert env.step("Answer: 99999")[1:3] == (0.0, True)
 
@@ -240,3 +241,196 @@ def test_bench_rollouts_runs_every_arm_on_a_tiny_model(tiny_llama, tmp_path):
     assert set(out["useful_tokens_per_s"]) == {"naive_env_loop", "plain_generate", "rpe_generate_engine", "rpe",
                                                "rpe_capture_4_layers"}
     assert set(out["mc_states_per_s"]) == {"generate", "continuous"} and out["compute_bound_tokens_per_s"] > 0
+
+
+def _episode_tokens(policy, env):
+    """The policy's tokens of the finished transcript and the prompt's length in them."""
+    from rpe.envs.reasoning_env import STEP_SEPARATOR
+
+    u = env.unwrapped
+    ids, _ = policy.observe(u.prompt + u.completion + STEP_SEPARATOR)  # all fed already: nothing new
+    return ids, len(policy.tokenizer(u.prompt, add_special_tokens=False)["input_ids"])
+
+
+def _model_tokens(model):
+    """A counter of the tokens that go through the model's first block (all forwards, all rows)."""
+    from rpe.tracker import decoder_layers
+
+    seen = []
+    hook = decoder_layers(model)[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[:2].numel()),
+        with_kwargs=True)
+    return seen, hook
+
+
+def _run_episode(env, policy, seed, max_calls=6):
+    obs, info = env.reset(seed=seed)
+    infos, steps = [info], []
+    for _ in range(max_calls):
+        steps.append(policy(obs))
+        obs, _, terminated, truncated, info = env.step(steps[-1])
+        infos.append(info)
+        if terminated or truncated:
+            break
+    return steps, infos
+
+
+def test_internal_rpe_on_the_policy_reads_what_the_policy_recorded():
+    """With policy=, V(s_t), delta_t and dopamine equal SignalReader.read of the transcript in the policy's own tokens,
+    the steps are those of the policy alone, and the wrapper adds no forward of its own."""
+    import gymnasium
+    import numpy as np
+
+    from rpe.envs import InternalRPE, LLMPolicy
+    from rpe.sampling import SamplingConfig
+    from rpe.signals import SignalReader
+
+    from conftest import make_tiny_bundle
+
+    model, tok = _greedy_tiny()
+    bundle = make_tiny_bundle(model, tok)
+    for key in ("net.2.weight", "net.0.weight"):  # a steeper random probe, so values differ between states
+        bundle.probe_state.weights[key] = bundle.probe_state.weights[key] * 8
+    greedy = SamplingConfig(temperature=0)
+
+    alone = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=12)
+    seen, hook = _model_tokens(model)
+    try:
+        plain = [_run_episode(gymnasium.make("rpe/ChainSum-v0", max_steps=4), alone, seed)[0] for seed in (0, 1)]
+    finally:
+        hook.remove()
+    tokens_alone = sum(seen)
+
+    policy = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=12)
+    env = InternalRPE(gymnasium.make("rpe/ChainSum-v0", max_steps=4), bundle, policy)
+    seen, hook = _model_tokens(model)
+    try:
+        runs = [_run_episode(env, policy, seed) for seed in (0, 1)]
+    finally:
+        hook.remove()
+    assert [steps for steps, _ in runs] == plain  # recording changes no step
+    # no forward of the wrapper's own (that would add every step's ~12 tokens): at most one token per step and per
+    # reset (a transcript the tiny model's tokens do not spell is fed by the wrapper's read, its last token again
+    # with the next step) and the final separators
+    separator = len(tok("\n\n", add_special_tokens=False)["input_ids"])
+    n_steps = sum(len(steps) for steps, _ in runs)
+    assert sum(seen) <= tokens_alone + n_steps + 2 + 2 * separator
+
+    reader = SignalReader(bundle, model, tok)
+    for seed, (steps, infos) in zip((0, 1), runs):
+        env.reset(seed=seed)
+        for step in steps:  # replay (the policy's cache holds this transcript: nothing is fed again)
+            env.step(step)
+        ids, p = _episode_tokens(policy, env)
+        whole = reader.read([ids[:p]], [ids[p:]])[0]
+        values = env.internal_values
+        assert len(values) == len(steps) + 1 and np.ptp(values) > 0.01
+        np.testing.assert_allclose([i["internal_value"] for i in infos], values, atol=1e-6)
+        np.testing.assert_allclose(values, whole.values, atol=1e-4)
+        np.testing.assert_allclose([i["dopamine"] for i in infos[1:]], whole.dopamine, atol=1e-4)
+
+
+def test_internal_rpe_reads_an_outside_action_through_the_policy_cache(tiny_llama, tiny_bundle):
+    """An action the policy did not write is fed once (its tokens only) and read like any other."""
+    import gymnasium
+    import numpy as np
+
+    from rpe.envs import InternalRPE, LLMPolicy
+    from rpe.signals import SignalReader
+
+    model, tok = tiny_llama
+    policy = LLMPolicy(model, tok, max_step_tokens=8)
+    env = InternalRPE(gymnasium.make("rpe/ChainSum-v0"), tiny_bundle, policy)
+    env.reset(seed=0)
+    fed = policy.stats["fed_tokens"]
+    env.step("4 + 1 = 5.")
+    step_tokens = len(tok("\n\n4 + 1 = 5.\n\n", add_special_tokens=False)["input_ids"])
+    assert policy.stats["fed_tokens"] - fed <= step_tokens  # only the new step (and its separator)
+    env.step("Answer: 7")
+    ids, p = _episode_tokens(policy, env)
+    whole = SignalReader(tiny_bundle, model, tok).read([ids[:p]], [ids[p:]])[0]
+    np.testing.assert_allclose(env.internal_values, whole.values, atol=1e-4)
+    with pytest.raises(ValueError, match="another bundle"):
+        from conftest import make_tiny_bundle
+
+        InternalRPE(gymnasium.make("rpe/ChainSum-v0"), make_tiny_bundle(model, tok, layer=1), policy)
+    with pytest.raises(TypeError, match="policy="):
+        InternalRPE(gymnasium.make("rpe/ChainSum-v0"), tiny_bundle)
+
+
+def test_internal_rpe_wrappers_of_a_vector_env_share_one_policy():
+    """gymnasium.make_vec with InternalRPE on each sub-environment and one LLMPolicy: the batched episodes give the
+    values one episode at a time gives, through autoreset."""
+    import gymnasium
+    import numpy as np
+
+    from rpe.envs import InternalRPE, LLMPolicy
+    from rpe.sampling import SamplingConfig
+
+    from conftest import make_tiny_bundle
+
+    model, tok = _greedy_tiny()
+    bundle = make_tiny_bundle(model, tok)
+    greedy = SamplingConfig(temperature=0)
+    policy = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=10)
+    venv = gymnasium.make_vec("rpe/ChainSum-v0", num_envs=3, vectorization_mode="sync", max_steps=2,
+                              wrappers=[lambda e: InternalRPE(e, bundle, policy)])
+    obs, info = venv.reset(seed=0)
+    batched = [list(info["internal_value"])]
+    for _ in range(2):
+        obs, _, _, _, info = venv.step(policy(list(obs)))
+        batched.append(list(info["internal_value"]))
+    single_policy = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=10)
+    for i in range(3):
+        env = InternalRPE(gymnasium.make("rpe/ChainSum-v0", max_steps=2), bundle, single_policy)
+        _, infos = _run_episode(env, single_policy, seed=i, max_calls=2)  # make_vec seeds env i with seed + i
+        np.testing.assert_allclose([row[i] for row in batched][: len(infos)], [x["internal_value"] for x in infos],
+                                   atol=1e-4)
+
+
+def test_policy_and_wrapper_on_the_real_default_model(real_model):
+    """SmolLM2 acting in the default task through LLMPolicy + InternalRPE: non-empty steps that continue the
+    transcript as one greedy generate of the whole completion does, an answer at the end, and values equal to a
+    whole-transcript read."""
+    import numpy as np
+
+    from rpe.bundle import random_bundle
+    from rpe.envs import InternalRPE, LLMPolicy, ReasoningEnv
+    from rpe.generation import generate_from_ids
+    from rpe.sampling import SamplingConfig
+    from rpe.signals import SignalReader
+
+    model, tok = real_model
+    bundle = random_bundle(model, tok, layer=20, k=6, m=6, hidden=32)
+    greedy = SamplingConfig(temperature=0)
+    alone = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=48)
+    seen, hook = _model_tokens(model)
+    try:
+        plain = [_run_episode(ReasoningEnv("chain_sum_mix", n_problems=20, max_steps=6), alone, s)[0] for s in (0, 1)]
+    finally:
+        hook.remove()
+    tokens_alone = sum(seen)
+    policy = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=48)
+    env = InternalRPE(ReasoningEnv("chain_sum_mix", n_problems=20, max_steps=6), bundle, policy)
+    seen, hook = _model_tokens(model)
+    try:
+        runs = [_run_episode(env, policy, seed) for seed in (0, 1)]
+    finally:
+        hook.remove()
+    assert [steps for steps, _ in runs] == plain
+    assert sum(seen) <= tokens_alone + 2  # the model's own steps: only each prompt's last token is fed twice
+    reader = SignalReader(bundle, model, tok)
+    for seed, (steps, infos) in zip((0, 1), runs):
+        env.reset(seed=seed)
+        for step in steps:
+            env.step(step)
+        assert all(steps) and "final" in infos[-1] and infos[-1]["step_index"] == len(steps)
+        assert "answer" in steps[-1].lower()  # ended by a final answer, not by the step limit
+        prompt_ids = tok(env.unwrapped.prompt, add_special_tokens=False)["input_ids"]
+        ref = generate_from_ids(model, tok, [prompt_ids], SamplingConfig(temperature=0, max_new_tokens=160),
+                                stop_strings=["Question:"], engine="generate")
+        assert ref.texts[0].startswith("\n\n".join(steps))  # step by step = one generate (own tokens kept)
+        ids, p = _episode_tokens(policy, env)
+        whole = reader.read([ids[:p]], [ids[p:]])[0]
+        np.testing.assert_allclose(env.internal_values, whole.values, atol=1e-4)
+        assert len(whole.values) == len(steps) + 1
