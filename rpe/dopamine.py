@@ -9,8 +9,9 @@ Method (PAPER.md):
 5. On a training split (by problem): a small MLP (d -> 32 -> 1, MSE) predicts delta; its first-layer L1
    norms pick candidate neurons; the candidates with the largest |Spearman| with delta are the dopamine
    neurons, each with its sign.
-6. On the held-out split: Spearman between delta and the signed mean activity of the dopamine neurons,
-   beside the same statistic for random neuron sets of the same size (the control).
+6. On the held-out split: Spearman between delta and the signed mean activity of the dopamine neurons, with a
+   95% bootstrap interval over problems and a one-sided permutation p-value (delta shuffled across held-out
+   steps), beside the same statistic for random neuron sets of the same size (the control).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from rpe.probe import split_by_problem
 from rpe.generation import SamplingConfig, generate_from_ids
+from rpe.metrics import permutation_p_spearman, spearman_by_problem
+from rpe.probe import split_by_problem
 from rpe.records import Trajectory, atomic_write_json
 from rpe.tasks import Problem, Task
 
@@ -58,6 +60,10 @@ class DopamineConfig:
     test_frac: float = 0.3
     n_random: int = 50
     """Random neuron sets drawn for the control."""
+    n_boot: int = 1000
+    """Bootstrap resamples (over held-out problems) of the held-out Spearman's interval."""
+    n_perm: int = 2000
+    """Permutations of the held-out deltas for the p-value."""
     batch_size: int = 32
     engine: str = "continuous"
     """Generation engine of the continuations (:mod:`rpe.generation`); ``generate`` is the earlier path (one
@@ -241,6 +247,8 @@ def find_dopamine_neurons(
     random_rhos = np.array([v for v in random_rhos if not np.isnan(v)])
     rho_test = _column_spearman(z[test], y[test])
     activity_test = (z[test][:, chosen] * sign).mean(1)
+    interval = spearman_by_problem(activity_test, y[test], list(pids[test]), cfg.n_boot, cfg.seed)
+    rho = held_out(chosen, sign)
     raw_test = z[test][:, chosen]
     metrics = {
         "n_steps": int(len(deltas)),
@@ -248,7 +256,12 @@ def find_dopamine_neurons(
         "n_train": int(train.sum()),
         "n_test": int(test.sum()),
         "n_neurons": m,
-        "test_spearman_dopamine": held_out(chosen, sign),
+        "test_spearman_dopamine": rho,
+        "test_spearman_low": interval["low"],
+        "test_spearman_high": interval["high"],
+        "test_permutation_p": permutation_p_spearman(activity_test, y[test], n_perm=cfg.n_perm, seed=cfg.seed),
+        "test_random_sets_at_least": float((random_rhos >= rho).mean()) if len(random_rhos) else float("nan"),
+        "n_test_problems": int(len(set(pids[test]))),
         "test_spearman_random_mean": float(random_rhos.mean()) if len(random_rhos) else float("nan"),
         "test_spearman_random_q95": float(np.quantile(random_rhos, 0.95)) if len(random_rhos) else float("nan"),
         "test_mean_abs_spearman_per_neuron": float(np.abs(rho_test[chosen]).mean()),

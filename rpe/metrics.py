@@ -1,9 +1,11 @@
 """Metrics of value estimates against binary outcomes: AUROC (cluster and paired bootstrap intervals, within
-strata), Brier, ECE, IoU, Wilson intervals, and the words used for an interval against chance."""
+strata), Brier, ECE, IoU, Wilson intervals, Spearman correlations with problem-bootstrap intervals and
+permutation p-values, and the words used for an interval against chance."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -188,6 +190,47 @@ def paired_bootstrap_auroc(
         lo, hi = interval(arrays[a] - arrays[b])
         out[f"{a} - {b}"] = {"diff": point[a] - point[b], "low": lo, "high": hi}
     return out
+
+
+def spearman_by_problem(a: np.ndarray, b: np.ndarray, problems: Sequence[str], n_boot: int = 1000,
+                        seed: int = 0) -> dict[str, float]:
+    """Spearman correlation of two per-step series with a 95% bootstrap interval over problems (the steps of one
+    problem are resampled together).
+
+    Returns:
+        ``{"spearman", "low", "high", "n_steps"}``.
+    """
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    with warnings.catch_warnings():  # a resample with a constant series has no correlation: dropped below
+        warnings.simplefilter("ignore")
+        rho = float(spearmanr(a, b).statistic)
+        boots = [float(spearmanr(a[idx], b[idx]).statistic)
+                 for idx in cluster_resamples(np.asarray(problems), n_boot, seed)]
+    boots = [x for x in boots if np.isfinite(x)]
+    low, high = (np.percentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan))
+    return {"spearman": rho, "low": float(low), "high": float(high), "n_steps": int(len(a))}
+
+
+def permutation_p_spearman(a: np.ndarray, b: np.ndarray, *, n_perm: int = 2000, seed: int = 0) -> float:
+    """One-sided permutation p-value of a positive Spearman correlation between ``a`` and ``b``: the share of
+    random pairings (``b`` shuffled) whose correlation is at least the observed one, counting the observed
+    pairing, so the smallest possible value is 1 / (n_perm + 1).
+
+    Example:
+        >>> x = np.arange(50.0)
+        >>> permutation_p_spearman(x, x, n_perm=199)
+        0.005
+    """
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(np.asarray(a, float)), rankdata(np.asarray(b, float))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    observed = float(ra @ rb)
+    rng = np.random.default_rng(seed)
+    hits = sum(float(ra @ rng.permutation(rb)) >= observed - 1e-12 for _ in range(n_perm))
+    return (1 + hits) / (1 + n_perm)
 
 
 def chance_verdict(low: float, high: float, chance: float = 0.5) -> str:

@@ -152,17 +152,31 @@ def ablation_summary(results: dict[str, Any], layer: int | str | None = None) ->
 
 
 def dopamine_row(d: dict[str, Any] | None) -> CardRow:
-    """Row for dopamine neurons from a bundle's ``metrics["dopamine"]`` (``rpe dopamine``): reproduced only when
-    the held-out Spearman beats the random sets' 95th percentile on >= 300 surprising steps."""
+    """Row for dopamine neurons from a bundle's ``metrics["dopamine"]`` (``rpe dopamine``): reproduced only when, on
+    >= 300 surprising steps, the held-out Spearman's interval excludes 0, its permutation p-value is below 0.05 and
+    it beats the random sets' 95th percentile."""
     claim, paper = "dopamine neurons encode RPE with its sign", "Spearman ~0.3-0.4"
     if not d:
         return CardRow(claim, paper, "-", "-", NOT_MEASURED)
     powered = d["n_surprising"] >= 300
     beats = d["test_spearman_dopamine"] > d["test_spearman_random_q95"]
-    return CardRow(claim, paper, f"held-out Spearman {d['test_spearman_dopamine']:.3f} ({d['n_surprising']} surprising steps)",
-                   f"random neurons mean {d['test_spearman_random_mean']:.3f}, 95th pct {d['test_spearman_random_q95']:.3f}",
-                   REPRODUCED if powered and beats else INCONCLUSIVE,
-                   "" if powered else f"only {d['n_surprising']} surprising steps; >= 300 needed for power")
+    rho = d["test_spearman_dopamine"]
+    if "test_spearman_low" in d:  # bundles from before the interval and p-value were added have neither
+        low, high, p = d["test_spearman_low"], d["test_spearman_high"], d["test_permutation_p"]
+        measured = (f"held-out Spearman {rho:.3f} [{low:.3f}, {high:.3f}], permutation p = {p:.3g} "
+                    f"({d['n_surprising']} surprising steps, {d['n_test']} held out)")
+        significant = low > 0 and p < 0.05
+    else:
+        measured, significant = f"held-out Spearman {rho:.3f} ({d['n_surprising']} surprising steps)", False
+    control = f"random neurons mean {d['test_spearman_random_mean']:.3f}, 95th pct {d['test_spearman_random_q95']:.3f}"
+    if not powered:
+        return CardRow(claim, paper, measured, control, INCONCLUSIVE,
+                       f"only {d['n_surprising']} surprising steps; >= 300 needed for power")
+    if significant and beats:
+        return CardRow(claim, paper, measured, control, REPRODUCED)
+    note = ("the interval includes 0: not distinguishable from chance" if not significant
+            else "no better than random neuron sets of the same size")
+    return CardRow(claim, paper, measured, control, NOT_REPRODUCED, note)
 
 
 def generic_row(claim: str, paper: str, res: dict[str, Any] | None) -> CardRow:

@@ -13,12 +13,12 @@ holds the default ones, and any mapping of names to such functions can be passed
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from rpe.metrics import spearman_by_problem
 from rpe.records import Trajectory
 
 Feature = Callable[[Trajectory, int], float]
@@ -150,24 +150,6 @@ class TDLambdaLearner:
         return out
 
 
-def spearman_by_problem(a: np.ndarray, b: np.ndarray, problems: Sequence[str], n_boot: int = 1000,
-                        seed: int = 0) -> dict[str, float]:
-    """Spearman correlation of two per-step series with a 95% bootstrap interval over problems."""
-    from scipy.stats import spearmanr
-
-    from rpe.metrics import cluster_resamples
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    with warnings.catch_warnings():  # a resample with a constant series has no correlation: dropped below
-        warnings.simplefilter("ignore")
-        rho = float(spearmanr(a, b).statistic)
-        boots = [float(spearmanr(a[idx], b[idx]).statistic)
-                 for idx in cluster_resamples(np.asarray(problems), n_boot, seed)]
-    boots = [x for x in boots if np.isfinite(x)]
-    low, high = (np.percentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan))
-    return {"spearman": rho, "low": float(low), "high": float(high), "n_steps": int(len(a))}
-
-
 def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajectories: int | None = None,
                       learner: TDLambdaLearner | None = None, n_boot: int = 1000, examples: int = 4) -> dict:
     """The model's internal RPE, the TD(lambda) learner's RPE and (when ``rpe dopamine`` cached Monte-Carlo values
@@ -264,4 +246,4 @@ def _plot(trajs, series, path) -> None:
 
 
 __all__ = ["FEATURES", "TDLambdaLearner", "bias", "difficulty_feature", "eval_arith", "last_step_verifies",
-           "simulate_rollouts", "spearman_by_problem", "step_fraction", "wrong_so_far"]
+           "simulate_rollouts", "step_fraction", "wrong_so_far"]

@@ -28,6 +28,37 @@ def test_planted_dopamine_neurons_are_found_with_sign():
     m = res.metrics
     assert m["test_spearman_dopamine"] > 0.6 and abs(m["test_spearman_random_mean"]) < 0.15
     assert m["test_activity_positive_rpe"] > 0 > m["test_activity_negative_rpe"]
+    assert 0.4 < m["test_spearman_low"] < m["test_spearman_dopamine"] < m["test_spearman_high"]
+    assert m["test_permutation_p"] == pytest.approx(1 / (DopamineConfig().n_perm + 1))  # no shuffle reaches it
+    assert m["test_random_sets_at_least"] == 0.0
+
+
+def test_dopamine_neurons_of_noise_are_not_distinguishable_from_chance():
+    """No neuron tracks delta: the held-out interval includes 0, the p-value is large and the card says so."""
+    from rpe.report_card import NOT_REPRODUCED, dopamine_row
+
+    rng = np.random.default_rng(1)
+    n, d = 900, 100
+    deltas = rng.choice([-0.8, -0.5, 0.5, 0.8], size=n)
+    pids = [f"p{i // 3}" for i in range(n)]
+    m = find_dopamine_neurons(torch.tensor(rng.normal(size=(n, d))), deltas, pids,
+                              DopamineConfig(top_frac=0.02, n_random=30)).metrics
+    assert m["test_spearman_low"] < 0 < m["test_spearman_high"] and m["test_permutation_p"] > 0.05
+    row = dopamine_row(m)
+    assert row.verdict == NOT_REPRODUCED and "not distinguishable from chance" in row.note
+
+
+def test_dopamine_row_needs_power_an_interval_above_zero_and_a_beaten_control():
+    from rpe.report_card import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, dopamine_row
+
+    base = {"n_surprising": 400, "n_test": 120, "test_spearman_dopamine": 0.35, "test_spearman_low": 0.2,
+            "test_spearman_high": 0.5, "test_permutation_p": 0.001, "test_spearman_random_mean": 0.0,
+            "test_spearman_random_q95": 0.15}
+    assert dopamine_row(base).verdict == REPRODUCED
+    assert dopamine_row({**base, "n_surprising": 120}).verdict == INCONCLUSIVE
+    assert dopamine_row({**base, "test_spearman_random_q95": 0.4}).verdict == NOT_REPRODUCED
+    assert dopamine_row({**base, "test_spearman_low": -0.05}).verdict == NOT_REPRODUCED
+    assert dopamine_row({**base, "test_permutation_p": 0.2}).verdict == NOT_REPRODUCED
 
 
 def test_too_few_surprising_steps_is_an_error():

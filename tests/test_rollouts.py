@@ -198,8 +198,6 @@ def test_capture_of_a_missing_layer_fails_before_generation(tiny_llama, tmp_path
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_shared_prefix_generation_gives_the_same_tokens(arch):
-    import torch
-
     from rpe.models import TinyModelConfig, tiny_model
     from rpe.rollouts import generate_from_ids
 

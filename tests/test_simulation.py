@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from rpe.records import SCHEMA_VERSION, Step, Trajectory
-from rpe.simulation import (FEATURES, TDLambdaLearner, eval_arith, last_step_verifies, spearman_by_problem,
-                            step_fraction, wrong_so_far)
+from rpe.metrics import spearman_by_problem
+from rpe.simulation import FEATURES, TDLambdaLearner, eval_arith, last_step_verifies, step_fraction, wrong_so_far
 
 
 def _traj(i: int, steps: list[str], reward: float) -> Trajectory:

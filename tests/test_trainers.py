@@ -1,7 +1,6 @@
 """TRL integration on a tiny random model: every recipe runs a few steps, logs the rpe keys, leaves no hook."""
 
 import json
-import math
 import os
 from pathlib import Path
 

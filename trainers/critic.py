@@ -152,7 +152,7 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
         width = out["completion_ids"].shape[1]
         mask = out["completion_mask"].float().cpu()
         adv = torch.zeros(n_local, width)
-        all_values, all_acts, traj, v_first = [], [], [], []
+        all_acts, traj, v_first = [], [], []
         with torch.no_grad():
             for i, (s, r) in enumerate(zip(sigs, rewards)):
                 acts = s.value_acts  # (T + 1, k): s_0..s_T

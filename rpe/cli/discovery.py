@@ -86,6 +86,7 @@ def dopamine(
     """Find dopamine neurons: Monte-Carlo step values, TD errors, neurons that track them."""
     from rpe.bundle import BundleFormatError, SubsystemBundle
     from rpe.dopamine import DopamineConfig, dopamine_from_rollouts
+    from rpe.metrics import chance_verdict
 
     try:
         cfg = DopamineConfig(n_continuations=n_continuations, threshold=threshold, top_frac=top_frac, seed=seed)
@@ -106,11 +107,17 @@ def dopamine(
     m = result.metrics
     table = Table(title=f"dopamine neurons, layer {b.layer} (held-out steps with |RPE| > {threshold})")
     table.add_column("neuron set")
-    table.add_column("Spearman with RPE")
-    table.add_row(f"dopamine ({m['n_neurons']})", f"{m['test_spearman_dopamine']:.3f}")
+    table.add_column("Spearman with RPE (95% CI over problems)")
+    table.add_column("permutation p")
+    table.add_row(f"dopamine ({m['n_neurons']})",
+                  f"{m['test_spearman_dopamine']:.3f} [{m['test_spearman_low']:.3f}, {m['test_spearman_high']:.3f}]",
+                  f"{m['test_permutation_p']:.3g}")
     table.add_row(f"random ({m['n_neurons']}), mean of {cfg.n_random}",
                   f"{m['test_spearman_random_mean']:.3f} (95th pct {m['test_spearman_random_q95']:.3f})")
     console.print(table)
+    verdict = chance_verdict(m["test_spearman_low"], m["test_spearman_high"], chance=0.0)
+    console.print(f"held-out Spearman: {verdict} ({m['n_test']} held-out steps of {m['n_test_problems']} problems; "
+                  f"{m['test_random_sets_at_least']:.0%} of random sets reach it)")
     console.print(
         f"signed activity: {m['test_activity_positive_rpe']:.3f} for positive RPE, "
         f"{m['test_activity_negative_rpe']:.3f} for negative ({m['n_surprising']} surprising of {m['n_steps']} steps)"
