@@ -117,7 +117,8 @@ class InternalRPE(gymnasium.Wrapper):
     def _read(self):
         """Signals of the transcript so far (from recorded columns: the policy's, or the wrapper's own forward)."""
         if self.policy is not None:  # what the policy recorded while writing the step (it feeds anything else)
-            ids, self._acts = self.policy.observe(self._text())
+            text = self._text()
+            ids = self.policy.encode(text)
             if not self._prompt_ids:
                 self._prompt_ids = ids
             if ids[: len(self._prompt_ids)] != self._prompt_ids:
@@ -125,14 +126,13 @@ class InternalRPE(gymnasium.Wrapper):
                                    "the observation cut by max_chars?")
             comp_ids = ids[len(self._prompt_ids):]
             spans = self.reader.step_spans(comp_ids) if comp_ids else []
-            needed = len(self._prompt_ids) + (spans[-1][1] if spans else 0)
-            if len(self._acts) < needed:  # the step's last token is among those the policy left unfed
-                _, self._acts = self.policy.observe(self._text(), complete=True)
+            # activations through the last step's last token (V(s_t) and the step's dopamine mean)
+            _, self._acts = self.policy.observe(text, upto=len(self._prompt_ids) + (spans[-1][1] if spans else 0))
         else:
             completion = self.env.unwrapped.completion
             comp_ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"] if completion else []
             self._feed(self._prompt_ids + comp_ids)
-        spans = self.reader.step_spans(comp_ids) if comp_ids else []
+            spans = self.reader.step_spans(comp_ids) if comp_ids else []
         p = len(self._prompt_ids)
         assert self._acts is not None
         points = self._acts[[p - 1] + [p + e - 1 for _, e in spans]]

@@ -183,9 +183,9 @@ class LLMPolicy:
         self.stats["fed_tokens"] += len(new)
         ep.ids = list(ids)
 
-    def _ids(self, observation: str) -> list[int]:
-        """Tokens of an observation: the policy's own tokens of a transcript it wrote (plus the tokenised rest
-        when the observation extends it), else the tokenizer's."""
+    def encode(self, observation: str) -> list[int]:
+        """Token ids of an observation as the policy feeds it: its own tokens of a transcript it wrote (plus the
+        tokenised rest when the observation extends it), else the tokenizer's."""
         known = [ep for ep in self._episodes if ep.text is not None and observation.startswith(ep.text)]
         if not known:
             ids = self.tokenizer(observation, add_special_tokens=False)["input_ids"]
@@ -197,32 +197,34 @@ class LLMPolicy:
             raise ValueError(f"LLMPolicy needs an observation of at least two tokens (a prompt); got {observation!r}")
         return ids
 
-    def observe(self, observation: str, *, complete: bool = False) -> tuple[list[int], torch.Tensor]:
-        """The tokens of ``observation`` as the policy encodes them and the recorded activations of those fed,
-        feeding what the policy has not seen (an action from elsewhere, a new episode's prompt).
+    def observe(self, observation: str, *, upto: int | None = None) -> tuple[list[int], torch.Tensor]:
+        """The tokens of ``observation`` (:meth:`encode`) and the recorded activations of at least the first ``upto``
+        of them (default: all), feeding only what the policy has not computed (a new episode's prompt, an action
+        from elsewhere).
 
-        A transcript the policy wrote itself costs nothing: its last tokens (the step separator the policy
-        generated, never needed for its content) are left for the next :meth:`act`, which feeds them with its
-        batch. ``complete=True`` feeds them now.
+        A step the policy wrote itself costs nothing: its tokens were recorded while it generated them, and what
+        was not fed (the step separator, when ``upto`` stops before it) is fed by the next :meth:`act` with its
+        batch.
 
         Returns:
             ``(ids, acts)``: the transcript's token ids, and (n, k) float32 activations of the recorded columns for
-            ``ids[:n]``; n is ``len(ids)`` except for that unfed separator.
+            ``ids[:n]``, with ``upto <= n <= len(ids)``.
 
         Raises:
             RuntimeError: the policy does not record (:meth:`record`).
         """
         if self._record is None:
             raise RuntimeError("LLMPolicy.observe needs recording: call policy.record(layer, columns) first")
-        ids = self._ids(observation)
-        own = next((ep for ep in self._episodes if ep.text == observation and ep.ids + ep.pending == ids), None)
-        if own is not None and not (complete and own.pending):
-            assert own.acts is not None
-            return list(ids), own.acts
+        ids = self.encode(observation)
+        need = len(ids) if upto is None else min(upto, len(ids))
+        for ep in self._episodes:  # recorded already (the policy wrote it)
+            k = common_prefix_len([ep.ids, ids])
+            if k >= need and ep.acts is not None and len(ep.acts) >= k:
+                return list(ids), ep.acts[:k]
         with torch.inference_mode(), self._tracker() as tracker:
             ep = self._start(ids, whole=True)
             self._feed(ep, ids, tracker)
-        ep.text, ep.pending = observation, []
+        ep.text = observation
         self._keep(ep)
         assert ep.acts is not None and len(ep.acts) == len(ids)
         return list(ids), ep.acts
@@ -239,7 +241,7 @@ class LLMPolicy:
         self._calls += 1
         self.stats["calls"] += 1
         with torch.inference_mode(), self._tracker() as tracker:
-            all_ids = [self._ids(o) for o in observations]
+            all_ids = [self.encode(o) for o in observations]
             episodes = []
             for ids in all_ids:
                 ep = self._start(ids, episodes)  # a new episode copies the shared prefix of one fed before it
