@@ -149,8 +149,20 @@ def mc_state_values(
 
 
 def td_errors(values: Sequence[float], gamma: float) -> list[float]:
-    """delta_t = gamma * V(s_t) - V(s_{t-1}) for t = 1..T, from V(s_0..s_T)."""
-    return [gamma * values[t] - values[t - 1] for t in range(1, len(values))]
+    """TD errors of an episode from ``V(s_0..s_{T-1})`` followed by its reward r: delta_t = gamma * V(s_t) -
+    V(s_{t-1}) for t < T, and the reward-time error delta_T = r - V(s_{T-1}) (the reward is not discounted: it
+    arrives with the last transition, after which the value is 0).
+
+    Discounting the reward as if it were V(s_T) would make delta_T = -1e-5 where r = V(s_{T-1}) = 1 and 0 where
+    r = V(s_{T-1}) = 0: among the many exact predictions that turns a tie into an order opposite to the reward's,
+    and a rank correlation over all steps follows it.
+
+    Example:
+        >>> td_errors([0.25, 0.5, 1.0], gamma=0.9)
+        [0.2, 0.5]
+    """
+    deltas = [gamma * values[t] - values[t - 1] for t in range(1, len(values) - 1)]
+    return deltas + ([values[-1] - values[-2]] if len(values) >= 2 else [])
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:

@@ -100,7 +100,7 @@ def test_page_examples_run(page, docs_workspace, capsys):
     assert check is None or check(ns), f"docs/{page}: the examples ran but did not produce what the page says"
 
 
-DOCTEST_MODULES = ["rpe.metrics", "rpe.tasks", "rpe.tracker", "rpe.interventions", "rpe.signals", "rpe.crossval"]
+DOCTEST_MODULES = ["rpe.metrics", "rpe.dopamine", "rpe.tasks", "rpe.tracker", "rpe.interventions", "rpe.signals", "rpe.crossval"]
 
 
 @pytest.mark.parametrize("module", DOCTEST_MODULES)

@@ -12,6 +12,14 @@ from conftest import make_tiny_bundle  # noqa: I001
 def test_td_errors_definition():
     assert td_errors([0.2, 0.5, 1.0], gamma=1.0) == pytest.approx([0.3, 0.5])
     assert td_errors([0.5, 0.0], gamma=0.9) == pytest.approx([-0.5])
+    assert td_errors([0.5, 0.8, 1.0], gamma=0.9) == pytest.approx([0.9 * 0.8 - 0.5, 0.2])  # the reward undiscounted
+
+
+def test_an_exact_prediction_of_the_reward_is_a_zero_error_whatever_the_reward():
+    """r = V(s_{T-1}) gives delta_T = 0 for r = 1 as for r = 0 (a discounted reward made the first -1e-5, which
+    ranked every correct episode's exact prediction below every wrong one's)."""
+    gamma = 1 - 1e-5
+    assert td_errors([0.3, 1.0, 1.0], gamma)[-1] == 0.0 == td_errors([0.3, 0.0, 0.0], gamma)[-1]
 
 
 def test_planted_dopamine_neurons_are_found_with_sign():
