@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rpe.report_card import ablation_row, ablation_summary, generic_row, markdown, value_rows
+from rpe.report_card import ablation_row, ablation_summary, dopamine_row, generic_row, markdown, search_row, value_rows
 
 HERE = Path(__file__).parent
 
@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, required=True, help="bundle folder from `rpe fit`")
     ap.add_argument("--previous", type=Path, default=HERE / "previous_results.json")
     ap.add_argument("--ablation", type=Path, help="results.json of `rpe ablate` on this bundle (replaces the old row)")
+    ap.add_argument("--search", type=Path, help="results JSON of `rpe search` on this bundle with the value, random "
+                    "and greedy methods (replaces the old row)")
+    ap.add_argument("--transfer", type=Path, help="transfer.json of benchmarks/transfer.py (replaces the old row)")
     ap.add_argument("--ablation-table", type=Path, nargs="*", default=[],
                     help="`rpe ablate` output folders: print their paired table (e.g. the 1%% and the 10%% runs)")
     args = ap.parse_args()
@@ -60,8 +63,17 @@ def main() -> None:
         summary = ablation_summary(json.loads(args.ablation.read_text()), layer=metrics["best_layer"])
         summary["note"] = paired_note(args.ablation.parent)
         rows.append(ablation_row(summary))
+    if "dopamine" in metrics:  # `rpe dopamine` on this bundle
+        rows.append(dopamine_row(metrics["dopamine"]))
+    if args.search:
+        rows.append(search_row(json.loads(args.search.read_text())))
+    if args.transfer:
+        r = json.loads(args.transfer.read_text())["card"]
+        rows.append(generic_row(r["claim"], r["paper"], r))
+    live = {"ablation": bool(args.ablation), "dopamine": "dopamine" in metrics, "search": bool(args.search),
+            "transfer": bool(args.transfer)}
     for key in ("ablation", "dopamine", "transfer", "search", "gemma_s0", "gemma_final"):
-        if key == "ablation" and args.ablation:
+        if live.get(key):
             continue
         r = previous.get(key)
         rows.append(generic_row(r["claim"], r["paper"], r) if r else generic_row(key, "", None))

@@ -198,7 +198,7 @@ def paired_drops(out_dir: str | Path, n_boot: int = 2000) -> list[dict[str, Any]
         One dict per arm folder (``layer``, ``arm``, ``n``, ``accuracy``, ``drop``, ``low``, ``high``, ``lost``,
         ``won``), sorted by layer and arm.
     """
-    from rpe.metrics import cluster_resamples
+    from rpe.metrics import paired_difference
 
     out_dir = Path(out_dir)
 
@@ -206,9 +206,10 @@ def paired_drops(out_dir: str | Path, n_boot: int = 2000) -> list[dict[str, Any]
         return {t.problem_id: t.reward for t in read_trajectories(folder)}
 
     def paired(a: dict[str, float], b: dict[str, float]) -> tuple[np.ndarray, float, float]:
-        d = np.array([a[i] - b[i] for i in sorted(set(a) & set(b))])  # one entry per problem
-        lo, hi = np.percentile([d[idx].mean() for idx in cluster_resamples(np.arange(len(d)), n_boot)], [2.5, 97.5])
-        return d, float(lo), float(hi)
+        shared = sorted(set(a) & set(b))  # one entry per problem
+        d = np.array([a[i] - b[i] for i in shared])
+        _, lo, hi = paired_difference([a[i] for i in shared], [b[i] for i in shared], n_boot=n_boot)
+        return d, lo, hi
 
     base = rewards(out_dir / "baseline")
     rows = []

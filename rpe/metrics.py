@@ -233,6 +233,26 @@ def permutation_p_spearman(a: np.ndarray, b: np.ndarray, *, n_perm: int = 2000, 
     return (1 + hits) / (1 + n_perm)
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over paired samples (e.g. two methods' 0/1 scores on the same problems) with its 95%
+    bootstrap interval over the pairs.
+
+    Returns:
+        ``(diff, low, high)``.
+
+    Example:
+        >>> paired_difference([1, 1, 1, 0] * 25, [0, 1, 1, 0] * 25)[0]
+        0.25
+    """
+    d = np.asarray(a, float) - np.asarray(b, float)
+    if not len(d):
+        return math.nan, math.nan, math.nan
+    low, high = np.percentile([d[idx].mean() for idx in cluster_resamples(np.arange(len(d)), n_boot, seed)],
+                              [2.5, 97.5])
+    return float(d.mean()), float(low), float(high)
+
+
 def chance_verdict(low: float, high: float, chance: float = 0.5) -> str:
     """Words for an interval against chance: ``above chance``, ``below chance (inverted)``, ``not distinguishable
     from chance`` (the interval includes it), or ``not measurable`` (no interval).

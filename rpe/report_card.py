@@ -179,6 +179,33 @@ def dopamine_row(d: dict[str, Any] | None) -> CardRow:
     return CardRow(claim, paper, measured, control, NOT_REPRODUCED, note)
 
 
+def search_row(res: dict[str, Any] | None, paper_gain: float = 0.056) -> CardRow:
+    """Row for value-guided step-level search from ``rpe search`` results holding the ``value``, ``random`` and
+    ``greedy`` methods on the same problems: value minus random pick and value minus greedy, paired over problems.
+    Reproduced when value beats both (intervals above 0); not reproduced when the paper's gain (``paper_gain``,
+    77.8 vs 72.2) lies above either interval; otherwise inconclusive."""
+    from rpe.metrics import paired_difference
+
+    claim, paper = "step-level search by internal value", "77.8% vs greedy 72.2, random 72.2"
+    methods = (res or {}).get("methods", {})
+    if not all(m in methods for m in ("value", "random", "greedy")):
+        return CardRow(claim, paper, "-", "-", NOT_MEASURED)
+    v, r, g = (methods[m] for m in ("value", "random", "greedy"))
+    dr = paired_difference(v["correct"], r["correct"])
+    dg = paired_difference(v["correct"], g["correct"])
+    measured = (f"{v['accuracy']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] ({res['n_problems']} problems, "
+                f"{res['config']['n']} candidates per step)")
+    control = (f"random pick {r['accuracy']:.3f}, diff {dr[0]:+.3f} [{dr[1]:+.3f}, {dr[2]:+.3f}]; greedy "
+               f"{g['accuracy']:.3f}, diff {dg[0]:+.3f} [{dg[1]:+.3f}, {dg[2]:+.3f}]")
+    if dr[1] > 0 and dg[1] > 0:
+        return CardRow(claim, paper, measured, control, REPRODUCED)
+    if dr[2] < paper_gain or dg[2] < paper_gain:
+        worse = [name for name, d in (("the random pick", dr), ("greedy", dg)) if d[2] < paper_gain]
+        return CardRow(claim, paper, measured, control, NOT_REPRODUCED,
+                       f"the paper's +{100 * paper_gain:.1f} points over {' and '.join(worse)} lies above the interval")
+    return CardRow(claim, paper, measured, control, INCONCLUSIVE)
+
+
 def generic_row(claim: str, paper: str, res: dict[str, Any] | None) -> CardRow:
     """Row from a summary dict with ``measured``, ``control``, ``verdict`` and optional ``note`` (texts written
     by the script that ran the experiment)."""
@@ -209,5 +236,5 @@ def to_html(rows: list[CardRow]) -> str:
 
 
 __all__ = ["CardRow", "INCONCLUSIVE", "NOT_MEASURED", "NOT_REPRODUCED", "REPRODUCED", "ablation_row", "ablation_summary",
-           "dopamine_row", "generic_row",
+           "dopamine_row", "generic_row", "search_row",
            "markdown", "to_html", "value_rows"]

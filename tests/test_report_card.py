@@ -98,3 +98,21 @@ def test_a_bundle_from_before_cross_validation_gets_a_message_not_a_crash(tmp_pa
     (tmp_path / "bundle.json").write_text(json.dumps({"layer": 28, "n_value_neurons": 6, "metrics": {"headline_test": {}}}))
     assert "re-run <code>rpe fit</code>" in bundle_section(tmp_path)
     assert "re-run <code>rpe fit</code>" in report_card_section(tmp_path)
+
+
+def test_search_row_pairs_value_against_random_and_greedy():
+    from rpe.report_card import INCONCLUSIVE, NOT_MEASURED, NOT_REPRODUCED, REPRODUCED, search_row
+
+    def res(value, random, greedy):
+        methods = {name: {"accuracy": sum(c) / len(c), "ci95": [0.0, 1.0], "correct": c}
+                   for name, c in (("value", value), ("random", random), ("greedy", greedy))}
+        return {"n_problems": len(value), "config": {"n": 4}, "methods": methods}
+
+    n = 200
+    assert search_row(res([1.0] * n, [0.0] * n, [0.0] * n)).verdict == REPRODUCED
+    tie = res([1.0, 0.0] * (n // 2), [1.0, 0.0] * (n // 2), [1.0, 0.0] * (n // 2))
+    row = search_row(tie)
+    assert row.verdict == NOT_REPRODUCED and "+5.6 points" in row.note  # a tie excludes the paper's gain at n = 200
+    few = res([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0])
+    assert search_row(few).verdict == INCONCLUSIVE  # 4 problems: wide intervals include 0 and +0.056
+    assert search_row({"methods": {"greedy": {}}}).verdict == NOT_MEASURED
