@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rpe.cli import app
+from rpe.records import read_trajectories
 
 runner = CliRunner()
 
@@ -33,6 +34,16 @@ def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
     s0 = metrics["headline_cv"]["s0"]["value neurons"]
     if s0["verdict"] != "above chance":  # 48 trajectories: the output must say it is a smoke run and name the real one
         assert "Smoke run without power" in r.output and "rpe rollouts --task chain_sum_mix --n 800" in r.output
+
+    # the RPE simulation on the same real rollouts: the model's RPE beside the TD(lambda) learner's, every step
+    r = runner.invoke(app, ["simulate", "--rollouts", str(out), "--bundle", str(out / "bundle"), "--out",
+                            str(out / "simulation")])
+    assert r.exit_code == 0, r.output
+    sim = json.loads((out / "simulation" / "simulation.json").read_text())
+    assert sim["n_steps"] == sum(len(t.steps) for t in read_trajectories(out))
+    pair = sim["pairs"]["internal vs learner"]
+    assert pair["n_steps"] == sim["n_steps"] and pair["low"] <= pair["spearman"] <= pair["high"]
+    assert (out / "simulation" / "simulation.png").stat().st_size > 10_000
 
     r = runner.invoke(app, ["report", "--rollouts", str(out), "--bundle", str(out / "bundle")])
     assert r.exit_code == 0, r.output
