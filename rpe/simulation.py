@@ -106,14 +106,20 @@ class TDLambdaLearner:
 
     V(s) = w . phi(s); after step t the error delta_t = r_t + gamma V(s_t) - V(s_{t-1}) (terminal: r - V(s_{T-1}),
     V of the terminal state is 0) moves w by alpha delta_t e_t, e_t = gamma lambda e_{t-1} + phi(s_{t-1}).
+    The learned w is the average of the iterates over the second half of the passes (Polyak-Ruppert), with a small
+    step: the last iterate of the earlier alpha = 0.05, 20 passes wandered with the last episodes visited (the weight
+    of the number of terms read -0.19, -0.37 and -0.11 on the first 400, 800 and 1,100 trajectories of one run,
+    and the pooled Spearman with the model's RPE 0.73, 0.28 and 0.74); now -0.25, -0.26 and -0.24.
     """
 
     features: Mapping[str, Feature]
-    alpha: float = 0.05
+    alpha: float = 0.01
     gamma: float = 1.0
     lam: float = 0.9
-    epochs: int = 20
+    epochs: int = 40
     seed: int = 0
+    average: bool = True
+    """Average the iterates of the second half of the passes (False: keep the last iterate)."""
 
     def _phi(self, t: Trajectory) -> np.ndarray:
         return np.array([[f(t, k) for f in self.features.values()] for k in range(len(t.steps) + 1)])
@@ -123,7 +129,8 @@ class TDLambdaLearner:
         rng = np.random.default_rng(self.seed)
         self._phis = {t.trajectory_id: self._phi(t) for t in trajectories}
         self.w = np.zeros(len(self.features))
-        for _ in range(self.epochs):
+        total, n_avg = np.zeros_like(self.w), 0
+        for epoch in range(self.epochs):
             for i in rng.permutation(len(trajectories)):
                 t = trajectories[i]
                 phi = self._phis[t.trajectory_id]
@@ -134,6 +141,11 @@ class TDLambdaLearner:
                     delta = (t.reward - v_prev) if terminal else self.gamma * (phi[step] @ self.w) - v_prev
                     e = self.gamma * self.lam * e + phi[step - 1]
                     self.w += self.alpha * delta * e
+                if self.average and epoch >= self.epochs // 2:
+                    total += self.w
+                    n_avg += 1
+        if n_avg:
+            self.w = total / n_avg
         return self
 
     def values(self, t: Trajectory) -> np.ndarray:

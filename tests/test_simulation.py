@@ -44,6 +44,22 @@ def test_td_lambda_learner_learns_that_a_false_step_predicts_failure():
     assert learner.rpe(right)[-1] == pytest.approx(right.reward - v_right[-2])
 
 
+def test_td_lambda_learner_weights_do_not_depend_on_the_visiting_order():
+    """The averaged iterate is the learner's estimate, not the last episodes' pull: two seeds (two visiting orders)
+    give the same weights to 0.03 (the last iterate of a constant-step learner differs by more)."""
+    rng = np.random.default_rng(0)
+    trajs = []
+    for i in range(400):
+        wrong = rng.random() < 0.4
+        second = "3 + 4 = 8." if wrong else "3 + 4 = 7."
+        trajs.append(_traj(i, ["1 + 2 = 3.", second, "The answer is 7."], float(not wrong and rng.random() < 0.8)))
+    a = TDLambdaLearner(FEATURES, seed=0).fit(trajs).w
+    b = TDLambdaLearner(FEATURES, seed=1).fit(trajs).w
+    np.testing.assert_allclose(a, b, atol=0.03)
+    last = [TDLambdaLearner(FEATURES, alpha=0.05, epochs=20, seed=s, average=False).fit(trajs).w for s in (0, 1)]
+    assert np.abs(last[0] - last[1]).max() > 0.03  # what the average removes
+
+
 def test_spearman_by_problem_interval():
     rng = np.random.default_rng(1)
     x = rng.normal(size=300)
