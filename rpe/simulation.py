@@ -172,7 +172,7 @@ def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajec
     import json
     from pathlib import Path
 
-    from rpe.dopamine import DopamineConfig, td_errors
+    from rpe.dopamine import td_errors
     from rpe.fit import difficulty_from_run
     from rpe.records import atomic_write_json, read_trajectories
     from rpe.signals import SignalReader
@@ -199,7 +199,9 @@ def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajec
     if mc_path.exists():
         for values in json.loads(mc_path.read_text()).values():
             mc.update(values)
-    gamma = DopamineConfig().gamma
+    # undiscounted: Monte-Carlo values estimate a success probability, and with 4 continuations many states tie; a
+    # 1 - 1e-5 discount would order the ties by their value (V = 1 -> -1e-5, V = 0 -> 0) in every rank correlation
+    gamma = 1.0
     per_traj = []  # per trajectory: each series' (T,) RPE, the last step's being the reward-time error
     for t, sig in zip(trajs, sigs):
         internal = np.array(sig.rpe, float)
