@@ -25,7 +25,6 @@ wrapper reads the step's internal value from what the policy computed anyway, wi
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,14 +33,13 @@ import torch
 
 from rpe.decoding import (
     CONTINUOUS_MODEL_TYPES,
-    concat_caches,
     crop_cache,
     decode_step,
     feed_tokens,
     hits_stop,
-    left_pad_cache,
     next_tokens,
     row_generator,
+    stack_caches,
 )
 from rpe.sampling import SamplingConfig, common_prefix_len, eos_ids, split_at_stop
 
@@ -150,8 +148,9 @@ class LLMPolicy:
         if common == len(best.ids) and best in self._episodes:  # the transcript extends (or repeats) this episode
             self._episodes.remove(best)
             ep = best
-        else:  # share a prefix, leave the other episode be
-            ep = _Episode(best.ids, copy.deepcopy(best.cache), acts=None if best.acts is None else best.acts.clone())
+        else:  # share a prefix (a copy of its first ``keep`` positions), leave the other episode be
+            ep = _Episode(best.ids[:keep], self._row_cache(best.cache, 0, 0, keep),
+                          acts=None if best.acts is None else best.acts[:keep].clone())
         if keep < len(ep.ids):
             crop_cache(ep.cache, keep)
         ep.ids = ep.ids[:keep]
@@ -162,13 +161,15 @@ class LLMPolicy:
     def _empty_acts(self) -> torch.Tensor | None:
         return None if self._record is None else torch.zeros(0, self._record[1].numel())
 
-    def _row_cache(self, cache, j: int, pad: int):
-        """Row ``j`` of a batch cache without its ``pad`` left-padding columns, as a batch-1 cache."""
+    def _row_cache(self, cache, j: int, start: int = 0, end: int | None = None):
+        """A batch-1 copy of row ``j`` of ``cache``, positions ``start:end`` (e.g. without a row's left padding,
+        or a shared prefix)."""
         from transformers import DynamicCache
 
         out = DynamicCache(config=self.model.config)
         for layer_idx, layer in enumerate(cache.layers):
-            out.update(layer.keys[j : j + 1, :, pad:].clone(), layer.values[j : j + 1, :, pad:].clone(), layer_idx)
+            out.update(layer.keys[j : j + 1, :, start:end].clone(), layer.values[j : j + 1, :, start:end].clone(),
+                       layer_idx)
         return out
 
     def _feed(self, ep: _Episode, ids: list[int], tracker=None) -> None:
@@ -251,11 +252,7 @@ class LLMPolicy:
             # own caches are used: each gets its row back when its step ends)
             lengths = [len(ep.ids) for ep in episodes]
             pads = [max(lengths) - n for n in lengths]
-            cache = episodes[0].cache
-            left_pad_cache(cache, pads[0])
-            for ep, pad in zip(episodes[1:], pads[1:]):
-                left_pad_cache(ep.cache, pad)
-                concat_caches(cache, ep.cache)
+            cache = stack_caches([ep.cache for ep in episodes], pads)
             mask = torch.tensor([[0] * pad + [1] * n for pad, n in zip(pads, lengths)])
             gens = [row_generator(self.seed, call * 4096 + i) for i in range(len(episodes))]
             generated: list[list[int]] = [[] for _ in episodes]

@@ -148,6 +148,25 @@ def concat_caches(a, b) -> None:
         la.values = torch.cat([la.values, lb.values], 0)
 
 
+def stack_caches(caches: Sequence, pads: Sequence[int]):
+    """One batch cache from batch-1 ``caches``, row i left-padded by ``pads[i]`` masked positions: one allocation
+    per layer (appending rows one at a time copies the growing batch again for every row). The result reuses the
+    first cache object; the others are left as they were."""
+    first = caches[0]
+    for idx, layer in enumerate(first.layers):
+        for name in ("keys", "values"):
+            parts = [getattr(c.layers[idx], name) for c in caches]
+            width = max(t.shape[2] + pad for t, pad in zip(parts, pads))
+            ref = parts[0]
+            out = ref.new_zeros(sum(t.shape[0] for t in parts), ref.shape[1], width, ref.shape[3])
+            row = 0
+            for t, pad in zip(parts, pads):
+                out[row : row + t.shape[0], :, pad : pad + t.shape[2]] = t
+                row += t.shape[0]
+            setattr(layer, name, out)
+    return first
+
+
 def _cache_len(cache) -> int:
     return int(cache.layers[0].keys.shape[2])
 
@@ -311,4 +330,5 @@ def generate_continuous(
 
 
 __all__ = ["CONTINUOUS_MODEL_TYPES", "concat_caches", "crop_cache", "decode_step", "feed_tokens",
-           "generate_continuous", "hits_stop", "left_pad_cache", "next_tokens", "row_generator", "warp_logits"]
+           "generate_continuous", "hits_stop", "left_pad_cache", "next_tokens", "row_generator", "stack_caches",
+           "warp_logits"]

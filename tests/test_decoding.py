@@ -114,3 +114,31 @@ def test_models_asking_for_other_processing_use_model_generate():
     assert resolve_engine(model, "continuous") == "continuous"
     model.generation_config.repetition_penalty = 1.3  # the continuous engine would silently ignore it
     assert resolve_engine(model, "continuous") == "generate"
+
+
+def test_stack_caches_equals_padding_and_appending_row_by_row(tiny_llama):
+    import torch
+    from transformers import DynamicCache
+
+    from rpe.decoding import concat_caches, feed_tokens, left_pad_cache, stack_caches
+
+    model, _ = tiny_llama
+
+    def cache_of(ids):
+        c = DynamicCache(config=model.config)
+        with torch.no_grad():
+            feed_tokens(model, c, ids, 0)
+        return c
+
+    seqs = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    pads = [2, 0, 4]
+    ref = cache_of(seqs[0])
+    left_pad_cache(ref, pads[0])
+    for ids, pad in zip(seqs[1:], pads[1:]):
+        c = cache_of(ids)
+        left_pad_cache(c, pad)
+        concat_caches(ref, c)
+    got = stack_caches([cache_of(ids) for ids in seqs], pads)
+    for a, b in zip(ref.layers, got.layers):
+        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.values, b.values)
