@@ -299,11 +299,15 @@ def dopamine_from_rollouts(
     cfg: DopamineConfig | None = None,
     *,
     max_trajectories: int | None = None,
+    sweep_layers: Sequence[int] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> DopamineResult:
     """Find dopamine neurons at the bundle's layer from a rollout folder; updates ``bundle`` in memory.
 
-    Monte-Carlo values are cached in ``rollout_dir/mc_values.json``.
+    Monte-Carlo values are cached in ``rollout_dir/mc_values.json``. ``sweep_layers``: the same search at other
+    layers too, on the same steps and split (one forward captures them all); each layer's held-out result goes to
+    ``metrics["by_layer"]`` with a Bonferroni-adjusted p-value (the bundle keeps its own layer's neurons, which
+    :class:`rpe.signals.SignalReader` reads).
     """
     from rpe.prompts import COMPLETION_STOP, PromptConfig, resolve_style
     from rpe.records import MANIFEST_FILE, read_trajectories
@@ -324,7 +328,8 @@ def dopamine_from_rollouts(
         cache=rollout_dir / "mc_values.json", progress=progress,
     )
     trajectories = [t for t in trajectories if t.trajectory_id in values]
-    states = capture_states(model, trajectories, [bundle.layer], mode="steps", pad_token_id=tokenizer.pad_token_id or 0)
+    layers = sorted({bundle.layer, *sweep_layers})
+    states = capture_states(model, trajectories, layers, mode="steps", pad_token_id=tokenizer.pad_token_id or 0)
     rows = (states.step_index >= 1).nonzero().flatten()
     deltas = np.array([
         td_errors(values[states.trajectory_ids[int(states.traj_index[r])]], cfg.gamma)[int(states.step_index[r]) - 1]
@@ -332,6 +337,17 @@ def dopamine_from_rollouts(
     ])
     pids = [states.problem_ids[int(states.traj_index[r])] for r in rows]
     result = find_dopamine_neurons(states.acts[bundle.layer][rows], deltas, pids, cfg)
+    if sweep_layers:
+        result.metrics["by_layer"] = {}
+        for layer in layers:
+            r = result if layer == bundle.layer else find_dopamine_neurons(states.acts[layer][rows], deltas, pids, cfg)
+            m = r.metrics
+            result.metrics["by_layer"][str(layer)] = {
+                **{k: m[k] for k in ("test_spearman_dopamine", "test_spearman_low", "test_spearman_high",
+                                     "test_permutation_p", "test_spearman_random_q95", "n_test")},
+                "p_bonferroni": min(1.0, m["test_permutation_p"] * len(layers)),
+                "neurons": r.neurons.tolist(),
+            }
     all_values = np.concatenate([np.asarray(v) for v in values.values()])
     result.metrics["mean_mc_value"] = float(all_values.mean())
     result.metrics["n_trajectories"] = len(trajectories)

@@ -216,7 +216,7 @@ def test_rpe_dopamine_command_end_to_end(tiny_llama, stepped_rollouts, monkeypat
     planted = _planted_values(trajs)
     monkeypatch.setattr(dopamine, "mc_state_values", lambda *a, **k: planted)
     r = CliRunner().invoke(app, ["dopamine", "--rollouts", str(out), "--bundle", str(bundle_dir), "--threshold", "0.2",
-                                 "--top-frac", "0.05"])
+                                 "--top-frac", "0.05", "--sweep-layers", "1,3"])
     assert r.exit_code == 0, r.output
     saved = SubsystemBundle.load(bundle_dir, model=model, tokenizer=tok)
     assert saved.dopamine_neurons.numel() == round(0.05 * 64) and set(saved.dopamine_sign.tolist()) <= {-1.0, 1.0}
@@ -224,3 +224,8 @@ def test_rpe_dopamine_command_end_to_end(tiny_llama, stepped_rollouts, monkeypat
     assert m["n_trajectories"] == len([t for t in trajs if t.steps]) and m["n_surprising"] >= 10
     assert "dopamine neurons, layer" in r.output and "Spearman with RPE" in r.output
     assert f"{m['test_spearman_dopamine']:.3f}" in r.output
+    # the sweep: the bundle's layer (2) and the others, the bundle's own row equal to its result
+    assert set(m["by_layer"]) == {"1", "2", "3"} and "the same search at each layer" in r.output
+    own = m["by_layer"]["2"]
+    assert own["test_spearman_dopamine"] == m["test_spearman_dopamine"] and own["neurons"] == saved.dopamine_neurons.tolist()
+    assert all(v["p_bonferroni"] == min(1.0, 3 * v["test_permutation_p"]) for v in m["by_layer"].values())

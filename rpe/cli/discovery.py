@@ -81,6 +81,8 @@ def dopamine(
     max_trajectories: Optional[int] = typer.Option(None, help="Use only the first N trajectories."),
     threshold: float = typer.Option(0.3, help="Keep steps with |RPE| above this."),
     top_frac: float = typer.Option(0.01, help="Fraction of neurons reported as dopamine neurons."),
+    sweep_layers: str = typer.Option("", help="Comma-separated layers searched too, on the same steps and split "
+                                     "(e.g. 8,14,20,24); the bundle keeps its own layer's neurons."),
     seed: int = typer.Option(0, help="Seed of sampling, split and predictor."),
 ) -> None:
     """Find dopamine neurons: Monte-Carlo step values, TD errors, neurons that track them."""
@@ -91,6 +93,7 @@ def dopamine(
     try:
         cfg = DopamineConfig(n_continuations=n_continuations, threshold=threshold, top_frac=top_frac, seed=seed)
         b = SubsystemBundle.load(bundle)
+        sweep = [int(x) for x in sweep_layers.split(",") if x.strip()]
     except (ValueError, BundleFormatError) as err:
         _fail(str(err))
     lm, tokenizer = _load(_rollout_model_name(rollouts, None))
@@ -98,7 +101,7 @@ def dopamine(
         job = bar.add_task("Monte-Carlo values of states", total=None)
         try:
             result = dopamine_from_rollouts(
-                lm, tokenizer, rollouts, b, cfg, max_trajectories=max_trajectories,
+                lm, tokenizer, rollouts, b, cfg, max_trajectories=max_trajectories, sweep_layers=sweep,
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )
         except ValueError as err:
@@ -123,6 +126,16 @@ def dopamine(
         f"{m['test_activity_negative_rpe']:.3f} for negative ({m['n_surprising']} surprising of {m['n_steps']} steps)"
     )
     console.print(f"neurons {result.neurons.tolist()} signs {result.sign.tolist()} -> {bundle}")
+    if "by_layer" in m:
+        sweep_table = Table(title="the same search at each layer (held-out surprising steps; p Bonferroni-adjusted "
+                                  "for the layers searched)")
+        for col in ("layer", "Spearman with RPE (95% CI)", "random 95th pct", "p", "p adjusted"):
+            sweep_table.add_column(col)
+        for layer, r in m["by_layer"].items():
+            sweep_table.add_row(layer, f"{r['test_spearman_dopamine']:.3f} [{r['test_spearman_low']:.3f}, "
+                                f"{r['test_spearman_high']:.3f}]", f"{r['test_spearman_random_q95']:.3f}",
+                                f"{r['test_permutation_p']:.3g}", f"{r['p_bonferroni']:.3g}")
+        console.print(sweep_table)
 
 
 
