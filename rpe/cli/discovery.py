@@ -98,7 +98,8 @@ def dopamine(
         _fail(str(err))
     lm, tokenizer = _load(_rollout_model_name(rollouts, None))
     with _progress() as bar:
-        job = bar.add_task("Monte-Carlo values of states", total=None)
+        job = bar.add_task("Monte-Carlo values of states (cached ones skipped; then one forward reads the steps)",
+                           total=None)
         try:
             result = dopamine_from_rollouts(
                 lm, tokenizer, rollouts, b, cfg, max_trajectories=max_trajectories, sweep_layers=sweep,
