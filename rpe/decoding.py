@@ -123,16 +123,6 @@ def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     return scores.softmax(-1)
 
 
-def left_pad_cache(cache, pad: int) -> None:
-    """Insert ``pad`` masked positions at the start of every layer's keys and values (in place)."""
-    if pad <= 0:
-        return
-    for layer in cache.layers:
-        k, v = layer.keys, layer.values
-        layer.keys = torch.cat([k.new_zeros(k.shape[0], k.shape[1], pad, k.shape[3]), k], 2)
-        layer.values = torch.cat([v.new_zeros(v.shape[0], v.shape[1], pad, v.shape[3]), v], 2)
-
-
 def crop_cache(cache, keep: int) -> None:
     """Keep the first ``keep`` positions of every layer's keys and values (in place; transformers' own ``crop``
     changed meaning across versions)."""
@@ -141,17 +131,10 @@ def crop_cache(cache, keep: int) -> None:
         layer.values = layer.values[:, :, :keep]
 
 
-def concat_caches(a, b) -> None:
-    """Append ``b``'s rows to ``a`` (same length; in place on ``a``)."""
-    for la, lb in zip(a.layers, b.layers):
-        la.keys = torch.cat([la.keys, lb.keys], 0)
-        la.values = torch.cat([la.values, lb.values], 0)
-
-
 def stack_caches(caches: Sequence, pads: Sequence[int]):
-    """One batch cache from batch-1 ``caches``, row i left-padded by ``pads[i]`` masked positions: one allocation
-    per layer (appending rows one at a time copies the growing batch again for every row). The result reuses the
-    first cache object; the others are left as they were."""
+    """One batch cache from ``caches`` (each of any batch size), the rows of cache i left-padded by ``pads[i]``
+    masked positions: one allocation per layer (padding, then appending caches one at a time, copies the growing
+    batch again for every cache). The result reuses the first cache object; the others are left as they were."""
     first = caches[0]
     for idx, layer in enumerate(first.layers):
         for name in ("keys", "values"):
@@ -282,14 +265,10 @@ def generate_continuous(
             cache, mask, last_logits, alive = group_cache, group_mask, logits, take
             return
         la, lb = _cache_len(cache), _cache_len(group_cache)
-        if la < lb:
-            left_pad_cache(cache, lb - la)
-            mask = torch.cat([torch.zeros(len(alive), lb - la, dtype=torch.long), mask], 1)
-        elif lb < la:
-            left_pad_cache(group_cache, la - lb)
-            group_mask = torch.cat([torch.zeros(len(take), la - lb, dtype=torch.long), group_mask], 1)
-        concat_caches(cache, group_cache)
-        mask = torch.cat([mask, group_mask], 0)
+        width = max(la, lb)
+        cache = stack_caches([cache, group_cache], [width - la, width - lb])
+        mask = torch.cat([torch.cat([torch.zeros(len(alive), width - la, dtype=torch.long), mask], 1),
+                          torch.cat([torch.zeros(len(take), width - lb, dtype=torch.long), group_mask], 1)], 0)
         last_logits = torch.cat([last_logits, logits], 0)
         alive = alive + take
 
@@ -329,6 +308,5 @@ def generate_continuous(
     return batch, recorded
 
 
-__all__ = ["CONTINUOUS_MODEL_TYPES", "concat_caches", "crop_cache", "decode_step", "feed_tokens",
-           "generate_continuous", "hits_stop", "left_pad_cache", "next_tokens", "row_generator", "stack_caches",
-           "warp_logits"]
+__all__ = ["CONTINUOUS_MODEL_TYPES", "crop_cache", "decode_step", "feed_tokens", "generate_continuous", "hits_stop",
+           "next_tokens", "row_generator", "stack_caches", "warp_logits"]

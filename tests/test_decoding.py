@@ -116,11 +116,11 @@ def test_models_asking_for_other_processing_use_model_generate():
     assert resolve_engine(model, "continuous") == "generate"
 
 
-def test_stack_caches_equals_padding_and_appending_row_by_row(tiny_llama):
+def test_stack_caches_pads_each_cache_on_the_left_and_joins_the_rows(tiny_llama):
     import torch
     from transformers import DynamicCache
 
-    from rpe.decoding import concat_caches, feed_tokens, left_pad_cache, stack_caches
+    from rpe.decoding import feed_tokens, stack_caches
 
     model, _ = tiny_llama
 
@@ -132,13 +132,13 @@ def test_stack_caches_equals_padding_and_appending_row_by_row(tiny_llama):
 
     seqs = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
     pads = [2, 0, 4]
-    ref = cache_of(seqs[0])
-    left_pad_cache(ref, pads[0])
-    for ids, pad in zip(seqs[1:], pads[1:]):
-        c = cache_of(ids)
-        left_pad_cache(c, pad)
-        concat_caches(ref, c)
-    got = stack_caches([cache_of(ids) for ids in seqs], pads)
-    for a, b in zip(ref.layers, got.layers):
-        torch.testing.assert_close(a.keys, b.keys)
-        torch.testing.assert_close(a.values, b.values)
+    refs = [cache_of(ids) for ids in seqs]
+    two = cache_of([20, 21])  # a cache of two rows joins like any other
+    two.batch_repeat_interleave(2)
+    got = stack_caches([cache_of(ids) for ids in seqs] + [two], pads + [3])
+    for idx, layer in enumerate(got.layers):
+        for name in ("keys", "values"):
+            parts = [getattr(c.layers[idx], name) for c in [*refs, two]]
+            want = torch.cat([torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], 2)
+                              for t, pad in zip(parts, pads + [3])], 0)
+            torch.testing.assert_close(getattr(layer, name), want)
