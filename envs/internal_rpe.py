@@ -12,8 +12,8 @@
 - ``reward_unshaped``: the environment's reward (the returned reward includes the shaping below).
 
 With ``policy=`` (an :class:`~rpe.envs.LLMPolicy` acting in the environment) the signals come from the activations
-the policy recorded while it generated the step: no forward of the wrapper's own (the policy feeds the step's
-separator, which it would feed for its next step anyway, and the next step skips it). An action that came from
+the policy recorded while it generated the step: no forward of the wrapper's own (the step's separator, which the
+policy left unfed, goes with its next batch). An action that came from
 elsewhere (a person, another model) is fed through the policy's cache: one incremental forward over that step's
 tokens only. Without a policy (``model=``, ``tokenizer=``), the wrapper keeps its own KV cache of the transcript
 (the prompt is encoded once at ``reset``) and each step costs one incremental forward over that step's tokens. The

@@ -2,8 +2,9 @@
 
 Observation: the transcript so far (prompt + the steps taken), as text, ending where the next step starts: after
 a step that did not end the episode it ends with the step separator (a blank line), so an agent that continues
-the text writes the next step, not a separator. Action: the next reasoning step, as text. The reward is 0 until the episode ends; a step that states a final answer ends it (``terminated``) with
-the verifier's score. Hitting ``max_steps`` or ``max_chars`` ends it with reward 0 (``truncated``).
+the text writes the next step, not a separator. Action: the next reasoning step, as text. The reward is 0 until
+the episode ends; a step that states a final answer ends it (``terminated``) with the verifier's score. Hitting
+``max_steps`` or ``max_chars`` ends it with reward 0 (``truncated``).
 
 Example:
     >>> import gymnasium, rpe.envs

@@ -260,7 +260,7 @@ def find_dopamine_neurons(
     rho_test = _column_spearman(z[test], y[test])
     activity_test = (z[test][:, chosen] * sign).mean(1)
     interval = spearman_by_problem(activity_test, y[test], list(pids[test]), cfg.n_boot, cfg.seed)
-    rho = held_out(chosen, sign)
+    rho = _spearman(activity_test, y[test])  # held_out(chosen, sign), from the activity computed above
     raw_test = z[test][:, chosen]
     metrics = {
         "n_steps": int(len(deltas)),
