@@ -124,7 +124,7 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     from rpe.prompts import PromptConfig
-    from rpe.generation import SamplingConfig
+    from rpe.sampling import SamplingConfig
     from rpe.store import StateSet
 
     layers = [int(x) for x in args.capture_layers.split(",")]

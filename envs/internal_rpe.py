@@ -26,6 +26,7 @@ terminal step (Ng, Harada and Russell 1999: the optimal policy is unchanged).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gymnasium
@@ -47,7 +48,7 @@ class InternalRPE(gymnasium.Wrapper):
 
     Args:
         env: a text environment whose ``unwrapped`` has ``prompt``, ``completion`` and ``steps`` (a ``ReasoningEnv``).
-        bundle: a bundle fitted on the policy's (or ``model``'s) model (checked).
+        bundle: a bundle fitted on the policy's (or ``model``'s) model, or its folder (checked).
         policy: the :class:`~rpe.envs.LLMPolicy` that acts in ``env``: signals are read from what it recorded while
             generating (it is set to record the bundle's neurons; every wrapper of a vector environment can share
             it).
@@ -57,7 +58,7 @@ class InternalRPE(gymnasium.Wrapper):
         gamma: discount of the TD error (default: the bundle's, as :class:`SignalReader` uses).
     """
 
-    def __init__(self, env: gymnasium.Env, bundle: SubsystemBundle, policy: LLMPolicy | None = None, *,
+    def __init__(self, env: gymnasium.Env, bundle: SubsystemBundle | str | Path, policy: LLMPolicy | None = None, *,
                  model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  shaping: float = 0.0, gamma: float | None = None):
         super().__init__(env)
@@ -70,6 +71,7 @@ class InternalRPE(gymnasium.Wrapper):
             raise TypeError("InternalRPE needs policy= (an rpe.envs.LLMPolicy acting in the environment) or "
                             "model= and tokenizer=")
         self.reader = SignalReader(bundle, model, tokenizer)
+        bundle = self.reader.bundle  # loaded when a folder was given
         self.policy = policy
         if policy is not None:
             policy.record(bundle.layer, self.reader.columns)
@@ -90,8 +92,9 @@ class InternalRPE(gymnasium.Wrapper):
         """Bring the cache and the recorded columns up to ``ids`` (re-feeding from where they differ)."""
         from transformers import DynamicCache
 
-        from rpe.decoding import crop_cache, feed_tokens
-        from rpe.sampling import common_prefix_len
+        from rpe.decoding import feed_tokens
+        from rpe.kvcache import crop_cache
+        from rpe.kvcache import common_prefix_len
 
         keep = common_prefix_len([self._fed, ids])
         if keep == len(ids):  # nothing new (an empty step): the last token must still be recomputed

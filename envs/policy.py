@@ -31,17 +31,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rpe.decoding import (
-    CONTINUOUS_MODEL_TYPES,
-    crop_cache,
-    decode_step,
-    feed_tokens,
-    hits_stop,
-    next_tokens,
-    row_generator,
-    stack_caches,
-)
-from rpe.sampling import SamplingConfig, common_prefix_len, eos_ids, split_at_stop
+from rpe.decoding import CONTINUOUS_MODEL_TYPES, decode_step, feed_tokens
+from rpe.kvcache import crop_cache, stack_caches
+from rpe.sampling import hits_stop, next_tokens, row_generator
+from rpe.kvcache import common_prefix_len
+from rpe.sampling import SamplingConfig, eos_ids, split_at_stop
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -1,11 +1,22 @@
 """rpe: find the reward subsystem (value and dopamine neurons) inside a language model and put it to work.
 
-Modules: :mod:`rpe.models` (offline registry, loading), :mod:`rpe.tasks` (verifiable tasks),
-:mod:`rpe.envs` (gymnasium environments), :mod:`rpe.generation` (batched generation, prefix KV cache),
-:mod:`rpe.records` (Trajectory schema, Parquet, atomic writes), :mod:`rpe.rollouts` (resumable collection),
-:mod:`rpe.tracker` (activation hooks), :mod:`rpe.store` (states), :mod:`rpe.probe` (value probes),
-:mod:`rpe.crossval`, :mod:`rpe.fit` (the cross-validated pipeline), :mod:`rpe.dopamine`,
-:mod:`rpe.bundle` (the artefact downstream code loads), :mod:`rpe.report_card`, :mod:`rpe.cli`.
+Modules by stage of the data flow (docs/development.md draws it):
+
+- tasks and prompts: :mod:`rpe.tasks` (verifiable tasks), :mod:`rpe.prompts` (few-shot prompts),
+  :mod:`rpe.segment` (steps), :mod:`rpe.jsonl`;
+- generation: :mod:`rpe.generation` (engines), :mod:`rpe.decoding` (continuous batching), :mod:`rpe.sampling`
+  (streams, warping, stop strings), :mod:`rpe.kvcache` (shared-prefix caches), :mod:`rpe.tracker` (capture hooks);
+- records and states: :mod:`rpe.rollouts` (resumable collection), :mod:`rpe.records` (Trajectory schema, Parquet,
+  atomic writes), :mod:`rpe.store` (activations at states);
+- discovery: :mod:`rpe.probe` (value probes), :mod:`rpe.crossval`, :mod:`rpe.fit` (the cross-validated
+  pipeline), :mod:`rpe.dopamine`;
+- the bundle: :mod:`rpe.bundle` (the artefact every use loads);
+- uses: :mod:`rpe.signals`, :mod:`rpe.interventions`, :mod:`rpe.controls`, :mod:`rpe.ablate`, :mod:`rpe.search`,
+  :mod:`rpe.simulation`, :mod:`rpe.baselines`, :mod:`rpe.envs` (gymnasium), :mod:`rpe.trainers` (TRL);
+- reports: :mod:`rpe.analyze`, :mod:`rpe.report`, :mod:`rpe.report_card`;
+- ground floor: :mod:`rpe.metrics`, :mod:`rpe.models` (offline registry, loading);
+- :mod:`rpe.cli` (the ``rpe`` command) and :mod:`rpe.bench` (measurement).
+
 TRL integration lives in :mod:`rpe.trainers` only; importing ``rpe`` never imports TRL.
 """
 

@@ -152,11 +152,11 @@ def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cf
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = cfg.layers or [bundle.layer]
-    from rpe.tracker import _hidden_size, check_layers
+    from rpe.tracker import hidden_size_of, check_layers
 
     layers = check_layers(model, layers)
     if cfg.share is not None:
-        k = max(1, round(cfg.share * _hidden_size(model)))
+        k = max(1, round(cfg.share * hidden_size_of(model)))
     else:
         k = cfg.n_neurons or int(bundle.value_neurons.numel())
     source = rollouts if isinstance(rollouts, list) else read_trajectories(rollouts)

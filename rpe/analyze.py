@@ -220,7 +220,7 @@ def _plots(table: dict[str, list]) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rpe.report import _png
+    from rpe.report import png_bytes
 
     step = np.array(table["step"])
     value = np.array(table["value"])
@@ -239,7 +239,7 @@ def _plots(table: dict[str, list]) -> dict[str, str]:
     ax.set_xlabel("state (0 = before the first step)")
     ax.set_ylabel("internal value V")
     ax.legend()
-    out["value"] = _png(fig)
+    out["value"] = png_bytes(fig)
     fig, ax = plt.subplots(figsize=(5.2, 3.2))
     for label, want, color in (("correct", True, "#1a7f37"), ("incorrect", False, "#b42318")):
         r = rpe[(reward == want) & ~np.isnan(rpe)]
@@ -248,7 +248,7 @@ def _plots(table: dict[str, list]) -> dict[str, str]:
     ax.set_xlabel("internal RPE of a step")
     ax.set_ylabel("density")
     ax.legend()
-    out["rpe"] = _png(fig)
+    out["rpe"] = png_bytes(fig)
     # calibration of V at the final state
     final = np.array([k == n for k, n in zip(table["step"], table["n_steps"])])
     v, y = value[final], reward[final].astype(float)
@@ -261,7 +261,7 @@ def _plots(table: dict[str, list]) -> dict[str, str]:
     ax.plot(xs, ys, marker="o")
     ax.set_xlabel("internal value at the final state")
     ax.set_ylabel("fraction correct")
-    out["calibration"] = _png(fig)
+    out["calibration"] = png_bytes(fig)
     return out
 
 

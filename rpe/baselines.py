@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from rpe.records import Trajectory
-from rpe.generation import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
+from rpe.kvcache import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
 
 
 def question_length(trajectories: Sequence[Trajectory]) -> torch.Tensor:

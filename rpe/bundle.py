@@ -104,7 +104,7 @@ class SubsystemBundle:
     # -- use -------------------------------------------------------------------------------------------
     def value(self, model, tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:
         """Internal value V at the last token of each text, in [0, 1]. Shape (len(texts),)."""
-        from rpe.generation import right_pad
+        from rpe.kvcache import right_pad
         from rpe.tracker import ActivationTracker
 
         self.check_model(model, tokenizer)
@@ -170,6 +170,23 @@ class SubsystemBundle:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return path
+
+    @classmethod
+    def resolve(cls, bundle: SubsystemBundle | str | Path, model, tokenizer) -> SubsystemBundle:
+        """``bundle`` as a checked object: a folder is loaded, and either way it is checked against ``model`` (the
+        transformers model, PEFT wrapper removed) and ``tokenizer``. Every API that takes "a bundle or its folder"
+        goes through here.
+
+        Raises:
+            BundleFormatError: a folder that is not a complete bundle.
+            BundleMismatchError: the bundle was made for another model.
+        """
+        if isinstance(bundle, (str, Path)):
+            return cls.load(bundle, model=model, tokenizer=tokenizer)
+        if not isinstance(bundle, cls):
+            raise TypeError(f"expected a SubsystemBundle or the path of a bundle folder, got {type(bundle).__name__}")
+        bundle.check_model(model, tokenizer)
+        return bundle
 
     @classmethod
     def load(cls, path: str | Path, *, model=None, tokenizer=None) -> SubsystemBundle:
@@ -261,14 +278,14 @@ def _remove_leftovers_of_killed_saves(path: Path) -> None:
 def random_bundle(model, tokenizer, *, layer: int = 2, k: int = 6, m: int = 4, hidden: int = 16, seed: int = 0) -> SubsystemBundle:
     """A bundle with random value/dopamine neurons and random probe weights, for tests and benchmarks (it
     measures nothing). Deterministic for ``seed``."""
-    from rpe.probe import _MLP
+    from rpe.probe import ProbeNet
 
     g = torch.Generator().manual_seed(seed)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     perm = torch.randperm(cfg.hidden_size, generator=g)
     value, dopa = perm[:k].sort().values, perm[k : k + m].sort().values
     torch.manual_seed(seed)
-    net = _MLP(k, hidden)
+    net = ProbeNet(k, hidden)
     state = ProbeState(layer, value, torch.zeros(k), torch.ones(k), {n: w.clone() for n, w in net.state_dict().items()}, hidden)
     return SubsystemBundle(
         model=fingerprint(model, tokenizer), layer=layer, value_neurons=value, probe_state=state,

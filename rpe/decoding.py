@@ -39,15 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rpe.sampling import (
-    GeneratedBatch,
-    SamplingConfig,
-    cache_kwarg,
-    eos_ids,
-    prefix_cache,
-    shared_prefix_len,
-    split_at_stop,
-)
+from rpe.kvcache import cache_kwarg, cache_len, prefix_cache, shared_prefix_len, stack_caches
+from rpe.sampling import GeneratedBatch, SamplingConfig, eos_ids, hits_stop, next_tokens, row_generator, split_at_stop
 
 CONTINUOUS_MODEL_TYPES = ("llama", "qwen2")
 """Model types whose ``DynamicCache`` layers are plain (batch, heads, length, dim) tensors (no sliding window)."""
@@ -63,29 +56,6 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     recorded: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     finish: str | None = None
-
-
-def row_generator(seed: int, index: int) -> torch.Generator:
-    """The sampling stream of row ``index`` under ``seed``."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
-
-
-def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generators: Sequence[torch.Generator]) -> list[int]:
-    """One token per row of (B, V) ``logits``: the argmax at temperature 0, else a draw from the warped
-    distribution with row ``j``'s own generator."""
-    if sampling.temperature <= 0:
-        return logits.argmax(-1).tolist()
-    probs = warp_logits(logits, sampling)
-    return [int(torch.multinomial(probs[j], 1, generator=g)) for j, g in enumerate(generators)]
-
-
-def hits_stop(tokenizer, generated: Sequence[int], stop_strings: Sequence[str]) -> bool:
-    """Whether the text of the last generated tokens contains a stop string (checked after every token)."""
-    longest = max((len(s) for s in stop_strings), default=0)
-    if not longest:
-        return False
-    tail = tokenizer.decode(list(generated[-(longest + 8):]), skip_special_tokens=True)
-    return any(s in tail for s in stop_strings)
 
 
 def decode_step(model, cache, mask: torch.Tensor, tokens: Sequence[int], positions: Sequence[int]):
@@ -106,52 +76,6 @@ def feed_tokens(model, cache, tokens: Sequence[int], start: int) -> torch.Tensor
                 position_ids=torch.arange(start, start + len(tokens), device=device)[None], use_cache=True,
                 logits_to_keep=1, **{cache_kwarg(model): cache})
     return out.logits[0, -1]
-
-
-def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """(B, V) logits -> (B, V) sampling probabilities: temperature, top-k, top-p (transformers' order)."""
-    scores = logits.float() / sampling.temperature
-    if sampling.top_k and sampling.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
-        cum = sorted_scores.softmax(-1).cumsum(-1)
-        remove = cum <= 1 - sampling.top_p
-        remove[..., -1:] = False  # keep at least the most likely token
-        scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    return scores.softmax(-1)
-
-
-def crop_cache(cache, keep: int) -> None:
-    """Keep the first ``keep`` positions of every layer's keys and values (in place; transformers' own ``crop``
-    changed meaning across versions)."""
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, :keep]
-        layer.values = layer.values[:, :, :keep]
-
-
-def stack_caches(caches: Sequence, pads: Sequence[int]):
-    """One batch cache from ``caches`` (each of any batch size), the rows of cache i left-padded by ``pads[i]``
-    masked positions: one allocation per layer (padding, then appending caches one at a time, copies the growing
-    batch again for every cache). The result reuses the first cache object; the others are left as they were."""
-    first = caches[0]
-    for idx, layer in enumerate(first.layers):
-        for name in ("keys", "values"):
-            parts = [getattr(c.layers[idx], name) for c in caches]
-            width = max(t.shape[2] + pad for t, pad in zip(parts, pads))
-            ref = parts[0]
-            out = ref.new_zeros(sum(t.shape[0] for t in parts), ref.shape[1], width, ref.shape[3])
-            row = 0
-            for t, pad in zip(parts, pads):
-                out[row : row + t.shape[0], :, pad : pad + t.shape[2]] = t
-                row += t.shape[0]
-            setattr(layer, name, out)
-    return first
-
-
-def _cache_len(cache) -> int:
-    return int(cache.layers[0].keys.shape[2])
 
 
 def generate_continuous(
@@ -264,7 +188,7 @@ def generate_continuous(
         if cache is None or not alive:
             cache, mask, last_logits, alive = group_cache, group_mask, logits, take
             return
-        la, lb = _cache_len(cache), _cache_len(group_cache)
+        la, lb = cache_len(cache), cache_len(group_cache)
         width = max(la, lb)
         cache = stack_caches([cache, group_cache], [width - la, width - lb])
         mask = torch.cat([torch.cat([torch.zeros(len(alive), width - la, dtype=torch.long), mask], 1),
@@ -308,5 +232,4 @@ def generate_continuous(
     return batch, recorded
 
 
-__all__ = ["CONTINUOUS_MODEL_TYPES", "crop_cache", "decode_step", "feed_tokens", "generate_continuous", "hits_stop",
-           "next_tokens", "row_generator", "stack_caches", "warp_logits"]
+__all__ = ["CONTINUOUS_MODEL_TYPES", "decode_step", "feed_tokens", "generate_continuous"]

@@ -28,7 +28,8 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from rpe.generation import SamplingConfig, generate_from_ids
+from rpe.generation import generate_from_ids
+from rpe.sampling import SamplingConfig
 from rpe.metrics import permutation_p_spearman, spearman_by_problem
 from rpe.probe import split_by_problem
 from rpe.records import Trajectory, atomic_write_json

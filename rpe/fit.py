@@ -29,7 +29,7 @@ import torch
 
 from rpe.baselines import mean_prompt_logprob, question_length
 from rpe.bundle import SubsystemBundle
-from rpe.crossval import OutOfFold, cross_validate, kfold_by_problem
+from rpe.crossval import cross_validate, kfold_by_problem
 from rpe.metrics import (
     auroc,
     bootstrap_auroc,
@@ -411,5 +411,7 @@ def td_vs_mc(states: StateSet, layer: int, base: ProbeConfig | None = None) -> d
     return out
 
 
-__all__ = ["FitConfig", "OutOfFold", "difficulty_features", "difficulty_from_run", "fit_bundle", "power_note", "task_difficulty",
-           "td_vs_mc"]
+__all__ = [
+    "FitConfig", "difficulty_features", "difficulty_from_run", "fit_bundle", "power_note", "task_difficulty",
+    "td_vs_mc"
+]

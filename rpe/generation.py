@@ -25,20 +25,13 @@ from typing import Any
 import torch
 
 from rpe.decoding import CONTINUOUS_MODEL_TYPES, generate_continuous
-from rpe.sampling import (  # re-exported: rpe.generation was their home
+from rpe.kvcache import (
     PREFIX_REUSE_MODEL_TYPES,
-    GeneratedBatch,
-    SamplingConfig,
     batched_cache_kwargs,
-    cache_kwarg,
-    common_prefix_len,
-    cut_at_stop,
-    eos_ids,
     prefix_cache,
-    right_pad,
     shared_prefix_len,
-    split_at_stop,
 )
+from rpe.sampling import GeneratedBatch, SamplingConfig, eos_ids, split_at_stop
 
 ENGINES = ("continuous", "generate")
 
@@ -198,6 +191,4 @@ def generate_from_ids(
     return GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails, logprobs)
 
 
-__all__ = ["ENGINES", "PREFIX_REUSE_MODEL_TYPES", "GeneratedBatch", "SamplingConfig", "batched_cache_kwargs",
-           "cache_kwarg", "common_prefix_len", "cut_at_stop", "eos_ids", "generate_batch", "generate_from_ids",
-           "prefix_cache", "resolve_engine", "right_pad", "shared_prefix_len", "split_at_stop"]
+__all__ = ["ENGINES", "generate_batch", "generate_from_ids", "resolve_engine"]

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rpe.tracker import BlockHooks, _hidden_size, check_layers
+from rpe.tracker import BlockHooks, hidden_size_of, check_layers
 
 AblationMode = Literal["zero", "mean", "scale"]
 
@@ -56,7 +56,7 @@ class NeuronAblation(BlockHooks):
         self.model = model
         self.mode = mode
         self.scale = float(scale)
-        hidden = _hidden_size(model)
+        hidden = hidden_size_of(model)
         layers = check_layers(model, list(neurons))
         self.neurons: dict[int, torch.Tensor] = {}
         for given, layer in zip(neurons, layers):

@@ -161,7 +161,7 @@ def _require_both_outcomes(rewards: torch.Tensor, what: str) -> None:
         )
 
 
-def _newton(model: _MLP, x: torch.Tensor, targets: torch.Tensor, l2: float, max_iter: int = 50, tol: float = 1e-7) -> int:
+def _newton(model: ProbeNet, x: torch.Tensor, targets: torch.Tensor, l2: float, max_iter: int = 50, tol: float = 1e-7) -> int:
     """Minimise mean BCE(model(x), targets) + l2/2 |W|^2 (bias unpenalised) by damped Newton steps, in place,
     starting from the model's current weights. Soft targets in [0, 1] are allowed. Returns Newton steps taken.
 
@@ -206,7 +206,7 @@ def _newton(model: _MLP, x: torch.Tensor, targets: torch.Tensor, l2: float, max_
     return steps
 
 
-class _MLP(nn.Module):
+class ProbeNet(nn.Module):
     def __init__(self, d_in: int, hidden: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, 1)) if hidden else nn.Linear(d_in, 1)
@@ -246,7 +246,7 @@ class ValueProbe:
         self.state: ProbeState | None = None
         self.metrics: dict[str, float] = {}
         self.split: np.ndarray | None = None
-        self._model: _MLP | None = None
+        self._model: ProbeNet | None = None
         self.chosen_l2: float | None = None
         """Linear family: the L2 strength picked on validation."""
         self._init_first: torch.Tensor | None = None
@@ -305,7 +305,7 @@ class ValueProbe:
         """(n_states,) Monte-Carlo targets: gamma^(steps to the end) x the trajectory's reward."""
         return lambda_returns(torch.zeros(states.n_states), states.rewards, states.traj_index, self.cfg.gamma, 1.0)
 
-    def _targets(self, model: _MLP, x: torch.Tensor, states: StateSet) -> torch.Tensor:
+    def _targets(self, model: ProbeNet, x: torch.Tensor, states: StateSet) -> torch.Tensor:
         """(n_states,) the configured target for every state, bootstrapped from ``model``'s current V."""
         if self.cfg.lam == 1.0:
             return self._mc_targets(states)
@@ -313,14 +313,14 @@ class ValueProbe:
             values = torch.sigmoid(model(x))
         return lambda_returns(values, states.rewards, states.traj_index, self.cfg.gamma, self.cfg.lam)
 
-    def _fit_linear(self, x: torch.Tensor, states: StateSet, train: torch.Tensor, val: torch.Tensor) -> tuple[_MLP, int]:
+    def _fit_linear(self, x: torch.Tensor, states: StateSet, train: torch.Tensor, val: torch.Tensor) -> tuple[ProbeNet, int]:
         """L2 logistic probe for each strength in ``l2_grid`` (strongest first, each warm-started from the last);
         TD targets by fitted-value iteration, warm-started from the Monte-Carlo fit. The strength with the lowest
         validation log-loss against the final outcome wins. Returns (model, TD iterations used)."""
         cfg = self.cfg
         y_final = states.state_rewards()
         mc_targets = self._mc_targets(states)
-        model = _MLP(x.shape[1], 0)
+        model = ProbeNet(x.shape[1], 0)
         nn.init.zeros_(model.first.weight)
         nn.init.zeros_(model.first.bias)
         best_loss, best_state, best_iters = math.inf, None, 0
@@ -345,11 +345,11 @@ class ValueProbe:
         model.load_state_dict(best_state)
         return model, best_iters
 
-    def _fit_mlp(self, x: torch.Tensor, states: StateSet, train: torch.Tensor, val: torch.Tensor) -> tuple[_MLP, int]:
+    def _fit_mlp(self, x: torch.Tensor, states: StateSet, train: torch.Tensor, val: torch.Tensor) -> tuple[ProbeNet, int]:
         """PAPER.md's MLP: AdamW on mini-batches, targets recomputed every epoch, early stopping on validation
         Brier against the final outcome. Returns (model, epochs run)."""
         cfg = self.cfg
-        model = _MLP(x.shape[1], cfg.hidden)
+        model = ProbeNet(x.shape[1], cfg.hidden)
         y_final = states.state_rewards()
         # An untrained MLP is a random projection of the activations, and on states with a strong difficulty
         # direction a random projection can rank outcomes well or inverted (seen: validation AUROC 0.19). So the
@@ -408,10 +408,10 @@ class ValueProbe:
         with torch.no_grad():
             return torch.sigmoid(self._net()((acts.float() - st.mean) / st.std))
 
-    def _net(self) -> _MLP:
+    def _net(self) -> ProbeNet:
         if self._model is None:
             st = self._require()
-            self._model = _MLP(st.mean.numel(), st.hidden)
+            self._model = ProbeNet(st.mean.numel(), st.hidden)
             self._model.load_state_dict(st.weights)
             self._model.eval()
         return self._model

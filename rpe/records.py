@@ -124,13 +124,13 @@ def write_trajectories(path: Path, trajectories: Sequence[Trajectory]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = _with_fixed_types(pa.Table.from_pylist([t.to_row() for t in trajectories]))
+    table = with_fixed_types(pa.Table.from_pylist([t.to_row() for t in trajectories]))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def _with_fixed_types(table):
+def with_fixed_types(table):
     """Give columns that can be all-empty in one batch their real type (Arrow infers ``null`` from a batch where
     no completion has an answer, or none has a step), so the parts of a run always merge."""
     import pyarrow as pa
@@ -148,7 +148,7 @@ def _with_fixed_types(table):
     return table
 
 
-def _read_table(path: Path):
+def read_table(path: Path):
     import pyarrow.parquet as pq
 
     try:
@@ -188,7 +188,7 @@ def read_trajectories(source: str | Path) -> list[Trajectory]:
 
     When the folder has a manifest, the file's sha256 is checked against it first.
     """
-    return [Trajectory.from_row(row) for row in _read_table(_checked_parquet(source)).to_pylist()]
+    return [Trajectory.from_row(row) for row in read_table(_checked_parquet(source)).to_pylist()]
 
 
 def iter_trajectories(source: str | Path, batch_size: int = 256) -> Iterator[list[Trajectory]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from rpe.records import MANIFEST_FILE, Trajectory, atomic_write_bytes, read_trajectories
 
 
-def _png(fig) -> str:
+def png_bytes(fig) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -38,7 +38,7 @@ def _steps_plot(trajectories: list[Trajectory]) -> str:
     ax.set_xlabel("reasoning steps per completion")
     ax.set_ylabel("trajectories")
     ax.legend()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _trajectory_html(t: Trajectory) -> str:
@@ -70,7 +70,7 @@ def _line_plot(xs, series: dict[str, list[float]], xlabel: str, ylabel: str, log
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def report_card_section(bundle_dir: str | Path) -> str:

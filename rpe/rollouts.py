@@ -29,31 +29,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rpe.generation import (  # re-exported: rpe.rollouts was their home
-    PREFIX_REUSE_MODEL_TYPES,
-    GeneratedBatch,
-    SamplingConfig,
-    cut_at_stop,
-    generate_batch,
-    generate_from_ids,
-    resolve_engine,
-    split_at_stop,
-)
+from rpe.generation import generate_batch, resolve_engine
+from rpe.sampling import GeneratedBatch, SamplingConfig
 from rpe.metrics import wilson_interval
 from rpe.models import fingerprint
 from rpe.prompts import PromptBuilder, PromptConfig
-from rpe.records import (  # re-exported: rpe.rollouts was their home
+from rpe.records import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
     TRAJECTORIES_FILE,
     Step,
     Trajectory,
-    _read_table,
-    _with_fixed_types,
+    read_table,
+    with_fixed_types,
     atomic_write_bytes,
     atomic_write_json,
-    iter_trajectories,
-    read_trajectories,
     sha256_file,
     write_trajectories,
 )
@@ -300,7 +290,7 @@ def collect_rollouts(
 def _part_ok(path: Path, expected_rows: int) -> bool:
     """A part counts as finished only when it reads back whole with the expected row count."""
     try:
-        return _read_table(path).num_rows == expected_rows
+        return read_table(path).num_rows == expected_rows
     except ValueError:
         logger.warning("ignoring damaged part %s; its batch will be regenerated", path)
         return False
@@ -337,7 +327,7 @@ def finalize_rollouts(out_dir: Path, run_config: dict[str, Any], n_parts: int) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = [_with_fixed_types(_read_table(_part_path(out_dir, b))) for b in range(n_parts)]
+    tables = [with_fixed_types(read_table(_part_path(out_dir, b))) for b in range(n_parts)]
     table = pa.concat_tables(tables)
     ids = table.column("trajectory_id").to_pylist()
     if len(set(ids)) != len(ids):
@@ -387,28 +377,4 @@ def _result(out_dir: Path, manifest: dict[str, Any]) -> RolloutResult:
     )
 
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "RolloutConfig",
-    "RolloutResult",
-    "SamplingConfig",
-    "Step",
-    "Trajectory",
-    "collect_rollouts",
-    "generate_batch",
-    "generate_from_ids",
-    "read_trajectories",
-    "wilson_interval",
-    # also importable from here for code written before the split: records, generation
-    "GeneratedBatch",
-    "MANIFEST_FILE",
-    "PREFIX_REUSE_MODEL_TYPES",
-    "TRAJECTORIES_FILE",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "cut_at_stop",
-    "iter_trajectories",
-    "sha256_file",
-    "split_at_stop",
-    "write_trajectories",
-]
+__all__ = ["RolloutConfig", "RolloutResult", "collect_rollouts"]

@@ -1,13 +1,12 @@
-"""What every generation engine shares: sampling settings, the generated-batch record, stop strings, end-of-
-sequence ids, and the KV-cache helpers for a prompt prefix shared by a batch (the few-shot examples encoded once).
+"""Sampling: the settings of a run, each row's own random stream, the logits warping (temperature, top-k,
+top-p) and the draw of the next token, stop strings and end-of-sequence ids, and the generated-batch record.
 
-:mod:`rpe.generation` (one padded ``model.generate`` per batch) and :mod:`rpe.decoding` (continuous batching)
-both build on it.
+:mod:`rpe.generation` (one padded ``model.generate`` per batch), :mod:`rpe.decoding` (continuous batching) and
+:class:`rpe.envs.LLMPolicy` sample through it; KV-cache helpers live in :mod:`rpe.kvcache`.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,10 +14,6 @@ from typing import Any
 import torch
 
 from rpe.segment import token_char_ends
-
-#: Architectures on which generating from a shared-prefix KV cache was checked to give identical tokens
-#: (tests/test_rollouts.py). Others (e.g. Gemma3's sliding-window layers) take the plain padded path.
-PREFIX_REUSE_MODEL_TYPES = frozenset({"llama", "qwen2"})
 
 
 @dataclass
@@ -58,71 +53,6 @@ class SamplingConfig:
 
 # --------------------------------------------------------------------------------------------------------
 # shared-prefix KV cache
-
-
-def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix shared by all ``seqs``."""
-    if not seqs:
-        return 0
-    first, n = seqs[0], min(len(s) for s in seqs)
-    for i in range(n):
-        tok = first[i]
-        if any(s[i] != tok for s in seqs):
-            return i
-    return n
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad_token_id: int, prefix_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token sequences for one forward pass.
-
-    Args:
-        seqs: token ids per row (after a cached prefix of ``prefix_len`` tokens, when there is one).
-        prefix_len: length of a KV-cached prefix shared by every row; the mask covers it.
-
-    Returns:
-        ``(input_ids (B, T), attention_mask (B, prefix_len + T))``, long tensors.
-    """
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)
-    mask[:, :prefix_len] = 1
-    for r, seq in enumerate(seqs):
-        ids[r, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[r, prefix_len : prefix_len + len(seq)] = 1
-    return ids, mask
-
-
-def cache_kwarg(model) -> str:
-    """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or the older
-    ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def shared_prefix_len(seqs: Sequence[Sequence[int]], min_prefix: int = 1) -> int:
-    """Length of the prefix all ``seqs`` share that leaves every row at least one token of its own (so the
-    row's last token is computed after the cache), or 0 when that is shorter than ``min_prefix``."""
-    n = min(common_prefix_len(seqs), min(len(s) for s in seqs) - 1)
-    return n if n >= min_prefix else 0
-
-
-def prefix_cache(model, prefix: list[int], device):
-    """KV cache of a shared prompt prefix (e.g. the few-shot examples), computed once, batch size 1."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_kwarg(model): cache})
-    return cache
-
-
-def batched_cache_kwargs(model, cache, batch_size: int, *, keep_original: bool = True) -> dict:
-    """Forward/generate keyword arguments carrying a batch-1 prefix ``cache`` repeated for ``batch_size``
-    rows. With ``keep_original`` the cache is copied first, so it can serve the next batch too."""
-    batch = copy.deepcopy(cache) if keep_original else cache
-    batch.batch_repeat_interleave(batch_size)
-    return {cache_kwarg(model): batch, "use_cache": True}
 
 
 @dataclass
@@ -187,6 +117,44 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-__all__ = [
-    "PREFIX_REUSE_MODEL_TYPES", "GeneratedBatch", "SamplingConfig", "batched_cache_kwargs", "cache_kwarg", "common_prefix_len", "cut_at_stop", "eos_ids", "prefix_cache", "right_pad", "shared_prefix_len", "split_at_stop",
-]
+def row_generator(seed: int, index: int) -> torch.Generator:
+    """The sampling stream of row ``index`` under ``seed``."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+
+
+
+def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """(B, V) logits -> (B, V) float32 sampling probabilities through transformers' own warpers (temperature, then
+    top-k, then top-p: ``model.generate``'s order and tie rules)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = [TemperatureLogitsWarper(sampling.temperature)]
+    if sampling.top_k and sampling.top_k < logits.shape[-1]:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return LogitsProcessorList(warpers)(None, logits.float()).softmax(-1)
+
+
+def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generators: Sequence[torch.Generator]) -> list[int]:
+    """One token per row of (B, V) ``logits``: the argmax at temperature 0, else a draw from the warped
+    distribution with row ``j``'s own generator."""
+    if sampling.temperature <= 0:
+        return logits.argmax(-1).tolist()
+    probs = warp_logits(logits, sampling)
+    return [int(torch.multinomial(probs[j], 1, generator=g)) for j, g in enumerate(generators)]
+
+
+
+def hits_stop(tokenizer, generated: Sequence[int], stop_strings: Sequence[str]) -> bool:
+    """Whether the text of the last generated tokens contains a stop string (checked after every token)."""
+    longest = max((len(s) for s in stop_strings), default=0)
+    if not longest:
+        return False
+    tail = tokenizer.decode(list(generated[-(longest + 8):]), skip_special_tokens=True)
+    return any(s in tail for s in stop_strings)
+
+
+
+__all__ = ["GeneratedBatch", "SamplingConfig", "cut_at_stop", "eos_ids", "hits_stop", "next_tokens", "row_generator",
+           "split_at_stop", "warp_logits"]

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from rpe.generation import SamplingConfig, generate_from_ids
+from rpe.generation import generate_from_ids
+from rpe.sampling import SamplingConfig
 from rpe.metrics import wilson_interval
 from rpe.tasks import extract_answer
 

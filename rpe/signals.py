@@ -31,11 +31,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from rpe.bundle import SubsystemBundle
 from rpe.segment import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -45,8 +47,6 @@ SCALAR_SIGNALS: tuple[str, ...] = ("value_s0", "value_final", "rpe_sum", "rpe_ab
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from rpe.bundle import SubsystemBundle
 
 
 
@@ -103,7 +103,7 @@ class SignalReader:
     """Reads :class:`SequenceSignals` for (prompt ids, completion ids) pairs through a bundle.
 
     Args:
-        bundle: a :class:`rpe.bundle.SubsystemBundle` fitted on this model (checked).
+        bundle: a :class:`rpe.bundle.SubsystemBundle` fitted on this model, or its folder (checked).
         model: the causal LM (a PEFT wrapper is fine: the base model's blocks are hooked, adapters included).
         tokenizer: its tokenizer (decodes completions to find step boundaries).
         segmenter: how completions split into steps (``paragraph`` as in ``rpe rollouts``).
@@ -112,17 +112,17 @@ class SignalReader:
         check: verify the bundle's fingerprint against the model (once, here).
     """
 
-    def __init__(self, bundle: SubsystemBundle, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
-                 segmenter: Segmenter = "paragraph", pattern: str | None = None,
+    def __init__(self, bundle: SubsystemBundle | str | Path, model: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase, *, segmenter: Segmenter = "paragraph", pattern: str | None = None,
                  batch_size: int = 16, check: bool = True):
+        if check or not isinstance(bundle, SubsystemBundle):
+            bundle = SubsystemBundle.resolve(bundle, unwrap_model(model), tokenizer)
         self.bundle = bundle
         self.model = model
         self.tokenizer = tokenizer
         self.segmenter = segmenter
         self.pattern = pattern
         self.batch_size = batch_size
-        if check:
-            bundle.check_model(unwrap_model(model), tokenizer)
         self.k = int(bundle.value_neurons.numel())
         self.columns = torch.cat([bundle.value_neurons.long(), bundle.dopamine_neurons.long()])
         self.gamma = float(bundle.probe_config.gamma)
@@ -171,7 +171,7 @@ class SignalReader:
             reuse_prefix: when all prompts share a prefix of ``min_prefix`` or more tokens (the few-shot
                 examples), encode it once and reuse its KV cache (same activations, several times faster).
         """
-        from rpe.generation import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
+        from rpe.kvcache import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
         from rpe.tracker import ActivationTracker
 
         if len(prompt_ids) != len(completion_ids):

@@ -16,10 +16,8 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file
 
-from rpe.generation import (  # re-exported: their home was this module
+from rpe.kvcache import (
     batched_cache_kwargs,
-    cache_kwarg,
-    common_prefix_len,
     prefix_cache,
     right_pad,
     shared_prefix_len,
@@ -240,6 +238,4 @@ def merge_state_sets(parts: Sequence[StateSet]) -> StateSet:
     )
 
 
-__all__ = ["StateSet", "capture_states", "merge_state_sets", "states_from_generation",
-           # re-exported from rpe.generation (their home was this module)
-           "batched_cache_kwargs", "cache_kwarg", "common_prefix_len", "prefix_cache", "right_pad", "shared_prefix_len"]
+__all__ = ["StateSet", "capture_states", "merge_state_sets", "states_from_generation"]

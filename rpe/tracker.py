@@ -150,7 +150,7 @@ class ActivationTracker(BlockHooks):
             if missing:
                 raise ValueError(f"neuron indices missing for layers {sorted(missing)}")
             self.neurons = {layer: torch.as_tensor(neurons[layer], dtype=torch.long) for layer in self.layers}
-        hidden = _hidden_size(model)
+        hidden = hidden_size_of(model)
         for layer, idx in self.neurons.items():
             if idx is not None and idx.numel() and (idx.min() < 0 or idx.max() >= hidden):
                 raise ValueError(
@@ -202,7 +202,7 @@ class ActivationTracker(BlockHooks):
         """Generation mode: ``{layer: (batch, total_tokens, k)}``, prefill and decode steps joined in time.
 
         A batch-1 call recorded before a batched one is a shared-prefix KV-cache prefill (the few-shot
-        examples, see :func:`rpe.rollouts.generate_from_ids`): it is repeated for every row, so position ``i``
+        examples, see :func:`rpe.generation.generate_from_ids`): it is repeated for every row, so position ``i``
         of the result is position ``i`` of the padded ``prefix + suffix`` input. With ``drop_prefix`` those
         positions are left out instead (their count is :attr:`prefix_tokens`; every state lies after them).
 
@@ -259,7 +259,7 @@ class ActivationTracker(BlockHooks):
         return hook
 
 
-def _hidden_size(model: nn.Module) -> int:
+def hidden_size_of(model: nn.Module) -> int:
     cfg = model.config
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return int(cfg.hidden_size)

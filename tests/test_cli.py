@@ -32,7 +32,8 @@ def test_models_list(tmp_path, monkeypatch):
 
 def test_fit_on_single_class_rollouts_explains_how_to_recalibrate(tiny_llama, tmp_path):
     from rpe.prompts import PromptConfig
-    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.sampling import SamplingConfig
 
     model, tok = tiny_llama
     folder = tmp_path / "tiny"
@@ -52,9 +53,9 @@ def test_fit_on_missing_rollouts(tmp_path):
 
 
 def test_task_options_are_parsed_and_checked():
-    from rpe.cli import _parse_options
+    from rpe.cli.common import parse_options
 
-    assert _parse_options(["max_animals=2", "name=x", "flag=true"]) == {"max_animals": 2, "name": "x", "flag": True}
+    assert parse_options(["max_animals=2", "name=x", "flag=true"]) == {"max_animals": 2, "name": "x", "flag": True}
     bad = runner.invoke(app, ["rollouts", "--task", "rg:leg_counting", "--task-option", "bogus=1", "--out", "x"])
     assert bad.exit_code == 2 and "invalid options" in bad.output
     malformed = runner.invoke(app, ["rollouts", "--task-option", "novalue", "--out", "x"])
@@ -81,3 +82,14 @@ def test_search_cli_saves_per_method_and_resumes(real_model, tmp_path):
     assert both["greedy"]["accuracy"] == 0.25 and set(both) == {"greedy", "random"}
     bad = runner.invoke(app, ["search", "--n", "1", "--methods", "value", "--out", str(tmp_path / "x.json")])
     assert bad.exit_code != 0 and "need a bundle" in bad.output
+
+
+def test_python_dash_m_rpe_cli_runs_the_command():
+    """The form launchers need (``accelerate launch -m rpe.cli``, ``torchrun -m rpe.cli``): before __main__.py
+    it answered "'rpe.cli' is a package and cannot be directly executed"."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rpe.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "rollouts" in out.stdout and "Usage: rpe" in out.stdout

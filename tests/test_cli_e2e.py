@@ -55,7 +55,8 @@ def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
 @pytest.mark.slow
 def test_fit_refuses_rollouts_of_another_model(real_model, tmp_path, tiny_llama):
     from rpe.prompts import PromptConfig
-    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.sampling import SamplingConfig
 
     model, tok = tiny_llama
     collect_rollouts(model, tok, RolloutConfig(n_problems=12, samples=1, sampling=SamplingConfig(max_new_tokens=8),

@@ -6,7 +6,8 @@ import torch
 
 from rpe.decoding import generate_continuous
 from rpe.generation import generate_from_ids
-from rpe.sampling import SamplingConfig, shared_prefix_len
+from rpe.kvcache import shared_prefix_len
+from rpe.sampling import SamplingConfig
 from rpe.tracker import ActivationTracker, decoder_layers
 
 SHARED = "Solve each problem step by step and finish with the answer line. " * 2
@@ -120,7 +121,8 @@ def test_stack_caches_pads_each_cache_on_the_left_and_joins_the_rows(tiny_llama)
     import torch
     from transformers import DynamicCache
 
-    from rpe.decoding import feed_tokens, stack_caches
+    from rpe.decoding import feed_tokens
+    from rpe.kvcache import stack_caches
 
     model, _ = tiny_llama
 

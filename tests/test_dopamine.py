@@ -4,7 +4,9 @@ import torch
 
 from rpe.dopamine import DopamineConfig, find_dopamine_neurons, mc_state_values, td_errors
 from rpe.prompts import PromptConfig
-from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts, read_trajectories
+from rpe.records import read_trajectories
+from rpe.rollouts import RolloutConfig, collect_rollouts
+from rpe.sampling import SamplingConfig
 from rpe.tasks import load_task
 from conftest import make_tiny_bundle  # noqa: I001
 
@@ -169,7 +171,7 @@ class _RecordingTask:
 
 def test_mc_values_join_each_continuation_to_the_transcript_up_to_its_state(tiny_llama, stepped_rollouts, monkeypatch):
     import rpe.dopamine as dopamine
-    from rpe.generation import GeneratedBatch
+    from rpe.sampling import GeneratedBatch
 
     model, tok = tiny_llama
     _, trajs = stepped_rollouts

@@ -131,6 +131,30 @@ def test_internal_rpe_feeds_only_each_new_step_and_refuses_another_model(tiny_ll
         InternalRPE(gymnasium.make("rpe/ChainSum-v0"), tiny_bundle, model=other, tokenizer=otok)
 
 
+def test_internal_rpe_takes_a_bundle_folder_as_the_callback_does(tiny_llama, tiny_bundle, tmp_path):
+    """One convention for "a bundle": the object or its folder (the README's gymnasium example passes a folder);
+    the folder is loaded, checked against the model, and gives the values the object gives."""
+    import gymnasium
+
+    from rpe.bundle import BundleFormatError
+    from rpe.envs import InternalRPE
+
+    model, tok = tiny_llama
+    folder = tiny_bundle.save(tmp_path / "bundle")
+    infos = []
+    for bundle in (tiny_bundle, str(folder), folder):
+        env = InternalRPE(gymnasium.make("rpe/ChainSum-v0"), bundle, model=model, tokenizer=tok)
+        env.reset(seed=3)
+        infos.append(env.step("4 + 1 = 5.")[4])
+        assert env.bundle.layer == tiny_bundle.layer
+    assert infos[1]["internal_value"] == pytest.approx(infos[0]["internal_value"], abs=1e-6)
+    assert infos[2]["internal_rpe"] == pytest.approx(infos[0]["internal_rpe"], abs=1e-6)
+    with pytest.raises(BundleFormatError, match="not a complete bundle"):
+        InternalRPE(gymnasium.make("rpe/ChainSum-v0"), tmp_path / "missing", model=model, tokenizer=tok)
+    with pytest.raises(TypeError, match="SubsystemBundle or the path"):
+        InternalRPE(gymnasium.make("rpe/ChainSum-v0"), 3, model=model, tokenizer=tok)
+
+
 def _greedy_tiny():
     """A tiny model whose greedy steps are not empty (its end ids are damped) and end at blank lines now and then."""
     import torch
@@ -217,7 +241,7 @@ def test_internal_rpe_refeeds_from_where_a_retokenised_transcript_differs(tiny_l
 
 
 def test_bench_env_runs_both_arms_on_a_tiny_model(tiny_llama, tmp_path):
-    from rpe.bench_rollouts import RolloutBenchConfig, bench_env
+    from rpe.bench.rollouts import RolloutBenchConfig, bench_env
 
     model, tok = tiny_llama
     model.save_pretrained(tmp_path / "m")
@@ -230,7 +254,7 @@ def test_bench_env_runs_both_arms_on_a_tiny_model(tiny_llama, tmp_path):
 
 
 def test_bench_rollouts_runs_every_arm_on_a_tiny_model(tiny_llama, tmp_path):
-    from rpe.bench_rollouts import RolloutBenchConfig, bench_rollouts
+    from rpe.bench.rollouts import RolloutBenchConfig, bench_rollouts
 
     model, tok = tiny_llama
     model.save_pretrained(tmp_path / "m")

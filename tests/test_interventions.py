@@ -118,7 +118,9 @@ def test_causal_rpe_check_runs_and_reports_each_share(tiny_llama, tiny_bundle, t
 
     from rpe.ablate import rpe_causal_check
     from rpe.prompts import PromptConfig
-    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts, read_trajectories
+    from rpe.records import read_trajectories
+    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.sampling import SamplingConfig
 
     model, tok = tiny_llama
     cfg = RolloutConfig(task="chain_sum_2", n_problems=24, samples=1, prompt=PromptConfig(shots=1),
@@ -169,7 +171,7 @@ def test_causal_rpe_check_runs_and_reports_each_share(tiny_llama, tiny_bundle, t
 
 def test_summary_pools_seeds_into_one_wilson_interval():
     from rpe.ablate import summarise
-    from rpe.rollouts import wilson_interval
+    from rpe.metrics import wilson_interval
 
     arms = {"value": {"accuracy": 0.5, "n": 10, "drop": 0.1},
             "random/0": {"accuracy": 0.2, "n": 10, "drop": 0.4}, "random/1": {"accuracy": 0.6, "n": 10, "drop": 0.0}}

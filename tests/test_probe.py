@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rpe.probe import ProbeConfig, SingleClassError, ValueProbe, lambda_returns, split_by_problem
-from rpe.rollouts import SCHEMA_VERSION, Step, Trajectory
+from rpe.records import SCHEMA_VERSION, Step, Trajectory
 from rpe.store import StateSet, capture_states
 
 PLANTED = [5, 17, 42]
@@ -150,7 +150,7 @@ def test_mean_prompt_logprob_matches_a_plain_forward(tiny_llama):
     trajs = _synthetic_trajectories(tok, n_problems=3, samples=1)
     for t in trajs:
         t.prompt_token_ids = shared + t.prompt_token_ids
-    from rpe.store import common_prefix_len
+    from rpe.kvcache import common_prefix_len
 
     shared_len = common_prefix_len([t.prompt_token_ids for t in trajs])
     assert shared_len >= len(shared)

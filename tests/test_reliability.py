@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rpe.probe import lambda_returns
-from rpe.rollouts import SCHEMA_VERSION, Step, Trajectory
+from rpe.records import SCHEMA_VERSION, Step, Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,7 @@ ROLLOUT_SCRIPT = textwrap.dedent("""
 
 
 def test_kill_9_during_rollouts_then_resume_loses_and_duplicates_nothing(tmp_path):
-    from rpe.rollouts import read_trajectories
+    from rpe.records import read_trajectories
 
     out = tmp_path / "killed"
     script = ROLLOUT_SCRIPT.replace("{out}", str(out))
@@ -249,7 +249,7 @@ def test_kill_9_during_analysis_keeps_the_old_report(tmp_path):
 
 # -- corrupted artefacts -------------------------------------------------------------------------------------
 def test_truncated_parquet_and_safetensors_are_named(tmp_path):
-    from rpe.rollouts import read_trajectories
+    from rpe.records import read_trajectories
     from rpe.store import StateSet
 
     bad = tmp_path / "t.parquet"
@@ -264,7 +264,9 @@ def test_truncated_parquet_and_safetensors_are_named(tmp_path):
 
 # -- over-long and empty inputs ----------------------------------------------------------------------------
 def test_over_long_prompt_is_truncated_and_flagged_not_a_crash(tiny_llama, tmp_path):
-    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts, read_trajectories
+    from rpe.records import read_trajectories
+    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.sampling import SamplingConfig
     from rpe.tasks import JsonlTask
 
     model, tok = tiny_llama

@@ -1,5 +1,5 @@
 from rpe.report import rollout_report
-from rpe.rollouts import SCHEMA_VERSION, Step, Trajectory, write_trajectories
+from rpe.records import SCHEMA_VERSION, Step, Trajectory, write_trajectories
 
 
 def _traj(i, completion, reward):

@@ -3,16 +3,10 @@ import json
 import pytest
 
 from rpe.prompts import PromptConfig
-from rpe.rollouts import (
-    SCHEMA_VERSION,
-    TRAJECTORIES_FILE,
-    RolloutConfig,
-    SamplingConfig,
-    Trajectory,
-    collect_rollouts,
-    read_trajectories,
-    wilson_interval,
-)
+from rpe.metrics import wilson_interval
+from rpe.records import SCHEMA_VERSION, TRAJECTORIES_FILE, Trajectory, read_trajectories
+from rpe.rollouts import RolloutConfig, collect_rollouts
+from rpe.sampling import SamplingConfig
 
 
 def _cfg(**kw):
@@ -199,7 +193,7 @@ def test_capture_of_a_missing_layer_fails_before_generation(tiny_llama, tmp_path
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_shared_prefix_generation_gives_the_same_tokens(arch):
     from rpe.models import TinyModelConfig, tiny_model
-    from rpe.rollouts import generate_from_ids
+    from rpe.generation import generate_from_ids
 
     model, tok = tiny_model(TinyModelConfig(architecture=arch))
     prefix = tok("Q: example one. A: 1.\n\nQ: example two. A: 2.\n\n", add_special_tokens=False)["input_ids"]
@@ -225,7 +219,7 @@ def test_run_folder_from_before_a_new_none_option_still_resumes(tiny_llama, tmp_
 
 
 def test_stop_string_cut_keeps_the_last_content_token(tiny_llama):
-    from rpe.rollouts import cut_at_stop
+    from rpe.sampling import cut_at_stop
 
     _, tok = tiny_llama
     ids = tok("Answer: 42\n\nQuestion: next", add_special_tokens=False)["input_ids"]
@@ -237,7 +231,8 @@ def test_stop_string_cut_keeps_the_last_content_token(tiny_llama):
 def test_parts_merge_when_one_part_has_no_answers_and_no_steps(tmp_path):
     """A batch where no completion has a final answer or a step used to be written with Arrow's null type and
     broke the merge of a 200-problem ablation arm."""
-    from rpe.rollouts import SCHEMA_VERSION, Step, Trajectory, _part_path, read_trajectories, write_trajectories
+    from rpe.records import SCHEMA_VERSION, Step, Trajectory, read_trajectories, write_trajectories
+    from rpe.rollouts import _part_path
 
     def traj(i, answer, steps):
         return Trajectory(SCHEMA_VERSION, f"p{i}#0", f"p{i}", "chain_sum", 0, "q", "c", steps, answer, "3",
@@ -256,7 +251,7 @@ def test_parts_merge_when_one_part_has_no_answers_and_no_steps(tmp_path):
 def test_stop_tail_keeps_the_models_own_tokens_of_the_stop_string(tiny_llama):
     """Search appends the kept step plus its stop string: re-tokenising "\\n\\n" can give one token where the
     model wrote two, a context the model never produces itself."""
-    from rpe.rollouts import split_at_stop
+    from rpe.sampling import split_at_stop
 
     _, tok = tiny_llama
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -274,7 +269,8 @@ def test_generation_logprobs_match_a_forward_pass(tiny_llama):
     import numpy as np
     import torch
 
-    from rpe.rollouts import SamplingConfig, generate_from_ids
+    from rpe.generation import generate_from_ids
+    from rpe.sampling import SamplingConfig
 
     model, tok = tiny_llama
     shared = tok("Solve each problem step by step. " * 6, add_special_tokens=False)["input_ids"]
@@ -302,7 +298,8 @@ def test_folders_made_before_engines_resume_with_the_generate_engine_and_say_so(
     import pytest
 
     from rpe.prompts import PromptConfig
-    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.sampling import SamplingConfig
 
     model, tok = tiny_llama
     cfg = RolloutConfig(task="chain_sum_2", n_problems=4, samples=1, batch_size=2, engine="generate",

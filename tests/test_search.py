@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from rpe.prompts import PromptBuilder, PromptConfig
-from rpe.rollouts import SamplingConfig, generate_from_ids
+from rpe.generation import generate_from_ids
+from rpe.sampling import SamplingConfig
 from rpe.search import STEP_STOP, SearchConfig, run_search, search_batch
 from rpe.tasks import load_task
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rpe.signals import GenerationCapture, SignalReader
-from rpe.store import right_pad
+from rpe.kvcache import right_pad
 
 
 def _hooks(model):

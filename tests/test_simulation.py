@@ -75,7 +75,9 @@ def test_rpe_simulate_command_end_to_end(tiny_llama, tmp_path):
     from conftest import make_tiny_bundle
     from rpe.cli import app
     from rpe.prompts import PromptConfig
-    from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts, read_trajectories
+    from rpe.records import read_trajectories
+    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.sampling import SamplingConfig
 
     model, tok = tiny_llama
     model.save_pretrained(tmp_path / "m")

@@ -71,7 +71,8 @@ def test_generation_mode_records_prefill_and_decode(tiny_llama):
 def test_generation_mode_around_generate_batch_with_a_shared_prefix(tiny_llama):
     """generate_batch encodes the shared few-shot prefix once (a batch-1 call) before the batched generate: the
     tracker joins the two so position i is position i of the padded prefix + suffix input (was a crash)."""
-    from rpe.rollouts import SamplingConfig, generate_batch
+    from rpe.generation import generate_batch
+    from rpe.sampling import SamplingConfig
 
     model, tok = tiny_llama
     prefix = "Q: worked example one. A: 1.\n\nQ: worked example two. A: 2.\n\nQ: three and four. A: 7.\n\n"

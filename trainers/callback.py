@@ -73,7 +73,7 @@ class RPECallback(TrainerCallback):
 
     Args:
         bundle: a bundle or its folder, fitted on the policy's base model (checked at start).
-        signals: share an :class:`~trainers.rewards.InternalSignals` with internal reward functions (so the
+        signals: share an :class:`~rpe.trainers.rewards.InternalSignals` with internal reward functions (so the
             batch is read once); by default the callback makes its own.
         refit_every: refit the value probe every this many optimizer steps (0 = never).
         refit_window: batches of states kept for the refit.

@@ -8,7 +8,7 @@ An unknown key is refused with the nearest valid key.
 Arms:
 - ``trainer: grpo``: TRL's GRPOTrainer with the verifiable reward (and optional internal auxiliary rewards);
 - ``trainer: rloo``: TRL's RLOOTrainer, same rewards;
-- ``trainer: internal_critic``: :class:`trainers.critic.InternalCriticGRPOTrainer`.
+- ``trainer: internal_critic``: :class:`rpe.trainers.critic.InternalCriticGRPOTrainer`.
 
 Outputs in ``output_dir``: TRL's checkpoints, ``log_history.json`` (every logged step), ``eval_before`` /
 ``eval_after`` rollout folders and ``summary.json`` (held-out accuracy before and after with Wilson intervals).
@@ -186,7 +186,7 @@ def evaluate(model, tokenizer, rpe_args: RPEArguments, out: Path, name: str, ove
     """Held-out accuracy (one sample per problem, T=0.7, fixed seed) as a rollout folder ``out`` (a finished
     folder with the same configuration is reused unless ``overwrite``)."""
     from rpe.prompts import PromptConfig
-    from rpe.generation import SamplingConfig
+    from rpe.sampling import SamplingConfig
     from rpe.rollouts import RolloutConfig, collect_rollouts
 
     from rpe.tasks import load_task

@@ -7,7 +7,7 @@ forward pass; otherwise (vLLM, tools, continuous batching) one hooked forward ov
 once per batch, however many reward functions and callbacks ask. ``stats`` counts which path served.
 
 Every reward function has TRL's signature ``f(prompts, completions, completion_ids=..., **kwargs) -> list[float]``
-and carries ``rpe_internal = True`` so :class:`trainers.callback.RPECallback` can tell the verifiable reward
+and carries ``rpe_internal = True`` so :class:`rpe.trainers.callback.RPECallback` can tell the verifiable reward
 from the internal ones.
 
 Example (GRPO with an auxiliary RPE reward, monitor-only value):
@@ -34,17 +34,9 @@ if TYPE_CHECKING:
 
 
 
-def load_bundle_for(bundle: SubsystemBundle | str | Path, model, tokenizer) -> SubsystemBundle:
-    """A bundle object checked against ``model`` (a path is loaded and validated)."""
-    if isinstance(bundle, (str, Path)):
-        return SubsystemBundle.load(bundle, model=unwrap_model(model), tokenizer=tokenizer)
-    bundle.check_model(unwrap_model(model), tokenizer)
-    return bundle
-
-
 class InternalSignals:
     """Per-batch internal value / RPE / dopamine of the policy's completions, shared by reward functions,
-    :class:`~trainers.callback.RPECallback` and the internal-critic trainer.
+    :class:`~rpe.trainers.callback.RPECallback` and the internal-critic trainer.
 
     Args:
         bundle: a bundle (or its folder) fitted on the policy's base model.
@@ -57,7 +49,7 @@ class InternalSignals:
     def __init__(self, bundle: SubsystemBundle | str | Path, model: PreTrainedModel,
                  tokenizer: PreTrainedTokenizerBase, *, segmenter: str = "paragraph",
                  capture: bool = True):
-        self.bundle = load_bundle_for(bundle, model, tokenizer)
+        self.bundle = SubsystemBundle.resolve(bundle, unwrap_model(model), tokenizer)
         self.model = model
         self.tokenizer = tokenizer
         self.reader = SignalReader(self.bundle, model, tokenizer, segmenter=segmenter, check=False)
@@ -190,4 +182,4 @@ def nan_guard(fn: Callable[..., list[float]], on_skip: Callable[[str, int, int],
     return guarded
 
 
-__all__ = ["InternalSignals", "correctness_reward", "load_bundle_for", "nan_guard"]
+__all__ = ["InternalSignals", "correctness_reward", "nan_guard"]

@@ -7,17 +7,17 @@ from typing import Optional
 
 import typer
 
-from rpe.cli._app import _fail, _load, _print_bench, bench_app, console
+from rpe.cli.common import fail, load_cli_model, print_bench, bench_app, console
 
 
 @bench_app.command("memory")
 def bench_memory(quick: bool = typer.Option(False, help="1k vs 10k trajectories (default 2k vs 20k).")) -> None:
     """Peak RSS of collecting + analysing N vs 10N trajectories (tiny model); last line JSON (goal ratio < 1.3)."""
-    from rpe.bench import bench_memory as run
+    from rpe.bench.pipeline import bench_memory as run
 
     with console.status("collecting and analysing trajectories in fresh processes"):
         result = run(quick=quick)
-    _print_bench(result)
+    print_bench(result)
 
 
 @bench_app.command("train")
@@ -27,15 +27,15 @@ def bench_train(
     bundle: Path = typer.Option(Path("runs/demo/bundle"), help="Bundle for the rpe arms (make demo writes this one)."),
 ) -> None:
     """Time per step and peak memory: GRPO + RPECallback + internal reward, and internal-critic PPO, vs stock GRPO."""
-    from rpe.bench import bench_train as run
+    from rpe.bench.pipeline import bench_train as run
     from rpe.trainers import require_trl
 
     require_trl()
     if not (bundle / "bundle.json").exists():
-        _fail(f"{bundle} is not a bundle; run `make demo` (or pass --bundle)")
+        fail(f"{bundle} is not a bundle; run `make demo` (or pass --bundle)")
     with console.status("benchmarking GRPO arms in fresh processes"):
         result = run(model, str(bundle), quick=quick)
-    _print_bench(result)
+    print_bench(result)
 
 
 @bench_app.command("analyze")
@@ -45,13 +45,13 @@ def bench_analyze(
     bundle: Path = typer.Option(Path("runs/demo/bundle"), help="Bundle folder."),
 ) -> None:
     """States analysed per second vs the forward passes alone; last line JSON with the ratio."""
-    from rpe.bench import bench_analyze as run
+    from rpe.bench.pipeline import bench_analyze as run
 
     if not (bundle / "bundle.json").exists() or not (rollouts / "manifest.json").exists():
-        _fail(f"need a finished rollout folder and a bundle ({rollouts}, {bundle}); run `make demo` first")
+        fail(f"need a finished rollout folder and a bundle ({rollouts}, {bundle}); run `make demo` first")
     with console.status("benchmarking analysis vs plain forwards"):
         result = run(str(rollouts), str(bundle), quick=quick)
-    _print_bench(result)
+    print_bench(result)
 
 
 @bench_app.command("ablate")
@@ -60,12 +60,12 @@ def bench_ablate(
     model: str = typer.Option("smollm2-135m-instruct", help="Model to benchmark."),
 ) -> None:
     """Generation tokens/s with vs without the ablation hook; last line is JSON with the ratio (goal >= 0.95)."""
-    from rpe.bench import bench_ablate as run
+    from rpe.bench.pipeline import bench_ablate as run
 
-    _load(model)
+    load_cli_model(model)
     with console.status("benchmarking generation with and without the ablation hook"):
         result = run(model, quick=quick)
-    _print_bench(result)
+    print_bench(result)
 
 
 @bench_app.command("rollouts")
@@ -74,13 +74,13 @@ def bench_rollouts(
     model: str = typer.Option("smollm2-135m-instruct", help="Model to benchmark."),
 ) -> None:
     """Tokens/s of batched collection vs the naive env loop; last line is JSON with the ratio."""
-    from rpe.bench_rollouts import RolloutBenchConfig, bench_rollouts as run
+    from rpe.bench.rollouts import RolloutBenchConfig, bench_rollouts as run
 
     cfg = RolloutBenchConfig.quick(model) if quick else RolloutBenchConfig(model=model)
-    _load(model)  # clear error before timing if the model is missing
+    load_cli_model(model)  # clear error before timing if the model is missing
     with console.status("benchmarking rollouts (naive env loop, then batched)"):
         result = run(cfg)
-    _print_bench(result)
+    print_bench(result)
 
 
 @bench_app.command("env")
@@ -90,13 +90,13 @@ def bench_env(
     bundle: Optional[Path] = typer.Option(None, help="Bundle read by InternalRPE (default: a random one, same cost)."),
 ) -> None:
     """Episodes through LLMPolicy + InternalRPE vs rpe rollouts on the same problems; last line is JSON."""
-    from rpe.bench_rollouts import RolloutBenchConfig, bench_env as run
+    from rpe.bench.rollouts import RolloutBenchConfig, bench_env as run
 
     cfg = RolloutBenchConfig.quick(model) if quick else RolloutBenchConfig(model=model)
-    _load(model)
+    load_cli_model(model)
     with console.status("benchmarking episodes through the environment vs batched rollouts"):
         result = run(cfg, str(bundle) if bundle else None)
-    _print_bench(result)
+    print_bench(result)
 
 
 @bench_app.command("tracker")
@@ -105,19 +105,19 @@ def bench_tracker(
     model: str = typer.Option("smollm2-135m-instruct", help="Model to benchmark."),
 ) -> None:
     """Tracker vs plain forward vs output_hidden_states; capture during generation vs a second pass."""
-    from rpe.bench import bench_tracker as run
+    from rpe.bench.pipeline import bench_tracker as run
 
-    _load(model)
+    load_cli_model(model)
     with console.status("benchmarking the activation tracker"):
         result = run(model, quick=quick)
-    _print_bench(result)
+    print_bench(result)
 
 
 @bench_app.command("probe")
 def bench_probe(quick: bool = typer.Option(False, help="1k and 10k states only.")) -> None:
     """Probe fit time per epoch vs number of states (synthetic), with the scaling exponent."""
-    from rpe.bench import bench_probe as run
+    from rpe.bench.pipeline import bench_probe as run
 
     with console.status("benchmarking probe fits"):
         result = run(quick=quick)
-    _print_bench(result)
+    print_bench(result)

