@@ -32,10 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from rpe.decoding import CONTINUOUS_MODEL_TYPES, decode_step, feed_tokens
-from rpe.kvcache import crop_cache, stack_caches
-from rpe.sampling import hits_stop, next_tokens, row_generator
-from rpe.kvcache import common_prefix_len
-from rpe.sampling import SamplingConfig, eos_ids, split_at_stop
+from rpe.kvcache import common_prefix_len, crop_cache, stack_caches
+from rpe.sampling import SamplingConfig, eos_ids, hits_stop, logits_device, next_tokens, row_generator, split_at_stop
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -248,7 +246,7 @@ class LLMPolicy:
             pads = [max(lengths) - n for n in lengths]
             cache = stack_caches([ep.cache for ep in episodes], pads)
             mask = torch.tensor([[0] * pad + [1] * n for pad, n in zip(pads, lengths)])
-            gens = [row_generator(self.seed, call * 4096 + i) for i in range(len(episodes))]
+            gens = [row_generator(self.seed, call * 4096 + i, logits_device(self.model)) for i in range(len(episodes))]
             generated: list[list[int]] = [[] for _ in episodes]
             fed: list[list[torch.Tensor]] = [[] for _ in episodes]  # recorded (k,) per token fed in the batch
             alive = list(range(len(episodes)))

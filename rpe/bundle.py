@@ -91,7 +91,9 @@ class SubsystemBundle:
 
     # -- validation ------------------------------------------------------------------------------------
     def check_model(self, model, tokenizer) -> None:
-        """Raise :class:`BundleMismatchError` unless ``model``/``tokenizer`` match the bundle's fingerprint."""
+        """Raise :class:`BundleMismatchError` unless ``model``/``tokenizer`` match the bundle's fingerprint; log one
+        notice when the model runs in another dtype than the bundle was fitted in (a float32 bundle on bfloat16
+        activations works: the probe reads them in float32)."""
         other = fingerprint(model, tokenizer)
         bad = self.model.mismatches(other)
         if bad:
@@ -100,6 +102,10 @@ class SubsystemBundle:
                 f"(differs in {', '.join(bad)}).\n  bundle: {self.model.to_dict()}\n  model:  {other.to_dict()}\n"
                 "Fit a bundle for this model with `rpe fit`."
             )
+        if self.model.dtype and other.dtype and self.model.dtype != other.dtype:
+            logger.warning("bundle fitted on %s activations, read on %s ones (%s): values can differ slightly; "
+                           "fit in the dtype you read in for exact agreement", self.model.dtype, other.dtype,
+                           other.name)
 
     # -- use -------------------------------------------------------------------------------------------
     def value(self, model, tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:

@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 import torch
 
 from rpe.kvcache import cache_kwarg, cache_len, prefix_cache, shared_prefix_len, stack_caches
-from rpe.sampling import GeneratedBatch, SamplingConfig, eos_ids, hits_stop, next_tokens, row_generator, split_at_stop
+from rpe.sampling import (
+    GeneratedBatch, SamplingConfig, eos_ids, hits_stop, logits_device, next_tokens, row_generator, split_at_stop,
+)
 
 CONTINUOUS_MODEL_TYPES = ("llama", "qwen2")
 """Model types whose ``DynamicCache`` layers are plain (batch, heads, length, dim) tensors (no sliding window)."""
@@ -131,7 +133,7 @@ def generate_continuous(
     kw = cache_kwarg(model)
     prefix_len = shared_prefix_len(enc, min_prefix) if len(enc) > 1 else 0
     base_cache = prefix_cache(model, enc[0][:prefix_len], device) if prefix_len else None
-    rows: list[_Row] = [_Row(i, row_generator(seed, i), len(p)) for i, p in enumerate(enc)]
+    rows: list[_Row] = [_Row(i, row_generator(seed, i, logits_device(model)), len(p)) for i, p in enumerate(enc)]
     queue = list(range(len(enc)))
     alive: list[_Row] = []
     cache = None

@@ -236,24 +236,104 @@ def prompt_style_of(name_or_path: str, tokenizer) -> Literal["chat", "completion
     return "chat" if getattr(tokenizer, "chat_template", None) else "completion"
 
 
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+"""Names ``--dtype`` accepts (besides ``auto``), each mapped to its torch dtype name."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else as ``torch.device`` reads it.
+
+    Raises:
+        ValueError: an unknown device string, or ``cuda`` asked for where none is available.
+    """
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); "
+                         "use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 elsewhere (bf16 on a CPU is opt-in: ``--dtype bfloat16``, fast where
+    the CPU has bf16 kernels, see :func:`cpu_has_bf16`); a name from :data:`DTYPES` or a ``torch.dtype`` as is.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(sorted(DTYPES))}")
+    return getattr(torch, DTYPES[dtype])
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 matmul kernels (AVX512-BF16 or AMX), by torch's own capability probe."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or _cpuinfo_has_bf16()
+
+
+def _cpuinfo_has_bf16() -> bool:
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+@dataclass
+class LoadConfig:
+    """Where and how a model is loaded (every command's ``--device``, ``--dtype``, ``--device-map``,
+    ``--attn-implementation``)."""
+
+    device: str = "auto"
+    """``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:N``."""
+    dtype: str = "auto"
+    """``auto`` (bfloat16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``, ``float16``."""
+    device_map: str | None = None
+    """transformers' ``device_map`` (e.g. ``auto`` to shard a model over the visible GPUs); replaces ``device``."""
+    attn_implementation: str | None = None
+    """transformers' attention implementation (``sdpa``, ``eager``, ``flash_attention_2``); None = its default."""
+
+
 def load_model(
     name_or_path: str,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
 ):
     """Load a causal LM and its tokenizer from a registry name, a local folder or a Hugging Face id.
 
     The tokenizer is set up for batched generation: left padding, and a pad token (EOS if none).
 
+    Args:
+        name_or_path: a registry name (``rpe models list``), a local folder or a Hugging Face id.
+        dtype: ``auto`` (bfloat16 on CUDA, float32 on CPU), a name from :data:`DTYPES`, or a ``torch.dtype``.
+        device: ``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:N``; ignored with ``device_map``.
+        device_map: transformers' ``device_map`` (``auto`` shards the model over the visible GPUs).
+        attn_implementation: transformers' attention implementation (``sdpa``, ``eager``, ...).
+
     Returns:
-        ``(model, tokenizer)``, the model in eval mode on ``device``.
+        ``(model, tokenizer)``, the model in eval mode on ``device`` (or placed by ``device_map``), with
+        ``model.name_or_path`` set to ``name_or_path`` (the fingerprint's name).
 
     Raises:
         ModelNotFetchedError: a registry model that is not cached (the message holds the fetch command).
+        ValueError: an unknown device or dtype, or CUDA asked for where there is none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dev = resolve_device(device) if device_map is None else None
+    torch_dtype = resolve_dtype(dtype, dev if dev is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path = resolve_model_path(name_or_path)
     kwargs: dict = {}
     local = Path(path)
@@ -262,7 +342,13 @@ def load_model(
         if not ggufs:
             raise FileNotFoundError(f"{local} holds neither config.json nor a .gguf file")
         kwargs["gguf_file"] = ggufs[0].name
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if device_map is not None:
+        extra["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs, **extra)
+    if device_map is None:
+        model = model.to(dev)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     prepare_tokenizer(tokenizer)
     model.name_or_path = name_or_path
@@ -281,7 +367,8 @@ class ModelFingerprint:
     """What identifies a model for the artefacts made from it (bundles, rollouts).
 
     Two fingerprints are compatible when architecture, hidden size, layer count, vocabulary size and
-    tokenizer hash agree; the name is informative only (a folder can move).
+    tokenizer hash agree; the name is informative only (a folder can move), and so is the dtype (a bundle fitted on
+    float32 activations reads bfloat16 ones with a notice, see :meth:`rpe.bundle.SubsystemBundle.check_model`).
     """
 
     name: str
@@ -290,13 +377,15 @@ class ModelFingerprint:
     num_layers: int
     vocab_size: int
     tokenizer_hash: str
+    dtype: str | None = None
+    """The weights' dtype (``float32``, ``bfloat16``, ...); None in artefacts made before it was recorded."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelFingerprint:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data or k != "dtype"})
 
     def mismatches(self, other: ModelFingerprint) -> list[str]:
         """Names of the identifying fields on which ``self`` and ``other`` differ (name excluded)."""
@@ -323,7 +412,17 @@ def fingerprint(model, tokenizer, name: str | None = None) -> ModelFingerprint:
         num_layers=int(text_cfg.num_hidden_layers),
         vocab_size=int(text_cfg.vocab_size),
         tokenizer_hash=tokenizer_hash(tokenizer),
+        dtype=model_dtype(model),
     )
+
+
+def model_dtype(model) -> str | None:
+    """The dtype of ``model``'s first floating-point parameter, as ``float32`` / ``bfloat16`` / ... (None when it
+    has none)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return str(param.dtype).removeprefix("torch.")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------

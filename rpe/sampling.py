@@ -117,9 +117,23 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def row_generator(seed: int, index: int) -> torch.Generator:
-    """The sampling stream of row ``index`` under ``seed``."""
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+def logits_device(model) -> torch.device:
+    """Where ``model``'s logits appear: its output embedding's device (under a ``device_map`` that is the last
+    shard's, not the first parameter's)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
+def row_generator(seed: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The sampling stream of row ``index`` under ``seed``, on ``device`` (the device of the logits it will sample:
+    ``torch.multinomial`` refuses a generator on another device).
+
+    The contract, per device: the same ``(seed, index)`` gives the same completion on one device type whatever the
+    batch, and CPU and CUDA streams differ from each other (torch's CPU and CUDA generators are different
+    algorithms), so rollouts record the device they sampled on.
+    """
+    return torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(index))
 
 
 
@@ -142,6 +156,10 @@ def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generators: Sequ
     if sampling.temperature <= 0:
         return logits.argmax(-1).tolist()
     probs = warp_logits(logits, sampling)
+    wrong = {str(g.device) for g in generators if g.device != probs.device}
+    if wrong:
+        raise ValueError(f"sampling generators on {', '.join(sorted(wrong))} for logits on {probs.device}: make them "
+                         f"with row_generator(seed, index, device=logits.device)")
     return [int(torch.multinomial(probs[j], 1, generator=g)) for j, g in enumerate(generators)]
 
 
@@ -156,5 +174,6 @@ def hits_stop(tokenizer, generated: Sequence[int], stop_strings: Sequence[str]) 
 
 
 
-__all__ = ["GeneratedBatch", "SamplingConfig", "cut_at_stop", "eos_ids", "hits_stop", "next_tokens", "row_generator",
+__all__ = ["GeneratedBatch", "SamplingConfig", "cut_at_stop", "eos_ids", "hits_stop", "logits_device", "next_tokens",
+           "row_generator",
            "split_at_stop", "warp_logits"]

@@ -244,13 +244,14 @@ class ActivationTracker(BlockHooks):
             h = hidden.detach().float()
             if idx is not None:
                 h = h[..., idx]  # (B, T, k)
+            rows, starts, ends = (x.to(h.device) for x in (sel.rows, sel.starts, sel.ends))  # on the block's device
             if bool(((sel.ends - sel.starts) == 1).all()):
-                out = h[sel.rows, sel.starts]  # (N, k)
+                out = h[rows, starts]  # (N, k)
             else:
                 zero = torch.zeros_like(h[:, :1])
                 csum = torch.cat([zero, h.cumsum(dim=1)], dim=1)  # (B, T+1, k)
-                span = (sel.ends - sel.starts).unsqueeze(1).to(h.dtype)  # (N, 1)
-                out = (csum[sel.rows, sel.ends] - csum[sel.rows, sel.starts]) / span
+                span = (ends - starts).unsqueeze(1).to(h.dtype)  # (N, 1)
+                out = (csum[rows, ends] - csum[rows, starts]) / span
             self.captured[layer] = out.cpu()
             if self.stop_early and layer == deepest:
                 raise _StopForward

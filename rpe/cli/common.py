@@ -38,12 +38,25 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INF
 
 
 
-def load_cli_model(model: str):
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
+DTYPE_OPTION = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, "
+                            "float16. bfloat16 on a CPU is fast where it has bf16 kernels (AVX512-BF16 / AMX).")
+DEVICE_MAP_OPTION = typer.Option(None, "--device-map", help="transformers' device_map, e.g. auto to shard the model "
+                                 "over the visible GPUs (replaces --device).")
+ATTN_OPTION = typer.Option(None, "--attn-implementation", help="transformers' attention implementation: sdpa, "
+                           "eager, flash_attention_2 (default: transformers' choice).")
+
+
+def load_cli_model(model: str, device: str = "auto", dtype: str = "auto", device_map: Optional[str] = None,
+                   attn_implementation: Optional[str] = None):
+    """``(model, tokenizer)`` for a command, with a clear error (and exit code 2) for a model that is missing, an
+    unknown device or dtype, or a load that fails."""
     from rpe.models import ModelNotFetchedError, UnknownModelError, load_model
 
     try:
-        return load_model(model)
-    except (ModelNotFetchedError, UnknownModelError) as err:
+        return load_model(model, device=device, dtype=dtype, device_map=device_map,
+                          attn_implementation=attn_implementation)
+    except (ModelNotFetchedError, UnknownModelError, ValueError) as err:
         fail(str(err))
     except OSError as err:
         fail(f"cannot load model {model!r}: {err}")

@@ -8,7 +8,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rpe.cli.common import fail, load_cli_model, parse_layers, parse_options, progress_bar, app, console, models_app
+from rpe.cli.common import (
+    ATTN_OPTION, DEVICE_MAP_OPTION, DEVICE_OPTION, DTYPE_OPTION, app, console, fail, load_cli_model,
+    models_app, parse_layers, parse_options, progress_bar,
+)
 from rpe.tasks import DEFAULT_TASK
 
 
@@ -79,6 +82,10 @@ def rollouts(
         None, help="Comma-separated layers whose activations are recorded during generation (no second pass)."),
     seed: int = typer.Option(0, help="Seed for problems and sampling."),
     overwrite: bool = typer.Option(False, help="Discard a previous run in --out instead of resuming it."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device_map: Optional[str] = DEVICE_MAP_OPTION,
+    attn_implementation: Optional[str] = ATTN_OPTION,
 ) -> None:
     """Collect batched rollouts; an interrupted run resumes where it stopped when re-run."""
     from rpe.prompts import PromptConfig
@@ -95,7 +102,7 @@ def rollouts(
         task_obj = load_task(task, **parse_options(task_option or []))
     except (ValueError, UnknownTaskError, TaskFileError) as err:
         fail(str(err))
-    lm, tokenizer = load_cli_model(model)
+    lm, tokenizer = load_cli_model(model, device, dtype, device_map, attn_implementation)
     with progress_bar() as bar:
         job = bar.add_task(f"rollouts {model} on {task}", total=n * samples)
         try:

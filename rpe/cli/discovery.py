@@ -8,7 +8,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rpe.cli.common import fail, interval_text, load_cli_model, parse_layers, progress_bar, rollout_model_name, short_name, app, console
+from rpe.cli.common import (
+    ATTN_OPTION, DEVICE_MAP_OPTION, DEVICE_OPTION, DTYPE_OPTION, app, console, fail, interval_text,
+    load_cli_model, parse_layers, progress_bar, rollout_model_name, short_name,
+)
 
 
 @app.command("fit")
@@ -28,6 +31,10 @@ def fit(
     seed: int = typer.Option(0, help="Seed of the folds and the probe."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for the intervals."),
     save_states: bool = typer.Option(True, help="Also write BUNDLE/states.safetensors (captured activations)."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device_map: Optional[str] = DEVICE_MAP_OPTION,
+    attn_implementation: Optional[str] = ATTN_OPTION,
 ) -> None:
     """Find value neurons: capture states, sweep layers, prune, refit, all cross-validated by problem; write the
     bundle and metrics.json."""
@@ -44,7 +51,7 @@ def fit(
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     name = rollout_model_name(rollouts, model)
-    lm, tokenizer = load_cli_model(name)
+    lm, tokenizer = load_cli_model(name, device, dtype, device_map, attn_implementation)
     recorded = trajectories[0].model
     if recorded:
         from rpe.models import ModelFingerprint
@@ -84,6 +91,10 @@ def dopamine(
     sweep_layers: str = typer.Option("", help="Comma-separated layers searched too, on the same steps and split "
                                      "(e.g. 8,14,20,24); the bundle keeps its own layer's neurons."),
     seed: int = typer.Option(0, help="Seed of sampling, split and predictor."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device_map: Optional[str] = DEVICE_MAP_OPTION,
+    attn_implementation: Optional[str] = ATTN_OPTION,
 ) -> None:
     """Find dopamine neurons: Monte-Carlo step values, TD errors, neurons that track them."""
     from rpe.bundle import BundleFormatError, SubsystemBundle
@@ -96,7 +107,7 @@ def dopamine(
         sweep = [int(x) for x in sweep_layers.split(",") if x.strip()]
     except (ValueError, BundleFormatError) as err:
         fail(str(err))
-    lm, tokenizer = load_cli_model(rollout_model_name(rollouts, None))
+    lm, tokenizer = load_cli_model(rollout_model_name(rollouts, None), device, dtype, device_map, attn_implementation)
     with progress_bar() as bar:
         job = bar.add_task("Monte-Carlo values of states (cached ones skipped; then one forward reads the steps)",
                            total=None)

@@ -9,7 +9,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from rpe.cli.common import fail, load_cli_model, parse_layers, progress_bar, rollout_model_name, app, console
+from rpe.cli.common import (
+    ATTN_OPTION, DEVICE_MAP_OPTION, DEVICE_OPTION, DTYPE_OPTION, app, console, fail, load_cli_model,
+    parse_layers, progress_bar, rollout_model_name,
+)
 from rpe.tasks import DEFAULT_TASK
 
 
@@ -53,6 +56,10 @@ def analyze(
     ablation: Optional[Path] = typer.Option(None, help="An `rpe ablate` output folder to include (with its causal check)."),
     transfer: Optional[Path] = typer.Option(None, help="A transfer_heatmap.json (benchmarks/transfer_heatmap.py) to include."),
     search_results: Optional[Path] = typer.Option(None, "--search", help="An `rpe search` JSON to include."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device_map: Optional[str] = DEVICE_MAP_OPTION,
+    attn_implementation: Optional[str] = ATTN_OPTION,
 ) -> None:
     """Per-step internal value, RPE and dopamine activity of rollouts; confidence AUROCs; an HTML report."""
     from rpe.analyze import RolloutImportError, analyze_rollouts
@@ -67,7 +74,7 @@ def analyze(
     if rollouts.is_dir() and not (rollouts / "manifest.json").exists():
         fail(f"{rollouts} is not a finished rollout folder (no manifest.json); run or resume `rpe rollouts`")
     name = model or (rollout_model_name(rollouts, None) if rollouts.is_dir() else b.model.name)
-    lm, tok = load_cli_model(name)
+    lm, tok = load_cli_model(name, device, dtype, device_map, attn_implementation)
     extra = []
     if ablation is not None:
         from rpe.report import ablation_section
@@ -119,6 +126,10 @@ def search(
     out: Path = typer.Option(Path("runs/search.json"), help="Results JSON (saved after each method; a rerun with the "
                                                             "same options keeps the finished methods)."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device_map: Optional[str] = DEVICE_MAP_OPTION,
+    attn_implementation: Optional[str] = ATTN_OPTION,
 ) -> None:
     """Step-level best-of-n guided by internal value vs baselines and majority vote at equal n."""
     from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
@@ -127,7 +138,7 @@ def search(
     from rpe.search import SearchConfig, paired_counts, run_search
     from rpe.tasks import UnknownTaskError, load_task
 
-    lm, tok = load_cli_model(model)
+    lm, tok = load_cli_model(model, device, dtype, device_map, attn_implementation)
     try:
         b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok) if bundle else None
         t = load_task(task)
@@ -183,6 +194,10 @@ def ablate(
     engine: str = typer.Option("continuous", help="Generation engine of the arms (generate: resume arms made "
                                "before the continuous engine existed)."),
     causal: bool = typer.Option(False, help="Also run the causal RPE check (needs `rpe dopamine` first)."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device_map: Optional[str] = DEVICE_MAP_OPTION,
+    attn_implementation: Optional[str] = ATTN_OPTION,
 ) -> None:
     """Accuracy with value neurons ablated vs controls of the same size; optional causal RPE check."""
     from rpe.ablate import AblateConfig, rpe_causal_check, run_ablation
@@ -196,7 +211,7 @@ def ablate(
     except (ValueError, BundleFormatError) as err:
         fail(str(err))
     name = rollout_model_name(rollouts, None)
-    lm, tok = load_cli_model(name)
+    lm, tok = load_cli_model(name, device, dtype, device_map, attn_implementation)
     try:
         b.check_model(lm, tok)
         if cfg.layers:
@@ -232,6 +247,10 @@ def simulate(
     bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit`."),
     out: Path = typer.Option(..., help="Output folder: simulation.json, simulation.png."),
     max_trajectories: Optional[int] = typer.Option(None, help="Use only the first N trajectories."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    device_map: Optional[str] = DEVICE_MAP_OPTION,
+    attn_implementation: Optional[str] = ATTN_OPTION,
 ) -> None:
     """The model's internal RPE beside a TD(lambda) learner's RPE and the Monte-Carlo RPE on the same steps."""
     from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
@@ -241,7 +260,7 @@ def simulate(
         b = SubsystemBundle.load(bundle)
     except BundleFormatError as err:
         fail(str(err))
-    lm, tok = load_cli_model(rollout_model_name(rollouts, None))
+    lm, tok = load_cli_model(rollout_model_name(rollouts, None), device, dtype, device_map, attn_implementation)
     try:
         b.check_model(lm, tok)
         with console.status("internal RPE, TD(lambda) learner, Monte-Carlo RPE"):
