@@ -93,8 +93,7 @@ class InternalRPE(gymnasium.Wrapper):
         from transformers import DynamicCache
 
         from rpe.decoding import feed_tokens
-        from rpe.kvcache import crop_cache
-        from rpe.kvcache import common_prefix_len
+        from rpe.kvcache import common_prefix_len, crop_cache
 
         keep = common_prefix_len([self._fed, ids])
         if keep == len(ids):  # nothing new (an empty step): the last token must still be recomputed

@@ -246,7 +246,8 @@ class LLMPolicy:
             pads = [max(lengths) - n for n in lengths]
             cache = stack_caches([ep.cache for ep in episodes], pads)
             mask = torch.tensor([[0] * pad + [1] * n for pad, n in zip(pads, lengths)])
-            gens = [row_generator(self.seed, call * 4096 + i, logits_device(self.model)) for i in range(len(episodes))]
+            sample_on = logits_device(self.model)
+            gens = [row_generator(self.seed, call * 4096 + i, sample_on) for i in range(len(episodes))]
             generated: list[list[int]] = [[] for _ in episodes]
             fed: list[list[torch.Tensor]] = [[] for _ in episodes]  # recorded (k,) per token fed in the batch
             alive = list(range(len(episodes)))

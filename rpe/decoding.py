@@ -133,7 +133,8 @@ def generate_continuous(
     kw = cache_kwarg(model)
     prefix_len = shared_prefix_len(enc, min_prefix) if len(enc) > 1 else 0
     base_cache = prefix_cache(model, enc[0][:prefix_len], device) if prefix_len else None
-    rows: list[_Row] = [_Row(i, row_generator(seed, i, logits_device(model)), len(p)) for i, p in enumerate(enc)]
+    sample_on = logits_device(model)
+    rows: list[_Row] = [_Row(i, row_generator(seed, i, sample_on), len(p)) for i, p in enumerate(enc)]
     queue = list(range(len(enc)))
     alive: list[_Row] = []
     cache = None

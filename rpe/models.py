@@ -278,7 +278,7 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has native bf16 matmul kernels: torch's capability probe says AMX, or /proc/cpuinfo lists
     ``avx512_bf16`` / ``amx_bf16``."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or _cpuinfo_has_bf16()
+    return torch.backends.cpu.get_cpu_capability() == "AMX" or _cpuinfo_has_bf16()
 
 
 def _cpuinfo_has_bf16() -> bool:
