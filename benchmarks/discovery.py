@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 
 from rpe.dopamine import DopamineConfig, dopamine_from_rollouts
-from rpe.fit import FitConfig, difficulty_from_run, fit_bundle
+from rpe.difficulty import difficulty_from_run
+from rpe.fit import FitConfig, fit_bundle
 from rpe.models import load_model
 from rpe.records import read_trajectories
 from rpe.rollouts import RolloutConfig, collect_rollouts

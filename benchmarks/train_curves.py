@@ -98,8 +98,8 @@ def main() -> None:
     for name in args.arms:
         overrides = ["--bundle", args.bundle, "--output_dir", str(args.out / name), "--max_steps", str(args.max_steps),
                      "--eval_before_dir", str(args.out / "eval_before")]
-        rpe_args, train_args = parse_recipe(recipes / f"{name}.yaml", overrides)
-        outcome = train(rpe_args, train_args)
+        rpe_args, train_args, model_args = parse_recipe(recipes / f"{name}.yaml", overrides)
+        outcome = train(rpe_args, train_args, model_args)
         history = [h for h in json.loads((args.out / name / "log_history.json").read_text())]
         bundle = SubsystemBundle.load(args.bundle)
         entry = {"summary": outcome.summary, "history": history,

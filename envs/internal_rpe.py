@@ -93,12 +93,14 @@ class InternalRPE(gymnasium.Wrapper):
         from transformers import DynamicCache
 
         from rpe.decoding import feed_tokens
-        from rpe.kvcache import common_prefix_len, crop_cache
+        from rpe.kvcache import cache_is_plain, common_prefix_len, crop_cache
 
         keep = common_prefix_len([self._fed, ids])
         if keep == len(ids):  # nothing new (an empty step): the last token must still be recomputed
             keep -= 1
-        if self._cache is None or keep == 0:
+        # a sliding-window cache cannot be cut back to a shorter prefix (it no longer holds the early tokens)
+        must_refeed = keep < len(self._fed) and not cache_is_plain(self.model)
+        if self._cache is None or keep == 0 or must_refeed:
             self._cache, keep = DynamicCache(config=self.model.config), 0
         elif keep < len(self._fed):
             crop_cache(self._cache, keep)

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rpe.decoding import CONTINUOUS_MODEL_TYPES, decode_step, feed_tokens
-from rpe.kvcache import common_prefix_len, crop_cache, stack_caches
+from rpe.decoding import decode_step, feed_tokens
+from rpe.kvcache import common_prefix_len, crop_cache, plain_cache_refusal, stack_caches
 from rpe.sampling import SamplingConfig, eos_ids, hits_stop, logits_device, next_tokens, row_generator, split_at_stop
 
 if TYPE_CHECKING:
@@ -58,7 +58,8 @@ class LLMPolicy:
     """Generates the next reasoning step of one or many episodes (see the module docstring).
 
     Args:
-        model: a causal LM (Llama or Qwen2 architecture: its cache is kept and batched across episodes).
+        model: a causal LM whose cache layers are plain full attention (:func:`rpe.kvcache.plain_cache_refusal`:
+            Llama, Qwen2, Qwen3, Phi-3, Mistral without a window); its cache is kept and batched across episodes.
         tokenizer: its tokenizer.
         sampling: temperature (0 = greedy), top-k, top-p; ``max_new_tokens`` is ignored (``max_step_tokens``).
         max_step_tokens: budget of one step.
@@ -69,9 +70,10 @@ class LLMPolicy:
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
                  sampling: SamplingConfig | None = None, max_step_tokens: int = 64, seed: int = 0,
                  max_episodes: int = 256):
-        if getattr(model.config, "model_type", None) not in CONTINUOUS_MODEL_TYPES:
-            raise ValueError(f"LLMPolicy keeps batched KV caches for {', '.join(CONTINUOUS_MODEL_TYPES)} models; "
-                             f"got {model.config.model_type!r}")
+        refusal = plain_cache_refusal(model)
+        if refusal is not None:
+            raise ValueError(f"LLMPolicy keeps episode caches batched and padded, which needs plain full-attention cache "
+                             f"layers; in this {model.config.model_type} model {refusal}")
         self.model = model
         self.tokenizer = tokenizer
         self.sampling = sampling or SamplingConfig()

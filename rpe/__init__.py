@@ -9,12 +9,13 @@ Modules by stage of the data flow (docs/development.md draws it):
 - records and states: :mod:`rpe.rollouts` (resumable collection), :mod:`rpe.records` (Trajectory schema, Parquet,
   atomic writes), :mod:`rpe.store` (activations at states);
 - discovery: :mod:`rpe.probe` (value probes), :mod:`rpe.crossval`, :mod:`rpe.fit` (the cross-validated
-  pipeline), :mod:`rpe.dopamine`;
+  pipeline, stage by stage), :mod:`rpe.difficulty` (the difficulty control), :mod:`rpe.dopamine`;
 - the bundle: :mod:`rpe.bundle` (the artefact every use loads);
 - uses: :mod:`rpe.signals`, :mod:`rpe.interventions`, :mod:`rpe.controls`, :mod:`rpe.ablate`, :mod:`rpe.search`,
   :mod:`rpe.simulation`, :mod:`rpe.baselines`, :mod:`rpe.envs` (gymnasium), :mod:`rpe.trainers` (TRL);
 - reports: :mod:`rpe.analyze`, :mod:`rpe.report`, :mod:`rpe.report_card`;
-- ground floor: :mod:`rpe.metrics`, :mod:`rpe.models` (offline registry, loading);
+- ground floor: :mod:`rpe.metrics`, :mod:`rpe.models` (offline registry, loading), :mod:`rpe.tiny` (tiny random
+  models of each architecture, for tests and examples);
 - :mod:`rpe.cli` (the ``rpe`` command) and :mod:`rpe.bench` (measurement).
 
 TRL integration lives in :mod:`rpe.trainers` only; importing ``rpe`` never imports TRL.

@@ -73,6 +73,11 @@ def top_magnitude_set(mean_abs: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(mean_abs, k).indices.sort().values
 
 
+READER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")
+"""Linear layers of a block that read the residual stream: separate (Llama, Qwen, Mistral, Gemma) or fused
+(Phi-3's ``qkv_proj`` and ``gate_up_proj``); the L1 norm over their outputs is the same either way."""
+
+
 def wanda_scores(model: nn.Module, layer: int, acts: torch.Tensor) -> torch.Tensor:
     """(d,) ||x_j||_2 over the given activations x (n, d) times the L1 norm of the weights that read
     dimension j of the residual stream after block ``layer``."""
@@ -80,15 +85,16 @@ def wanda_scores(model: nn.Module, layer: int, acts: torch.Tensor) -> torch.Tens
     readers: list[torch.Tensor] = []
     if layer + 1 < len(blocks):
         for name, mod in blocks[layer + 1].named_modules():
-            if isinstance(mod, nn.Linear) and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            if isinstance(mod, nn.Linear) and name.split(".")[-1] in READER_PROJECTIONS:
                 readers.append(mod.weight.detach().abs().sum(0))  # (d,)
     else:
         head = model.get_output_embeddings()
         readers.append(head.weight.detach().abs().sum(0))
     if not readers:
-        raise ValueError(f"no input projections found in block {layer + 1}; Wanda scores need q/k/v/gate/up_proj")
-    w = torch.stack(readers).sum(0).float()
-    return acts.float().norm(dim=0) * w
+        raise ValueError(f"no input projections found in block {layer + 1}; Wanda scores need one of "
+                         f"{', '.join(READER_PROJECTIONS)}")
+    w = torch.stack([r.to(readers[0].device) for r in readers]).sum(0).float()
+    return acts.float().norm(dim=0) * w.to(acts.device)
 
 
 def next_token_scores(acts: torch.Tensor, next_tokens: torch.Tensor, top_tokens: int = 50, epochs: int = 200,
@@ -123,5 +129,5 @@ def mc_probe_set(states: StateSet, layer: int, k: int, seed: int = 0) -> torch.T
     return top_k(probe.neuron_scores(), k)
 
 
-__all__ = ["SOURCES", "massive_dims", "matched_random_set", "mc_probe_set", "next_token_scores", "random_set",
+__all__ = ["READER_PROJECTIONS", "SOURCES", "massive_dims", "matched_random_set", "mc_probe_set", "next_token_scores", "random_set",
            "top_k", "top_magnitude_set", "wanda_scores"]

@@ -25,9 +25,11 @@ Activations can be recorded during the loop (``record_layers``): every forward's
 so row ``i`` gets the activations of its prompt suffix (after the shared prefix) and of every generated token
 that was fed back, exactly as a separate forward over the same tokens gives them (tested).
 
-Supported for architectures whose caches are plain per-layer key/value tensors (:data:`CONTINUOUS_MODEL_TYPES`,
-Llama and Qwen2); others use ``model.generate`` (:func:`rpe.generation.generate_from_ids`), as do models whose
-generation config asks for processing this loop does not apply (a repetition penalty, minimum lengths, ...).
+Supported for models whose cache layers are all plain full attention (:func:`rpe.kvcache.plain_cache_refusal`
+reads them from the cache the config builds: Llama, Qwen2, Qwen3, Mistral without a sliding window, Phi-3);
+models with sliding-window layers (Gemma-3, Mistral or Qwen2 with a window) use ``model.generate``
+(:func:`rpe.generation.generate_from_ids`), as do models whose generation config asks for processing this loop
+does not apply (a repetition penalty, minimum lengths, ...).
 """
 
 from __future__ import annotations
@@ -39,13 +41,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rpe.kvcache import cache_kwarg, cache_len, prefix_cache, shared_prefix_len, stack_caches
+from rpe.kvcache import cache_kwarg, cache_len, plain_cache_refusal, prefix_cache, shared_prefix_len, stack_caches
 from rpe.sampling import (
     GeneratedBatch, SamplingConfig, eos_ids, hits_stop, logits_device, next_tokens, row_generator, split_at_stop,
 )
 
-CONTINUOUS_MODEL_TYPES = ("llama", "qwen2")
-"""Model types whose ``DynamicCache`` layers are plain (batch, heads, length, dim) tensors (no sliding window)."""
 
 
 @dataclass
@@ -119,9 +119,10 @@ def generate_continuous(
 
     from rpe.tracker import ActivationTracker
 
-    if getattr(model.config, "model_type", None) not in CONTINUOUS_MODEL_TYPES:
-        raise ValueError(f"continuous batching supports {', '.join(CONTINUOUS_MODEL_TYPES)}; got "
-                         f"{model.config.model_type!r} (use rpe.generation.generate_from_ids)")
+    refusal = plain_cache_refusal(model)
+    if refusal is not None:
+        raise ValueError(f"continuous batching cannot serve this {model.config.model_type} model ({refusal}); use "
+                         f"rpe.generation.generate_from_ids with engine='generate'")
     if max_rows < 1 or refill < 1:
         raise ValueError(f"max_rows and refill must be >= 1, got {max_rows}, {refill}")
     enc = [list(p) for p in prompt_ids]
@@ -235,4 +236,4 @@ def generate_continuous(
     return batch, recorded
 
 
-__all__ = ["CONTINUOUS_MODEL_TYPES", "decode_step", "feed_tokens", "generate_continuous"]
+__all__ = ["decode_step", "feed_tokens", "generate_continuous"]

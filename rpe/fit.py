@@ -29,7 +29,8 @@ import torch
 
 from rpe.baselines import mean_prompt_logprob, question_length
 from rpe.bundle import SubsystemBundle
-from rpe.crossval import cross_validate, kfold_by_problem
+from rpe.crossval import OutOfFold, cross_validate, kfold_by_problem
+from rpe.difficulty import difficulty_features, difficulty_only_values
 from rpe.metrics import (
     auroc,
     bootstrap_auroc,
@@ -98,46 +99,235 @@ def _ci(values: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int, seed
     return {"auroc": point, "low": lo, "high": hi, "verdict": chance_verdict(lo, hi), "n": int(len(y))}
 
 
-def difficulty_features(difficulty: Sequence[dict[str, float]], q_len: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """Covariates of difficulty per trajectory: one-hot of every value of every difficulty key, plus the question
-    length standardised; and a stratum id per trajectory (the tuple of difficulty values).
-
-    Returns:
-        ``(features (n_trajectories, f), strata (n_trajectories,) int)``.
-    """
-    keys = sorted({k for d in difficulty for k in d})
-    cols = []
-    for key in keys:
-        values = sorted({d.get(key, math.nan) for d in difficulty})
-        for v in values[1:]:  # drop one level: the intercept carries it
-            cols.append([1.0 if d.get(key, math.nan) == v else 0.0 for d in difficulty])
-    q = (q_len - q_len.mean()) / (q_len.std() + 1e-9)
-    feats = torch.tensor(np.column_stack([np.asarray(cols).T if cols else np.zeros((len(difficulty), 0)), q]), dtype=torch.float32)
-    labels = [tuple(d.get(k, math.nan) for k in keys) for d in difficulty]
-    index = {lab: i for i, lab in enumerate(sorted(set(labels)))}
-    return feats, np.array([index[lab] for lab in labels])
-
-
-def _difficulty_only(features: torch.Tensor, rewards: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """(n_trajectories,) out-of-fold P(correct) from a logistic regression on the difficulty features alone."""
-    from sklearn.linear_model import LogisticRegression
-
-    x = features.numpy()
-    out = np.full(len(rewards), np.nan)
-    y = rewards >= 0.5
-    for fold in np.unique(folds):
-        train = folds != fold
-        if len(np.unique(y[train])) < 2:
-            out[~train] = y[train].mean()
-            continue
-        model = LogisticRegression(C=1.0, max_iter=1000).fit(x[train], y[train])
-        out[~train] = model.predict_proba(x[~train])[:, 1]
-    return out
-
-
 def _auroc_at(oof: np.ndarray, y: np.ndarray, step: np.ndarray, final: np.ndarray) -> dict[str, float]:
     return {"cv_auroc_s0": auroc(y[step == 0], oof[step == 0]), "cv_auroc_final": auroc(y[final], oof[final]),
             "cv_auroc_all": auroc(y, oof)}
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What every stage scores against, one entry per captured state (n_states,), and the problem folds.
+
+    Attributes:
+        y: reward of the state's trajectory (1 = correct).
+        step: step index t of s_t (0 = before any reasoning).
+        final: True for the last state of its trajectory.
+        problems: problem id of the state's trajectory (the bootstrap's clusters).
+        traj: trajectory index of the state.
+        folds: (n_trajectories,) cross-validation fold of each trajectory (:func:`rpe.crossval.kfold_by_problem`).
+    """
+
+    y: np.ndarray
+    step: np.ndarray
+    final: np.ndarray
+    problems: np.ndarray
+    traj: np.ndarray
+    folds: np.ndarray
+
+    @classmethod
+    def of(cls, states: StateSet, n_folds: int, seed: int) -> Scoring:
+        tidx = states.traj_index.numpy()
+        return cls(y=states.state_rewards().numpy(), step=states.step_index.numpy(), final=states.is_terminal().numpy(),
+                   problems=np.array(states.problem_ids)[tidx], traj=tidx,
+                   folds=kfold_by_problem(states.problem_ids, n_folds, seed))
+
+    @property
+    def at(self) -> dict[str, np.ndarray]:
+        """The two reported positions as state masks: ``s0`` (before any reasoning) and ``final`` (the last step)."""
+        return {"s0": self.step == 0, "final": self.final}
+
+    def aurocs(self, values: np.ndarray) -> dict[str, float]:
+        """Point AUROCs of ``values`` (n_states,) at s_0, at the final state and over all states."""
+        return _auroc_at(values, self.y, self.step, self.final)
+
+    def interval(self, values: np.ndarray, mask: np.ndarray, n_boot: int) -> dict[str, Any]:
+        """AUROC of ``values`` on the states in ``mask`` with its problem-clustered bootstrap interval and verdict."""
+        return _ci(values[mask], self.y[mask], self.problems[mask], n_boot)
+
+
+def states_to_fit(model, tokenizer, trajectories: Sequence[Trajectory], cfg: FitConfig, states: StateSet | None,
+                  say: Callable[[str], None]) -> StateSet:
+    """The states the fit reads: ``states`` narrowed to the layers to sweep (checked against ``trajectories``),
+    or captured now from ``model`` at ``cfg.layers`` (default every ``cfg.layer_stride``-th layer)."""
+    if states is None:
+        n_layers = len(decoder_layers(model))
+        layers = cfg.layers if cfg.layers is not None else list(range(0, n_layers, cfg.layer_stride))
+        say(f"capturing {len(trajectories)} trajectories at {len(layers)} layers")
+        return capture_states(model, trajectories, layers, batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id or 0)
+    if states.trajectory_ids != [t.trajectory_id for t in trajectories]:
+        raise ValueError("the given states were captured for other trajectories; capture them again")
+    if states.neurons is not None:
+        raise ValueError("the given states hold only some neurons; the layer sweep needs all of d_model")
+    layers = cfg.layers if cfg.layers is not None else states.layers
+    missing = sorted(set(layers) - set(states.layers))
+    if missing:
+        raise ValueError(f"layers {missing} were not captured (captured: {states.layers}); drop them or re-capture")
+    return StateSet({layer: states.acts[layer] for layer in layers}, states.traj_index, states.step_index,
+                    states.trajectory_ids, states.problem_ids, states.rewards)
+
+
+def sweep_layers(states: StateSet, cfg: FitConfig, scoring: Scoring,
+                 say: Callable[[str], None]) -> tuple[dict[int, dict[str, float]], int]:
+    """Stage 1, the layer sweep: out-of-fold values of a dense probe (``cfg.sweep_family``) at every layer of
+    ``states``. The layer is chosen by mean *inner-validation* AUROC only: the scored folds never vote.
+
+    Returns:
+        ``(per layer {"val_auroc_all", "cv_auroc_s0", "cv_auroc_final", "cv_auroc_all"}, chosen layer)``.
+    """
+    sweep_cfg = replace(cfg.probe, family=cfg.sweep_family) if cfg.sweep_family else cfg.probe
+    sweep: dict[int, dict[str, float]] = {}
+    for layer in states.layers:
+        dense = cross_validate(states, layer, sweep_cfg, scoring.folds, progress=say)[1.0]
+        sweep[layer] = {"val_auroc_all": dense.mean_val_auroc, **scoring.aurocs(dense.values)}
+
+    def score(layer: int) -> float:
+        v = sweep[layer]["val_auroc_all"]
+        return -1.0 if math.isnan(v) else v
+
+    return sweep, max(states.layers, key=score)
+
+
+def pruning_curve(states: StateSet, layer: int, cfg: FitConfig, scoring: Scoring,
+                  say: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[float, OutOfFold]]:
+    """Stage 2: out-of-fold AUROC (with intervals at s_0 and the final state) of probes refitted on the top
+    fraction of neurons, ranked inside each fold, for ``cfg.prune_fracs`` plus ``cfg.top_frac`` and 1.0.
+
+    Returns:
+        ``(one row per fraction, largest first; the out-of-fold values per fraction)``.
+    """
+    fracs = sorted(set(cfg.prune_fracs) | {cfg.top_frac, 1.0}, reverse=True)
+    oof = cross_validate(states, layer, cfg.probe, scoring.folds, top_fracs=fracs, progress=say)
+    d_model = states.acts[layer].shape[1]
+    curve = [{"frac": frac, "n_neurons": d_model if frac == 1.0 else max(1, round(frac * d_model)),
+              **scoring.aurocs(oof[frac].values),
+              **{where: scoring.interval(oof[frac].values, mask, cfg.n_boot) for where, mask in scoring.at.items()}}
+             for frac in fracs]
+    return curve, oof
+
+
+def fit_value_neurons(states: StateSet, layer: int, cfg: FitConfig,
+                      fold_neurons: Sequence[torch.Tensor | None]) -> tuple[ValueProbe, ValueProbe, dict[str, float]]:
+    """Stage 3, the bundle's probes: a dense probe on every trajectory (a share of problems kept for
+    validation), its top ``cfg.top_frac`` neurons, a refit on them; and how stable that neuron set is against
+    the sets chosen inside the folds (``fold_neurons``), beside the IoU two random sets would have.
+
+    Returns:
+        ``(dense probe, value-neuron probe, stability)``; the value neurons are ``sparse.neurons``.
+    """
+    pcfg = cfg.probe
+    codes = np.where(kfold_by_problem(states.problem_ids, max(2, round(1 / pcfg.val_frac)), pcfg.seed + 1) == 0, 1, 0)
+    dense = ValueProbe(pcfg).fit(states, layer, split=codes)
+    value_neurons = dense.prune(cfg.top_frac)
+    sparse = ValueProbe(pcfg).fit(states, layer, value_neurons, split=codes)
+    fold_sets = [n for n in fold_neurons if n is not None]
+    d_model = states.acts[layer].shape[1]
+    stability = {
+        "iou_fold_vs_bundle_mean": float(np.mean([iou(n, value_neurons) for n in fold_sets])),
+        "iou_between_folds_mean": float(np.mean([iou(a, b) for a, b in itertools.combinations(fold_sets, 2)])),
+        "chance_iou": chance_iou(d_model, value_neurons.numel(), value_neurons.numel()),
+    }
+    return dense, sparse, stability
+
+
+def control_scores(model, tokenizer, trajectories: Sequence[Trajectory], states: StateSet, oof: dict[float, OutOfFold],
+                   cfg: FitConfig, scoring: Scoring, difficulty: Sequence[dict[str, float]] | None,
+                   ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]], torch.Tensor | None, np.ndarray | None]:
+    """Stage 4a: the scores the headline compares, per state: the value neurons' and all neurons' out-of-fold
+    values, question length, mean prompt log-probability and, with ``difficulty``, a probe on the task's
+    difficulty alone; and the paired differences that carry the claims.
+
+    Returns:
+        ``(scores by name, differences as (a, b) pairs, difficulty features per trajectory or None, strata or None)``.
+    """
+    q_len = question_length(trajectories).numpy()
+    logprob = mean_prompt_logprob(model, trajectories, batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id or 0).numpy()
+    scores = {VALUE: oof[cfg.top_frac].values, DENSE: oof[1.0].values, QLEN: -q_len[scoring.traj], LOGPROB: logprob[scoring.traj]}
+    diffs = [(VALUE, DENSE), (VALUE, QLEN), (VALUE, LOGPROB)]
+    features = strata = None
+    if difficulty is not None and any(difficulty):
+        features, strata = difficulty_features(difficulty, q_len)
+        scores[DIFFICULTY] = difficulty_only_values(features, states.rewards.numpy(), scoring.folds)[scoring.traj]
+        diffs += [(VALUE, DIFFICULTY), (DENSE, DIFFICULTY)]
+    return scores, diffs, features, strata
+
+
+def headline(scores: dict[str, np.ndarray], diffs: Sequence[tuple[str, str]], scoring: Scoring,
+             n_boot: int) -> dict[str, Any]:
+    """Stage 4b: at s_0 and at the final state, every score's AUROC and every paired difference with
+    problem-clustered bootstrap intervals and verdicts (a score against chance, a difference against zero)."""
+    out: dict[str, Any] = {}
+    for where, mask in scoring.at.items():
+        res = paired_bootstrap_auroc(scoring.y[mask], {k: v[mask] for k, v in scores.items()}, groups=scoring.problems[mask],
+                                     diffs=list(diffs), n_boot=n_boot, seed=0)
+        for name, r in res.items():
+            r["verdict"] = difference_verdict(r["low"], r["high"]) if " - " in name else chance_verdict(r["low"], r["high"])
+            r["n"] = int(mask.sum())
+            if " - " not in name:
+                r["n_to_decide"] = n_to_decide(r["auroc"], r["low"], r["high"], int(mask.sum()))
+        out[where] = res
+    return out
+
+
+def value_beyond_difficulty(states: StateSet, layer: int, scores: dict[str, np.ndarray], features: torch.Tensor,
+                            strata: np.ndarray, difficulty: Sequence[dict[str, float]], cfg: FitConfig,
+                            scoring: Scoring, say: Callable[[str], None]) -> dict[str, Any]:
+    """Stage 5: whether the value neurons know more than the task's difficulty: AUROCs within difficulty strata
+    (at s_0 and the final state), per stratum at s_0, and probes on activations with the difficulty features
+    regressed out inside each fold."""
+    out: dict[str, Any] = {}
+    st_state = strata[scoring.traj]
+    for where, mask in scoring.at.items():
+        within = {k: scores[k][mask] for k in (VALUE, DENSE, LOGPROB, QLEN)}
+        res = paired_bootstrap_auroc(scoring.y[mask], within, groups=scoring.problems[mask], strata=st_state[mask],
+                                     n_boot=cfg.n_boot, seed=0)
+        for r in res.values():
+            r["verdict"] = chance_verdict(r["low"], r["high"])
+        out[f"within_strata_{where}"] = res
+    per = []
+    y = scoring.y
+    for k in np.unique(strata):
+        m = (st_state == k) & (scoring.step == 0)
+        example = next(d for d, s in zip(difficulty, strata) if s == k)
+        per.append({"stratum": example, "n_trajectories": int(m.sum()), "accuracy": float(y[m].mean()),
+                    "auroc_s0_value_neurons": auroc(y[m], scores[VALUE][m]), "auroc_s0_all_neurons": auroc(y[m], scores[DENSE][m])})
+    out["per_stratum"] = per
+    resid = cross_validate(states, layer, cfg.probe, scoring.folds, top_fracs=[cfg.top_frac],
+                           regress_out=features[scoring.traj], progress=say)
+    for label, frac in (("residualised_all_neurons", 1.0), ("residualised_value_neurons", cfg.top_frac)):
+        out[label] = {where: scoring.interval(resid[frac].values, mask, cfg.n_boot) for where, mask in scoring.at.items()}
+    return out
+
+
+def value_by_step(values: np.ndarray, scoring: Scoring, n_boot: int, min_states: int = 20) -> list[dict[str, Any]]:
+    """Stage 6, step-resolved value: per step t with at least ``min_states`` states of both outcomes, the AUROC
+    of V(s_t) (``values``, n_states) and the mean-V gap between correct and incorrect trajectories, with
+    intervals."""
+    rows = []
+    for t in range(int(scoring.step.max()) + 1):
+        m = scoring.step == t
+        if m.sum() < min_states or len(np.unique(scoring.y[m])) < 2:
+            continue
+        gap, lo, hi = _gap_ci(values[m], scoring.y[m], scoring.problems[m], n_boot)
+        rows.append({"step": t, "n": int(m.sum()), **scoring.interval(values, m, n_boot),
+                     "gap": gap, "gap_low": lo, "gap_high": hi})
+    return rows
+
+
+def probe_table(states: StateSet, layer: int, oof: dict[float, OutOfFold], cfg: FitConfig, scoring: Scoring,
+                say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Stage 7: every probe family x target cross-validated at ``layer`` on the same folds (all neurons and the
+    top fraction); the configured probe's row reuses ``oof``."""
+    rows: list[dict[str, Any]] = []
+    s0 = scoring.at["s0"]
+    for family, target in itertools.product(FAMILIES, TARGETS):
+        say(f"probe table: {family} {target}")
+        same = family == cfg.probe.family and target == cfg.probe.target  # the headline run: reuse it
+        res = {1.0: oof[1.0], cfg.top_frac: oof[cfg.top_frac]} if same else \
+            cross_validate(states, layer, replace(cfg.probe, family=family, target=target), scoring.folds, top_fracs=[cfg.top_frac])
+        for frac, o in res.items():
+            rows.append({"family": family, "target": target, "frac": frac, **scoring.aurocs(o.values),
+                         "s0": scoring.interval(o.values, s0, cfg.n_boot)})
+    return rows
 
 
 def fit_bundle(
@@ -153,6 +343,10 @@ def fit_bundle(
 ) -> tuple[SubsystemBundle, StateSet]:
     """Run the discovery pipeline and return the bundle (metrics inside) and the captured states.
 
+    The stages, in order: :func:`states_to_fit`, :func:`sweep_layers`, :func:`pruning_curve`,
+    :func:`fit_value_neurons`, :func:`control_scores` and :func:`headline`, :func:`value_beyond_difficulty`
+    (with ``difficulty``), :func:`value_by_step`, :func:`probe_table` (with ``cfg.compare_probes``).
+
     Args:
         states: activations already captured for ``trajectories`` (e.g. during generation, the rollout
             folder's ``states.safetensors``); they must hold every layer to sweep with all neurons.
@@ -161,150 +355,37 @@ def fit_bundle(
     """
     cfg = cfg or FitConfig()
     say = progress or (lambda msg: logger.info(msg))
-    n_layers = len(decoder_layers(model))
-    if states is not None:
-        if states.trajectory_ids != [t.trajectory_id for t in trajectories]:
-            raise ValueError("the given states were captured for other trajectories; capture them again")
-        if states.neurons is not None:
-            raise ValueError("the given states hold only some neurons; the layer sweep needs all of d_model")
-        layers = cfg.layers if cfg.layers is not None else states.layers
-        missing = sorted(set(layers) - set(states.layers))
-        if missing:
-            raise ValueError(f"layers {missing} were not captured (captured: {states.layers}); drop them or re-capture")
-        states = StateSet({layer: states.acts[layer] for layer in layers}, states.traj_index, states.step_index,
-                          states.trajectory_ids, states.problem_ids, states.rewards)
-    else:
-        layers = cfg.layers if cfg.layers is not None else list(range(0, n_layers, cfg.layer_stride))
-        say(f"capturing {len(trajectories)} trajectories at {len(layers)} layers")
-        states = capture_states(model, trajectories, layers, batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id or 0)
+    states = states_to_fit(model, tokenizer, trajectories, cfg, states, say)
     if difficulty is not None and len(difficulty) != len(trajectories):
         raise ValueError(f"difficulty has {len(difficulty)} entries for {len(trajectories)} trajectories")
+    scoring = Scoring.of(states, cfg.folds, cfg.probe.seed)
 
-    pcfg = cfg.probe
-    folds = kfold_by_problem(states.problem_ids, cfg.folds, pcfg.seed)
-    tidx = states.traj_index.numpy()
-    step = states.step_index.numpy()
-    final = states.is_terminal().numpy()
-    y = states.state_rewards().numpy()
-    pids = np.array(states.problem_ids)[tidx]
-    at = {"s0": step == 0, "final": final}  # the two reported positions: before any reasoning, the last step
-
-    # 1. layer sweep: out-of-fold dense values per layer; the choice uses inner-validation AUROC only
-    sweep: dict[int, dict[str, float]] = {}
-    sweep_cfg = replace(pcfg, family=cfg.sweep_family) if cfg.sweep_family else pcfg
-    for layer in states.layers:
-        dense = cross_validate(states, layer, sweep_cfg, folds, progress=say)[1.0]
-        sweep[layer] = {"val_auroc_all": dense.mean_val_auroc, **_auroc_at(dense.values, y, step, final)}
-
-    def score(layer: int) -> float:
-        v = sweep[layer]["val_auroc_all"]
-        return -1.0 if math.isnan(v) else v
-
-    best = max(states.layers, key=score)
-
-    # 2. pruning curve at the chosen layer (neurons ranked inside each fold)
+    sweep, best = sweep_layers(states, cfg, scoring, say)
     say(f"best layer {best}: pruning curve")
-    fracs = sorted(set(cfg.prune_fracs) | {cfg.top_frac, 1.0}, reverse=True)
-    oof = cross_validate(states, best, pcfg, folds, top_fracs=fracs, progress=say)
-    d_model = states.acts[best].shape[1]
-    curve = []
-    for frac in fracs:
-        curve.append({"frac": frac, "n_neurons": d_model if frac == 1.0 else max(1, round(frac * d_model)),
-                      **_auroc_at(oof[frac].values, y, step, final),
-                      **{w: _ci(oof[frac].values[m], y[m], pids[m], cfg.n_boot) for w, m in at.items()}})
-    v_sparse, v_dense = oof[cfg.top_frac].values, oof[1.0].values
-
-    # 3. the bundle: dense probe on every trajectory (a share of problems kept for validation), top neurons, refit
+    curve, oof = pruning_curve(states, best, cfg, scoring, say)
     say("bundle: dense probe on all trajectories, value neurons, refit")
-    codes = np.where(kfold_by_problem(states.problem_ids, max(2, round(1 / pcfg.val_frac)), pcfg.seed + 1) == 0, 1, 0)
-    dense_all = ValueProbe(pcfg).fit(states, best, split=codes)
-    value_neurons = dense_all.prune(cfg.top_frac)
-    sparse_all = ValueProbe(pcfg).fit(states, best, value_neurons, split=codes)
-    fold_sets = [n for n in oof[cfg.top_frac].neurons if n is not None]
-    stability = {
-        "iou_fold_vs_bundle_mean": float(np.mean([iou(n, value_neurons) for n in fold_sets])),
-        "iou_between_folds_mean": float(np.mean([iou(a, b) for a, b in itertools.combinations(fold_sets, 2)])),
-        "chance_iou": chance_iou(d_model, value_neurons.numel(), value_neurons.numel()),
-    }
-
-    # 4. headline: out-of-fold values beside their controls, paired differences
+    dense_all, sparse_all, stability = fit_value_neurons(states, best, cfg, oof[cfg.top_frac].neurons)
     say("baselines: question length, mean prompt log-probability")
-    q_len = question_length(trajectories).numpy()
-    logprob = mean_prompt_logprob(model, trajectories, batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id or 0).numpy()
-    scores = {VALUE: v_sparse, DENSE: v_dense, QLEN: -q_len[tidx], LOGPROB: logprob[tidx]}
-    diffs = [(VALUE, DENSE), (VALUE, QLEN), (VALUE, LOGPROB)]
-    features = strata = None
-    if difficulty is not None and any(difficulty):
-        features, strata = difficulty_features(difficulty, q_len)
-        scores[DIFFICULTY] = _difficulty_only(features, states.rewards.numpy(), folds)[tidx]
-        diffs += [(VALUE, DIFFICULTY), (DENSE, DIFFICULTY)]
+    scores, diffs, features, strata = control_scores(model, tokenizer, trajectories, states, oof, cfg, scoring, difficulty)
     say("headline: paired cluster bootstrap")
-    headline: dict[str, Any] = {}
-    for where, mask in at.items():
-        res = paired_bootstrap_auroc(y[mask], {k: v[mask] for k, v in scores.items()}, groups=pids[mask], diffs=diffs,
-                                     n_boot=cfg.n_boot, seed=0)
-        for name, r in res.items():
-            r["verdict"] = difference_verdict(r["low"], r["high"]) if " - " in name else chance_verdict(r["low"], r["high"])
-            r["n"] = int(mask.sum())
-            if " - " not in name:
-                r["n_to_decide"] = n_to_decide(r["auroc"], r["low"], r["high"], int(mask.sum()))
-        headline[where] = res
-
-    # 5. value beyond difficulty
+    head = headline(scores, diffs, scoring, cfg.n_boot)
     beyond: dict[str, Any] = {}
-    if features is not None and strata is not None:
+    if features is not None and strata is not None and difficulty is not None:
         say("value beyond difficulty: within strata, residualised probe")
-        st_state = strata[tidx]
-        for where, mask in at.items():
-            within = {k: scores[k][mask] for k in (VALUE, DENSE, LOGPROB, QLEN)}
-            res = paired_bootstrap_auroc(y[mask], within, groups=pids[mask], strata=st_state[mask], n_boot=cfg.n_boot, seed=0)
-            for r in res.values():
-                r["verdict"] = chance_verdict(r["low"], r["high"])
-            beyond[f"within_strata_{where}"] = res
-        per = []
-        for k in np.unique(strata):
-            m = (st_state == k) & (step == 0)
-            example = next(d for d, s in zip(difficulty, strata) if s == k)
-            per.append({"stratum": example, "n_trajectories": int(m.sum()), "accuracy": float(y[m].mean()),
-                        "auroc_s0_value_neurons": auroc(y[m], v_sparse[m]), "auroc_s0_all_neurons": auroc(y[m], v_dense[m])})
-        beyond["per_stratum"] = per
-        resid = cross_validate(states, best, pcfg, folds, top_fracs=[cfg.top_frac], regress_out=features[tidx], progress=say)
-        for label, frac in (("residualised_all_neurons", 1.0), ("residualised_value_neurons", cfg.top_frac)):
-            beyond[label] = {w: _ci(resid[frac].values[m], y[m], pids[m], cfg.n_boot) for w, m in at.items()}
+        beyond = value_beyond_difficulty(states, best, scores, features, strata, difficulty, cfg, scoring, say)
+    by_step = value_by_step(scores[VALUE], scoring, cfg.n_boot)
+    families = probe_table(states, best, oof, cfg, scoring, say) if cfg.compare_probes else []
 
-    # 6. step-resolved value: AUROC of V(s_t) per step and the correct/incorrect gap
-    by_step = []
-    for t in range(int(step.max()) + 1):
-        m = step == t
-        if m.sum() < 20 or len(np.unique(y[m])) < 2:
-            continue
-        gap, lo, hi = _gap_ci(v_sparse[m], y[m], pids[m], cfg.n_boot)
-        by_step.append({"step": t, "n": int(m.sum()), **_ci(v_sparse[m], y[m], pids[m], cfg.n_boot),
-                        "gap": gap, "gap_low": lo, "gap_high": hi})
-
-    # 7. probe families x targets at the chosen layer
-    families: list[dict[str, Any]] = []
-    if cfg.compare_probes:
-        for family, target in itertools.product(FAMILIES, TARGETS):
-            say(f"probe table: {family} {target}")
-            c = replace(pcfg, family=family, target=target)
-            same = family == pcfg.family and target == pcfg.target  # the headline run: reuse it
-            res = {1.0: oof[1.0], cfg.top_frac: oof[cfg.top_frac]} if same else \
-                cross_validate(states, best, c, folds, top_fracs=[cfg.top_frac])
-            for frac, o in res.items():
-                families.append({"family": family, "target": target, "frac": frac,
-                                 **_auroc_at(o.values, y, step, final),
-                                 "s0": _ci(o.values[at["s0"]], y[at["s0"]], pids[at["s0"]], cfg.n_boot)})
-
+    sweep_family = cfg.sweep_family or cfg.probe.family
     metrics = {
         "best_layer": best,
         "n_trajectories": len(trajectories),
         "n_problems": len(set(states.problem_ids)),
         "accuracy": float(states.rewards.mean()),
-        "probe": {"family": pcfg.family, "target": pcfg.target, "sweep_family": sweep_cfg.family},
-        "target": pcfg.target,
+        "probe": {"family": cfg.probe.family, "target": cfg.probe.target, "sweep_family": sweep_family},
+        "target": cfg.probe.target,
         "folds": cfg.folds,
-        "headline_cv": headline,
+        "headline_cv": head,
         "beyond_difficulty": beyond,
         "by_step": by_step,
         "probe_families": families,
@@ -313,13 +394,13 @@ def fit_bundle(
         "pruning_curve": curve,
         "layer_sweep": {str(k): v for k, v in sweep.items()},
     }
-    assert sparse_all.state is not None
+    assert sparse_all.state is not None and sparse_all.state.neurons is not None
     bundle = SubsystemBundle(
         model=fingerprint(model, tokenizer, model_name),
         layer=best,
-        value_neurons=value_neurons,
+        value_neurons=sparse_all.state.neurons,
         probe_state=sparse_all.state,
-        probe_config=pcfg,
+        probe_config=cfg.probe,
         metrics=metrics,
         created_with={"fit": asdict(cfg)},
     )
@@ -340,13 +421,6 @@ def _gap_ci(values: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int, 
         return point, math.nan, math.nan
     lo, hi = np.percentile(draws, [2.5, 97.5])
     return point, float(lo), float(hi)
-
-
-def task_difficulty(trajectories: Sequence[Trajectory], task, n_problems: int, seed: int) -> list[dict[str, float]]:
-    """Per trajectory, the difficulty features of its problem, by drawing the run's problems again
-    (``task.problems(n_problems, seed)`` is deterministic). Trajectories whose problem is not drawn get ``{}``."""
-    by_id = {p.id: task.difficulty(p) for p in task.problems(n_problems, seed=seed)}
-    return [by_id.get(t.problem_id, {}) for t in trajectories]
 
 
 #: The run with power behind the report card (README; docs/results.md).
@@ -379,27 +453,6 @@ def power_note(metrics: dict[str, Any]) -> str | None:
             f"finding from it; the run with power is: {POWERED_COMMAND}")
 
 
-def difficulty_from_run(rollouts, trajectories: Sequence[Trajectory]) -> list[dict[str, float]] | None:
-    """Difficulty features per trajectory for a rollout folder, by drawing its problems again from the task in
-    its manifest; None when the folder has no manifest or the task has no difficulty features."""
-    import json
-    from pathlib import Path
-
-    from rpe.tasks import load_task
-
-    manifest = Path(rollouts) / "manifest.json"
-    if not manifest.exists():
-        return None
-    meta = json.loads(manifest.read_text())
-    try:
-        task = load_task(meta["task"])
-    except Exception as err:  # a moved task file, an unknown task: the control is skipped, not the fit
-        logger.warning("difficulty features unavailable (%s): no difficulty control", err)
-        return None
-    out = task_difficulty(trajectories, task, int(meta["rollout"]["n_problems"]), int(meta["rollout"]["seed"]))
-    return out if any(out) else None
-
-
 def td_vs_mc(states: StateSet, layer: int, base: ProbeConfig | None = None) -> dict[str, dict[str, float]]:
     """Fit TD(0) and Monte-Carlo probes on the same states and layer; returns their test metrics."""
     base = base or ProbeConfig()
@@ -412,6 +465,6 @@ def td_vs_mc(states: StateSet, layer: int, base: ProbeConfig | None = None) -> d
 
 
 __all__ = [
-    "FitConfig", "difficulty_features", "difficulty_from_run", "fit_bundle", "power_note", "task_difficulty",
-    "td_vs_mc"
+    "FitConfig", "Scoring", "control_scores", "fit_bundle", "fit_value_neurons", "headline", "power_note", "probe_table",
+    "pruning_curve", "states_to_fit", "sweep_layers", "td_vs_mc", "value_beyond_difficulty", "value_by_step",
 ]

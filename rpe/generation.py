@@ -19,19 +19,17 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from rpe.decoding import CONTINUOUS_MODEL_TYPES, generate_continuous
-from rpe.kvcache import (
-    PREFIX_REUSE_MODEL_TYPES,
-    batched_cache_kwargs,
-    prefix_cache,
-    shared_prefix_len,
-)
+from rpe.decoding import generate_continuous
+from rpe.kvcache import batched_cache_kwargs, cache_is_plain, plain_cache_refusal, prefix_cache, shared_prefix_len
 from rpe.sampling import GeneratedBatch, SamplingConfig, eos_ids, split_at_stop
+
+logger = logging.getLogger(__name__)
 
 ENGINES = ("continuous", "generate")
 
@@ -50,7 +48,9 @@ def resolve_engine(model, engine: str) -> str:
     if engine not in ENGINES:
         raise ValueError(f"unknown generation engine {engine!r}; choose {' or '.join(ENGINES)}")
     if engine == "continuous":
-        if getattr(model.config, "model_type", None) not in CONTINUOUS_MODEL_TYPES:
+        refusal = plain_cache_refusal(model)
+        if refusal is not None:
+            logger.info("engine 'generate' for this %s model: %s", model.config.model_type, refusal)
             return "generate"
         gc = getattr(model, "generation_config", None)
         if gc is not None and any(getattr(gc, k, d) not in (d, None) for k, d in _UNSUPPORTED_DEFAULTS.items()):
@@ -110,7 +110,7 @@ def generate_from_ids(
     """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion).
 
     When every prompt starts with the same ``min_prefix`` or more tokens (the few-shot examples) and the
-    architecture is one where this is verified to give identical outputs (:data:`PREFIX_REUSE_MODEL_TYPES`),
+    model's cache layers are plain full attention (:func:`rpe.kvcache.plain_cache_refusal`),
     the shared prefix is encoded once and its KV cache reused by every row; padding then sits between the
     prefix and each row's own tokens (positions come from the attention mask, so nothing shifts).
     ``token_logprobs`` also returns each generated token's log-probability from the logits computed while
@@ -140,7 +140,7 @@ def generate_from_ids(
     pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
     prefix_len = 0
-    if reuse_prefix and getattr(model.config, "model_type", None) in PREFIX_REUSE_MODEL_TYPES:
+    if reuse_prefix and cache_is_plain(model):
         prefix_len = shared_prefix_len(enc, min_prefix)
     suffixes = [ids[prefix_len:] for ids in enc]
     ws = max(len(x) for x in suffixes)

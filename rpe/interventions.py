@@ -10,7 +10,7 @@ Modes: ``zero`` (set to 0, default), ``mean`` (set to a given per-neuron mean, e
 
 Example (a tiny random Llama; with a bundle, ``{bundle.layer: bundle.value_neurons}``):
     >>> import torch
-    >>> from rpe.models import tiny_model
+    >>> from rpe.tiny import tiny_model
     >>> model, tok = tiny_model()
     >>> inputs = tok(["2 + 2 ="], return_tensors="pt")
     >>> with torch.no_grad():

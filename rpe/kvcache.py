@@ -13,9 +13,45 @@ from collections.abc import Sequence
 import torch
 
 
-#: Architectures on which generating from a shared-prefix KV cache was checked to give identical tokens
-#: (tests/test_rollouts.py). Others (e.g. Gemma3's sliding-window layers) take the plain padded path.
-PREFIX_REUSE_MODEL_TYPES = frozenset({"llama", "qwen2"})
+def plain_cache_refusal(model) -> str | None:
+    """Why the generation paths that edit a cache cannot serve ``model``, or None when they can.
+
+    The continuous engine, prefix reuse under ``model.generate`` and :class:`rpe.envs.LLMPolicy` copy, pad,
+    stack and crop a cache's keys and values as plain (batch, heads, length, dim) tensors that grow with the
+    sequence, with padding between a shared prefix and each row's tokens. That is exact for full-attention
+    layers (transformers' ``DynamicLayer``): positions come from the attention mask. A sliding-window layer
+    keeps only its last ``window`` positions and masks by cache index, so padding inside the cache would move
+    real tokens out of its window: such models (Gemma-3's local layers, Mistral or Qwen2 with a sliding window)
+    generate with plain ``model.generate``, whose cache transformers manages.
+
+    Forward-only reads (:func:`rpe.store.capture_states`, :class:`rpe.signals.SignalReader`, the baselines)
+    reuse a shared prefix on every architecture: their rows are padded on the right, after the cached prefix,
+    which a sliding-window layer handles exactly (tests/test_architectures.py: Gemma-3 with a window of 16 and a
+    43-token prefix equals a plain forward).
+
+    The decision is read from the cache layers ``DynamicCache(config=model.config)`` builds, not from the
+    model's name.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception as err:  # a config transformers cannot lay a cache out for
+        return f"transformers cannot lay out a cache for its config ({type(err).__name__}: {err})"
+    other = [(i, layer) for i, layer in enumerate(layers) if type(layer) is not DynamicLayer]
+    if not other:
+        return None
+    kinds = sorted({type(layer).__name__ for _, layer in other})
+    windows = sorted({int(w) for _, layer in other if (w := getattr(layer, "sliding_window", None))})
+    window = f" (window {', '.join(map(str, windows))} tokens)" if windows else ""
+    return (f"{len(other)} of its {len(layers)} cache layers are {', '.join(kinds)}{window}, not plain full-attention "
+            f"layers")
+
+
+def cache_is_plain(model) -> bool:
+    """True when every layer of ``model``'s cache is plain full attention (:func:`plain_cache_refusal`)."""
+    return plain_cache_refusal(model) is None
 
 
 
@@ -71,9 +107,9 @@ def shared_prefix_len(seqs: Sequence[Sequence[int]], min_prefix: int = 1) -> int
 
 
 def prefix_cache(model, prefix: list[int], device):
-    """KV cache of a shared prompt prefix (e.g. the few-shot examples), computed once, batch size 1."""
+    """KV cache of a shared prompt prefix (e.g. the few-shot examples), computed once, batch size 1 (sliding-window
+    layers keep their window; rows that follow must be padded on the right, see :func:`plain_cache_refusal`)."""
     from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_kwarg(model): cache})
@@ -123,5 +159,5 @@ def cache_len(cache) -> int:
 
 
 
-__all__ = ["PREFIX_REUSE_MODEL_TYPES", "batched_cache_kwargs", "cache_kwarg", "cache_len", "common_prefix_len", "crop_cache",
-           "prefix_cache", "right_pad", "shared_prefix_len", "stack_caches"]
+__all__ = ["batched_cache_kwargs", "cache_kwarg", "cache_len", "common_prefix_len", "crop_cache",
+           "cache_is_plain", "plain_cache_refusal", "prefix_cache", "right_pad", "shared_prefix_len", "stack_caches"]

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -311,6 +311,7 @@ def load_model(
     device: str | torch.device = "auto",
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
+    revision: str | None = None,
 ):
     """Load a causal LM and its tokenizer from a registry name, a local folder or a Hugging Face id.
 
@@ -322,6 +323,7 @@ def load_model(
         device: ``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:N``; ignored with ``device_map``.
         device_map: transformers' ``device_map`` (``auto`` shards the model over the visible GPUs).
         attn_implementation: transformers' attention implementation (``sdpa``, ``eager``, ...).
+        revision: a Hugging Face revision (branch, tag or commit) of a hub id; ignored for local folders.
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode on ``device`` (or placed by ``device_map``), with
@@ -346,6 +348,8 @@ def load_model(
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if device_map is not None:
         extra["device_map"] = device_map
+    if revision not in (None, "main") and not local.exists():
+        kwargs["revision"] = revision
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs, **extra)
     if device_map is None:
         model = model.to(dev)
@@ -424,81 +428,3 @@ def model_dtype(model) -> str | None:
         if param.is_floating_point():
             return str(param.dtype).removeprefix("torch.")
     return None
-
-
-# --------------------------------------------------------------------------------------------------------
-# tiny random-initialised models for unit tests (no download, deterministic)
-
-TINY_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
-
-def tiny_tokenizer():
-    """A character-level fast tokenizer (ASCII + newline) with a small chat template; no download."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + TINY_CHARS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    prepare_tokenizer(tok)
-    return tok
-
-
-@dataclass
-class TinyModelConfig:
-    """Sizes of a tiny random model for tests."""
-
-    architecture: Literal["llama", "gemma3", "qwen2"] = "llama"
-    hidden_size: int = 64
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 128
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-def tiny_model(config: TinyModelConfig | None = None, **overrides):
-    """A tiny random-initialised causal LM (Llama, Gemma3 or Qwen2 config) and the char tokenizer.
-
-    Returns:
-        ``(model, tokenizer)``, deterministic for a given ``config.seed``.
-    """
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
-
-    cfg = config or TinyModelConfig(**overrides)
-    tokenizer = tiny_tokenizer()
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **cfg.extra,
-    )
-    if cfg.architecture == "llama":
-        mcfg = LlamaConfig(**common)
-    elif cfg.architecture == "qwen2":
-        mcfg = Qwen2Config(**common)
-    elif cfg.architecture == "gemma3":
-        mcfg = Gemma3TextConfig(head_dim=cfg.hidden_size // cfg.num_heads, sliding_window=64, **common)
-    else:
-        raise ValueError(f"unknown tiny architecture {cfg.architecture!r}; choose llama, gemma3 or qwen2")
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32).eval()
-    model.name_or_path = f"tiny-{cfg.architecture}"
-    return model, tokenizer

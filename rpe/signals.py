@@ -16,7 +16,7 @@ recorded while the same sequences were generated (:class:`GenerationCapture`).
 
 Example (a tiny random Llama and a random bundle for it; use your model and ``SubsystemBundle.load``):
     >>> from rpe.bundle import random_bundle
-    >>> from rpe.models import tiny_model
+    >>> from rpe.tiny import tiny_model
     >>> model, tok = tiny_model()
     >>> bundle = random_bundle(model, tok)
     >>> prompt = tok("Question: 2 + 3?\\n", add_special_tokens=False)["input_ids"]

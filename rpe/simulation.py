@@ -173,7 +173,7 @@ def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajec
     from pathlib import Path
 
     from rpe.dopamine import td_errors
-    from rpe.fit import difficulty_from_run
+    from rpe.difficulty import difficulty_from_run
     from rpe.records import atomic_write_json, read_trajectories
     from rpe.signals import SignalReader
 

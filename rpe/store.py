@@ -16,12 +16,7 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file
 
-from rpe.kvcache import (
-    batched_cache_kwargs,
-    prefix_cache,
-    right_pad,
-    shared_prefix_len,
-)
+from rpe.kvcache import batched_cache_kwargs, prefix_cache, right_pad, shared_prefix_len
 from rpe.records import Trajectory, atomic_write_bytes
 from rpe.tracker import ActivationTracker, check_finite
 

@@ -12,7 +12,7 @@ Two modes:
   joined along time, so rollouts can keep step-end states with no second forward pass.
 
 Example (a tiny random Llama, d_model = 64; any transformers causal LM works the same way):
-    >>> from rpe.models import tiny_model
+    >>> from rpe.tiny import tiny_model
     >>> model, tok = tiny_model()
     >>> ids = tok(["4 + 1 = 5.\\n\\n5 + 3 = 8."], return_tensors="pt")
     >>> with ActivationTracker(model, layers=[2]) as tr:

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from rpe.models import DEFAULT_MODEL, TinyModelConfig, fetch_command, is_fetched, tiny_model
+from rpe.models import DEFAULT_MODEL, fetch_command, is_fetched
+from rpe.tiny import TinyModelConfig, tiny_model
 
 
 @pytest.fixture(scope="session")

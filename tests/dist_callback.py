@@ -10,7 +10,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from grpo_batches import record_batches
 from rpe.bundle import random_bundle
-from rpe.models import tiny_model
+from rpe.tiny import tiny_model
 from rpe.prompts import PromptBuilder, PromptConfig
 from rpe.tasks import load_task
 from rpe.trainers import RPECallback

@@ -5,7 +5,7 @@ import torch
 
 from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
 from rpe.fit import FitConfig, fit_bundle
-from rpe.models import TinyModelConfig, tiny_model
+from rpe.tiny import TinyModelConfig, tiny_model
 from rpe.probe import ProbeConfig
 
 from test_probe import _synthetic_trajectories
@@ -133,3 +133,25 @@ def test_fit_bundle_end_to_end_finds_the_planted_layer_neurons_and_beats_its_con
     assert s0["value neurons"]["verdict"] == "above chance" and s0["value neurons"]["auroc"] > 0.85
     for control in ("question length (shorter = more confident)", "mean prompt log-prob"):
         assert s0[f"value neurons - {control}"]["low"] > 0  # paired interval above the control
+
+
+def test_fit_stages_called_one_by_one_give_the_bundles_numbers(fitted):
+    """fit_bundle is its named stages in order: calling them by hand on the same states reproduces its metrics."""
+    from rpe.fit import Scoring, fit_value_neurons, pruning_curve, sweep_layers, value_by_step
+
+    model, tok, trajs, bundle, states, path = fitted
+    cfg = FitConfig(**bundle.created_with["fit"])
+    scoring = Scoring.of(states, cfg.folds, cfg.probe.seed)
+    assert scoring.y.shape == scoring.step.shape == scoring.problems.shape == (states.acts[1].shape[0],)
+    assert scoring.at["s0"].sum() == len(trajs) and scoring.at["final"].sum() == len(trajs)
+    sweep, best = sweep_layers(states, cfg, scoring, lambda _: None)
+    assert best == bundle.layer and best == max(sweep, key=lambda k: sweep[k]["val_auroc_all"])
+    assert {str(k): v for k, v in sweep.items()} == bundle.metrics["layer_sweep"]
+    curve, oof = pruning_curve(states, best, cfg, scoring, lambda _: None)
+    assert curve == bundle.metrics["pruning_curve"]
+    _, sparse, stability = fit_value_neurons(states, best, cfg, oof[cfg.top_frac].neurons)
+    assert torch.equal(sparse.state.neurons, bundle.value_neurons)
+    assert stability == bundle.metrics["value_neuron_stability"] and 0 <= stability["chance_iou"] < 1
+    assert value_by_step(oof[cfg.top_frac].values, scoring, cfg.n_boot) == bundle.metrics["by_step"]
+    # a step needs min_states states of both outcomes: with more than the run has, no step is reported
+    assert value_by_step(oof[cfg.top_frac].values, scoring, cfg.n_boot, min_states=10_000) == []

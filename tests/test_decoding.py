@@ -19,7 +19,7 @@ def _prompts(tok, n, repeat=1):
 
 
 def test_greedy_tokens_equal_model_generate_with_stop_strings():
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
 
     model, tok = tiny_model()
     with torch.no_grad():  # pad (an end id) is the random model's greedy choice at once; make it one among many
@@ -95,11 +95,11 @@ def test_identical_prompts_are_prefilled_once_and_still_sample_apart(tiny_llama)
 
 def test_unsupported_architectures_use_model_generate(tiny_llama):
     from rpe.generation import resolve_engine
-    from rpe.models import TinyModelConfig, tiny_model
+    from rpe.tiny import TinyModelConfig, tiny_model
 
     gemma, tok = tiny_model(TinyModelConfig(architecture="gemma3"))
     assert resolve_engine(gemma, "continuous") == "generate"
-    with pytest.raises(ValueError, match="continuous batching supports"):
+    with pytest.raises(ValueError, match="continuous batching cannot serve this gemma3_text model .4 of its 4 cache layers are DynamicSlidingWindowLayer"):
         generate_continuous(gemma, tok, _prompts(tok, 2), SamplingConfig(max_new_tokens=4))
     with pytest.raises(ValueError, match="unknown generation engine"):
         resolve_engine(gemma, "vllm")
@@ -109,7 +109,7 @@ def test_unsupported_architectures_use_model_generate(tiny_llama):
 
 def test_models_asking_for_other_processing_use_model_generate():
     from rpe.generation import resolve_engine
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
 
     model, _ = tiny_model()
     assert resolve_engine(model, "continuous") == "continuous"

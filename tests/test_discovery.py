@@ -102,7 +102,7 @@ def test_no_probe_is_inverted_on_the_planted_signal(planted_states):
 
 def test_value_beyond_difficulty_is_found_and_difficulty_alone_is_not_it(planted_states):
     states, diff = planted_states
-    from rpe.fit import difficulty_features
+    from rpe.difficulty import difficulty_features
 
     q_len = np.zeros(len(diff))
     features, strata = difficulty_features(diff, q_len)

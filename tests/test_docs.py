@@ -58,7 +58,7 @@ def docs_workspace(tmp_path, monkeypatch):
     """A working directory as the pages assume it: ``runs/demo/bundle`` (a bundle for the tiny model) and
     ``recipes/``; ``model``, ``tokenizer`` and ``bundle`` in the namespace."""
     from rpe.bundle import random_bundle
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
 
     model, tok = tiny_model()
     bundle = random_bundle(model, tok, layer=2, k=6, m=4, hidden=16, seed=0)

@@ -108,7 +108,7 @@ def test_internal_rpe_feeds_only_each_new_step_and_refuses_another_model(tiny_ll
 
     from rpe.bundle import BundleMismatchError
     from rpe.envs import InternalRPE
-    from rpe.models import TinyModelConfig, tiny_model
+    from rpe.tiny import TinyModelConfig, tiny_model
     from rpe.tracker import decoder_layers
 
     model, tok = tiny_llama
@@ -159,7 +159,7 @@ def _greedy_tiny():
     """A tiny model whose greedy steps are not empty (its end ids are damped) and end at blank lines now and then."""
     import torch
 
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
 
     model, tok = tiny_model()
     with torch.no_grad():

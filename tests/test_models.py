@@ -1,17 +1,8 @@
 import pytest
 import torch
 
-from rpe.models import (
-    REGISTRY,
-    ModelNotFetchedError,
-    TinyModelConfig,
-    UnknownModelError,
-    fetch_model,
-    fingerprint,
-    load_model,
-    resolve_model_path,
-    tiny_model,
-)
+from rpe.models import REGISTRY, ModelNotFetchedError, UnknownModelError, fetch_model, fingerprint, load_model, resolve_model_path
+from rpe.tiny import TinyModelConfig, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])

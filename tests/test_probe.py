@@ -28,7 +28,7 @@ def _synthetic_trajectories(tok, n_problems=120, samples=2, seed=0):
 @pytest.fixture(scope="module")
 def planted_states():
     """Real tiny-model activations at s_0..s_3 with a value signal planted in three neurons of layer 1."""
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
 
     model, tok = tiny_model()
     trajs = _synthetic_trajectories(tok)
@@ -128,7 +128,7 @@ def test_nan_activations_name_layer_and_trajectory(tiny_llama):
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("mode", ["ends", "steps"])
 def test_shared_prefix_reuse_gives_the_same_activations(arch, mode):
-    from rpe.models import TinyModelConfig, tiny_model
+    from rpe.tiny import TinyModelConfig, tiny_model
 
     model, tok = tiny_model(TinyModelConfig(architecture=arch))
     shared = tok("Q: worked example one. A: 1. Q: worked example two. A: 2. ", add_special_tokens=False)["input_ids"]

@@ -53,7 +53,7 @@ def test_no_unsafe_deserialisation_in_the_package():
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.text(alphabet=st.sampled_from(list("ab12+= .:")), min_size=1, max_size=10), min_size=0, max_size=5))
 def test_step_spans_index_the_step_tokens(steps):
-    from rpe.models import tiny_tokenizer
+    from rpe.tiny import tiny_tokenizer
     from rpe.rollouts import make_steps
 
     tok = tiny_tokenizer()
@@ -124,7 +124,7 @@ def _kill_at(script: str, mode: str, tmp_path: Path, timeout: float = 180.0) -> 
 
 ROLLOUT_SCRIPT = textwrap.dedent("""
     import rpe.records as records
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
     from rpe.prompts import PromptConfig
     from rpe.rollouts import RolloutConfig, SamplingConfig, collect_rollouts
 
@@ -172,7 +172,7 @@ BUNDLE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     import rpe.bundle as bundle_module
     from conftest import make_tiny_bundle
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
 
     path = pathlib.Path({path!r})
     real_save_file, real_replace = bundle_module.save_file, bundle_module.os.replace
@@ -226,7 +226,7 @@ def test_kill_9_during_analysis_keeps_the_old_report(tmp_path):
         import rpe.records as records
         from conftest import make_tiny_bundle
         from rpe.analyze import analyze_rollouts
-        from rpe.models import tiny_model
+        from rpe.tiny import tiny_model
         real_replace = records.os.replace
         def replace(src, dst):
             if str(dst).endswith("report.html"):

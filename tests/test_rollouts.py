@@ -192,7 +192,7 @@ def test_capture_of_a_missing_layer_fails_before_generation(tiny_llama, tmp_path
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_shared_prefix_generation_gives_the_same_tokens(arch):
-    from rpe.models import TinyModelConfig, tiny_model
+    from rpe.tiny import TinyModelConfig, tiny_model
     from rpe.generation import generate_from_ids
 
     model, tok = tiny_model(TinyModelConfig(architecture=arch))

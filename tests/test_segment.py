@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rpe.models import tiny_tokenizer
+from rpe.tiny import tiny_tokenizer
 from rpe.rollouts import make_steps
 from rpe.segment import split_steps, token_char_ends, token_spans
 

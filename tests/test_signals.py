@@ -75,7 +75,7 @@ def test_generation_capture_matches_a_separate_forward(tiny_llama, tiny_bundle):
 
 def test_wrong_model_is_refused(tiny_bundle):
     from rpe.bundle import BundleMismatchError
-    from rpe.models import TinyModelConfig, tiny_model
+    from rpe.tiny import TinyModelConfig, tiny_model
 
     other, tok = tiny_model(TinyModelConfig(architecture="qwen2"))
     with pytest.raises(BundleMismatchError):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rpe.models import TinyModelConfig, tiny_model
+from rpe.tiny import TinyModelConfig, tiny_model
 from rpe.tracker import ActivationTracker, decoder_layers
 
 

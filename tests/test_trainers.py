@@ -29,7 +29,7 @@ def _hooks(model):
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
 
     model, tok = tiny_model()
     return make_tiny_bundle(model, tok).save(tmp_path_factory.mktemp("tb") / "bundle")
@@ -62,8 +62,8 @@ def test_recipe_runs_and_logs_internal_signals(tmp_path, bundle_dir, trainer, ex
     from rpe.trainers.callback import LOGGED_KEYS
     from rpe.trainers.recipes import parse_recipe, train
 
-    rpe_args, train_args = parse_recipe(_tiny_recipe(tmp_path, bundle_dir, trainer, **extra))
-    summary = train(rpe_args, train_args).summary
+    rpe_args, train_args, model_args = parse_recipe(_tiny_recipe(tmp_path, bundle_dir, trainer, **extra))
+    summary = train(rpe_args, train_args, model_args).summary
     assert summary["steps"] == 2
     history = json.loads((Path(train_args.output_dir) / "log_history.json").read_text())
     steps = [h for h in history if "rpe/value_s0" in h]
@@ -88,7 +88,7 @@ def test_recipe_runs_and_logs_internal_signals(tmp_path, bundle_dir, trainer, ex
 def test_no_hook_or_wrapper_survives_training(tmp_path, bundle_dir):
     from trl import GRPOConfig, GRPOTrainer
 
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
     from rpe.trainers import RPECallback
     from rpe.trainers.recipes import build_dataset
     from rpe.prompts import PromptBuilder, PromptConfig
@@ -131,15 +131,16 @@ def test_gae_and_token_spread():
 
 
 def test_every_recipe_loads(bundle_dir):
-    from rpe.trainers.recipes import RPEArguments, parse_recipe
+    from rpe.trainers.recipes import DEFAULT_LORA_TARGETS, RPEArguments, parse_recipe
 
     assert RECIPES, "recipes/ holds no YAML"
     for path in RECIPES:
         if path.name.startswith("accelerate"):
             continue
         gpu = ["--bf16", "false", "--use_cpu", "true"] if "multi_gpu" in path.name else []  # CPU-only CI
-        rpe_args, train_args = parse_recipe(path, ["--bundle", str(bundle_dir), *gpu])
+        rpe_args, train_args, model_args = parse_recipe(path, ["--bundle", str(bundle_dir), *gpu])
         assert isinstance(rpe_args, RPEArguments) and train_args.max_steps >= 100
+        assert model_args.dtype == "auto" and model_args.lora_target_modules == DEFAULT_LORA_TARGETS
         if "multi_gpu" in path.name:
             assert train_args.use_vllm and train_args.vllm_mode == "colocate"
 
@@ -158,13 +159,13 @@ def test_unknown_command_line_override_names_the_nearest(tmp_path, bundle_dir):
     path = _tiny_recipe(tmp_path, bundle_dir, "grpo")
     with pytest.raises(RecipeError, match="unknown command-line option --max_stepz; did you mean 'max_steps'"):
         parse_recipe(path, ["--max_stepz", "2"])
-    rpe_args, train_args = parse_recipe(path, ["--max_steps", "3"])  # a valid override still goes through
+    rpe_args, train_args, model_args = parse_recipe(path, ["--max_steps", "3"])  # a valid override goes through
     assert train_args.max_steps == 3
 
 
 def test_bundle_for_another_model_is_refused(tmp_path, bundle_dir):
     from rpe.bundle import BundleMismatchError
-    from rpe.models import TinyModelConfig, tiny_model
+    from rpe.tiny import TinyModelConfig, tiny_model
     from rpe.trainers import InternalSignals
 
     other, tok = tiny_model(TinyModelConfig(hidden_size=32))
@@ -175,7 +176,7 @@ def test_bundle_for_another_model_is_refused(tmp_path, bundle_dir):
 def test_nan_reward_skips_the_update_with_a_warning(tmp_path, bundle_dir, caplog):
     from trl import GRPOConfig
 
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
     from rpe.prompts import PromptBuilder, PromptConfig
     from rpe.tasks import load_task
     from rpe.trainers import InternalCriticGRPOTrainer
@@ -228,7 +229,7 @@ def test_two_process_data_parallel_run_logs_once_with_gathered_metrics(tmp_path)
     # (a wrong per-process slice pairs rank 1's values with rank 0's rewards)
     from rpe.bundle import random_bundle
     from rpe.metrics import auroc
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
     from rpe.signals import SignalReader
 
     model, tok = tiny_model()
@@ -252,7 +253,7 @@ def test_online_refit_saves_the_bundle_with_checkpoints_and_rewards_have_one_val
     from trl import GRPOConfig, GRPOTrainer
 
     from rpe.bundle import SubsystemBundle
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
     from rpe.prompts import PromptBuilder, PromptConfig
     from rpe.tasks import load_task
     from rpe.trainers import InternalSignals, RPECallback
@@ -313,7 +314,7 @@ def test_internal_critic_advantages_follow_the_documented_algorithm(tmp_path, bu
     from trl import GRPOConfig, GRPOTrainer
 
     from rpe.bundle import SubsystemBundle
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
     from rpe.prompts import PromptBuilder, PromptConfig
     from rpe.signals import SignalReader
     from rpe.tasks import load_task
@@ -381,7 +382,7 @@ def test_callback_logs_the_numbers_an_independent_read_gives(tmp_path, bundle_di
 
     from rpe.bundle import SubsystemBundle
     from rpe.metrics import auroc
-    from rpe.models import tiny_model
+    from rpe.tiny import tiny_model
     from rpe.prompts import PromptBuilder, PromptConfig
     from rpe.signals import SignalReader
     from rpe.tasks import load_task
@@ -434,3 +435,57 @@ def test_callback_logs_the_numbers_an_independent_read_gives(tmp_path, bundle_di
         assert logged[f"rpe/rpe_step{k}"] == pytest.approx(want, abs=1e-5, nan_ok=True)
     terminal = [r - s.values[-2] for r, s in zip(reward, sigs) if s.n_steps]
     assert logged["rpe/rpe_terminal"] == pytest.approx(np.mean(terminal), abs=1e-5)
+
+
+class _FakeTrainer:
+    """The private surface rpe.trainers.trl_adapter reads, with a reward step that scores 1 per completion."""
+
+    def __init__(self):
+        import collections
+
+        self._metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
+        self.reward_funcs, self.reward_weights, self.accelerator, self.state = [], None, None, None
+        self.model = torch.nn.Linear(1, 1)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        return torch.ones(len(prompts), 1)
+
+
+def test_trl_adapter_taps_reward_scoring_and_removes_the_tap():
+    from rpe.trainers.trl_adapter import RewardTap, log_to_trainer
+
+    trainer, seen = _FakeTrainer(), []
+    with RewardTap(trainer, lambda p, ids, r: seen.append((p, ids, r.shape))):
+        out = trainer._calculate_rewards(None, ["a", "b"], ["x", "y"], [[1], [2]])
+        assert "_calculate_rewards" in vars(trainer)  # on this instance only
+    assert out.tolist() == [[1.0], [1.0]] and seen == [(["a", "b"], [[1], [2]], (2, 1))]
+    assert "_calculate_rewards" not in vars(trainer)  # the class method is back
+    log_to_trainer(trainer, {"rpe/x": 0.5})
+    trainer.model.eval()
+    log_to_trainer(trainer, {"rpe/x": 0.25})
+    assert trainer._metrics["train"]["rpe/x"] == [0.5] and trainer._metrics["eval"]["rpe/x"] == [0.25]
+
+
+def test_trl_adapter_names_what_changed_in_trl(caplog, monkeypatch):
+    import rpe.trainers.trl_adapter as adapter
+
+    class Renamed(_FakeTrainer):
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids):  # a parameter renamed
+            return torch.ones(len(prompts), 1)
+
+    with pytest.raises(adapter.TRLChangedError, match=r"takes \(inputs, prompts, completions, completion_ids\).*tested with TRL 1\.16\.x"):
+        adapter.check_trainer(Renamed())
+    no_metrics = _FakeTrainer()
+    del no_metrics._metrics
+    with pytest.raises(adapter.TRLChangedError, match="has no _metrics.*rpe reads"):
+        adapter.RewardTap(no_metrics, lambda *a: None)
+    assert "_calculate_rewards" not in vars(no_metrics)  # nothing wired when the check fails
+    with pytest.raises(TypeError, match="needs a TRL GRPOTrainer or RLOOTrainer.*Linear"):
+        adapter.check_trainer(torch.nn.Linear(1, 1))
+    monkeypatch.setattr(adapter, "trl_version", lambda: "9.0.0")
+    with caplog.at_level("WARNING"):
+        adapter.check_trainer(_FakeTrainer())  # an untested version with the same surface: works, says so
+    assert "TRL 9.0.0 is not among the tested versions (1.16.x)" in caplog.text
+    import trl
+
+    assert adapter.trl_version() == "9.0.0" and ".".join(trl.__version__.split(".")[:2]) in adapter.TESTED_TRL_VERSIONS

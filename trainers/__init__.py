@@ -3,7 +3,9 @@
 - :class:`RPECallback` (``rpe.trainers.callback``): one line in a GRPO/RLOO script logs internal value and RPE;
 - :class:`InternalSignals` (``rpe.trainers.rewards``): internal signals as TRL reward functions;
 - :class:`InternalCriticGRPOTrainer` (``rpe.trainers.critic``): PPO-style GAE with the value neurons as critic;
-- ``rpe.trainers.recipes``: ``rpe train --config recipes/X.yaml``.
+- ``rpe.trainers.recipes``: ``rpe train --config recipes/X.yaml``;
+- ``rpe.trainers.trl_adapter``: the one place TRL's private surface is reached, with the TRL versions it is
+  tested against.
 
 The core package (``import rpe``) never imports this module or TRL. Names are imported lazily so that
 ``require_trl`` can give a clear message when TRL is missing.

@@ -4,7 +4,8 @@
 
 At ``on_init_end`` the callback finds the trainer that holds it, checks the bundle against the policy, wraps
 the policy's ``generate`` (activations of the value and dopamine neurons are recorded during the trainer's own
-generation: no extra forward pass) and the trainer's ``_calculate_rewards``. After each batch is scored it
+generation: no extra forward pass) and the trainer's reward scoring (TRL's private surface is reached in
+:mod:`rpe.trainers.trl_adapter` only, which names the TRL versions it is tested against). After each batch is scored it
 gathers, across processes, per completion: V(s_0), V(final), RPE per step, dopamine activity and the verifiable
 reward (the weighted sum of the reward functions that are not internal), and appends to the trainer's own
 metrics, so they are averaged and reported with ``reward``/``kl`` by every reporter the trainer has:
@@ -24,7 +25,6 @@ Everything is removed at ``on_train_end``; :meth:`RPECallback.close` does it by 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections import deque
@@ -38,6 +38,7 @@ from rpe.bundle import SubsystemBundle
 from rpe.metrics import auroc
 
 from .rewards import InternalSignals
+from .trl_adapter import RewardTap, find_trainer, log_to_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +48,6 @@ STEP_KEYS = tuple(f"rpe/rpe_step{k}" for k in range(1, STEP_POSITIONS + 1)) + ("
 LOGGED_KEYS = ("rpe/value_s0", "rpe/value_final", "rpe/rpe_mean", "rpe/rpe_abs_mean", "rpe/rpe_min", "rpe/rpe_max",
                "rpe/dopamine", "rpe/auroc_value_final", "rpe/auroc_value_s0", "rpe/captured", "rpe/n_completions",
                *STEP_KEYS)
-
-
-def find_trainer(callback: TrainerCallback, max_depth: int = 12):
-    """The ``transformers.Trainer`` whose callback handler holds ``callback``, found on the call stack (the
-    callback is being called from that trainer's ``__init__`` or ``train``)."""
-    from transformers import Trainer
-
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                break
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, Trainer) and callback in getattr(obj.callback_handler, "callbacks", []):
-                return obj
-    finally:
-        del frame
-    return None
 
 
 class RPECallback(TrainerCallback):
@@ -91,7 +73,7 @@ class RPECallback(TrainerCallback):
         self.save_bundle = save_bundle
         self.trainer = None
         self._found = None
-        self._original_calculate = None
+        self._tap: RewardTap | None = None
         self._buffer: deque = deque(maxlen=max(1, refit_window))
         self.history: list[dict[str, float]] = []
 
@@ -100,31 +82,21 @@ class RPECallback(TrainerCallback):
         """Wire the callback into ``trainer`` (done automatically at ``on_init_end``)."""
         if self.trainer is trainer:
             return
-        if not hasattr(trainer, "_calculate_rewards") or not hasattr(trainer, "_metrics"):
-            raise TypeError(
-                f"RPECallback needs a TRL GRPOTrainer or RLOOTrainer (TRL >= 1.16); got {type(trainer).__name__}"
-            )
+        tap = RewardTap(trainer, self._observe)  # checks the TRL surface first (rpe.trainers.trl_adapter)
         self.trainer = trainer
+        self._tap = tap
         if self.signals is None:
-            self.signals = InternalSignals(self.bundle_source, trainer.model, trainer.processing_class)
-        original = trainer._calculate_rewards
-        self._original_calculate = original
-
-        def calculate_rewards(inputs, prompts, completions, completion_ids_list):
-            rewards_per_func = original(inputs, prompts, completions, completion_ids_list)
-            self._observe(prompts, completion_ids_list, rewards_per_func)
-            return rewards_per_func
-
-        trainer._calculate_rewards = calculate_rewards  # instance attribute: only this trainer is affected
+            try:
+                self.signals = InternalSignals(self.bundle_source, trainer.model, trainer.processing_class)
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
         """Undo everything :meth:`attach` did (idempotent)."""
-        if self.trainer is not None and self._original_calculate is not None:
-            try:
-                del self.trainer._calculate_rewards
-            except AttributeError:
-                pass
-        self._original_calculate = None
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
         if self.signals is not None and self._own_signals:
             self.signals.close()
             self.signals = None
@@ -200,9 +172,7 @@ class RPECallback(TrainerCallback):
             # surprise happens, the quantity Schultz et al. (1997) saw move from the reward to the earliest cue
             **{key: _nanmean(steps[:, j]) for j, key in enumerate(STEP_KEYS)},
         }
-        mode = "train" if tr.model.training else "eval"
-        for k, v in metrics.items():
-            tr._metrics[mode][k].append(v)
+        log_to_trainer(tr, metrics)
         self.history.append({"step": tr.state.global_step, **metrics})
         if self.refit_every:
             self._buffer.append(([s.value_acts for s in sigs], verifiable.tolist(), [str(p) for p in prompts]))
@@ -266,4 +236,4 @@ def _nanreduce(fn, x: np.ndarray) -> float:
     return float(fn(x)) if (~np.isnan(x)).any() else float("nan")
 
 
-__all__ = ["LOGGED_KEYS", "RPECallback", "STEP_KEYS", "STEP_POSITIONS", "find_trainer"]
+__all__ = ["LOGGED_KEYS", "RPECallback", "STEP_KEYS", "STEP_POSITIONS"]

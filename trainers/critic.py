@@ -36,6 +36,7 @@ from rpe.metrics import auroc
 from rpe.probe import ProbeState, lambda_returns
 
 from .rewards import InternalSignals, nan_guard
+from .trl_adapter import check_trainer
 
 if TYPE_CHECKING:
     from rpe.bundle import SubsystemBundle
@@ -117,6 +118,7 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
             kwargs["reward_funcs"] = [f if not callable(f) or isinstance(f, nn.Module) or isinstance(f, str)
                                       else nan_guard(f, self._mark_skip) for f in funcs]
         super().__init__(*args, **kwargs)
+        check_trainer(self, also=("_generate_and_score_completions",))
         if signals is None and bundle is None:
             raise ValueError("InternalCriticGRPOTrainer needs bundle= (the value probe is the critic)")
         self.critic_cfg = critic or CriticConfig()

@@ -1,9 +1,17 @@
 """``rpe train --config recipes/X.yaml``: recipes in TRL's config style, parsed with ``TrlParser``.
 
 A recipe is one YAML file holding the fields of :class:`RPEArguments` (what to train on, which trainer, which
-internal signals) and of TRL's ``GRPOConfig`` / ``RLOOConfig`` (how to train), plus optional PEFT fields from
-:class:`RPEArguments`. Command-line flags override the file (``rpe train --config X.yaml --max_steps 5``).
-An unknown key is refused with the nearest valid key.
+internal signals), of TRL's ``GRPOConfig`` / ``RLOOConfig`` (how to train) and of TRL's ``ModelConfig`` (how
+to load the policy: ``dtype``, ``attn_implementation``, ``model_revision``, and PEFT: ``use_peft``, ``lora_r``,
+``lora_target_modules``, ...), parsed together by ``TrlParser`` as TRL's own example scripts do. Command-line
+flags override the file (``rpe train --config X.yaml --max_steps 5 --dtype bfloat16``). An unknown key is
+refused with the nearest valid key.
+
+Where a recipe leaves a ``ModelConfig`` key out, rpe's default applies instead of TRL's: ``dtype`` auto (bf16 on
+CUDA, fp32 on a CPU; :func:`rpe.models.resolve_dtype`), ``lora_dropout`` 0, ``lora_target_modules``
+:data:`DEFAULT_LORA_TARGETS` (every attention projection, separate or fused). The policy is loaded on the
+trainer's device (``train_args.device``: the process's own GPU under ``accelerate launch``, the CPU with
+``use_cpu``). ``model_name_or_path``, when set, names the policy instead of ``model``.
 
 Arms:
 - ``trainer: grpo``: TRL's GRPOTrainer with the verifiable reward (and optional internal auxiliary rewards);
@@ -21,7 +29,7 @@ import json
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -29,13 +37,21 @@ logger = logging.getLogger(__name__)
 
 TRAINERS = ("grpo", "rloo", "internal_critic")
 
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"]
+"""LoRA targets when a recipe names none: the attention projections of Llama, Qwen, Mistral and Gemma
+(``q/k/v/o_proj``) and Phi-3's fused ``qkv_proj`` (PEFT adapts the names a model has)."""
+
+#: ModelConfig keys whose rpe default differs from TRL's (used when the recipe and the command line omit them).
+MODEL_CONFIG_DEFAULTS: dict[str, Any] = {"dtype": "auto", "lora_dropout": 0.0, "lora_target_modules": DEFAULT_LORA_TARGETS}
+
 
 @dataclass
 class RPEArguments:
     """rpe's part of a recipe (TRL's trainer config holds the rest)."""
 
     model: str = "smollm2-135m-instruct"
-    """Registry name, local folder, or ``tiny`` (random tiny Llama, for tests)."""
+    """Registry name, local folder, or ``tiny`` (random tiny Llama, for tests); TRL's ``model_name_or_path``
+    wins when set."""
     task: str = "chain_sum"
     """Task name (see ``rpe tasks``)."""
     task_options: dict[str, Any] = field(default_factory=dict)
@@ -60,11 +76,6 @@ class RPEArguments:
     baseline_mix: float = 0.0
     critic_lr: float = 1e-3
     critic_updates: int = 4
-    use_peft: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     eval_before_after: bool = True
     eval_max_new_tokens: int = 128
     eval_before_dir: str | None = None
@@ -117,7 +128,10 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def _valid_keys(trainer: str) -> set[str]:
-    return {f.name for f in fields(RPEArguments)} | {f.name for f in fields(trainer_config_class(trainer))}
+    from trl import ModelConfig
+
+    return ({f.name for f in fields(RPEArguments)} | {f.name for f in fields(trainer_config_class(trainer))}
+            | {f.name for f in fields(ModelConfig)})
 
 
 def _nearest(key: str, valid: set[str]) -> str:
@@ -141,17 +155,30 @@ def check_overrides(overrides: list[str], trainer: str) -> None:
             raise RecipeError(f"unknown command-line option --{key}{_nearest(key, valid)} (recipe keys are valid flags)")
 
 
-def parse_recipe(path: str | Path, overrides: list[str] | None = None):
-    """``(RPEArguments, trainer config)`` from a recipe file and ``--key value`` overrides, via TrlParser."""
-    from trl import TrlParser
+class Recipe(NamedTuple):
+    """A parsed recipe: rpe's arguments, the trainer config, TRL's ``ModelConfig``."""
+
+    rpe: RPEArguments
+    trainer: Any
+    model: Any
+
+
+def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """``(RPEArguments, trainer config, ModelConfig)`` from a recipe file and ``--key value`` overrides, via
+    ``TrlParser``; ``ModelConfig`` keys given nowhere take :data:`MODEL_CONFIG_DEFAULTS`."""
+    from trl import ModelConfig, TrlParser
 
     data = read_recipe(path)
     trainer = data.get("trainer", "grpo")
     check_overrides(overrides or [], trainer)
     cls = trainer_config_class(trainer)
-    parser = TrlParser((RPEArguments, cls))
-    rpe_args, train_args = parser.parse_args_and_config(args=["--config", str(path), *(overrides or [])])
-    return rpe_args, train_args
+    parser = TrlParser((RPEArguments, cls, ModelConfig))
+    rpe_args, train_args, model_args = parser.parse_args_and_config(args=["--config", str(path), *(overrides or [])])
+    given = set(data) | {a[2:].split("=", 1)[0].replace("-", "_") for a in overrides or [] if a.startswith("--")}
+    for key, value in MODEL_CONFIG_DEFAULTS.items():
+        if key not in given:
+            setattr(model_args, key, list(value) if isinstance(value, list) else value)
+    return Recipe(rpe_args, train_args, model_args)
 
 
 def build_dataset(task, builder, n: int, seed: int, chat: bool):
@@ -172,14 +199,23 @@ def build_dataset(task, builder, n: int, seed: int, chat: bool):
     return Dataset.from_list(rows), {p.id: p for p in problems}
 
 
-def _load(model_name: str):
-    if model_name == "tiny":
-        from rpe.models import tiny_model
+def load_policy(rpe_args: RPEArguments, model_args, device) -> tuple[Any, Any]:
+    """The policy and its tokenizer as ``model_args`` (TRL's ``ModelConfig``) asks: dtype (``auto`` = bf16 on
+    CUDA, fp32 on a CPU), attention implementation and revision, on ``device``. ``tiny`` is the random tiny
+    Llama of the tests."""
+    from rpe.models import load_model, resolve_dtype
 
-        return tiny_model()
-    from rpe.models import load_model
+    name = model_args.model_name_or_path or rpe_args.model
+    dtype = resolve_dtype(model_args.dtype or "auto", device)
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise ValueError("load_in_4bit / load_in_8bit are not supported by rpe train yet; load the policy in bf16")
+    if name == "tiny":
+        from rpe.tiny import tiny_model
 
-    return load_model(model_name)
+        model, tok = tiny_model()
+        return model.to(device=device, dtype=dtype), tok
+    return load_model(name, dtype=dtype, device=device, attn_implementation=model_args.attn_implementation,
+                      revision=model_args.model_revision)
 
 
 def evaluate(model, tokenizer, rpe_args: RPEArguments, out: Path, name: str, overwrite: bool = False) -> dict[str, Any]:
@@ -213,8 +249,10 @@ class TrainOutcome:
     tokenizer: Any
 
 
-def train(rpe_args: RPEArguments, train_args) -> TrainOutcome:
-    """Run one recipe."""
+def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
+    """Run one recipe (``model_args``: TRL's ``ModelConfig``; default: its defaults with
+    :data:`MODEL_CONFIG_DEFAULTS`)."""
+    from trl import ModelConfig, get_peft_config
     from rpe.prompts import PromptBuilder, PromptConfig
     from rpe.tasks import load_task
 
@@ -224,22 +262,24 @@ def train(rpe_args: RPEArguments, train_args) -> TrainOutcome:
 
     out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = _load(rpe_args.model)
+    if model_args is None:
+        model_args = ModelConfig(**{k: list(v) if isinstance(v, list) else v for k, v in MODEL_CONFIG_DEFAULTS.items()})
+    model, tok = load_policy(rpe_args, model_args, train_args.device)
     task = load_task(rpe_args.task, **rpe_args.task_options)
     builder = PromptBuilder(task, tok, PromptConfig(shots=rpe_args.shots), seed=train_args.seed)
     chat = builder.style == "chat"
     dataset, problems = build_dataset(task, builder, rpe_args.n_train_problems, train_args.seed, chat)
-    summary: dict[str, Any] = {"recipe": {"rpe": _jsonable(vars(rpe_args)), "trainer_class": type(train_args).__name__}}
+    summary: dict[str, Any] = {"recipe": {"rpe": _jsonable(vars(rpe_args)), "model": _jsonable(vars(model_args)),
+                                          "trainer_class": type(train_args).__name__}}
     if rpe_args.eval_before_after:
         before_dir = Path(rpe_args.eval_before_dir) if rpe_args.eval_before_dir else out / "eval_before"
         summary["eval_before"] = evaluate(model, tok, rpe_args, before_dir, rpe_args.model)
         logger.info("held-out accuracy before: %s", summary["eval_before"])
-    if rpe_args.use_peft:
-        from peft import LoraConfig, get_peft_model
+    peft_config = get_peft_config(model_args)
+    if peft_config is not None:
+        from peft import get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=rpe_args.lora_r, lora_alpha=rpe_args.lora_alpha,
-                                                 lora_dropout=rpe_args.lora_dropout,
-                                                 target_modules=rpe_args.lora_target_modules, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, peft_config)
     signals = InternalSignals(rpe_args.bundle, model, tok) if rpe_args.bundle else None
     reward_funcs = [nan_guard(correctness_reward(task, problems))]
     weights = [rpe_args.correctness_weight]
@@ -274,7 +314,7 @@ def train(rpe_args: RPEArguments, train_args) -> TrainOutcome:
     if signals is not None:
         signals.bundle.save(out / "rpe_bundle")
         summary["signal_reads"] = dict(signals.stats)
-    policy = model.merge_and_unload() if rpe_args.use_peft else model
+    policy = model.merge_and_unload() if peft_config is not None else model
     if rpe_args.eval_before_after:
         summary["eval_after"] = evaluate(policy, tok, rpe_args, out / "eval_after", rpe_args.model, overwrite=True)
         logger.info("held-out accuracy after: %s", summary["eval_after"])
@@ -287,4 +327,5 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
 
-__all__ = ["RPEArguments", "RecipeError", "TRAINERS", "TrainOutcome", "parse_recipe", "read_recipe", "train"]
+__all__ = ["DEFAULT_LORA_TARGETS", "MODEL_CONFIG_DEFAULTS", "RPEArguments", "Recipe", "RecipeError", "TRAINERS",
+           "TrainOutcome", "load_policy", "parse_recipe", "read_recipe", "train"]

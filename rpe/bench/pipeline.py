@@ -183,7 +183,7 @@ _MEMORY_CHILD = """
 import json, resource, sys, tempfile
 from rpe.analyze import analyze_rollouts
 from rpe.bundle import random_bundle
-from rpe.models import tiny_model
+from rpe.tiny import tiny_model
 from rpe.prompts import PromptConfig
 from rpe.sampling import SamplingConfig
 from rpe.rollouts import RolloutConfig, collect_rollouts

@@ -38,7 +38,8 @@ def fit(
 ) -> None:
     """Find value neurons: capture states, sweep layers, prune, refit, all cross-validated by problem; write the
     bundle and metrics.json."""
-    from rpe.fit import FitConfig, difficulty_from_run, fit_bundle
+    from rpe.difficulty import difficulty_from_run
+    from rpe.fit import FitConfig, fit_bundle
     from rpe.models import fingerprint as fp_of
     from rpe.probe import ProbeConfig, SingleClassError
     from rpe.records import read_trajectories

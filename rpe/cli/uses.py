@@ -31,10 +31,10 @@ def train(
     if not config.is_file():
         fail(f"recipe {config} does not exist (see recipes/ for examples)")
     try:
-        rpe_args, train_args = parse_recipe(config, list(ctx.args))
+        recipe = parse_recipe(config, list(ctx.args))
     except (RecipeError, ValueError) as err:
         fail(str(err))
-    summary = run_recipe(rpe_args, train_args).summary
+    summary = run_recipe(*recipe).summary
     table = Table(title=f"rpe train: {config.name} ({summary['steps']} steps)")
     table.add_column("held-out accuracy")
     table.add_column("value")

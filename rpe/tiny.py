@@ -1,0 +1,118 @@
+"""Tiny random-initialised causal LMs of each architecture our users bring, and a character tokenizer: no download.
+
+They serve the tests, the docs' runnable examples and ``--model tiny``: each architecture's real building blocks
+(fused projections, sliding-window layers, q/k norms) at a size that runs in milliseconds on a CPU.
+
+=========== ======================================================================================
+architecture what it exercises
+=========== ======================================================================================
+``llama``   the reference: separate q/k/v and gate/up projections, full attention
+``qwen2``   q/k/v biases; ``sliding_window`` set turns on Qwen2's sliding-window layers
+``qwen3``   q/k RMS norms inside attention
+``mistral`` a sliding window on every layer (Mistral's default is 4096 tokens; here ``sliding_window``)
+``phi3``    fused ``qkv_proj`` and ``gate_up_proj``
+``gemma3``  interleaved sliding-window (default 64 tokens here) and full-attention layers
+=========== ======================================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from rpe.models import prepare_tokenizer
+
+TINY_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3")
+"""Every architecture :func:`tiny_model` builds."""
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer (ASCII + newline) with a small chat template; no download."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + TINY_CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    prepare_tokenizer(tok)
+    return tok
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of a tiny random model for tests."""
+
+    architecture: Literal["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"] = "llama"
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 128
+    sliding_window: int | None = None
+    """Tokens of the sliding window: Gemma-3's sliding layers (default 64), Mistral's every layer (default none,
+    i.e. full attention), Qwen2's layers with ``use_sliding_window`` (default off); others have none."""
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+    """More config keys, passed to the architecture's config class."""
+
+
+def tiny_model(config: TinyModelConfig | None = None, **overrides):
+    """A tiny random-initialised causal LM of ``config.architecture`` (:data:`TINY_ARCHITECTURES`) and the char
+    tokenizer. The global torch RNG is left as it was.
+
+    Returns:
+        ``(model, tokenizer)`` in fp32 on the CPU, deterministic for a given ``config.seed``.
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cfg = config or TinyModelConfig(**overrides)
+    tokenizer = tiny_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    window = cfg.sliding_window
+    if cfg.architecture == "gemma3":
+        common.update(head_dim=cfg.hidden_size // cfg.num_heads, sliding_window=window or 64)
+    elif cfg.architecture == "mistral":
+        common.update(sliding_window=window)
+    elif cfg.architecture == "qwen2" and window:
+        common.update(use_sliding_window=True, sliding_window=window, max_window_layers=0)
+    elif cfg.architecture == "qwen3":
+        common.update(head_dim=cfg.hidden_size // cfg.num_heads)
+    elif window:
+        raise ValueError(f"tiny {cfg.architecture} has no sliding window; use gemma3, mistral or qwen2")
+    classes = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig",
+               "phi3": "Phi3Config", "gemma3": "Gemma3TextConfig"}
+    if cfg.architecture not in classes:
+        raise ValueError(f"unknown tiny architecture {cfg.architecture!r}; choose {', '.join(TINY_ARCHITECTURES)}")
+    mcfg = getattr(transformers, classes[cfg.architecture])(**{**common, **cfg.extra})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(mcfg, dtype=torch.float32).eval()
+    model.name_or_path = f"tiny-{cfg.architecture}"
+    return model, tokenizer
+
+
+__all__ = ["TINY_ARCHITECTURES", "TINY_CHARS", "TINY_CHAT_TEMPLATE", "TinyModelConfig", "tiny_model", "tiny_tokenizer"]
