@@ -154,10 +154,21 @@ def stack_caches(caches: Sequence, pads: Sequence[int]):
 
 
 
+def cache_nbytes(cache) -> int:
+    """Bytes held by a cache's keys and values (every layer; layers not filled yet count 0)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
 def cache_len(cache) -> int:
     return int(cache.layers[0].keys.shape[2])
 
 
 
-__all__ = ["batched_cache_kwargs", "cache_kwarg", "cache_len", "common_prefix_len", "crop_cache",
+__all__ = ["batched_cache_kwargs", "cache_kwarg", "cache_len", "cache_nbytes", "common_prefix_len", "crop_cache",
            "cache_is_plain", "plain_cache_refusal", "prefix_cache", "right_pad", "shared_prefix_len", "stack_caches"]

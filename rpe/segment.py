@@ -64,16 +64,39 @@ def split_steps(text: str, method: Segmenter = "paragraph", pattern: str | None 
     return spans
 
 
-def token_char_ends(tokenizer, token_ids: list[int]) -> list[int]:
-    """For each token i, the length of the decoded text of ``token_ids[:i+1]``.
+def token_char_ends(tokenizer, token_ids: list[int], *, context: int = 8, check_every: int = 64) -> list[int]:
+    """For each token i, the length of the decoded text of ``token_ids[:i+1]`` (non-decreasing).
 
-    Uses incremental decoding so multi-byte characters split over tokens are attributed to the token that
-    completes them. Cost O(n) decodes of growing prefixes; n is a completion (hundreds of tokens).
+    Multi-byte characters split over tokens are attributed to the token that completes them. Linear in the
+    completion's length: token i's characters are the difference between decoding the window of ``context``
+    tokens before it with and without it (the window carries what a tokenizer needs to render the new token:
+    SentencePiece's leading space, a partial UTF-8 sequence). Every ``check_every`` tokens and at the end the
+    running length is compared with a full decode of the prefix; on any difference the exact quadratic method
+    (:func:`token_char_ends_exact`, one full decode per prefix) is used instead.
     """
+    def full(i: int) -> int:
+        return len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=False))
+
+    ends, length, prev = [], 0, 0
+    for i in range(len(token_ids)):
+        start = max(0, i - context)
+        window = token_ids[start : i + 1]
+        length += len(tokenizer.decode(window, skip_special_tokens=False)) - len(
+            tokenizer.decode(window[:-1], skip_special_tokens=False))
+        prev = max(prev, length)
+        if (i + 1) % check_every == 0 or i == len(token_ids) - 1:
+            exact = full(i)
+            if exact != length:
+                return token_char_ends_exact(tokenizer, token_ids)
+        ends.append(prev)
+    return ends
+
+
+def token_char_ends_exact(tokenizer, token_ids: list[int]) -> list[int]:
+    """:func:`token_char_ends` by one full decode per prefix (quadratic in the length; the reference)."""
     ends, prev = [], 0
     for i in range(len(token_ids)):
-        length = len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=False))
-        prev = max(prev, length)
+        prev = max(prev, len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=False)))
         ends.append(prev)
     return ends
 

@@ -196,18 +196,25 @@ def test_llm_policy_greedy_step_equals_generate_and_feeds_each_token_once():
     assert policy.stats["fed_tokens"] + policy.stats["generated_tokens"] <= final + 8 * policy.stats["calls"]
 
 
-def test_llm_policy_in_a_vector_env_matches_one_episode_at_a_time():
+def _three_episodes():
+    """A greedy tiny model, three ChainSum episodes in a vector env, and a factory of greedy policies on them."""
+    import functools
+
     import gymnasium
 
     from rpe.envs import LLMPolicy
     from rpe.sampling import SamplingConfig
 
     model, tok = _greedy_tiny()
-    greedy = SamplingConfig(temperature=0)
     venv = gymnasium.make_vec("rpe/ChainSum-v0", num_envs=3, vectorization_mode="sync", max_steps=3)
     obs, _ = venv.reset(seed=0)
-    batched = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=10)
-    single = LLMPolicy(model, tok, sampling=greedy, max_step_tokens=10)
+    return tok, venv, obs, functools.partial(LLMPolicy, model, tok, sampling=SamplingConfig(temperature=0),
+                                             max_step_tokens=10)
+
+
+def test_llm_policy_in_a_vector_env_matches_one_episode_at_a_time():
+    tok, venv, obs, policy = _three_episodes()
+    batched, single = policy(), policy()
     prompt_len = len(tok(obs[0], add_special_tokens=False)["input_ids"])
     for call in range(5):  # past the step limit: autoreset starts new episodes in the same slots
         steps = batched(list(obs))
@@ -216,6 +223,19 @@ def test_llm_policy_in_a_vector_env_matches_one_episode_at_a_time():
         assert steps == [single(o) for o in obs]  # batching episodes together changes no step
         obs, _, _, _, _ = venv.step(steps)
     assert batched.stats["calls"] == 5
+
+
+def test_llm_policy_keeps_episode_caches_within_its_byte_budget():
+    """Episodes beyond the byte budget are dropped oldest first (the newest always stays); steps are unchanged."""
+    _, _, obs, policy = _three_episodes()
+    roomy = policy()
+    first = roomy(list(obs))
+    per_episode = roomy.cache_bytes / len(roomy._episodes)
+    assert len(roomy._episodes) == 3 and per_episode > 0
+    tight = policy(max_cache_bytes=int(1.5 * per_episode))
+    assert tight(list(obs)) == first  # the same first steps under a budget that keeps one episode
+    assert len(tight._episodes) == 1 and tight.cache_bytes <= 1.5 * per_episode
+    assert tight(list(obs)) == first  # dropped caches are rebuilt from the transcripts: the steps do not change
 
 
 def test_internal_rpe_refeeds_from_where_a_retokenised_transcript_differs(tiny_llama, tiny_bundle):

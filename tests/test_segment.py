@@ -77,3 +77,32 @@ def real_tokenizer_or_tiny():
 
         return AutoTokenizer.from_pretrained(model_dir(DEFAULT_MODEL))
     return tiny_tokenizer()
+
+
+def test_linear_token_char_ends_equal_full_decodes_of_every_prefix():
+    """The O(n) windowed decode gives what one full decode per prefix gives, on byte-level BPE with multi-byte
+    characters split over tokens (SmolLM2's tokenizer where fetched) and on the char tokenizer; a tokenizer the
+    window misreads falls back to the exact method."""
+    import random
+
+    from rpe.models import DEFAULT_MODEL, is_fetched, model_dir
+    from rpe.segment import token_char_ends_exact
+
+    tokenizers = [tiny_tokenizer()]
+    if is_fetched(DEFAULT_MODEL):
+        from transformers import AutoTokenizer
+
+        tokenizers.append(AutoTokenizer.from_pretrained(model_dir(DEFAULT_MODEL)))
+    rng = random.Random(0)
+    text = "Step 1: 3 + 4 = 7.\nÉtape 2: 7 × 2 = 14 🙂 数学 ok.\n" * 6
+    for tok in tokenizers:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert token_char_ends(tok, ids, check_every=1000) == token_char_ends_exact(tok, ids)
+        noise = [rng.randrange(len(tok)) for _ in range(150)]  # arbitrary ids, partial UTF-8 sequences included
+        assert token_char_ends(tok, noise) == token_char_ends_exact(tok, noise)
+
+    class Drifting:  # renders a token differently inside a short window than in the whole text
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join("ab" if k == 0 and len(ids) < 10 else "a" for k, _ in enumerate(ids))
+
+    assert token_char_ends(Drifting(), list(range(30))) == token_char_ends_exact(Drifting(), list(range(30)))

@@ -489,3 +489,18 @@ def test_trl_adapter_names_what_changed_in_trl(caplog, monkeypatch):
     import trl
 
     assert adapter.trl_version() == "9.0.0" and ".".join(trl.__version__.split(".")[:2]) in adapter.TESTED_TRL_VERSIONS
+
+
+def test_recipe_model_config_sets_dtype_and_device(tmp_path, bundle_dir):
+    """TRL's ModelConfig keys reach the policy: dtype (auto = fp32 on a CPU, or as given), on the trainer's device."""
+    from rpe.trainers.recipes import load_policy, parse_recipe
+
+    path = _tiny_recipe(tmp_path, bundle_dir, "grpo")
+    rpe_args, train_args, model_args = parse_recipe(path)
+    assert model_args.dtype == "auto" and model_args.lora_dropout == 0.0  # rpe's defaults where the recipe is silent
+    model, _ = load_policy(rpe_args, model_args, train_args.device)
+    assert next(model.parameters()).dtype == torch.float32 and train_args.device.type == "cpu"
+    rpe_args, train_args, model_args = parse_recipe(path, ["--dtype", "bfloat16", "--lora_dropout", "0.1"])
+    assert model_args.lora_dropout == 0.1
+    model, _ = load_policy(rpe_args, model_args, train_args.device)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
