@@ -39,6 +39,7 @@ import torch
 
 from rpe.bundle import SubsystemBundle
 from rpe.segment import Segmenter
+from rpe.tracker import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class SignalReader:
                 if cache is not None:
                     inputs.update(batched_cache_kwargs(base, cache, len(prompts)))
                 acts = tracker.forward(**inputs)[self.bundle.layer]
-                _check_finite(acts, self.bundle.layer)
+                check_finite(acts, self.bundle.layer, where=" while reading internal signals")
                 for (first, n_points, n_means), row_spans in zip(layout, all_spans, strict=True):
                     point = acts[first : first + n_points]
                     span = acts[first + n_points : first + n_points + n_means]
@@ -239,7 +240,7 @@ class SignalReader:
                 out.append(None)
                 continue
             row = recorded[i].float()
-            _check_finite(row[positions], self.bundle.layer)
+            check_finite(row[positions], self.bundle.layer, where=" while reading internal signals")
             csum = torch.cat([torch.zeros_like(row[:1]), row.cumsum(0)])
             means = torch.stack([(csum[width + b] - csum[width + a]) / (b - a) for a, b in spans]) if spans else row[:0]
             out.append(self._signals(row[positions], means, spans))
@@ -251,16 +252,6 @@ class SignalReader:
             for i, sig in zip(redo, again):
                 out[i] = sig
         return out  # type: ignore[return-value]
-
-
-def _check_finite(acts: torch.Tensor, layer: int) -> None:
-    if not torch.isfinite(acts).all():
-        from rpe.tracker import NonFiniteActivationError
-
-        raise NonFiniteActivationError(
-            f"NaN/inf activations at layer {layer} while reading internal signals; check the model dtype "
-            "(float32 on CPU) and the inputs"
-        )
 
 
 @dataclass

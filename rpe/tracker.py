@@ -266,12 +266,14 @@ def hidden_size_of(model: nn.Module) -> int:
     return int(cfg.hidden_size)
 
 
-def check_finite(acts: torch.Tensor, layer: int, ids: Sequence[str]) -> None:
-    """Raise :class:`NonFiniteActivationError` naming the layer and offending trajectories."""
+def check_finite(acts: torch.Tensor, layer: int, ids: Sequence[str] | None = None, *, where: str = "") -> None:
+    """Raise :class:`NonFiniteActivationError` naming the layer and, with ``ids`` (one per row of ``acts``), the
+    offending trajectories; ``where`` says what was being read."""
     bad = ~torch.isfinite(acts).all(dim=-1)
     if bad.any():
-        rows = sorted({ids[i] for i in bad.nonzero().flatten().tolist()})
+        rows = sorted({ids[i] for i in bad.nonzero().flatten().tolist()}) if ids is not None else []
+        which = f" in trajectories {rows[:5]}{' ...' if len(rows) > 5 else ''}" if rows else ""
         raise NonFiniteActivationError(
-            f"NaN/inf activations at layer {layer} in trajectories {rows[:5]}{' ...' if len(rows) > 5 else ''}; "
-            "check the model dtype (use float32 on CPU) and the inputs"
+            f"NaN/inf activations at layer {layer}{which}{where}; float16 overflows in many models: load in "
+            "bfloat16 or float32 (--dtype), else check the inputs"
         )

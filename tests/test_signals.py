@@ -159,3 +159,16 @@ def test_read_returns_every_row_when_a_call_spans_several_batches(tiny_llama, ti
         alone = reader.read([prompts[i]], [comps[i]])[0]
         assert together[i].step_spans == alone.step_spans and together[i].n_steps == 1 + i % 3
         np.testing.assert_allclose(together[i].values, alone.values, atol=1e-5)
+
+
+def test_nan_activations_while_reading_signals_name_the_layer_and_the_fix(tiny_llama, tiny_bundle):
+    from rpe.tracker import NonFiniteActivationError, decoder_layers
+
+    model, tok = tiny_llama
+    handle = decoder_layers(model)[0].register_forward_hook(
+        lambda m, a, o: (o[0] * float("nan"),) + tuple(o[1:]) if isinstance(o, tuple) else o * float("nan"))
+    try:
+        with pytest.raises(NonFiniteActivationError, match=r"layer 2 while reading internal signals; float16 overflows"):
+            SignalReader(tiny_bundle, model, tok).read([[5, 6, 7, 8]], [[9, 10, 11]])
+    finally:
+        handle.remove()
