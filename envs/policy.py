@@ -244,7 +244,6 @@ class LLMPolicy:
     # -- acting --------------------------------------------------------------------------------------------
     def act(self, observations: list[str]) -> list[str]:
         """The next step's text for each observation (transcripts), decoded together."""
-        device = next(self.model.parameters()).device
         call = self._calls
         self._calls += 1
         self.stats["calls"] += 1
@@ -294,7 +293,7 @@ class LLMPolicy:
                 if not keep:
                     break
                 if len(keep) < len(alive):
-                    cache.batch_select_indices(torch.tensor(keep, device=device))
+                    cache.batch_select_indices(torch.tensor(keep))  # CPU indices serve layers on every device
                     mask = mask[keep]
                     alive = [alive[j] for j in keep]
                 tokens = [generated[i][-1] for i in alive]

@@ -181,7 +181,7 @@ def generate_continuous(
         out = model(input_ids=ids, attention_mask=group_mask.to(device), position_ids=positions.to(device),
                      use_cache=True, logits_to_keep=1, **{kw: group_cache})
         if len(suffixes) < len(take):
-            group_cache.batch_select_indices(torch.tensor(order, device=device))
+            group_cache.batch_select_indices(torch.tensor(order))  # CPU indices: valid for layers on any device (device_map)
             group_mask = group_mask[order]
         if tracker is not None:
             got = tracker.take_last()
@@ -208,7 +208,7 @@ def generate_continuous(
             keep = [j for j, r in enumerate(alive) if r.finish is None]
             if len(keep) < len(alive):  # finished rows leave the batch and the cache
                 if keep:
-                    cache.batch_select_indices(torch.tensor(keep, device=device))
+                    cache.batch_select_indices(torch.tensor(keep))  # CPU indices serve layers on every device
                 mask, last_logits = mask[keep], last_logits[keep]
                 alive = [alive[j] for j in keep]
             if not alive:
