@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from rpe.controls import (SOURCES, massive_dims, matched_random_set, mc_probe_se
 from rpe.interventions import NeuronAblation
 from rpe.metrics import wilson_interval
 from rpe.records import Trajectory, atomic_write_json, read_trajectories
-from rpe.rollouts import RolloutConfig, collect_rollouts
+from rpe.rollouts import RolloutConfig, collect_rollouts, rollout_settings
 from rpe.store import StateSet, capture_states
 from rpe.tasks import DEFAULT_TASK
 
@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 class AblateConfig:
     """Options of ``rpe ablate``."""
 
-    task: str = DEFAULT_TASK
+    task: str | None = None
+    """Task of the held-out arms; None = the fitting rollouts' task (``DEFAULT_TASK`` when they have no
+    manifest). The arms' prompt, sampling and segmenter always come from the fitting rollouts' manifest."""
     n_problems: int = 200
     """Held-out problems per arm (one sample each)."""
     seed: int = 1
@@ -123,14 +125,29 @@ def neuron_sets(model, bundle, trajectories: list[Trajectory], states: StateSet,
     return sets, massive
 
 
-def _arm(model, tok, task, cfg: AblateConfig, out: Path, model_name: str, neurons: dict[int, torch.Tensor] | None,
-         progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+def arm_settings(cfg: AblateConfig, rollouts: str | Path | list[Trajectory]) -> tuple[RolloutConfig, Any]:
+    """The held-out arms' rollout configuration and task: prompt, sampling, segmenter and prompt budget from the
+    fitting rollouts' manifest (defaults when ``rollouts`` is a list or has none), problems, seed, batch and
+    engine from ``cfg``, one sample per problem, no capture."""
+    from rpe.tasks import load_task
+
+    settings = rollout_settings(rollouts) if not isinstance(rollouts, list) else None
+    base = settings.config if settings is not None else RolloutConfig(task=DEFAULT_TASK)
+    if cfg.task is not None:
+        task = load_task(cfg.task)
+    else:
+        task = settings.task() if settings is not None else load_task(DEFAULT_TASK)
+    rcfg = replace(base, task=cfg.task or base.task, n_problems=cfg.n_problems, samples=1, seed=cfg.seed,
+                   batch_size=cfg.batch_size, engine=cfg.engine, capture_layers=None, capture_neurons=None)
+    return rcfg, task
+
+
+def _arm(model, tok, task, rcfg: RolloutConfig, cfg: AblateConfig, out: Path, model_name: str,
+         neurons: dict[int, torch.Tensor] | None, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
     """Held-out accuracy with ``neurons`` ablated (None: no ablation), resumable in ``out``."""
     spec = {"mode": cfg.mode, "neurons": {str(k): v.tolist() for k, v in (neurons or {}).items()}}
     spec_path = out / "ablation.json"
     overwrite = spec_path.exists() and json.loads(spec_path.read_text()) != spec
-    rcfg = RolloutConfig(task=cfg.task, n_problems=cfg.n_problems, samples=1, seed=cfg.seed, batch_size=cfg.batch_size,
-                         engine=cfg.engine)
     if neurons:
         with NeuronAblation(model, neurons, mode="zero" if cfg.mode == "zero" else cfg.mode):
             res = collect_rollouts(model, tok, rcfg, out, task=task, model_name=model_name, overwrite=overwrite,
@@ -146,7 +163,6 @@ def _arm(model, tok, task, cfg: AblateConfig, out: Path, model_name: str, neuron
 def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cfg: AblateConfig, out_dir: str | Path, *,
                  model_name: str, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """The whole experiment; returns (and writes) ``results.json``. See the module docstring."""
-    from rpe.tasks import load_task
 
     bundle.check_model(model, tok)
     out_dir = Path(out_dir)
@@ -163,14 +179,16 @@ def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cf
     trajs = [t for t in source if t.steps][: cfg.max_fit_trajectories]
     if not trajs:
         raise ValueError(f"{rollouts} holds no trajectory with steps")
-    task = load_task(cfg.task)
+    rcfg, task = arm_settings(cfg, rollouts)
     states = capture_states(model, trajs, layers, pad_token_id=tok.pad_token_id or 0)
 
     def arm_progress(name):
         return (lambda a, b: progress(name, a, b)) if progress else None
 
     results: dict[str, Any] = {"config": asdict(cfg), "n_neurons": k, "bundle_layer": bundle.layer,
-                               "baseline": _arm(model, tok, task, cfg, out_dir / "baseline", model_name, None,
+                               "arm_settings": {"task": task.spec(), "prompt": asdict(rcfg.prompt),
+                                                "sampling": asdict(rcfg.sampling), "segmenter": rcfg.segmenter},
+                               "baseline": _arm(model, tok, task, rcfg, cfg, out_dir / "baseline", model_name, None,
                                                 arm_progress("no ablation")),
                                "layers": {}}
     base = results["baseline"]["accuracy"]
@@ -178,7 +196,7 @@ def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cf
         sets, massive = neuron_sets(model, bundle, trajs, states, layer, k, cfg)
         entry: dict[str, Any] = {"massive_dims": massive, "arms": {}}
         for name, idx in sets.items():
-            r = _arm(model, tok, task, cfg, out_dir / f"layer{layer}" / name.replace("/", "_"), model_name,
+            r = _arm(model, tok, task, rcfg, cfg, out_dir / f"layer{layer}" / name.replace("/", "_"), model_name,
                      {layer: idx}, arm_progress(f"layer {layer}: {name}"))
             r["drop"] = base - r["accuracy"]
             r["neurons"] = idx.tolist()

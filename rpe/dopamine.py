@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,9 @@ class DopamineConfig:
 
     n_continuations: int = 4
     """Continuations sampled from each state to estimate its value."""
-    max_new_tokens: int = 96
+    max_new_tokens: int | None = None
+    """Token budget of one continuation; None = sized from the rollouts (:func:`continuation_budget`: the
+    longest completion among them, so a continuation can finish wherever the rollouts' completions did)."""
     temperature: float = 0.7
     threshold: float = 0.3
     """Keep steps with |delta| above this."""
@@ -111,6 +113,8 @@ def mc_state_values(
     Results are cached in ``cache`` (JSON keyed by the sampling settings) so a rerun or a resumed run only
     samples what is missing.
     """
+    if cfg.max_new_tokens is None:
+        cfg = replace(cfg, max_new_tokens=continuation_budget(trajectories))
     settings = {"n": cfg.n_continuations, "max_new_tokens": cfg.max_new_tokens, "t": cfg.temperature, "seed": cfg.seed}
     if cfg.engine != "generate":  # caches written before the continuous engine keep their key
         settings["engine"] = cfg.engine
@@ -292,6 +296,12 @@ def find_dopamine_neurons(
     )
 
 
+def continuation_budget(trajectories: Sequence[Trajectory]) -> int:
+    """Tokens of the longest completion among ``trajectories`` (at least 1): the Monte-Carlo continuation budget
+    that lets a continuation from any state run as long as the rollouts' own completions did."""
+    return max([len(t.completion_token_ids) for t in trajectories] + [1])
+
+
 def dopamine_from_rollouts(
     model,
     tokenizer,
@@ -320,6 +330,8 @@ def dopamine_from_rollouts(
     bundle.check_model(model, tokenizer)
     manifest = json.loads((rollout_dir / MANIFEST_FILE).read_text())
     trajectories = [t for t in read_trajectories(rollout_dir) if t.steps][:max_trajectories]
+    if cfg.max_new_tokens is None:  # recorded with the result below
+        cfg = replace(cfg, max_new_tokens=continuation_budget(trajectories))
     task = load_task(manifest["task"])
     problems = {p.id: p for p in task.problems(manifest["rollout"]["n_problems"], seed=manifest["seed"])}
     style = resolve_style(PromptConfig(**manifest["rollout"]["prompt"]), tokenizer)

@@ -377,4 +377,29 @@ def _result(out_dir: Path, manifest: dict[str, Any]) -> RolloutResult:
     )
 
 
-__all__ = ["RolloutConfig", "RolloutResult", "collect_rollouts"]
+@dataclass
+class RolloutSettings:
+    """What a finished rollout folder was collected with: its configuration (prompt, sampling, segmenter), the
+    task's spec (:meth:`rpe.tasks.Task.spec`, loadable with :func:`rpe.tasks.load_task`) and the model's name."""
+
+    config: RolloutConfig
+    task_spec: dict[str, Any]
+    model_name: str
+
+    def task(self):
+        """The task, built again from its spec."""
+        from rpe.tasks import load_task
+
+        return load_task(self.task_spec)
+
+
+def rollout_settings(folder: str | Path) -> RolloutSettings | None:
+    """The settings of the rollout folder ``folder`` from its manifest; None when it has no manifest."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    return RolloutSettings(RolloutConfig(**meta["rollout"]), meta["task"], meta["model"]["name"])
+
+
+__all__ = ["RolloutConfig", "RolloutResult", "RolloutSettings", "collect_rollouts", "rollout_settings"]

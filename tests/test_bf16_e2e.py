@@ -68,7 +68,17 @@ def test_pipeline_in_bf16_on_the_real_model(real_model, tmp_path):
     results = json.loads((out / "ablate" / "results.json").read_text())
     arms = results["layers"][str(bundle_json["layer"])]["arms"]
     assert set(arms) == {"value", "random/0"} and results["baseline"]["n"] == 8
+    assert results["arm_settings"]["sampling"]["max_new_tokens"] == 64  # the rollouts' budget, not the default
     assert all(len(a["neurons"]) == bundle_json["n_value_neurons"] for a in arms.values())
+
+    # search reads model, task, prompt and completion budget from the rollouts it is given
+    r = runner.invoke(app, ["search", "--rollouts", str(out), "--bundle", str(out / "bundle"), "--n", "2", "--methods",
+                            "greedy,value", "--candidates", "2", "--max-step-tokens", "16", "--out",
+                            str(tmp_path / "search.json"), *BF16])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert saved["model"] == DEFAULT_MODEL and saved["task"] == manifest["task"]["name"]
+    assert 0 < saved["methods"]["greedy"]["tokens_per_problem"] <= 64 and set(saved["methods"]) == {"greedy", "value"}
 
     _grpo_step_and_env_in_bf16(out / "bundle", tmp_path)
 

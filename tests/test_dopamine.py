@@ -231,3 +231,22 @@ def test_rpe_dopamine_command_end_to_end(tiny_llama, stepped_rollouts, monkeypat
     own = m["by_layer"]["2"]
     assert own["test_spearman_dopamine"] == m["test_spearman_dopamine"] and own["neurons"] == saved.dopamine_neurons.tolist()
     assert all(v["p_bonferroni"] == min(1.0, 3 * v["test_permutation_p"]) for v in m["by_layer"].values())
+
+
+def test_continuation_budget_is_sized_from_the_rollouts(tiny_llama, tmp_path):
+    """No budget given: continuations get the longest completion's tokens (the cache key records it)."""
+    import json
+
+    from rpe.dopamine import continuation_budget
+
+    model, tok = tiny_llama
+    cfg = RolloutConfig(n_problems=3, samples=1, sampling=SamplingConfig(max_new_tokens=16), prompt=PromptConfig(shots=1))
+    collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny")
+    trajs = [t for t in read_trajectories(tmp_path) if t.steps]
+    longest = max(len(t.completion_token_ids) for t in trajs)
+    assert continuation_budget(trajs) == longest and continuation_budget([]) == 1
+    task = load_task("chain_sum")
+    problems = {p.id: p for p in task.problems(3, seed=0)}
+    mc_state_values(model, tok, task, problems, trajs, DopamineConfig(n_continuations=1), cache=tmp_path / "mc.json")
+    (key,) = json.loads((tmp_path / "mc.json").read_text())
+    assert json.loads(key)["max_new_tokens"] == longest <= 16

@@ -207,3 +207,23 @@ def test_ablation_share_sets_the_size_of_every_set(tiny_llama, tiny_bundle, tmp_
         assert r["low"] <= r["drop"] <= r["high"] and r["n"] == 2
     vs = rows["value"]["vs random_0"]
     assert vs["diff"] == pytest.approx(arms["random/0"]["accuracy"] - arms["value"]["accuracy"])
+
+
+def test_ablation_arms_take_prompt_sampling_and_task_from_the_fitting_rollouts(tiny_llama, tmp_path):
+    from rpe.ablate import AblateConfig, arm_settings
+    from rpe.prompts import PromptConfig
+    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.sampling import SamplingConfig
+
+    model, tok = tiny_llama
+    fitting = RolloutConfig(task="chain_sum_2", n_problems=2, samples=2, sampling=SamplingConfig(max_new_tokens=12,
+                            temperature=0.5), prompt=PromptConfig(shots=1), capture_layers=[1])
+    collect_rollouts(model, tok, fitting, tmp_path / "fit", model_name="tiny")
+    rcfg, task = arm_settings(AblateConfig(n_problems=3), tmp_path / "fit")
+    assert task.name == "chain_sum_2" and rcfg.task == "chain_sum_2"
+    assert rcfg.prompt.shots == 1 and rcfg.sampling == fitting.sampling  # not the 6-shot, 128-token defaults
+    assert (rcfg.n_problems, rcfg.samples, rcfg.seed, rcfg.capture_layers) == (3, 1, 1, None)
+    rcfg, task = arm_settings(AblateConfig(task="chain_sum_4"), tmp_path / "fit")  # another task, same settings
+    assert task.name == "chain_sum_4" and rcfg.prompt.shots == 1 and rcfg.sampling.max_new_tokens == 12
+    rcfg, task = arm_settings(AblateConfig(), [])  # trajectories without a folder: the defaults
+    assert task.name == "chain_sum_mix" and rcfg.prompt.shots == PromptConfig().shots

@@ -504,3 +504,18 @@ def test_recipe_model_config_sets_dtype_and_device(tmp_path, bundle_dir):
     assert model_args.lora_dropout == 0.1
     model, _ = load_policy(rpe_args, model_args, train_args.device)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_rpe_train_command_runs_a_recipe_with_model_config_overrides(tmp_path, bundle_dir):
+    """`rpe train --config X.yaml --key value`: TRL ModelConfig keys on the command line, the summary table printed."""
+    from typer.testing import CliRunner
+
+    from rpe.cli import app
+
+    path = _tiny_recipe(tmp_path, bundle_dir, "grpo", max_steps=1)
+    r = CliRunner().invoke(app, ["train", "--config", str(path), "--dtype", "float32", "--attn_implementation", "eager"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "grpo" / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["recipe"]["model"]["attn_implementation"] == "eager"
+    flat = "".join(r.output.split())  # rich wraps lines at the terminal width
+    assert "eval_before" in flat and "eval_after" in flat and "grpo/log_history.json" in flat

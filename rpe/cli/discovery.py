@@ -86,6 +86,8 @@ def dopamine(
     rollouts: Path = typer.Option(..., help="Rollout folder from `rpe rollouts`."),
     bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit` (updated in place, atomically)."),
     n_continuations: int = typer.Option(4, help="Continuations sampled per state for its Monte-Carlo value."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Token budget of one continuation (default: the "
+                                                 "longest completion in the rollouts)."),
     max_trajectories: Optional[int] = typer.Option(None, help="Use only the first N trajectories."),
     threshold: float = typer.Option(0.3, help="Keep steps with |RPE| above this."),
     top_frac: float = typer.Option(0.01, help="Fraction of neurons reported as dopamine neurons."),
@@ -103,7 +105,8 @@ def dopamine(
     from rpe.metrics import chance_verdict
 
     try:
-        cfg = DopamineConfig(n_continuations=n_continuations, threshold=threshold, top_frac=top_frac, seed=seed)
+        cfg = DopamineConfig(n_continuations=n_continuations, max_new_tokens=max_new_tokens, threshold=threshold,
+                             top_frac=top_frac, seed=seed)
         b = SubsystemBundle.load(bundle)
         sweep = [int(x) for x in sweep_layers.split(",") if x.strip()]
     except (ValueError, BundleFormatError) as err:

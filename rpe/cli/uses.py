@@ -13,6 +13,7 @@ from rpe.cli.common import (
     ATTN_OPTION, DEVICE_MAP_OPTION, DEVICE_OPTION, DTYPE_OPTION, app, console, fail, load_cli_model,
     parse_layers, progress_bar, rollout_model_name,
 )
+from rpe.models import DEFAULT_MODEL
 from rpe.tasks import DEFAULT_TASK
 
 
@@ -43,7 +44,7 @@ def train(
             e = summary[key]
             table.add_row(key, f"{e['accuracy']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] (n={e['n']})")
     console.print(table)
-    console.print(f"log: {Path(train_args.output_dir) / 'log_history.json'}")
+    console.print(f"log: {Path(recipe.trainer.output_dir) / 'log_history.json'}")
 
 
 @app.command("analyze")
@@ -115,12 +116,15 @@ def analyze(
 @app.command("search")
 def search(
     bundle: Optional[Path] = typer.Option(None, help="Bundle folder (needed by the value and dopamine methods)."),
-    model: str = typer.Option("smollm2-135m-instruct", help="Model."),
-    task: str = typer.Option(DEFAULT_TASK, help="Task."),
+    rollouts: Optional[Path] = typer.Option(None, help="Rollout folder whose model, task, prompt and completion "
+                                            "budget the search uses (explicit options override it)."),
+    model: Optional[str] = typer.Option(None, help="Model (default: the rollouts', else smollm2-135m-instruct)."),
+    task: Optional[str] = typer.Option(None, help=f"Task (default: the rollouts', else {DEFAULT_TASK})."),
     n_problems: int = typer.Option(200, "--n", help="Problems (same for every method)."),
     methods: str = typer.Option("value,dopamine,logprob,random,greedy,majority", help="Comma-separated methods."),
     candidates: int = typer.Option(4, "--candidates", help="Candidates per step (samples for majority)."),
-    max_new_tokens: int = typer.Option(128, help="Token budget of one completion."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Token budget of one completion (default: the "
+                                                 "rollouts', else 128)."),
     max_step_tokens: int = typer.Option(48, help="Token budget of one candidate step."),
     batch_problems: int = typer.Option(8, help="Problems searched together (rows per generate: this x candidates)."),
     out: Path = typer.Option(Path("runs/search.json"), help="Results JSON (saved after each method; a rerun with the "
@@ -135,20 +139,26 @@ def search(
     from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
     from rpe.prompts import PromptBuilder, PromptConfig
     from rpe.records import atomic_write_json
+    from rpe.rollouts import rollout_settings
     from rpe.search import SearchConfig, paired_counts, run_search
     from rpe.tasks import UnknownTaskError, load_task
 
+    settings = rollout_settings(rollouts) if rollouts is not None else None
+    if rollouts is not None and settings is None:
+        fail(f"{rollouts} is not a finished rollout folder (no manifest.json)")
+    model = model or (settings.model_name if settings else DEFAULT_MODEL)
     lm, tok = load_cli_model(model, device, dtype, device_map, attn_implementation)
     try:
         b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok) if bundle else None
-        t = load_task(task)
-        cfg = SearchConfig(n=candidates, seed=seed, max_new_tokens=max_new_tokens, max_step_tokens=max_step_tokens,
+        t = load_task(task) if task else (settings.task() if settings else load_task(DEFAULT_TASK))
+        budget = max_new_tokens or (settings.config.sampling.max_new_tokens if settings else 128)
+        cfg = SearchConfig(n=candidates, seed=seed, max_new_tokens=budget, max_step_tokens=max_step_tokens,
                            batch_problems=batch_problems)
         done = json.loads(out.read_text()) if out.exists() else None
     except (BundleFormatError, BundleMismatchError, UnknownTaskError, ValueError) as err:
         fail(str(err))
-    builder = PromptBuilder(t, tok, PromptConfig())
-    meta = {"model": model, "task": task, "bundle": str(bundle) if bundle else None}
+    builder = PromptBuilder(t, tok, settings.config.prompt if settings else PromptConfig())
+    meta = {"model": model, "task": t.name, "bundle": str(bundle) if bundle else None}
     if done and any(done.get(k) != v for k, v in meta.items()):
         done = None  # another model, task or bundle: start over
     stop = builder.stop_strings
@@ -182,7 +192,8 @@ def ablate(
     bundle: Path = typer.Option(..., help="Bundle folder from `rpe fit`."),
     rollouts: Path = typer.Option(..., help="The rollouts the bundle was fitted on (activation statistics for the controls)."),
     out: Path = typer.Option(..., help="Output folder: results.json, ablation.png, one rollout folder per arm."),
-    task: str = typer.Option(DEFAULT_TASK, help="Task of the held-out evaluation."),
+    task: Optional[str] = typer.Option(None, help="Task of the held-out evaluation (default: the rollouts'; prompt "
+                                       "and sampling always come from the rollouts)."),
     n: int = typer.Option(200, help="Held-out problems per arm."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: the bundle's layer)."),
     controls: str = typer.Option(",".join(["value", "random", "random_matched", "top_magnitude", "next_token", "wanda", "mc_probe"]),
