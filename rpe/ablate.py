@@ -128,7 +128,9 @@ def neuron_sets(model, bundle, trajectories: list[Trajectory], states: StateSet,
 def arm_settings(cfg: AblateConfig, rollouts: str | Path | list[Trajectory]) -> tuple[RolloutConfig, Any]:
     """The held-out arms' rollout configuration and task: prompt, sampling, segmenter and prompt budget from the
     fitting rollouts' manifest (defaults when ``rollouts`` is a list or has none), problems, seed, batch and
-    engine from ``cfg``, one sample per problem, no capture."""
+    engine from ``cfg``, one sample per problem, no capture. On the fitting task the arms never draw a question
+    the fitting run used (``exclude_questions``): a JSONL or dataset task's other seed is a shuffle of the same
+    questions, and a reasoning-gym generator repeats short expressions across seeds."""
     from rpe.tasks import load_task
 
     settings = rollout_settings(rollouts) if not isinstance(rollouts, list) else None
@@ -137,8 +139,11 @@ def arm_settings(cfg: AblateConfig, rollouts: str | Path | list[Trajectory]) -> 
         task = load_task(cfg.task)
     else:
         task = settings.task() if settings is not None else load_task(DEFAULT_TASK)
+    same_task = settings is not None and task.spec() == settings.task().spec()
+    exclude = settings.question_keys() if same_task else None
     rcfg = replace(base, task=cfg.task or base.task, n_problems=cfg.n_problems, samples=1, seed=cfg.seed,
-                   batch_size=cfg.batch_size, engine=cfg.engine, capture_layers=None, capture_neurons=None)
+                   batch_size=cfg.batch_size, engine=cfg.engine, capture_layers=None, capture_neurons=None,
+                   exclude_questions=exclude)
     return rcfg, task
 
 
@@ -187,7 +192,8 @@ def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cf
 
     results: dict[str, Any] = {"config": asdict(cfg), "n_neurons": k, "bundle_layer": bundle.layer,
                                "arm_settings": {"task": task.spec(), "prompt": asdict(rcfg.prompt),
-                                                "sampling": asdict(rcfg.sampling), "segmenter": rcfg.segmenter},
+                                                "sampling": asdict(rcfg.sampling), "segmenter": rcfg.segmenter,
+                                                "excluded_fitting_questions": len(rcfg.exclude_questions or [])},
                                "baseline": _arm(model, tok, task, rcfg, cfg, out_dir / "baseline", model_name, None,
                                                 arm_progress("no ablation")),
                                "layers": {}}

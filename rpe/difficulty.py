@@ -57,10 +57,13 @@ def difficulty_only_values(features: torch.Tensor, rewards: np.ndarray, folds: n
     return out
 
 
-def task_difficulty(trajectories: Sequence[Trajectory], task, n_problems: int, seed: int) -> list[dict[str, float]]:
+def task_difficulty(trajectories: Sequence[Trajectory], task, n_problems: int, seed: int,
+                    exclude: Sequence[str] | None = None) -> list[dict[str, float]]:
     """Per trajectory, the difficulty features of its problem, by drawing the run's problems again
     (``task.problems(n_problems, seed)`` is deterministic). Trajectories whose problem is not drawn get ``{}``."""
-    by_id = {p.id: task.difficulty(p) for p in task.problems(n_problems, seed=seed)}
+    from rpe.tasks import draw_problems
+
+    by_id = {p.id: task.difficulty(p) for p in draw_problems(task, n_problems, seed, exclude)}
     return [by_id.get(t.problem_id, {}) for t in trajectories]
 
 
@@ -78,7 +81,8 @@ def difficulty_from_run(rollouts, trajectories: Sequence[Trajectory]) -> list[di
     except Exception as err:  # a moved task file, an unknown task: the control is skipped, not the fit
         logger.warning("difficulty features unavailable (%s): no difficulty control", err)
         return None
-    out = task_difficulty(trajectories, task, int(meta["rollout"]["n_problems"]), int(meta["rollout"]["seed"]))
+    run = meta["rollout"]
+    out = task_difficulty(trajectories, task, int(run["n_problems"]), int(run["seed"]), run.get("exclude_questions"))
     return out if any(out) else None
 
 

@@ -33,7 +33,7 @@ from rpe.sampling import SamplingConfig
 from rpe.metrics import permutation_p_spearman, spearman_by_problem
 from rpe.probe import split_by_problem
 from rpe.records import Trajectory, atomic_write_json
-from rpe.tasks import Problem, Task
+from rpe.tasks import Problem, Task, draw_problems
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +333,8 @@ def dopamine_from_rollouts(
     if cfg.max_new_tokens is None:  # recorded with the result below
         cfg = replace(cfg, max_new_tokens=continuation_budget(trajectories))
     task = load_task(manifest["task"])
-    problems = {p.id: p for p in task.problems(manifest["rollout"]["n_problems"], seed=manifest["seed"])}
+    run = manifest["rollout"]
+    problems = {p.id: p for p in draw_problems(task, run["n_problems"], manifest["seed"], run.get("exclude_questions"))}
     style = resolve_style(PromptConfig(**manifest["rollout"]["prompt"]), tokenizer)
     values = mc_state_values(
         model, tokenizer, task, problems, trajectories, cfg,

@@ -48,7 +48,7 @@ from rpe.records import (
     write_trajectories,
 )
 from rpe.segment import Segmenter, split_steps, token_char_ends, token_spans
-from rpe.tasks import Problem, Task, extract_answer, load_task
+from rpe.tasks import Problem, Task, draw_problems, extract_answer, load_task, question_key
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ class RolloutConfig:
     """Keep only these neuron columns when capturing (default: all of d_model)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    exclude_questions: list[str] | None = None
+    """Question keys (:func:`rpe.tasks.question_key`) never drawn: a held-out evaluation passes its fitting run's
+    (``RolloutSettings.question_keys``), so no question is both fitted on and scored, whatever the task kind."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
@@ -225,7 +228,7 @@ def collect_rollouts(
         shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
         return _result(out_dir, manifest)
 
-    problems = list(task.problems(cfg.n_problems, seed=cfg.seed))
+    problems = draw_problems(task, cfg.n_problems, cfg.seed, cfg.exclude_questions)
     if not problems:
         raise ValueError(f"task {task.name!r} produced no problems; check the task file or options")
     builder = PromptBuilder(task, tokenizer, cfg.prompt, seed=cfg.seed)
@@ -391,6 +394,15 @@ class RolloutSettings:
         from rpe.tasks import load_task
 
         return load_task(self.task_spec)
+
+    def problems(self) -> list:
+        """The run's problems, drawn again (deterministic for the run's seed and exclusions)."""
+        c = self.config
+        return draw_problems(self.task(), c.n_problems, c.seed, c.exclude_questions)
+
+    def question_keys(self) -> list[str]:
+        """:func:`rpe.tasks.question_key` of every problem the run used, sorted."""
+        return sorted({question_key(p) for p in self.problems()})
 
 
 def rollout_settings(folder: str | Path) -> RolloutSettings | None:

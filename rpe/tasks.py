@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -402,6 +402,32 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 DEFAULT_TASK = "chain_sum_mix"
 """The default: 2-4 one-digit terms, a natural difficulty spread (23.7% accuracy for SmolLM2 on 1,600 trajectories, docs/results.md)."""
+
+
+def question_key(problem: Problem) -> str:
+    """A short stable key of a problem's question text (16 hex digits of its SHA-1): the same question under
+    another id or seed (a shuffled JSONL file, a reasoning-gym expression drawn again) has the same key."""
+    import hashlib
+
+    return hashlib.sha1(" ".join(problem.prompt.split()).encode()).hexdigest()[:16]
+
+
+def draw_problems(task: Task, n: int, seed: int, exclude: Sequence[str] | None = None) -> list[Problem]:
+    """``n`` problems of ``task`` for ``seed``, skipping those whose :func:`question_key` is in ``exclude``
+    (a held-out evaluation passes its fitting run's keys). Without ``exclude``: ``task.problems(n, seed)``.
+
+    Raises:
+        ValueError: fewer than ``n`` problems remain outside ``exclude``.
+    """
+    if not exclude:
+        return list(task.problems(n, seed=seed))
+    skip = set(exclude)
+    kept = [p for p in task.problems(n + len(skip), seed=seed) if question_key(p) not in skip][:n]
+    if len(kept) < n:
+        raise ValueError(f"task {task.name!r} has only {len(kept)} problems whose questions are not among the "
+                         f"{len(skip)} excluded (the fitting run's); ask for at most {len(kept)}, or evaluate on another "
+                         "split or task")
+    return kept
 
 
 def available_tasks() -> list[str]:

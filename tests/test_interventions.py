@@ -227,3 +227,32 @@ def test_ablation_arms_take_prompt_sampling_and_task_from_the_fitting_rollouts(t
     assert task.name == "chain_sum_4" and rcfg.prompt.shots == 1 and rcfg.sampling.max_new_tokens == 12
     rcfg, task = arm_settings(AblateConfig(), [])  # trajectories without a folder: the defaults
     assert task.name == "chain_sum_mix" and rcfg.prompt.shots == PromptConfig().shots
+
+
+def test_held_out_arms_never_draw_a_fitting_question(tiny_llama, tmp_path):
+    """A JSONL task's seed 1 is a shuffle of the same file: without the exclusion 'held-out' problems were
+    fitting problems. The arms' problems are disjoint from the fitting run's, and asking for more than remain is
+    a clear error."""
+    import json
+
+    from rpe.ablate import AblateConfig, arm_settings
+    from rpe.prompts import PromptConfig
+    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.sampling import SamplingConfig
+    from rpe.tasks import draw_problems, question_key
+
+    model, tok = tiny_llama
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n" for i in range(10)))
+    fitting = RolloutConfig(task=str(path), n_problems=6, sampling=SamplingConfig(max_new_tokens=4),
+                            prompt=PromptConfig(shots=1))
+    collect_rollouts(model, tok, fitting, tmp_path / "fit", model_name="tiny")
+    fit_keys = {question_key(p) for p in draw_problems(arm_settings(AblateConfig(), tmp_path / "fit")[1], 6, 0)}
+    rcfg, task = arm_settings(AblateConfig(n_problems=4, seed=1), tmp_path / "fit")
+    assert sorted(fit_keys) == rcfg.exclude_questions
+    shuffled = {question_key(p) for p in task.problems(5, seed=1)}
+    assert shuffled & fit_keys  # what the arms drew before: the same file's questions again (5 > the 4 left)
+    held_out = {question_key(p) for p in draw_problems(task, 4, 1, rcfg.exclude_questions)}
+    assert len(held_out) == 4 and not held_out & fit_keys
+    with pytest.raises(ValueError, match="only 4 problems whose questions are not among the 6 excluded"):
+        draw_problems(task, 5, 1, rcfg.exclude_questions)

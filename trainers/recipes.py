@@ -218,9 +218,11 @@ def load_policy(rpe_args: RPEArguments, model_args, device) -> tuple[Any, Any]:
                       revision=model_args.model_revision)
 
 
-def evaluate(model, tokenizer, rpe_args: RPEArguments, out: Path, name: str, overwrite: bool = False) -> dict[str, Any]:
+def evaluate(model, tokenizer, rpe_args: RPEArguments, out: Path, name: str, overwrite: bool = False,
+             exclude: list[str] | None = None) -> dict[str, Any]:
     """Held-out accuracy (one sample per problem, T=0.7, fixed seed) as a rollout folder ``out`` (a finished
-    folder with the same configuration is reused unless ``overwrite``)."""
+    folder with the same configuration is reused unless ``overwrite``); ``exclude``: question keys never drawn
+    (the training problems', :func:`rpe.tasks.question_key`)."""
     from rpe.prompts import PromptConfig
     from rpe.sampling import SamplingConfig
     from rpe.rollouts import RolloutConfig, collect_rollouts
@@ -229,7 +231,7 @@ def evaluate(model, tokenizer, rpe_args: RPEArguments, out: Path, name: str, ove
 
     cfg = RolloutConfig(task=rpe_args.task, n_problems=rpe_args.n_eval_problems,
                         samples=1, seed=rpe_args.eval_seed, prompt=PromptConfig(shots=rpe_args.shots),
-                        sampling=SamplingConfig(max_new_tokens=rpe_args.eval_max_new_tokens))
+                        sampling=SamplingConfig(max_new_tokens=rpe_args.eval_max_new_tokens), exclude_questions=exclude)
     was_training = model.training
     model.eval()
     task = load_task(rpe_args.task, **rpe_args.task_options)
@@ -254,7 +256,7 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
     :data:`MODEL_CONFIG_DEFAULTS`)."""
     from trl import ModelConfig, get_peft_config
     from rpe.prompts import PromptBuilder, PromptConfig
-    from rpe.tasks import load_task
+    from rpe.tasks import load_task, question_key
 
     from .callback import RPECallback
     from .critic import CriticConfig, InternalCriticGRPOTrainer
@@ -269,11 +271,12 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
     builder = PromptBuilder(task, tok, PromptConfig(shots=rpe_args.shots), seed=train_args.seed)
     chat = builder.style == "chat"
     dataset, problems = build_dataset(task, builder, rpe_args.n_train_problems, train_args.seed, chat)
+    held_out_from = sorted({question_key(p) for p in problems.values()})  # evaluation never sees a training question
     summary: dict[str, Any] = {"recipe": {"rpe": _jsonable(vars(rpe_args)), "model": _jsonable(vars(model_args)),
                                           "trainer_class": type(train_args).__name__}}
     if rpe_args.eval_before_after:
         before_dir = Path(rpe_args.eval_before_dir) if rpe_args.eval_before_dir else out / "eval_before"
-        summary["eval_before"] = evaluate(model, tok, rpe_args, before_dir, rpe_args.model)
+        summary["eval_before"] = evaluate(model, tok, rpe_args, before_dir, rpe_args.model, exclude=held_out_from)
         logger.info("held-out accuracy before: %s", summary["eval_before"])
     peft_config = get_peft_config(model_args)
     if peft_config is not None:
@@ -316,7 +319,8 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
         summary["signal_reads"] = dict(signals.stats)
     policy = model.merge_and_unload() if peft_config is not None else model
     if rpe_args.eval_before_after:
-        summary["eval_after"] = evaluate(policy, tok, rpe_args, out / "eval_after", rpe_args.model, overwrite=True)
+        summary["eval_after"] = evaluate(policy, tok, rpe_args, out / "eval_after", rpe_args.model, overwrite=True,
+                                         exclude=held_out_from)
         logger.info("held-out accuracy after: %s", summary["eval_after"])
     summary["steps"] = trainer.state.global_step
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
