@@ -22,7 +22,8 @@ import gymnasium
 from gymnasium import spaces
 
 from rpe.prompts import PromptBuilder, PromptConfig
-from rpe.tasks import Problem, Task, has_final_answer, load_task
+from rpe.answers import has_final_answer
+from rpe.tasks import Problem, Task, load_task
 
 STEP_SEPARATOR = "\n\n"
 _PRINTABLE = "".join(chr(c) for c in range(32, 127)) + "\n"

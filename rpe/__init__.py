@@ -2,7 +2,8 @@
 
 Modules by stage of the data flow (docs/development.md draws it):
 
-- tasks and prompts: :mod:`rpe.tasks` (verifiable tasks), :mod:`rpe.prompts` (few-shot prompts),
+- tasks and prompts: :mod:`rpe.tasks` (verifiable tasks), :mod:`rpe.answers` (extraction, verifiers),
+  :mod:`rpe.hf_data` (Hugging Face datasets as tasks), :mod:`rpe.prompts` (few-shot prompts),
   :mod:`rpe.segment` (steps), :mod:`rpe.jsonl`;
 - generation: :mod:`rpe.generation` (engines), :mod:`rpe.decoding` (continuous batching), :mod:`rpe.sampling`
   (streams, warping, stop strings), :mod:`rpe.kvcache` (shared-prefix caches), :mod:`rpe.tracker` (capture hooks);

@@ -48,7 +48,8 @@ from rpe.records import (
     write_trajectories,
 )
 from rpe.segment import Segmenter, split_steps, token_char_ends, token_spans
-from rpe.tasks import Problem, Task, draw_problems, extract_answer, load_task, question_key
+from rpe.answers import extract_answer
+from rpe.tasks import Problem, Task, draw_problems, load_task, question_key
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import numpy as np
 from rpe.generation import generate_from_ids
 from rpe.sampling import SamplingConfig
 from rpe.metrics import wilson_interval
-from rpe.tasks import extract_answer
+from rpe.answers import extract_answer
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,12 @@
 """Verifiable reasoning tasks behind one interface: ``problems()`` and ``score()``.
 
-Three sources:
+Four sources:
 - any reasoning-gym task by name, with its difficulty options (``load_task("rg:leg_counting", ...)``);
 - calibrated presets for the offline models (``load_task("chain_sum")``, the default);
 - a JSONL task file (``load_task("path/to/tasks.jsonl")``) with ``prompt``, ``answer`` and an optional
-  ``verifier`` (``exact``, ``numeric`` or ``math``; math answers are checked with math-verify).
+  ``verifier`` (``exact``, ``numeric`` or ``math``; math answers are checked with math-verify);
+- a Hugging Face dataset (``load_task("hf:DIR_OR_ID", split="test")``): GSM8K, MATH and datasets shaped like
+  them, see :class:`HFDatasetTask`.
 
 Completions are scored by extracting the final answer (``Answer: X``, ``#### X``, ``\\boxed{X}``, "the answer
 is X"; the last one wins) and passing it to the task's own verifier. Empty or garbage completions score 0.
@@ -21,17 +23,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from rpe.answers import MAX_ANSWER_CHARS, VERIFIERS, extract_answer, verify
 
 logger = logging.getLogger(__name__)
 
-Verifier = Literal["exact", "numeric", "math"]
-VERIFIERS: tuple[str, ...] = ("exact", "numeric", "math")
-MAX_ANSWER_CHARS = 1000  # longer extracted answers are not verified (score 0): bounds verifier cost
 
 
 @dataclass(frozen=True)
@@ -57,115 +57,6 @@ class TaskFileError(ValueError):
 
 class UnknownTaskError(ValueError):
     """A task name that is neither a preset, a reasoning-gym task, nor an existing JSONL file."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# answer extraction
-
-_ANSWER_PATTERNS = (
-    re.compile(r"answer\s*(?:is)?\s*[:=]\s*(?P<a>[^\n]+)", re.IGNORECASE),
-    re.compile(r"####\s*(?P<a>[^\n]+)"),
-    re.compile(r"the (?:final )?answer is\s*:?\s*(?P<a>[^\n]+)", re.IGNORECASE),
-)
-
-
-def _boxed_answers(text: str) -> list[tuple[int, str]]:
-    """Contents of every ``\\boxed{...}`` with balanced braces, as (position, content)."""
-    found = []
-    for m in re.finditer(r"\\boxed\s*\{", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            found.append((m.start(), text[m.end() : i - 1]))
-    return found
-
-
-def _clean(answer: str) -> str:
-    """Strip markdown emphasis, surrounding ``$``, and trailing full stops until nothing changes."""
-    previous = None
-    while previous != answer:
-        previous = answer
-        answer = answer.strip().strip("*").rstrip(".").strip()
-        if len(answer) > 1 and answer.startswith("$") and answer.endswith("$"):
-            answer = answer[1:-1]
-    return answer
-
-
-def extract_answer(completion: str) -> str | None:
-    """The final answer stated in ``completion``, or None when it states none.
-
-    Recognises ``Answer: X``, ``#### X`` (GSM8K), ``\\boxed{X}`` and "the answer is X"; when several occur,
-    the one that starts last in the text wins.
-
-    Example:
-        >>> extract_answer("4 + 1 = 5.\\n\\n5 + 3 = 8.\\n\\nThe answer is 8.")
-        '8'
-        >>> extract_answer("4 + 1 = 5.") is None
-        True
-    """
-    if not completion:
-        return None
-    candidates: list[tuple[int, str]] = _boxed_answers(completion)
-    for pattern in _ANSWER_PATTERNS:
-        candidates += [(m.start(), m.group("a")) for m in pattern.finditer(completion)]
-    candidates = [(pos, _clean(a)) for pos, a in candidates]
-    candidates = [(pos, a) for pos, a in candidates if a]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda c: c[0])[1]
-
-
-def has_final_answer(text: str) -> bool:
-    """True when ``text`` states a final answer (used by the environment to end an episode)."""
-    return extract_answer(text) is not None
-
-
-# --------------------------------------------------------------------------------------------------------
-# verifiers
-
-_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
-
-
-def _to_number(text: str) -> float | None:
-    text = text.replace(",", "").replace(" ", "")
-    if not _NUMBER.match(text):
-        return None
-    value = float(text)
-    return value if math.isfinite(value) else None
-
-
-def verify(predicted: str | None, reference: str, verifier: Verifier = "exact") -> float:
-    """Score an extracted answer against the reference: 1.0 or 0.0.
-
-    Args:
-        predicted: the extracted answer, or None when the completion stated none (scores 0).
-        reference: the reference answer.
-        verifier: ``exact`` (whitespace- and case-normalised string match), ``numeric`` (|a - b| <= 1e-6 of
-            the scale) or ``math`` (symbolic equivalence with math-verify, 5 s limit).
-
-    Example:
-        >>> verify("3.0", "3", "numeric"), verify("0.5", "1/2", "math"), verify("4", "3")
-        (1.0, 1.0, 0.0)
-    """
-    if predicted is None or len(predicted) > MAX_ANSWER_CHARS:
-        return 0.0
-    if verifier == "exact":
-        return float(" ".join(predicted.split()).lower() == " ".join(reference.split()).lower())
-    if verifier == "numeric":
-        a, b = _to_number(predicted), _to_number(reference)
-        if a is None or b is None:
-            return 0.0
-        return float(abs(a - b) <= 1e-6 * max(1.0, abs(b)))
-    if verifier == "math":
-        from math_verify import parse
-        from math_verify import verify as mv_verify
-
-        gold = parse(reference if "$" in reference else f"${reference}$", parsing_timeout=5)
-        pred = parse(predicted if "$" in predicted else f"${predicted}$", parsing_timeout=5)
-        return float(bool(gold) and bool(pred) and mv_verify(gold, pred, timeout_seconds=5))
-    raise ValueError(f"unknown verifier {verifier!r}; choose one of {', '.join(VERIFIERS)}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -384,6 +275,107 @@ class JsonlTask(Task):
         return {"kind": "jsonl", "path": str(self.path), "name": self.name}
 
 
+# --------------------------------------------------------------------------------------------------------
+# Hugging Face datasets (hf:PATH_OR_ID; reading them: rpe.hf_data)
+
+class HFDatasetTask(Task):
+    """Problems from one split of a Hugging Face dataset: ``hf:PATH_OR_ID``.
+
+    ``PATH_OR_ID`` is a folder written by ``datasets.save_to_disk`` (works offline) or a hub id (needs the hub).
+    Options (``--task-option KEY=VALUE``, or ``load_task("hf:...", **options)``):
+
+    - ``split`` (default ``test``) and ``config`` (the dataset's configuration, e.g. GSM8K's ``main``);
+    - ``question``, ``answer``, ``solution``: column names; by default the first present of
+      ``question``/``problem``/``prompt``, of ``answer``/``solution``, and ``solution`` (the worked solution used in
+      few-shot prompts, when the dataset has one);
+    - ``verifier``: ``math`` (default: math-verify's symbolic equivalence; a numeric reference also matches
+      numerically, so ``1,234`` equals ``1234``), ``numeric`` or ``exact``.
+
+    The reference answer is read from the answer column as a model's answer is: GSM8K's ``#### 72`` gives ``72``,
+    MATH's ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``, a bare answer (MATH-500's ``answer``) is taken as it is.
+    A ``level`` column (``3`` or ``Level 3``) becomes the difficulty feature ``level`` (the difficulty control of
+    ``rpe fit``). A column mapping that names a column the dataset lacks fails with the columns it has.
+    """
+
+    def __init__(self, path: str, *, split: str = "test", config: str | None = None, question: str | None = None,
+                 answer: str | None = None, solution: str | None = None, verifier: str = "math",
+                 name: str | None = None):
+        if verifier not in VERIFIERS:
+            raise ValueError(f"unknown verifier {verifier!r}; choose one of {', '.join(VERIFIERS)}")
+        self.path, self.split, self.config, self.verifier = str(path), split, config, verifier
+        self.name = name or f"{Path(self.path).name}-{split}"
+        from rpe.hf_data import ANSWER_COLUMNS, QUESTION_COLUMNS, load_split, pick_column
+
+        rows = load_split(self.path, split, config)
+        where = f"dataset {self.path!r} ({split})"
+        columns = list(rows.column_names)
+        self.question = pick_column(columns, question, QUESTION_COLUMNS, "question", where)
+        self.answer = pick_column(columns, answer, ANSWER_COLUMNS, "answer", where)
+        self.solution = solution if solution is not None else ("solution" if "solution" in columns else None)
+        if self.solution is not None:
+            pick_column(columns, self.solution, (), "solution", where)
+        self._problems = [self._problem(i, row) for i, row in enumerate(rows)]
+        if not self._problems:
+            raise TaskFileError(f"{where} has no rows")
+
+    def _problem(self, index: int, row: dict[str, Any]) -> Problem:
+        from rpe.hf_data import level_of, reference_answer
+
+        meta: dict[str, Any] = {}
+        if self.solution is not None and row.get(self.solution):
+            meta["solution"] = str(row[self.solution])
+        elif "####" in str(row[self.answer]):  # GSM8K: the reasoning sits before the answer
+            meta["solution"] = str(row[self.answer])
+        if "level" in row and level_of(row["level"]) is not None:
+            meta["level"] = level_of(row["level"])
+            meta["difficulty"] = {"level": meta["level"]}
+        return Problem(id=f"{self.name}/{index}", prompt=str(row[self.question]),
+                       answer=reference_answer(str(row[self.answer])), meta=meta)
+
+    def problems(self, n: int, seed: int = 0) -> Iterator[Problem]:
+        """The first ``n`` problems in a seed-dependent order (the dataset's order for seed 0)."""
+        import random
+
+        order = list(range(len(self._problems)))
+        if seed:
+            random.Random(seed).shuffle(order)
+        for i in order[:n]:
+            yield self._problems[i]
+
+    def score(self, problem: Problem, completion: str) -> float:
+        predicted = extract_answer(completion)
+        if verify(predicted, problem.answer, "numeric"):
+            return 1.0
+        try:
+            return verify(predicted, problem.answer, self.verifier)  # type: ignore[arg-type]
+        except Exception:  # math-verify on hostile text: a wrong answer, not a crashed run
+            return 0.0
+
+    def worked_solution(self, problem: Problem) -> str:
+        """The dataset's solution as paragraphs (GSM8K: one per line, calculator annotations removed), ending
+        with ``Answer: X``; only the answer line when the dataset has no solution."""
+        from rpe.hf_data import solution_paragraphs
+
+        text = problem.meta.get("solution")
+        return solution_paragraphs(text, problem.answer) if text else super().worked_solution(problem)
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "hf", "path": self.path, "split": self.split, "config": self.config, "question": self.question,
+                "answer": self.answer, "solution": self.solution, "verifier": self.verifier, "name": self.name}
+
+
+def load_hf_task(spec_or_name: str | dict[str, Any], **options: Any) -> HFDatasetTask:
+    """``hf:PATH_OR_ID`` with options, or a :meth:`HFDatasetTask.spec` dictionary."""
+    if isinstance(spec_or_name, dict):
+        return HFDatasetTask(**{k: v for k, v in spec_or_name.items() if k != "kind"})
+    unknown = sorted(set(options) - {"split", "config", "question", "answer", "solution", "verifier", "name"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for an hf: task; valid: split, config, question, answer, "
+                         "solution, verifier, name")
+    return HFDatasetTask(spec_or_name.removeprefix("hf:"), **options)
+
+
+
 def _jsonable(value: Any) -> Any:
     """Round-trip through JSON so metadata stored in records equals what the verifier later receives."""
     return json.loads(json.dumps(value, default=str))
@@ -456,8 +448,12 @@ def load_task(name_or_spec: str | dict[str, Any], **options: Any) -> Task:
             if spec["rg_name"] == "count_bits":
                 return CountBitsTask(config, name=spec.get("name", "count_bits"), partial_credit=partial)
             return ReasoningGymTask(spec["rg_name"], config, name=spec.get("name"), partial_credit=partial)
-        raise UnknownTaskError(f"unknown task spec {spec!r}: 'kind' must be 'jsonl' or 'reasoning_gym'")
+        if spec.get("kind") == "hf":
+            return load_hf_task(spec)
+        raise UnknownTaskError(f"unknown task spec {spec!r}: 'kind' must be 'jsonl', 'reasoning_gym' or 'hf'")
     name = name_or_spec
+    if name.startswith("hf:"):
+        return load_hf_task(name, **options)
     if name in PRESETS:
         rg_name, config = PRESETS[name]
         return load_task({"kind": "reasoning_gym", "rg_name": rg_name, "config": config, "name": name}, **options)
@@ -470,5 +466,6 @@ def load_task(name_or_spec: str | dict[str, Any], **options: Any) -> Task:
         return load_task({"kind": "reasoning_gym", "rg_name": rg_name, "config": {}, "name": rg_name}, **options)
     raise UnknownTaskError(
         f"unknown task {name!r}. Valid: presets {', '.join(PRESETS)}; any reasoning-gym task as rg:NAME "
-        f"({', '.join(sorted(reasoning_gym.factory.DATASETS))}); or a path to a .jsonl task file"
+        f"({', '.join(sorted(reasoning_gym.factory.DATASETS))}); a path to a .jsonl task file; or hf:PATH_OR_ID for a "
+        "Hugging Face dataset (GSM8K, MATH)"
     )

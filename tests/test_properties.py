@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rpe.segment import split_steps
-from rpe.tasks import extract_answer, verify
+from rpe.answers import extract_answer, verify
 
 numbers = st.integers(min_value=-10**6, max_value=10**6)
 prose = st.text(alphabet=st.sampled_from(list("abcdefgh +-=.\n")), max_size=60)

@@ -2,16 +2,8 @@ import json
 
 import pytest
 
-from rpe.tasks import (
-    ChainSumTask,
-    JsonlTask,
-    Problem,
-    TaskFileError,
-    UnknownTaskError,
-    extract_answer,
-    load_task,
-    verify,
-)
+from rpe.answers import extract_answer, verify
+from rpe.tasks import ChainSumTask, JsonlTask, Problem, TaskFileError, UnknownTaskError, load_task
 
 
 @pytest.mark.parametrize(

@@ -62,9 +62,11 @@ def tasks_list() -> None:
 @app.command("rollouts")
 def rollouts(
     model: str = typer.Option("smollm2-135m-instruct", help="Registry name, local folder or Hugging Face id."),
-    task: str = typer.Option(DEFAULT_TASK, help="Task preset, rg:NAME, or a JSONL file (see `rpe tasks`)."),
+    task: str = typer.Option(DEFAULT_TASK, help="Task preset, rg:NAME, a JSONL file, or hf:DIR_OR_ID for a Hugging "
+                             "Face dataset such as GSM8K or MATH (see `rpe tasks`)."),
     task_option: Optional[list[str]] = typer.Option(
-        None, help="Difficulty option of a reasoning-gym task as KEY=VALUE (repeatable), e.g. min_animals=1 (rg:leg_counting)."),
+        None, help="Task option as KEY=VALUE (repeatable): a reasoning-gym difficulty option (min_animals=1 for "
+        "rg:leg_counting), or for hf: tasks split, config, question, answer, solution, verifier."),
     n: int = typer.Option(200, help="Number of problems."),
     samples: int = typer.Option(1, help="Completions per problem."),
     out: Path = typer.Option(..., help="Output folder (trajectories.parquet, manifest.json)."),
