@@ -57,7 +57,68 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     recorded: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    positions: list[int] = field(default_factory=list)
+    """Boundary-only recording: the position of each kept row of ``recorded``."""
+    keeper: BoundaryKeeper | None = None
+    held: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    """Boundary-only recording: activations of the tokens the keeper holds back."""
     finish: str | None = None
+
+    def keep(self, positions: Sequence[int]) -> None:
+        for position in positions:
+            for layer, a in self.held.pop(position).items():
+                self.recorded[layer].append(a)
+            self.positions.append(position)
+
+    def fed(self, position: int, piece: str, acts: dict[int, torch.Tensor]) -> None:
+        assert self.keeper is not None
+        self.held[position] = acts
+        self.keep(self.keeper.fed(position, piece))
+        waiting = set(self.keeper.waiting())
+        self.held = {p: a for p, a in self.held.items() if p in waiting}
+
+    def flush(self) -> None:
+        if self.keeper is not None:
+            self.keep(self.keeper.flush())
+
+
+class BoundaryKeeper:
+    """Which fed tokens boundary-only recording keeps, decided as tokens arrive.
+
+    The ``paragraph`` and ``newline`` segmenters end a step at its last visible character, and a newline follows
+    it: so when a token with a newline arrives, the newest held-back token with visible text (white space may sit
+    between) and everything after it are kept, the newline token too; at the end, the held-back tokens are kept
+    (the final step ends there). At most ``hold`` tokens are held back at once. A state that still misses (a
+    longer run of white space) is computed by a forward of its own (:func:`rpe.store.states_from_generation`).
+    """
+
+    def __init__(self, hold: int = 8):
+        self.hold = hold
+        self.pending: list[tuple[int, str]] = []
+
+    def fed(self, position: int, piece: str) -> list[int]:
+        """Positions to keep now, after the token at ``position`` whose text is ``piece`` was fed."""
+        if "\n" not in piece:
+            self.pending = [*self.pending[-(self.hold - 1):], (position, piece)]
+            return []
+        back = 0
+        for k in range(len(self.pending) - 1, -1, -1):
+            back = k
+            if self.pending[k][1].strip():
+                break
+        keep = [p for p, _ in self.pending[back:]] + [position]
+        self.pending.clear()
+        return keep
+
+    def waiting(self) -> list[int]:
+        """Positions held back, not decided yet."""
+        return [p for p, _ in self.pending]
+
+    def flush(self) -> list[int]:
+        """Keep what is held back (the end of the sequence)."""
+        keep = self.waiting()
+        self.pending.clear()
+        return keep
 
 
 def decode_step(model, cache, mask: torch.Tensor, tokens: Sequence[int], positions: Sequence[int]):
@@ -94,6 +155,7 @@ def generate_continuous(
     token_logprobs: bool = False,
     record_layers: Sequence[int] | None = None,
     record_neurons: torch.Tensor | None = None,
+    record_boundaries_only: bool = False,
 ) -> tuple[GeneratedBatch, list[dict[int, torch.Tensor]] | None]:
     """Sample a completion for every prompt with continuous batching (see the module docstring).
 
@@ -109,6 +171,10 @@ def generate_continuous(
         token_logprobs: also return each generated token's log-probability under the raw distribution.
         record_layers: decoder blocks whose outputs are recorded for every token after the shared prefix.
         record_neurons: optional neuron columns kept of each recorded layer.
+        record_boundaries_only: keep only what step boundaries of the ``paragraph`` and ``newline`` segmenters
+            need: the last prompt token (s_0), each token with a newline and the last visible token before it (a
+            step's end), and each row's last fed tokens; ``batch.activation_positions`` says which positions
+            each row kept. Memory per row is then proportional to its steps, not its tokens.
 
     Returns:
         ``(batch, recorded)``: a :class:`GeneratedBatch` in prompt order, and per prompt ``{layer: (T_i, k)}``
@@ -187,7 +253,11 @@ def generate_continuous(
             got = tracker.take_last()
             for r, u in zip(take, order):
                 n = len(suffixes[u])
-                r.recorded = {layer: [got[layer][u, ws - n :].cpu()] for layer in layers}
+                if record_boundaries_only:  # s_0 only: the prompt's last token
+                    r.recorded = {layer: [got[layer][u, ws - 1 : ws].cpu()] for layer in layers}
+                    r.positions, r.keeper = [n - 1], BoundaryKeeper()
+                else:
+                    r.recorded = {layer: [got[layer][u, ws - n :].cpu()] for layer in layers}
         logits = out.logits[:, -1][order]
         if cache is None or not alive:
             cache, mask, last_logits, alive = group_cache, group_mask, logits, take
@@ -219,8 +289,13 @@ def generate_continuous(
             if tracker is not None:
                 got = tracker.take_last()
                 for j, r in enumerate(alive):
-                    for layer in layers:
-                        r.recorded[layer].append(got[layer][j].cpu())
+                    if record_boundaries_only:
+                        r.fed(len(enc[r.index]) - prefix_len + len(r.generated) - 1,
+                              tokenizer.decode([r.generated[-1]], skip_special_tokens=False),
+                              {layer: got[layer][j].cpu() for layer in layers})
+                    else:
+                        for layer in layers:
+                            r.recorded[layer].append(got[layer][j].cpu())
 
     completion_ids, texts, reasons, tails, logprobs = [], [], [], [], []
     for r in rows:
@@ -232,8 +307,12 @@ def generate_continuous(
         logprobs.append(r.logprobs[: len(ids)])
     batch = GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails,
                            logprobs if token_logprobs else [], prefix_len=prefix_len)
+    if layers and record_boundaries_only:
+        for r in rows:
+            r.flush()
+        batch.activation_positions = [list(r.positions) for r in rows]
     recorded = [{layer: torch.cat(r.recorded[layer]) for layer in layers} for r in rows] if layers else None
     return batch, recorded
 
 
-__all__ = ["decode_step", "feed_tokens", "generate_continuous"]
+__all__ = ["BoundaryKeeper", "decode_step", "feed_tokens", "generate_continuous"]

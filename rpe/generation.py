@@ -106,6 +106,7 @@ def generate_from_ids(
     max_rows: int | None = None,
     record_layers: Sequence[int] | None = None,
     record_neurons: torch.Tensor | None = None,
+    record_boundaries_only: bool = False,
 ) -> GeneratedBatch:
     """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion).
 
@@ -123,6 +124,8 @@ def generate_from_ids(
         record_layers: continuous engine only: record these blocks' outputs per row into
             ``GeneratedBatch.activations`` (see :func:`rpe.decoding.generate_continuous`).
         record_neurons: the neuron columns kept of each recorded layer.
+        record_boundaries_only: keep only the positions step boundaries need (see
+            :func:`rpe.decoding.generate_continuous`; ``GeneratedBatch.activation_positions``).
     """
     enc = [list(ids) for ids in prompt_ids]
     if resolve_engine(model, engine) == "continuous":
@@ -131,6 +134,7 @@ def generate_from_ids(
             seed=int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed,
             max_rows=max_rows or len(enc), min_prefix=min_prefix if reuse_prefix else 1 << 30,
             token_logprobs=token_logprobs, record_layers=record_layers, record_neurons=record_neurons,
+            record_boundaries_only=record_boundaries_only,
         )
         gen.activations = recorded or []
         return gen

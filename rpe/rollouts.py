@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG_FILE = "run_config.json"
 PARTS_DIR = "parts"
 STATES_FILE = "states.safetensors"
+BOUNDARY_SEGMENTERS = ("paragraph", "newline")
+"""Segmenters whose step ends sit next to a newline: capture during generation keeps only those tokens."""
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -88,7 +90,9 @@ class RolloutConfig:
     """Prompts longer than this are cut from the left (the question stays) and flagged ``prompt_truncated``."""
     capture_layers: list[int] | None = None
     """Record activations of these decoder layers at s_0..s_T during generation (hooks on the same forward
-    passes, no second pass); written to ``states.safetensors`` for ``rpe fit``."""
+    passes, no second pass); written to ``states.safetensors`` for ``rpe fit``. With the ``paragraph`` and
+    ``newline`` segmenters only the tokens at step boundaries are kept while generating
+    (:class:`rpe.decoding.BoundaryKeeper`), so memory grows with steps, not tokens."""
     capture_neurons: list[int] | None = None
     """Keep only these neuron columns when capturing (default: all of d_model)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -261,8 +265,10 @@ def collect_rollouts(
                 engine=engine,
                 record_layers=cfg.capture_layers if continuous else None,
                 record_neurons=neurons if continuous else None,
+                record_boundaries_only=continuous and cfg.segmenter in BOUNDARY_SEGMENTERS,
             )
 
+        kept = None
         if cfg.capture_layers and not continuous:
             from rpe.tracker import ActivationTracker
 
@@ -275,6 +281,7 @@ def collect_rollouts(
             if continuous:  # per row: its prompt after the shared prefix, then its fed-back tokens
                 recorded = gen.activations
                 width = [len(ids) - gen.prefix_len for ids in gen.prompt_ids]
+                kept = gen.activation_positions
         records = [
             _record(task, tokenizer, cfg, fp, problem, k, prompt_text, gen, i)
             for i, ((problem, k), prompt_text) in enumerate(zip(batch, prompt_texts))
@@ -282,7 +289,8 @@ def collect_rollouts(
         if cfg.capture_layers:
             from rpe.store import states_from_generation
 
-            states = states_from_generation(model, recorded, records, width, neurons, tokenizer.pad_token_id or 0)
+            states = states_from_generation(model, recorded, records, width, neurons, tokenizer.pad_token_id or 0,
+                                            positions=kept)
             states.save(acts_part)  # before the part: a finished part always has its activations
         write_trajectories(part, records)
         done += len(batch)

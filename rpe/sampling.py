@@ -84,6 +84,9 @@ class GeneratedBatch:
     ``record_layers``): the prompt's tokens after the shared prefix, then each generated token that was fed back."""
     prefix_len: int = 0
     """Length of the prompt prefix shared by all rows and encoded once (``activations`` start after it)."""
+    activation_positions: list[list[int]] | None = None
+    """With boundary-only recording, per sequence the positions (in the coordinates above: prompt tokens after
+    the shared prefix, then generated tokens) of the rows of ``activations``; None when every position is kept."""
 
 
 def cut_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool]:

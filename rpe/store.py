@@ -174,7 +174,7 @@ def capture_states(
 
 def states_from_generation(
     model, recorded: dict[int, torch.Tensor] | Sequence[dict[int, torch.Tensor]], records: Sequence[Trajectory],
-    width: int | Sequence[int], neurons, pad_token_id: int
+    width: int | Sequence[int], neurons, pad_token_id: int, positions: Sequence[Sequence[int]] | None = None,
 ) -> StateSet:
     """Pick s_0..s_T of each trajectory out of activations recorded while generating.
 
@@ -184,9 +184,11 @@ def states_from_generation(
             (``GeneratedBatch.activations``).
         width: where completion token 0 sits: the padded prompt length of the batch (one int), or per row the
             number of recorded prompt positions (prompt length minus the shared prefix).
+        positions: per row, the positions its recorded rows hold when only some were kept
+            (``GeneratedBatch.activation_positions``); None when every position was recorded.
 
     A state whose token was never fed back into the model (the last token of a completion cut by
-    ``max_new_tokens``) is computed with one extra forward over that trajectory alone.
+    ``max_new_tokens``), or was not kept, is computed with one extra forward over that trajectory alone.
     """
     per_row = not isinstance(recorded, dict)
     layers = sorted(recorded[0] if per_row else recorded)
@@ -195,16 +197,18 @@ def states_from_generation(
     traj_index, step_index = [], []
     for i, t in enumerate(records):
         row = {layer: recorded[i][layer] if per_row else recorded[layer][i] for layer in layers}
-        positions = [widths[i] - 1] + [widths[i] + s.token_end - 1 for s in t.steps]
-        if max(positions) < row[layers[0]].shape[0]:
+        wanted = [widths[i] - 1] + [widths[i] + s.token_end - 1 for s in t.steps]
+        index = {p: j for j, p in enumerate(positions[i])} if positions is not None else None
+        rows_at = [index.get(p) for p in wanted] if index is not None else wanted
+        if all(r is not None and r < row[layers[0]].shape[0] for r in rows_at):
             for layer in layers:
-                acts[layer].append(row[layer][positions])
+                acts[layer].append(row[layer][rows_at])
         else:
             single = capture_states(model, [t], layers, neurons=neurons, pad_token_id=pad_token_id, reuse_prefix=False)
             for layer in layers:
                 acts[layer].append(single.acts[layer])
-        traj_index += [i] * len(positions)
-        step_index += list(range(len(positions)))
+        traj_index += [i] * len(wanted)
+        step_index += list(range(len(wanted)))
     return StateSet(
         acts={layer: torch.cat(a) for layer, a in acts.items()},
         traj_index=torch.tensor(traj_index),

@@ -144,3 +144,30 @@ def test_stack_caches_pads_each_cache_on_the_left_and_joins_the_rows(tiny_llama)
             want = torch.cat([torch.cat([t.new_zeros(t.shape[0], t.shape[1], pad, t.shape[3]), t], 2)
                               for t, pad in zip(parts, pads + [3])], 0)
             torch.testing.assert_close(getattr(layer, name), want)
+
+
+def test_boundary_keeper_keeps_every_step_end_and_little_else():
+    """Boundary-only capture keeps the last token of every paragraph and newline step as tokens arrive (white
+    space before the separator, a newline merged into the step's last token, the final step without one)."""
+    from rpe.decoding import BoundaryKeeper
+    from rpe.models import DEFAULT_MODEL, is_fetched, model_dir
+    from rpe.segment import split_steps, token_char_ends, token_spans
+    from rpe.tiny import tiny_tokenizer
+
+    tokenizers = [tiny_tokenizer()]
+    if is_fetched(DEFAULT_MODEL):
+        from transformers import AutoTokenizer
+
+        tokenizers.append(AutoTokenizer.from_pretrained(model_dir(DEFAULT_MODEL)))
+    text = ("Step 1: 3 + 4 = 7.  \n\nStep 2: 7 - 2 = 5.\n\n\nStep 3: we add 5 and 1, which gives 6 in all.\n"
+            "\nAnswer: 6")
+    for tok in tokenizers:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        for segmenter in ("paragraph", "newline"):
+            keeper, kept = BoundaryKeeper(), []
+            for position, i in enumerate(ids):
+                kept += keeper.fed(position, tok.decode([i]))
+            kept += keeper.flush()
+            ends = [b - 1 for _, b in token_spans(split_steps(text, segmenter), token_char_ends(tok, ids))]
+            assert set(ends) <= set(kept), (type(tok).__name__, segmenter)
+            assert len(kept) <= 4 * len(ends) + 8 < len(ids)  # proportional to the steps, not the tokens
