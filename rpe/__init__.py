@@ -9,7 +9,7 @@ Modules by stage of the data flow (docs/development.md draws it):
   (streams, warping, stop strings), :mod:`rpe.kvcache` (shared-prefix caches), :mod:`rpe.tracker` (capture hooks);
 - records and states: :mod:`rpe.rollouts` (resumable collection), :mod:`rpe.records` (Trajectory schema, Parquet,
   atomic writes), :mod:`rpe.store` (activations at states);
-- discovery: :mod:`rpe.probe` (value probes), :mod:`rpe.crossval`, :mod:`rpe.fit` (the cross-validated
+- discovery: :mod:`rpe.probe` (value probes), :mod:`rpe.logistic` (its solvers), :mod:`rpe.crossval`, :mod:`rpe.fit` (the cross-validated
   pipeline, stage by stage), :mod:`rpe.difficulty` (the difficulty control), :mod:`rpe.dopamine`;
 - the bundle: :mod:`rpe.bundle` (the artefact every use loads);
 - uses: :mod:`rpe.signals`, :mod:`rpe.interventions`, :mod:`rpe.controls`, :mod:`rpe.ablate`, :mod:`rpe.search`,

@@ -9,7 +9,8 @@ trained with binary cross-entropy against the (soft) targets.
 
 Two probe families, same targets, same standardisation, same splits:
 - ``mlp`` (PAPER.md): the network above, trained with AdamW and early stopping;
-- ``linear``: an L2-regularised logistic probe ``sigmoid(w.x + b)`` fitted to convergence by damped Newton steps;
+- ``linear``: an L2-regularised logistic probe ``sigmoid(w.x + b)`` fitted to convergence (:mod:`rpe.logistic`:
+  damped Newton steps up to d 1024, L-BFGS above);
   TD targets by fitted-value iteration (bootstrap the current V, refit, repeat). The L2 strength is picked from
   ``l2_grid`` by validation log-loss against the final outcome. Deterministic and cheap: the control family
   of ``rpe fit --compare-probes`` and the quick option ``--family linear``.
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rpe.logistic import fit_logistic
 from rpe.metrics import auroc, brier, ece
 from rpe.store import StateSet
 
@@ -161,51 +163,6 @@ def _require_both_outcomes(rewards: torch.Tensor, what: str) -> None:
         )
 
 
-def _newton(model: ProbeNet, x: torch.Tensor, targets: torch.Tensor, l2: float, max_iter: int = 50, tol: float = 1e-7) -> int:
-    """Minimise mean BCE(model(x), targets) + l2/2 |W|^2 (bias unpenalised) by damped Newton steps, in place,
-    starting from the model's current weights. Soft targets in [0, 1] are allowed. Returns Newton steps taken.
-
-    Each step solves the (d+1) x (d+1) system of the penalised Hessian; a step that does not lower the loss is
-    halved until it does, so the iteration is monotone even on separable data with a weak penalty.
-    """
-    n, d = x.shape
-    xa = torch.cat([x, torch.ones(n, 1)], 1)  # (n, d+1); the last column carries the bias
-    w = torch.cat([model.first.weight.detach().flatten(), model.first.bias.detach()]).double()  # (d+1,)
-    pen = torch.full((d + 1,), float(l2), dtype=torch.float64)
-    pen[-1] = 0.0
-    t = targets.double()
-
-    def loss_of(w_: torch.Tensor) -> float:
-        z = (xa @ w_.float()).double()
-        return float(nn.functional.binary_cross_entropy_with_logits(z, t) + 0.5 * (pen * w_ * w_).sum())
-
-    current, steps = loss_of(w), 0
-    for steps in range(1, max_iter + 1):
-        z = (xa @ w.float()).double()
-        p = torch.sigmoid(z)
-        grad = (xa.double().T @ (p - t)) / n + pen * w  # (d+1,)
-        h = (xa * (p * (1 - p)).float()[:, None]).T @ xa  # (d+1, d+1)
-        hess = h.double() / n + torch.diag(pen) + 1e-10 * torch.eye(d + 1, dtype=torch.float64)
-        step = torch.linalg.solve(hess, grad)
-        scale = 1.0
-        while scale > 1e-4:
-            candidate = w - scale * step
-            new = loss_of(candidate)
-            if new <= current + 1e-12:
-                break
-            scale /= 2
-        else:
-            break
-        w, improved = candidate, current - new
-        current = new
-        if improved < tol * max(1.0, abs(current)):
-            break
-    with torch.no_grad():
-        model.first.weight.copy_(w[:-1].float().view(1, d))
-        model.first.bias.copy_(w[-1:].float())
-    return steps
-
-
 class ProbeNet(nn.Module):
     def __init__(self, d_in: int, hidden: int):
         super().__init__()
@@ -325,12 +282,12 @@ class ValueProbe:
         nn.init.zeros_(model.first.bias)
         best_loss, best_state, best_iters = math.inf, None, 0
         for l2 in sorted(cfg.l2_grid, reverse=True):
-            _newton(model, x[train], mc_targets[train], l2)
+            fit_logistic(model.first, x[train], mc_targets[train], l2)
             used = 1
             if cfg.lam < 1.0:
                 targets = self._targets(model, x, states)
                 for used in range(1, cfg.td_iterations + 1):
-                    _newton(model, x[train], targets[train], l2, max_iter=10)
+                    fit_logistic(model.first, x[train], targets[train], l2, refine=True)
                     new = self._targets(model, x, states)
                     moved = float((new - targets).abs().max())
                     targets = new

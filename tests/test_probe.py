@@ -160,3 +160,29 @@ def test_mean_prompt_logprob_matches_a_plain_forward(tiny_llama):
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
         assert torch.isclose(g, logp[shared_len:].mean(), atol=1e-4)
+
+
+def test_lbfgs_reaches_the_newton_optimum_of_the_soft_target_logistic_loss(monkeypatch):
+    """Wide probes (d > NEWTON_MAX_DIM) are fitted by L-BFGS; on data both can fit, it lands on Newton's optimum."""
+    from torch import nn
+
+    import rpe.logistic
+    from rpe.logistic import NEWTON_MAX_DIM, fit_logistic, lbfgs_fit, newton_fit
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 48, generator=g)
+    w_true = torch.randn(48, generator=g)
+    targets = torch.sigmoid(x @ w_true * 0.5)  # soft targets, as TD bootstraps give
+    fits = {}
+    for name, solve in (("newton", newton_fit), ("lbfgs", lbfgs_fit)):
+        lin = nn.Linear(48, 1)
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+        solve(lin, x, targets, 1e-2)
+        fits[name] = torch.cat([lin.weight.flatten(), lin.bias]).detach()
+    torch.testing.assert_close(fits["lbfgs"], fits["newton"], atol=2e-4, rtol=1e-3)
+    monkeypatch.setattr(rpe.logistic, "newton_fit", lambda *a, **k: pytest.fail("Newton on a wide probe"))
+    wide = torch.randn(50, NEWTON_MAX_DIM + 1, generator=g)
+    lin = nn.Linear(NEWTON_MAX_DIM + 1, 1)
+    calls = fit_logistic(lin, wide, (wide[:, 0] > 0).float(), 1e-1)  # L-BFGS: no (d+1) x (d+1) system
+    assert calls > 1 and torch.isfinite(lin.weight).all()
