@@ -215,7 +215,23 @@ class CountBitsTask(ReasoningGymTask):
         return f"Step 1: {n} in binary is {bits}.\n\nStep 2: the digits add up to {ones} = {bits.count('1')}.\n\nAnswer: {bits.count('1')}"
 
 
-class JsonlTask(Task):
+class ListedTask(Task):
+    """A task over a fixed list of problems (a file, a dataset split) in ``self._problems``."""
+
+    _problems: list[Problem]
+
+    def problems(self, n: int, seed: int = 0) -> Iterator[Problem]:
+        """The first ``n`` problems in a seed-dependent order (their listed order for seed 0)."""
+        import random
+
+        order = list(range(len(self._problems)))
+        if seed:
+            random.Random(seed).shuffle(order)
+        for i in order[:n]:
+            yield self._problems[i]
+
+
+class JsonlTask(ListedTask):
     """Problems from a JSONL file: one object per line with ``prompt`` and ``answer``; optional ``id`` and
     ``verifier`` (``exact``, ``numeric``, ``math``; default ``exact``) and ``solution`` (for few-shot).
 
@@ -255,16 +271,6 @@ class JsonlTask(Task):
             raise TaskFileError(f"{self.path}: no problems (the file is empty)")
         return problems
 
-    def problems(self, n: int, seed: int = 0) -> Iterator[Problem]:
-        """The first ``n`` problems in a seed-dependent order (the file order for seed 0)."""
-        import random
-
-        order = list(range(len(self._problems)))
-        if seed:
-            random.Random(seed).shuffle(order)
-        for i in order[:n]:
-            yield self._problems[i]
-
     def score(self, problem: Problem, completion: str) -> float:
         return verify(extract_answer(completion), problem.answer, problem.meta.get("verifier", "exact"))
 
@@ -278,7 +284,7 @@ class JsonlTask(Task):
 # --------------------------------------------------------------------------------------------------------
 # Hugging Face datasets (hf:PATH_OR_ID; reading them: rpe.hf_data)
 
-class HFDatasetTask(Task):
+class HFDatasetTask(ListedTask):
     """Problems from one split of a Hugging Face dataset: ``hf:PATH_OR_ID``.
 
     ``PATH_OR_ID`` is a folder written by ``datasets.save_to_disk`` (works offline) or a hub id (needs the hub).
@@ -331,16 +337,6 @@ class HFDatasetTask(Task):
             meta["difficulty"] = {"level": meta["level"]}
         return Problem(id=f"{self.name}/{index}", prompt=str(row[self.question]),
                        answer=reference_answer(str(row[self.answer])), meta=meta)
-
-    def problems(self, n: int, seed: int = 0) -> Iterator[Problem]:
-        """The first ``n`` problems in a seed-dependent order (the dataset's order for seed 0)."""
-        import random
-
-        order = list(range(len(self._problems)))
-        if seed:
-            random.Random(seed).shuffle(order)
-        for i in order[:n]:
-            yield self._problems[i]
 
     def score(self, problem: Problem, completion: str) -> float:
         predicted = extract_answer(completion)
