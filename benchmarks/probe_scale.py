@@ -37,7 +37,7 @@ def main() -> None:
     direction = torch.randn(args.d, generator=g)
     rewards = (torch.rand(n_traj, generator=g) < 0.4).float()
     traj = torch.arange(n_traj).repeat_interleave(3)
-    x += 0.05 * (rewards[traj] * 2 - 1)[:, None] * direction  # a faint value direction to find
+    x += 0.01 * (rewards[traj] * 2 - 1)[:, None] * direction  # a faint value direction to find
     states = StateSet({0: x}, traj, torch.arange(3).repeat(n_traj), [str(i) for i in range(n_traj)],
                       [f"p{i // 2}" for i in range(n_traj)], rewards)
     folds = kfold_by_problem(states.problem_ids, 5, 0)
