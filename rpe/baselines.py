@@ -20,8 +20,9 @@ def mean_prompt_logprob(model, trajectories: Sequence[Trajectory], *, batch_size
     """(n,) mean log-probability (nats/token) the model assigns to each prompt's own tokens: those after the
     prefix shared by all prompts (the few-shot examples), i.e. the question and its instruction.
 
-    The shared prefix is encoded once and reused through its KV cache. Log-probabilities are computed ``chunk`` positions at a time in fp32, so no
-    (B, T, vocabulary) fp32 copy of the logits is made (Gemma-3's vocabulary is 262k).
+    The shared prefix is encoded once and reused through its KV cache. Log-probabilities are computed ``chunk``
+    positions at a time in fp32, so no (B, T, vocabulary) fp32 copy of the logits is made (Gemma-3's vocabulary
+    is 262k).
     """
     prompts = [list(t.prompt_token_ids) for t in trajectories]
     prefix_len = shared_prefix_len(prompts)

@@ -47,7 +47,6 @@ from rpe.sampling import (
 )
 
 
-
 @dataclass
 class _Row:
     index: int

@@ -6,11 +6,9 @@ than how hard the problem looks?), and within difficulty strata.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,32 +55,32 @@ def difficulty_only_values(features: torch.Tensor, rewards: np.ndarray, folds: n
     return out
 
 
-def task_difficulty(trajectories: Sequence[Trajectory], task, n_problems: int, seed: int,
-                    exclude: Sequence[str] | None = None) -> list[dict[str, float]]:
+def task_difficulty(trajectories: Sequence[Trajectory], task, n_problems: int, seed: int) -> list[dict[str, float]]:
     """Per trajectory, the difficulty features of its problem, by drawing the run's problems again
     (``task.problems(n_problems, seed)`` is deterministic). Trajectories whose problem is not drawn get ``{}``."""
-    from rpe.tasks import draw_problems
+    return _per_trajectory(trajectories, task, task.problems(n_problems, seed=seed))
 
-    by_id = {p.id: task.difficulty(p) for p in draw_problems(task, n_problems, seed, exclude)}
+
+def _per_trajectory(trajectories: Sequence[Trajectory], task, problems) -> list[dict[str, float]]:
+    by_id = {p.id: task.difficulty(p) for p in problems}
     return [by_id.get(t.problem_id, {}) for t in trajectories]
 
 
 def difficulty_from_run(rollouts, trajectories: Sequence[Trajectory]) -> list[dict[str, float]] | None:
     """Difficulty features per trajectory for a rollout folder, by drawing its problems again from the task in
-    its manifest; None when the folder has no manifest or the task has no difficulty features."""
-    from rpe.tasks import load_task
+    its manifest (:meth:`rpe.rollouts.RolloutSettings.problems`); None when the folder has no manifest or the
+    task has no difficulty features."""
+    from rpe.rollouts import rollout_settings
 
-    manifest = Path(rollouts) / "manifest.json"
-    if not manifest.exists():
+    settings = rollout_settings(rollouts)
+    if settings is None:
         return None
-    meta = json.loads(manifest.read_text())
     try:
-        task = load_task(meta["task"])
+        task = settings.task()
     except Exception as err:  # a moved task file, an unknown task: the control is skipped, not the fit
         logger.warning("difficulty features unavailable (%s): no difficulty control", err)
         return None
-    run = meta["rollout"]
-    out = task_difficulty(trajectories, task, int(run["n_problems"]), int(run["seed"]), run.get("exclude_questions"))
+    out = _per_trajectory(trajectories, task, settings.problems())
     return out if any(out) else None
 
 

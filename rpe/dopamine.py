@@ -33,7 +33,7 @@ from rpe.sampling import SamplingConfig
 from rpe.metrics import permutation_p_spearman, spearman_by_problem
 from rpe.probe import split_by_problem
 from rpe.records import Trajectory, atomic_write_json
-from rpe.tasks import Problem, Task, draw_problems
+from rpe.tasks import Problem, Task
 
 logger = logging.getLogger(__name__)
 
@@ -320,22 +320,23 @@ def dopamine_from_rollouts(
     ``metrics["by_layer"]`` with a Bonferroni-adjusted p-value (the bundle keeps its own layer's neurons, which
     :class:`rpe.signals.SignalReader` reads).
     """
-    from rpe.prompts import COMPLETION_STOP, PromptConfig, resolve_style
+    from rpe.prompts import COMPLETION_STOP, resolve_style
     from rpe.records import MANIFEST_FILE, read_trajectories
+    from rpe.rollouts import rollout_settings
     from rpe.store import capture_states
-    from rpe.tasks import load_task
 
     cfg = cfg or DopamineConfig()
     rollout_dir = Path(rollout_dir)
     bundle.check_model(model, tokenizer)
-    manifest = json.loads((rollout_dir / MANIFEST_FILE).read_text())
+    settings = rollout_settings(rollout_dir)
+    if settings is None:
+        raise FileNotFoundError(f"{rollout_dir / MANIFEST_FILE} does not exist; point at a finished `rpe rollouts` folder")
     trajectories = [t for t in read_trajectories(rollout_dir) if t.steps][:max_trajectories]
     if cfg.max_new_tokens is None:  # recorded with the result below
         cfg = replace(cfg, max_new_tokens=continuation_budget(trajectories))
-    task = load_task(manifest["task"])
-    run = manifest["rollout"]
-    problems = {p.id: p for p in draw_problems(task, run["n_problems"], manifest["seed"], run.get("exclude_questions"))}
-    style = resolve_style(PromptConfig(**manifest["rollout"]["prompt"]), tokenizer)
+    task = settings.task()
+    problems = {p.id: p for p in settings.problems()}
+    style = resolve_style(settings.config.prompt, tokenizer)
     values = mc_state_values(
         model, tokenizer, task, problems, trajectories, cfg,
         stop_strings=[COMPLETION_STOP] if style == "completion" else [],

@@ -39,11 +39,11 @@ def plain_cache_refusal(model) -> str | None:
         layers = DynamicCache(config=model.config).layers
     except Exception as err:  # a config transformers cannot lay a cache out for
         return f"transformers cannot lay out a cache for its config ({type(err).__name__}: {err})"
-    other = [(i, layer) for i, layer in enumerate(layers) if type(layer) is not DynamicLayer]
+    other = [layer for layer in layers if type(layer) is not DynamicLayer]
     if not other:
         return None
-    kinds = sorted({type(layer).__name__ for _, layer in other})
-    windows = sorted({int(w) for _, layer in other if (w := getattr(layer, "sliding_window", None))})
+    kinds = sorted({type(layer).__name__ for layer in other})
+    windows = sorted({int(w) for layer in other if (w := getattr(layer, "sliding_window", None))})
     window = f" (window {', '.join(map(str, windows))} tokens)" if windows else ""
     return (f"{len(other)} of its {len(layers)} cache layers are {', '.join(kinds)}{window}, not plain full-attention "
             f"layers")
@@ -110,6 +110,7 @@ def prefix_cache(model, prefix: list[int], device):
     """KV cache of a shared prompt prefix (e.g. the few-shot examples), computed once, batch size 1 (sliding-window
     layers keep their window; rows that follow must be padded on the right, see :func:`plain_cache_refusal`)."""
     from transformers import DynamicCache
+
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{cache_kwarg(model): cache})

@@ -397,14 +397,15 @@ class RolloutSettings:
     config: RolloutConfig
     task_spec: dict[str, Any]
     model_name: str
+    _task: Task | None = field(default=None, repr=False, compare=False)
 
-    def task(self):
-        """The task, built again from its spec."""
-        from rpe.tasks import load_task
+    def task(self) -> Task:
+        """The task, built again from its spec (once; later calls return the same object)."""
+        if self._task is None:
+            self._task = load_task(self.task_spec)
+        return self._task
 
-        return load_task(self.task_spec)
-
-    def problems(self) -> list:
+    def problems(self) -> list[Problem]:
         """The run's problems, drawn again (deterministic for the run's seed and exclusions)."""
         c = self.config
         return draw_problems(self.task(), c.n_problems, c.seed, c.exclude_questions)

@@ -139,6 +139,16 @@ def _nearest(key: str, valid: set[str]) -> str:
     return f"; did you mean {near[0]!r}?" if near else ""
 
 
+def override_keys(overrides: list[str]) -> list[str]:
+    """The recipe keys that ``--key value`` / ``--key=value`` command-line overrides name (dashes as underscores)."""
+    return [arg[2:].split("=", 1)[0].replace("-", "_") for arg in overrides if arg.startswith("--")]
+
+
+def model_config_defaults() -> dict[str, Any]:
+    """A fresh copy of :data:`MODEL_CONFIG_DEFAULTS` (its lists are not shared with the configs they fill)."""
+    return {k: list(v) if isinstance(v, list) else v for k, v in MODEL_CONFIG_DEFAULTS.items()}
+
+
 def check_overrides(overrides: list[str], trainer: str) -> None:
     """Refuse a command-line ``--key`` that is no recipe field, naming the nearest valid key (HfArgumentParser
     would only say "arguments are not used").
@@ -147,10 +157,7 @@ def check_overrides(overrides: list[str], trainer: str) -> None:
         RecipeError: naming the unknown flag and the nearest valid key.
     """
     valid = _valid_keys(trainer)
-    for arg in overrides:
-        if not arg.startswith("--"):
-            continue
-        key = arg[2:].split("=", 1)[0].replace("-", "_")
+    for key in override_keys(overrides):
         if key not in valid and key != "config":
             raise RecipeError(f"unknown command-line option --{key}{_nearest(key, valid)} (recipe keys are valid flags)")
 
@@ -174,10 +181,10 @@ def parse_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe
     cls = trainer_config_class(trainer)
     parser = TrlParser((RPEArguments, cls, ModelConfig))
     rpe_args, train_args, model_args = parser.parse_args_and_config(args=["--config", str(path), *(overrides or [])])
-    given = set(data) | {a[2:].split("=", 1)[0].replace("-", "_") for a in overrides or [] if a.startswith("--")}
-    for key, value in MODEL_CONFIG_DEFAULTS.items():
+    given = set(data) | set(override_keys(overrides or []))
+    for key, value in model_config_defaults().items():
         if key not in given:
-            setattr(model_args, key, list(value) if isinstance(value, list) else value)
+            setattr(model_args, key, value)
     return Recipe(rpe_args, train_args, model_args)
 
 
@@ -265,7 +272,7 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
     out = Path(train_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model_args is None:
-        model_args = ModelConfig(**{k: list(v) if isinstance(v, list) else v for k, v in MODEL_CONFIG_DEFAULTS.items()})
+        model_args = ModelConfig(**model_config_defaults())
     model, tok = load_policy(rpe_args, model_args, train_args.device)
     task = load_task(rpe_args.task, **rpe_args.task_options)
     builder = PromptBuilder(task, tok, PromptConfig(shots=rpe_args.shots), seed=train_args.seed)
@@ -332,4 +339,5 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["DEFAULT_LORA_TARGETS", "MODEL_CONFIG_DEFAULTS", "RPEArguments", "Recipe", "RecipeError", "TRAINERS",
-           "TrainOutcome", "load_policy", "parse_recipe", "read_recipe", "train"]
+           "TrainOutcome", "check_overrides", "load_policy", "model_config_defaults", "override_keys", "parse_recipe",
+           "read_recipe", "train"]
