@@ -13,7 +13,7 @@ $PY benchmarks/discovery.py --model gemma3-270m --task count_bits --n 100 --samp
     --layer-stride 2 --continuations 4 --dopamine-trajectories 40 --out runs/results_gemma > runs/logs/gemma.log 2>&1
 
 step "ablation at the bundle layer, 200 held-out problems per arm, every control, and the causal RPE check"
-$RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation --n 200 \
+$RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation --n-problems 200 \
     --controls value,random,random_matched,top_magnitude,wanda,next_token,mc_probe --seeds 2 --causal \
     > runs/logs/ablation.log 2>&1
 
@@ -38,15 +38,15 @@ step "transfer heatmap (IoU across tasks and layers)"
 $PY benchmarks/transfer_heatmap.py --out runs/results > runs/logs/transfer_heatmap.log 2>&1
 
 step "ablation layer sweep (64 problems per arm)"
-$RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation_sweep --n 64 \
+$RPE ablate --bundle runs/results/bundle --rollouts runs/results/rollouts --out runs/results/ablation_sweep --n-problems 64 \
     --layers 12,20,28 --controls value,random --seeds 2 > runs/logs/ablation_sweep.log 2>&1
 
 step "step-level search, 200 problems"
-$RPE search --bundle runs/results/bundle --n 200 --methods greedy,value,majority,logprob,random --max-step-tokens 32 \
+$RPE search --bundle runs/results/bundle --n-problems 200 --methods greedy,value,majority,logprob,random --max-step-tokens 32 \
     --out runs/results/search.json > runs/logs/search.log 2>&1
 
 step "held-out rollouts (seed 2, 2 samples) and their analysis: confidence before answering"
-$RPE rollouts --task chain_sum --n 200 --samples 2 --seed 2 --out runs/results/rollouts_heldout > runs/logs/rollouts_heldout.log 2>&1
+$RPE rollouts --task chain_sum --n-problems 200 --samples 2 --seed 2 --out runs/results/rollouts_heldout > runs/logs/rollouts_heldout.log 2>&1
 $RPE analyze --rollouts runs/results/rollouts_heldout --bundle runs/results/bundle --out runs/results/analysis_heldout \
     > runs/logs/analyze_heldout.log 2>&1
 step "done"

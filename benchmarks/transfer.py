@@ -2,7 +2,7 @@
 rollouts, beside a bundle fitted on that task at the same layer (the in-task control), and the overlap of the
 two value-neuron sets against chance. Writes OUT (JSON with a report-card row for benchmarks/report_card.py).
 
-    rpe rollouts --task count_bits --n 300 --samples 2 --capture-layers 29 --out runs/count_bits
+    rpe rollouts --task count_bits --n-problems 300 --samples 2 --capture-layers 29 --out runs/count_bits
     rpe fit --rollouts runs/count_bits --out runs/count_bits/bundle --layers 29
     python benchmarks/transfer.py --source runs/mix/bundle --target runs/count_bits \\
         --target-bundle runs/count_bits/bundle --out runs/count_bits/transfer.json

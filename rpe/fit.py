@@ -425,7 +425,7 @@ def _gap_ci(values: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int, 
 
 #: The run with power behind the report card (README; docs/results.md).
 POWERED_COMMAND = (
-    "rpe rollouts --task chain_sum_mix --n 800 --samples 2 --batch-size 32 --capture-layers 0,2,4,5,6,8,10,12,14,16,"
+    "rpe rollouts --task chain_sum_mix --n-problems 800 --samples 2 --batch-size 32 --capture-layers 0,2,4,5,6,8,10,12,14,16,"
     "18,20,22,24,26,27,28,29 --out runs/mix && rpe fit --rollouts runs/mix --out runs/mix/bundle --compare-probes"
 )
 

@@ -12,6 +12,10 @@ On disk (``DIR``):
 Killing a run loses at most the batch in flight: the rerun skips finished parts, and batch b is always drawn
 with seed ``(seed, b)``, so the result is the same as an uninterrupted run's.
 
+Launched on several processes (``torchrun`` / ``accelerate launch``; :mod:`rpe.distributed`), rank r takes
+batches b with b % world == r, on its own device, and writes only their parts; the main rank merges them into
+the same ``trajectories.parquet`` and manifest a one-process run with the same seed writes.
+
 Example:
     >>> cfg = RolloutConfig(task="chain_sum", n_problems=8, samples=2)  # doctest: +SKIP
     >>> result = collect_rollouts(model, tokenizer, cfg, "runs/demo")  # doctest: +SKIP
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rpe.distributed import Ranks, barrier, broadcast_object, current_ranks
 from rpe.generation import generate_batch, resolve_engine
 from rpe.sampling import GeneratedBatch, SamplingConfig
 from rpe.metrics import wilson_interval
@@ -226,11 +231,12 @@ def collect_rollouts(
     engine = resolve_engine(model, cfg.engine)
     rollout = {**cfg.to_dict(), "engine": engine}  # the engine that runs, not only the one asked for
     run_config = {"rollout": rollout, "task_spec": task.spec(), "model": fp, "schema_version": SCHEMA_VERSION}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_config(out_dir, run_config, overwrite)
+    ranks = current_ranks()
+    _start_run(out_dir, run_config, overwrite, ranks)
     if (out_dir / MANIFEST_FILE).exists() and (out_dir / TRAJECTORIES_FILE).exists():
         manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
-        shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
+        if ranks.is_main:
+            shutil.rmtree(out_dir / PARTS_DIR, ignore_errors=True)
         return _result(out_dir, manifest)
 
     problems = draw_problems(task, cfg.n_problems, cfg.seed, cfg.exclude_questions)
@@ -239,14 +245,17 @@ def collect_rollouts(
     builder = PromptBuilder(task, tokenizer, cfg.prompt, seed=cfg.seed)
     items = _work_items(problems, cfg.samples)
     batches = [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+    own = [b for b in range(len(batches)) if ranks.owns(b)]  # every batch in one process; round-robin when launched
+    total = sum(len(batches[b]) for b in own)
     done = 0
-    for b, batch in enumerate(batches):
+    for b in own:
+        batch = batches[b]
         part = _part_path(out_dir, b)
         acts_part = _acts_path(out_dir, b)
         if part.exists() and _part_ok(part, len(batch)) and (not cfg.capture_layers or acts_part.exists()):
             done += len(batch)
             if progress:
-                progress(done, len(items))
+                progress(done, total)
             continue
         prompt_texts = [builder(p) for p, _ in batch]
 
@@ -295,8 +304,29 @@ def collect_rollouts(
         write_trajectories(part, records)
         done += len(batch)
         if progress:
-            progress(done, len(items))
-    return finalize_rollouts(out_dir, run_config, len(batches))
+            progress(done, total)
+    barrier()  # every rank's parts are written
+    if ranks.is_main:
+        result = finalize_rollouts(out_dir, run_config, len(batches))
+    barrier()  # the merged files are written
+    return result if ranks.is_main else _result(out_dir, json.loads((out_dir / MANIFEST_FILE).read_text()))
+
+
+def _start_run(out_dir: Path, run_config: dict[str, Any], overwrite: bool, ranks: Ranks) -> None:
+    """Create ``out_dir`` and check (or write) its run configuration: on the main rank first (which alone
+    discards an old run under ``overwrite``), then on the others; a refusal is raised on every rank."""
+    refusal = None
+    if ranks.is_main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _check_run_config(out_dir, run_config, overwrite)
+        except (ValueError, OSError) as err:
+            refusal = f"{type(err).__name__}: {err}" if isinstance(err, OSError) else str(err)
+    refusal = broadcast_object(refusal)  # also the barrier: the others read the folder after the main rank
+    if refusal is None and not ranks.is_main:
+        _check_run_config(out_dir, run_config, overwrite=False)
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def _part_ok(path: Path, expected_rows: int) -> bool:

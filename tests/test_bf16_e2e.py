@@ -30,7 +30,7 @@ def test_pipeline_in_bf16_on_the_real_model(real_model, tmp_path):
     from rpe.store import StateSet, capture_states
 
     out = tmp_path / "run"
-    r = runner.invoke(app, ["rollouts", "--n", "24", "--samples", "2", "--max-new-tokens", "64", "--capture-layers",
+    r = runner.invoke(app, ["rollouts", "--n-problems", "24", "--samples", "2", "--max-new-tokens", "64", "--capture-layers",
                             "8,14", "--out", str(out), *BF16])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
@@ -63,7 +63,7 @@ def test_pipeline_in_bf16_on_the_real_model(real_model, tmp_path):
     assert bundle_json["model"]["dtype"] == "bfloat16"
 
     r = runner.invoke(app, ["ablate", "--bundle", str(out / "bundle"), "--rollouts", str(out), "--out",
-                            str(out / "ablate"), "--n", "8", "--controls", "value,random", "--seeds", "1", *BF16])
+                            str(out / "ablate"), "--n-problems", "8", "--controls", "value,random", "--seeds", "1", *BF16])
     assert r.exit_code == 0, r.output
     results = json.loads((out / "ablate" / "results.json").read_text())
     arms = results["layers"][str(bundle_json["layer"])]["arms"]
@@ -72,7 +72,7 @@ def test_pipeline_in_bf16_on_the_real_model(real_model, tmp_path):
     assert all(len(a["neurons"]) == bundle_json["n_value_neurons"] for a in arms.values())
 
     # search reads model, task, prompt and completion budget from the rollouts it is given
-    r = runner.invoke(app, ["search", "--rollouts", str(out), "--bundle", str(out / "bundle"), "--n", "2", "--methods",
+    r = runner.invoke(app, ["search", "--rollouts", str(out), "--bundle", str(out / "bundle"), "--n-problems", "2", "--methods",
                             "greedy,value", "--candidates", "2", "--max-step-tokens", "16", "--out",
                             str(tmp_path / "search.json"), *BF16])
     assert r.exit_code == 0, r.output

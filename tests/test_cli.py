@@ -20,7 +20,7 @@ def test_unknown_task_fails_cleanly():
 
 def test_unfetched_model_prints_fetch_command(tmp_path, monkeypatch):
     monkeypatch.setenv("RPE_CACHE_DIR", str(tmp_path))
-    result = runner.invoke(app, ["rollouts", "--model", "gemma3-270m", "--out", str(tmp_path / "o"), "--n", "1"])
+    result = runner.invoke(app, ["rollouts", "--model", "gemma3-270m", "--out", str(tmp_path / "o"), "--n-problems", "1"])
     assert result.exit_code == 2 and "rpe models fetch gemma3-270m" in result.output
 
 
@@ -67,7 +67,7 @@ def test_search_cli_saves_per_method_and_resumes(real_model, tmp_path):
     import json
 
     out = tmp_path / "search.json"
-    args = ["search", "--n", "2", "--methods", "greedy", "--candidates", "2", "--max-new-tokens", "24",
+    args = ["search", "--n-problems", "2", "--methods", "greedy", "--candidates", "2", "--max-new-tokens", "24",
             "--max-step-tokens", "12", "--out", str(out)]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
@@ -80,7 +80,7 @@ def test_search_cli_saves_per_method_and_resumes(real_model, tmp_path):
     assert again.exit_code == 0, again.output
     both = json.loads(out.read_text())["methods"]
     assert both["greedy"]["accuracy"] == 0.25 and set(both) == {"greedy", "random"}
-    bad = runner.invoke(app, ["search", "--n", "1", "--methods", "value", "--out", str(tmp_path / "x.json")])
+    bad = runner.invoke(app, ["search", "--n-problems", "1", "--methods", "value", "--out", str(tmp_path / "x.json")])
     assert bad.exit_code != 0 and "need a bundle" in bad.output
 
 

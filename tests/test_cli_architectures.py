@@ -24,7 +24,7 @@ def test_commands_run_on_every_architecture(arch, tmp_path):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     runs = tmp_path / "runs"
-    r = runner.invoke(app, ["rollouts", "--model", str(folder), "--task", "chain_sum_2", "--n", "4", "--shots", "1",
+    r = runner.invoke(app, ["rollouts", "--model", str(folder), "--task", "chain_sum_2", "--n-problems", "4", "--shots", "1",
                             "--max-new-tokens", "12", "--capture-layers", "1,2", "--out", str(runs), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     manifest = json.loads((runs / "manifest.json").read_text())
@@ -33,9 +33,9 @@ def test_commands_run_on_every_architecture(arch, tmp_path):
     bundle = str(tmp_path / "bundle")
     commands = {
         "analyze": ["analyze", "--rollouts", str(runs), "--bundle", bundle, "--out", str(tmp_path / "analysis")],
-        "ablate": ["ablate", "--bundle", bundle, "--rollouts", str(runs), "--out", str(tmp_path / "ablate"), "--n", "2",
+        "ablate": ["ablate", "--bundle", bundle, "--rollouts", str(runs), "--out", str(tmp_path / "ablate"), "--n-problems", "2",
                    "--controls", "value,random", "--seeds", "1"],
-        "search": ["search", "--rollouts", str(runs), "--bundle", bundle, "--n", "2", "--methods", "greedy,value",
+        "search": ["search", "--rollouts", str(runs), "--bundle", bundle, "--n-problems", "2", "--methods", "greedy,value",
                    "--candidates", "2", "--max-step-tokens", "6", "--out", str(tmp_path / "search.json")],
     }
     for name, args in commands.items():

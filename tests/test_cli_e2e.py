@@ -14,13 +14,13 @@ runner = CliRunner()
 @pytest.mark.slow
 def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
     out = tmp_path / "run"
-    r = runner.invoke(app, ["rollouts", "--n", "24", "--samples", "2", "--max-new-tokens", "64", "--out", str(out)])
+    r = runner.invoke(app, ["rollouts", "--n-problems", "24", "--samples", "2", "--max-new-tokens", "64", "--out", str(out)])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["n_trajectories"] == 48 and manifest["mean_steps"] >= 2
     assert 0.0 < manifest["accuracy"] < 1.0
     # re-running the finished command is a no-op that reports the same result
-    again = runner.invoke(app, ["rollouts", "--n", "24", "--samples", "2", "--max-new-tokens", "64", "--out", str(out)])
+    again = runner.invoke(app, ["rollouts", "--n-problems", "24", "--samples", "2", "--max-new-tokens", "64", "--out", str(out)])
     assert again.exit_code == 0 and f"accuracy {manifest['accuracy']:.3f}" in again.output
 
     r = runner.invoke(app, ["fit", "--rollouts", str(out), "--out", str(out / "bundle"), "--layers", "8,14",
@@ -33,7 +33,7 @@ def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
     assert {r["stratum"]["num_terms"] for r in metrics["beyond_difficulty"]["per_stratum"]} <= {2.0, 3.0, 4.0}
     s0 = metrics["headline_cv"]["s0"]["value neurons"]
     if s0["verdict"] != "above chance":  # 48 trajectories: the output must say it is a smoke run and name the real one
-        assert "Smoke run without power" in r.output and "rpe rollouts --task chain_sum_mix --n 800" in r.output
+        assert "Smoke run without power" in r.output and "rpe rollouts --task chain_sum_mix --n-problems 800" in r.output
 
     # the RPE simulation on the same real rollouts: the model's RPE beside the TD(lambda) learner's, every step
     r = runner.invoke(app, ["simulate", "--rollouts", str(out), "--bundle", str(out / "bundle"), "--out",

@@ -59,13 +59,13 @@ def test_rollouts_and_fit_in_bf16_on_cpu_record_the_dtype(tiny_llama, tmp_path, 
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     out = tmp_path / "run"
-    r = runner.invoke(app, ["rollouts", "--model", str(folder), "--task", "chain_sum_2", "--n", "4", "--samples", "1",
+    r = runner.invoke(app, ["rollouts", "--model", str(folder), "--task", "chain_sum_2", "--n-problems", "4", "--samples", "1",
                             "--shots", "1", "--max-new-tokens", "8", "--device", "cpu", "--dtype", "bfloat16",
                             "--capture-layers", "1", "--out", str(out)])
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["dtype"] == "bfloat16" and manifest["n_trajectories"] == 4
-    bad = runner.invoke(app, ["rollouts", "--model", str(folder), "--n", "1", "--dtype", "int4", "--out",
+    bad = runner.invoke(app, ["rollouts", "--model", str(folder), "--n-problems", "1", "--dtype", "int4", "--out",
                               str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "unknown dtype 'int4'" in bad.output and not (tmp_path / "bad").exists()
 

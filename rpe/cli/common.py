@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+if TYPE_CHECKING:
+    from rpe.distributed import Ranks
 
 app = typer.Typer(help="Find the reward subsystem inside a language model and put it to work.", no_args_is_help=True)
 models_app = typer.Typer(help="Offline model registry: list and fetch models.", no_args_is_help=True)
@@ -25,10 +27,11 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def progress_bar() -> Progress:
+def progress_bar(ranks: Ranks | None = None) -> Progress:
+    """A progress bar; under a launcher only the main rank draws one, for its own share of the work."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=console,
+        TimeRemainingColumn(), console=console, disable=ranks is not None and not ranks.is_main,
     )
 
 
@@ -50,9 +53,16 @@ ATTN_OPTION = typer.Option(None, "--attn-implementation", help="transformers' at
 def load_cli_model(model: str, device: str = "auto", dtype: str = "auto", device_map: Optional[str] = None,
                    attn_implementation: Optional[str] = None):
     """``(model, tokenizer)`` for a command, with a clear error (and exit code 2) for a model that is missing, an
-    unknown device or dtype, or a load that fails."""
+    unknown device or dtype, or a load that fails. Under a launcher (``torchrun``, ``accelerate launch``) each
+    process takes its own GPU (``cuda:LOCAL_RANK``)."""
+    from rpe.distributed import current_ranks
     from rpe.models import ModelNotFetchedError, UnknownModelError, load_model
 
+    ranks = current_ranks()
+    if ranks.world > 1 and device_map:
+        fail(f"--device-map {device_map} shards one model over the GPUs, but this is a launched run with "
+             f"{ranks.world} processes (one model each): use one or the other")
+    device = ranks.device(device)  # under a launcher: this process's own GPU
     try:
         return load_model(model, device=device, dtype=dtype, device_map=device_map,
                           attn_implementation=attn_implementation)

@@ -67,7 +67,7 @@ def rollouts(
     task_option: Optional[list[str]] = typer.Option(
         None, help="Task option as KEY=VALUE (repeatable): a reasoning-gym difficulty option (min_animals=1 for "
         "rg:leg_counting), or for hf: tasks split, config, question, answer, solution, verifier."),
-    n: int = typer.Option(200, help="Number of problems."),
+    n_problems: int = typer.Option(200, "--n-problems", help="Number of problems."),
     samples: int = typer.Option(1, help="Completions per problem."),
     out: Path = typer.Option(..., help="Output folder (trajectories.parquet, manifest.json)."),
     batch_size: int = typer.Option(16, help="Sequences per generation call (and per part file)."),
@@ -92,28 +92,32 @@ def rollouts(
     """Collect batched rollouts; an interrupted run resumes where it stopped when re-run."""
     from rpe.prompts import PromptConfig
     from rpe.sampling import SamplingConfig
+    from rpe.distributed import process_group
     from rpe.rollouts import RolloutConfig, collect_rollouts
     from rpe.tasks import TaskFileError, UnknownTaskError, load_task
 
     try:
         cfg = RolloutConfig(
-            task=task, n_problems=n, samples=samples, batch_size=batch_size, engine=engine, seed=seed, segmenter=segmenter,
+            task=task, n_problems=n_problems, samples=samples, batch_size=batch_size, engine=engine, seed=seed, segmenter=segmenter,
             segment_pattern=segment_pattern, capture_layers=parse_layers(capture_layers),
             sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens), prompt=PromptConfig(shots=shots),
         )
         task_obj = load_task(task, **parse_options(task_option or []))
     except (ValueError, UnknownTaskError, TaskFileError) as err:
         fail(str(err))
-    lm, tokenizer = load_cli_model(model, device, dtype, device_map, attn_implementation)
-    with progress_bar() as bar:
-        job = bar.add_task(f"rollouts {model} on {task}", total=n * samples)
-        try:
-            result = collect_rollouts(
-                lm, tokenizer, cfg, out, task=task_obj, model_name=model, overwrite=overwrite,
-                progress=lambda done, total: bar.update(job, completed=done),
-            )
-        except ValueError as err:
-            fail(str(err))
+    with process_group() as ranks:  # launched (torchrun, accelerate launch): each rank collects its share
+        lm, tokenizer = load_cli_model(model, device, dtype, device_map, attn_implementation)
+        with progress_bar(ranks) as bar:
+            job = bar.add_task(f"rollouts {model} on {task}", total=None)
+            try:
+                result = collect_rollouts(
+                    lm, tokenizer, cfg, out, task=task_obj, model_name=model, overwrite=overwrite,
+                    progress=lambda done, total: bar.update(job, completed=done, total=total),
+                )
+            except ValueError as err:
+                fail(str(err))
+    if not ranks.is_main:
+        return
     lo, hi = result.manifest["accuracy_ci95"]
     console.print(
         f"[bold]{result.n_trajectories}[/] trajectories -> {out / 'trajectories.parquet'}\n"

@@ -120,7 +120,7 @@ def search(
                                             "budget the search uses (explicit options override it)."),
     model: Optional[str] = typer.Option(None, help="Model (default: the rollouts', else smollm2-135m-instruct)."),
     task: Optional[str] = typer.Option(None, help=f"Task (default: the rollouts', else {DEFAULT_TASK})."),
-    n_problems: int = typer.Option(200, "--n", help="Problems (same for every method)."),
+    n_problems: int = typer.Option(200, "--n-problems", help="Problems (same for every method)."),
     methods: str = typer.Option("value,dopamine,logprob,random,greedy,majority", help="Comma-separated methods."),
     candidates: int = typer.Option(4, "--candidates", help="Candidates per step (samples for majority)."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Token budget of one completion (default: the "
@@ -194,7 +194,7 @@ def ablate(
     out: Path = typer.Option(..., help="Output folder: results.json, ablation.png, one rollout folder per arm."),
     task: Optional[str] = typer.Option(None, help="Task of the held-out evaluation (default: the rollouts'; prompt "
                                        "and sampling always come from the rollouts)."),
-    n: int = typer.Option(200, help="Held-out problems per arm."),
+    n_problems: int = typer.Option(200, "--n-problems", help="Held-out problems per arm."),
     layers: Optional[str] = typer.Option(None, help="Comma-separated layers (default: the bundle's layer)."),
     controls: str = typer.Option(",".join(["value", "random", "random_matched", "top_magnitude", "next_token", "wanda", "mc_probe"]),
                                  help="Comma-separated neuron sources."),
@@ -215,7 +215,7 @@ def ablate(
     from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
 
     try:
-        cfg = AblateConfig(task=task, n_problems=n, seed=seed, layers=parse_layers(layers),
+        cfg = AblateConfig(task=task, n_problems=n_problems, seed=seed, layers=parse_layers(layers),
                            sources=[s.strip() for s in controls.split(",") if s.strip()], random_seeds=seeds,
                            share=share, engine=engine)
         b = SubsystemBundle.load(bundle)
@@ -235,7 +235,7 @@ def ablate(
         job = bar.add_task("arms", total=None)
         res = run_ablation(lm, tok, b, rollouts, cfg, out, model_name=name,
                            progress=lambda arm, a, t: bar.update(job, description=arm, completed=a, total=t))
-    table = Table(title=f"ablating {res['n_neurons']} neurons, {n} held-out problems per arm "
+    table = Table(title=f"ablating {res['n_neurons']} neurons, {n_problems} held-out problems per arm "
                         f"(no ablation: {res['baseline']['accuracy']:.3f})")
     for col in ("layer", "source", "accuracy", "drop (mean)", "drop range"):
         table.add_column(col)

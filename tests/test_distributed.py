@@ -1,0 +1,146 @@
+"""Launched runs on 2 CPU processes (torchrun, gloo): the launchers pass our options through, data-parallel
+rollouts equal a one-process run, and only the main rank writes the merged files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from rpe.distributed import Ranks, barrier, broadcast_object, current_ranks, gather_objects, process_group
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _options(command, path=()):
+    """(command path, option) for every long option of every ``rpe`` command."""
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            yield from _options(sub, (*path, name))
+        return
+    for param in command.params:
+        for opt in getattr(param, "opts", []):
+            if opt.startswith("--"):
+                yield path, opt
+
+
+def test_launchers_pass_every_rpe_option_through():
+    """argparse reads any unambiguous prefix of its own options anywhere on the line: `torchrun ... -m rpe.cli
+    rollouts --n 8` stopped in torchrun's parser ("ambiguous option: --n could match --nnodes, ...")."""
+    import typer.main
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    from rpe.cli import app
+
+    launchers = {"torchrun": (get_args_parser(), ["--nproc_per_node", "2"]),
+                 "accelerate launch": (launch_command_parser(), ["--num_processes", "2", "--cpu"])}
+    options = list(_options(typer.main.get_command(app)))
+    assert len(options) > 100 and ((("rollouts",), "--n-problems") in options)
+    refused = []
+    for name, (parser, own) in launchers.items():
+        for path, opt in options:
+            line = [*own, "-m", "rpe.cli", *path, opt, "1"]
+            try:
+                ns = parser.parse_args(line)
+            except SystemExit:
+                refused.append(f"{name}: rpe {' '.join(path)} {opt}")
+                continue
+            rest = ns.training_script_args
+            assert ns.training_script == "rpe.cli" and rest == [*path, opt, "1"], (name, path, opt, rest)
+    assert not refused, refused
+
+
+def test_ranks_share_work_round_robin_and_pick_their_own_gpu():
+    shares = [[b for b in range(7) if Ranks(r, 3).owns(b)] for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert Ranks(1, 2, local_rank=1).device("cuda") == "cuda:1"
+    assert Ranks(1, 2, local_rank=1).device("cuda:0") == "cuda:0"  # an explicit device is kept
+    assert Ranks(0, 1).device("cuda") == "cuda" and Ranks(1, 2).device("cpu") == "cpu"
+
+
+def test_single_process_helpers_are_identities(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with process_group() as ranks:
+        assert ranks == Ranks(0, 1, 0) and ranks.is_main
+        barrier()
+        assert gather_objects({"a": 1}) == [{"a": 1}] and broadcast_object(3) == 3
+    assert not torch.distributed.is_initialized()
+
+
+def test_a_world_without_rendezvous_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert current_ranks().world == 2
+    with pytest.raises(RuntimeError, match="MASTER_ADDR.*torchrun"):
+        with process_group():
+            pass
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _rollouts(args, nproc, port):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(port), "-m", "rpe.cli"] if nproc > 1 else [sys.executable, "-m", "rpe.cli"]
+    return subprocess.run([*launcher, "rollouts", *args], capture_output=True, text=True, timeout=600, env=_env(),
+                          cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_two_process_rollouts_equal_the_one_process_run(tmp_path):
+    from rpe.rollouts import PARTS_DIR
+    from rpe.store import StateSet
+    from rpe.tiny import tiny_model
+
+    model, tok = tiny_model()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    common = ["--model", str(folder), "--task", "chain_sum_2", "--n-problems", "5", "--samples", "2", "--batch-size",
+              "3", "--shots", "1", "--max-new-tokens", "10", "--capture-layers", "1,2", "--device", "cpu", "--seed", "3"]
+    one = _rollouts([*common, "--out", str(tmp_path / "one")], 1, 0)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _rollouts([*common, "--out", str(tmp_path / "two")], 2, 29541)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trajectories ->") == 1  # the main rank reports, once
+    a, b = (pq.read_table(tmp_path / d / "trajectories.parquet") for d in ("one", "two"))
+    assert a.num_rows == b.num_rows == 10
+    assert a.to_pylist() == b.to_pylist()  # 4 batches: ranks took 0,2 and 1,3; merged in batch order
+    ma, mb = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert {k: v for k, v in ma.items() if k != "sha256"} == {k: v for k, v in mb.items() if k != "sha256"}
+    sa, sb = (StateSet.load(tmp_path / d / "states.safetensors") for d in ("one", "two"))
+    for layer in (1, 2):
+        assert torch.equal(sa.acts[layer], sb.acts[layer])
+    assert not (tmp_path / "two" / PARTS_DIR).exists()
+    # resume: a launched rerun of the finished folder returns it as it is
+    again = _rollouts([*common, "--out", str(tmp_path / "two")], 2, 29542)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert pq.read_table(tmp_path / "two" / "trajectories.parquet").to_pylist() == a.to_pylist()
+
+
+@pytest.mark.slow
+def test_a_launched_run_with_another_configuration_is_refused_on_every_rank(tmp_path):
+    from rpe.tiny import tiny_model
+
+    model, tok = tiny_model()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    common = ["--model", str(folder), "--task", "chain_sum_2", "--n-problems", "2", "--shots", "1",
+              "--max-new-tokens", "6", "--device", "cpu", "--out", str(tmp_path / "r")]
+    first = _rollouts(common, 2, 29543)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (tmp_path / "r" / "trajectories.parquet").read_bytes()
+    other = _rollouts([*common, "--seed", "9"], 2, 29544)
+    assert other.returncode != 0
+    printed = " ".join((other.stdout + other.stderr).split())  # the console wraps long lines
+    assert printed.count("holds a run with a different configuration") == 2  # both ranks stop with the reason
+    assert (tmp_path / "r" / "trajectories.parquet").read_bytes() == before  # nothing written is lost
