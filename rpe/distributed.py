@@ -88,6 +88,33 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def partitioned_parameters(train_args: Any = None) -> str | None:
+    """The setting that partitions the model's parameters over ranks (DeepSpeed ZeRO-3, FSDP), as a user would
+    name it, or None. Read from ``train_args`` (a ``transformers.TrainingArguments``: ``deepspeed``, ``fsdp``)
+    and from the environment ``accelerate launch`` sets from its config file.
+
+    With partitioned parameters every forward is a collective that every rank must join; rpe's internal reads
+    run a rank-dependent number of forwards and may stop a forward part-way, so they refuse such runs."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "FSDP (accelerate config distributed_type: FSDP)"
+    if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3 (accelerate config deepspeed_config.zero_stage: 3)"
+    if train_args is None:
+        return None
+    if getattr(train_args, "fsdp", None):
+        return f"FSDP (fsdp: {train_args.fsdp})"
+    ds = getattr(train_args, "deepspeed", None)
+    if isinstance(ds, (str, os.PathLike)) and os.path.isfile(ds):
+        import json
+
+        with open(ds) as f:
+            ds = json.load(f)
+    if isinstance(ds, dict) and str((ds.get("zero_optimization") or {}).get("stage")) == "3":
+        return "DeepSpeed ZeRO-3 (deepspeed config zero_optimization.stage: 3)"
+    return None
+
+
 @contextmanager
 def process_group(timeout_s: float = 3600.0) -> Iterator[Ranks]:
     """A gloo process group for the duration of a launched CLI command (none in a single process, and none
@@ -113,4 +140,5 @@ def process_group(timeout_s: float = 3600.0) -> Iterator[Ranks]:
             dist.destroy_process_group()
 
 
-__all__ = ["Ranks", "barrier", "broadcast_object", "current_ranks", "gather_objects", "process_group"]
+__all__ = ["Ranks", "barrier", "broadcast_object", "current_ranks", "gather_objects", "partitioned_parameters",
+           "process_group"]

@@ -20,9 +20,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -327,7 +329,8 @@ def load_model(
 
     Returns:
         ``(model, tokenizer)``, the model in eval mode on ``device`` (or placed by ``device_map``), with
-        ``model.name_or_path`` set to ``name_or_path`` (the fingerprint's name).
+        ``model.name_or_path`` set to a path a later ``from_pretrained`` (or vLLM) can load: a registry
+        name's cache folder; ``model.rpe_model_name`` to ``name_or_path`` as given (the fingerprint's name).
 
     Raises:
         ModelNotFetchedError: a registry model that is not cached (the message holds the fetch command).
@@ -356,8 +359,23 @@ def load_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     prepare_tokenizer(tokenizer)
-    model.name_or_path = name_or_path
+    model.name_or_path = path  # loadable by whoever reads it (TRL's vLLM engine builds itself from it)
+    model.rpe_model_name = name_or_path  # the name as asked for: the fingerprint's name
     return model, tokenizer
+
+
+@contextmanager
+def eval_mode(model) -> Iterator[Any]:
+    """``model`` in eval mode for the block: no dropout (LoRA's included) and no gradient checkpointing (which
+    transformers applies only in training mode and which, on older releases, drops a passed KV cache). Every
+    module's own training flag is restored on exit, also after an error."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def prepare_tokenizer(tokenizer) -> None:
@@ -407,11 +425,13 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def fingerprint(model, tokenizer, name: str | None = None) -> ModelFingerprint:
-    """Fingerprint of a loaded model + tokenizer."""
+    """Fingerprint of a loaded model + tokenizer (named ``name``, else the name :func:`load_model` was given,
+    else the model's ``name_or_path``)."""
     cfg = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return ModelFingerprint(
-        name=name or getattr(model, "name_or_path", None) or cfg.name_or_path or cfg.model_type,
+        name=name or getattr(model, "rpe_model_name", None) or getattr(model, "name_or_path", None)
+        or cfg.name_or_path or cfg.model_type,
         architecture=(cfg.architectures or [type(model).__name__])[0],
         hidden_size=int(text_cfg.hidden_size),
         num_layers=int(text_cfg.num_hidden_layers),

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from rpe.bundle import SubsystemBundle
+from rpe.models import eval_mode
 from rpe.segment import Segmenter
 from rpe.tracker import check_finite
 
@@ -184,38 +185,41 @@ class SignalReader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # the shared prefix must end before every s_0 (the last prompt token), so s_0 is computed with hooks on
         pre = shared_prefix_len([list(p) for p in prompt_ids], min_prefix) if reuse_prefix and len(prompt_ids) > 1 else 0
-        cache = prefix_cache(base, list(prompt_ids[0][:pre]), device) if pre else None
         out: list[SequenceSignals] = []
-        with ActivationTracker(base, [self.bundle.layer], neurons=self.columns) as tracker:
-            for start in range(0, len(prompt_ids), self.batch_size):
-                prompts = [list(p) for p in prompt_ids[start : start + self.batch_size]]
-                comps = [list(c) for c in completion_ids[start : start + self.batch_size]]
-                all_spans = ([list(x) for x in spans[start : start + self.batch_size]] if spans is not None
-                             else [self.step_spans(c) for c in comps])
-                for c, sp in zip(comps, all_spans):
-                    if sp and (min(a for a, _ in sp) < 0 or max(b for _, b in sp) > len(c) or any(b <= a for a, b in sp)):
-                        raise ValueError(f"step spans {sp} do not fit a completion of {len(c)} tokens")
-                rows, starts, ends, layout = [], [], [], []
-                for r, (p, row_spans) in enumerate(zip(prompts, all_spans)):
-                    n = len(p) - pre  # positions are relative to the part after the cached prefix
-                    points = [(n - 1, n)] + [(n + e - 1, n + e) for _, e in row_spans]
-                    means = [(n + a, n + b) for a, b in row_spans]
-                    layout.append((len(rows), len(points), len(means)))
-                    for a, b in points + means:
-                        rows.append(r)
-                        starts.append(a)
-                        ends.append(b)
-                ids, mask = right_pad([(p + c)[pre:] for p, c in zip(prompts, comps)], pad, pre)
-                tracker.select(rows, starts, ends)
-                inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-                if cache is not None:
-                    inputs.update(batched_cache_kwargs(base, cache, len(prompts)))
-                acts = tracker.forward(**inputs)[self.bundle.layer]
-                check_finite(acts, self.bundle.layer, where=" while reading internal signals")
-                for (first, n_points, n_means), row_spans in zip(layout, all_spans, strict=True):
-                    point = acts[first : first + n_points]
-                    span = acts[first + n_points : first + n_points + n_means]
-                    out.append(self._signals(point, span, row_spans))
+        # eval mode (the trainer calls in training mode): no dropout, and no gradient checkpointing, which on
+        # older transformers drops the prefix cache while the mask keeps its length
+        with eval_mode(base):
+            cache = prefix_cache(base, list(prompt_ids[0][:pre]), device) if pre else None
+            with ActivationTracker(base, [self.bundle.layer], neurons=self.columns) as tracker:
+                for start in range(0, len(prompt_ids), self.batch_size):
+                    prompts = [list(p) for p in prompt_ids[start : start + self.batch_size]]
+                    comps = [list(c) for c in completion_ids[start : start + self.batch_size]]
+                    all_spans = ([list(x) for x in spans[start : start + self.batch_size]] if spans is not None
+                                 else [self.step_spans(c) for c in comps])
+                    for c, sp in zip(comps, all_spans):
+                        if sp and (min(a for a, _ in sp) < 0 or max(b for _, b in sp) > len(c) or any(b <= a for a, b in sp)):
+                            raise ValueError(f"step spans {sp} do not fit a completion of {len(c)} tokens")
+                    rows, starts, ends, layout = [], [], [], []
+                    for r, (p, row_spans) in enumerate(zip(prompts, all_spans)):
+                        n = len(p) - pre  # positions are relative to the part after the cached prefix
+                        points = [(n - 1, n)] + [(n + e - 1, n + e) for _, e in row_spans]
+                        means = [(n + a, n + b) for a, b in row_spans]
+                        layout.append((len(rows), len(points), len(means)))
+                        for a, b in points + means:
+                            rows.append(r)
+                            starts.append(a)
+                            ends.append(b)
+                    ids, mask = right_pad([(p + c)[pre:] for p, c in zip(prompts, comps)], pad, pre)
+                    tracker.select(rows, starts, ends)
+                    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                    if cache is not None:
+                        inputs.update(batched_cache_kwargs(base, cache, len(prompts)))
+                    acts = tracker.forward(**inputs)[self.bundle.layer]
+                    check_finite(acts, self.bundle.layer, where=" while reading internal signals")
+                    for (first, n_points, n_means), row_spans in zip(layout, all_spans, strict=True):
+                        point = acts[first : first + n_points]
+                        span = acts[first + n_points : first + n_points + n_means]
+                        out.append(self._signals(point, span, row_spans))
         return out
 
     def from_recorded(self, recorded: torch.Tensor, width: int, completion_ids: Sequence[Sequence[int]],

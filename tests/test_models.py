@@ -63,6 +63,23 @@ def test_local_folder_loads(tmp_path):
     assert ltok.padding_side == "left" and ltok.pad_token is not None
 
 
+def test_a_registry_model_keeps_a_loadable_name_or_path(tmp_path, monkeypatch):
+    """vLLM (TRL's use_vllm) builds its engine from model.name_or_path: it was overwritten with the registry
+    name, which is neither a folder nor a hub id."""
+    from transformers import AutoConfig
+
+    monkeypatch.setenv("RPE_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "models" / "smollm2-135m-instruct"
+    model, tok = tiny_model()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "rpe_model.json").write_text("{}")
+    loaded, ltok = load_model("smollm2-135m-instruct")
+    assert loaded.name_or_path == str(folder)
+    assert AutoConfig.from_pretrained(loaded.name_or_path).hidden_size == model.config.hidden_size
+    assert fingerprint(loaded, ltok).name == "smollm2-135m-instruct"  # bundles and manifests keep the short name
+
+
 @pytest.mark.slow
 def test_real_default_model_loads_and_fingerprints(real_model):
     model, tok = real_model

@@ -4,6 +4,7 @@ import torch
 
 from rpe.signals import GenerationCapture, SignalReader
 from rpe.kvcache import right_pad
+from rpe.tiny import TinyModelConfig, tiny_model
 
 
 def _hooks(model):
@@ -75,7 +76,7 @@ def test_generation_capture_matches_a_separate_forward(tiny_llama, tiny_bundle):
 
 def test_wrong_model_is_refused(tiny_bundle):
     from rpe.bundle import BundleMismatchError
-    from rpe.tiny import TinyModelConfig, tiny_model
+
 
     other, tok = tiny_model(TinyModelConfig(architecture="qwen2"))
     with pytest.raises(BundleMismatchError):
@@ -93,6 +94,24 @@ def test_shared_prefix_reuse_gives_the_same_signals(tiny_llama, tiny_bundle):
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a.values, b.values, atol=1e-5)
         np.testing.assert_allclose(a.dopamine, b.dopamine, atol=1e-4)
+
+
+def test_reads_in_training_mode_with_checkpointing_and_dropout_equal_eval_reads(tiny_bundle):
+    """TRL scores completions with the model in training mode: reads ran with dropout on and, under gradient
+    checkpointing, with the layers that drop a passed prefix cache on older transformers."""
+    model, tok = tiny_model(TinyModelConfig(extra={"attention_dropout": 0.5}))
+    reader = SignalReader(tiny_bundle, model, tok)
+    shots = "Q: 1+1=2\n\nQ: 2+2=4\n\nQ: 3+3=6\n\nQ: 4+4=8\n\n"
+    prompts = [tok(shots + q, add_special_tokens=False)["input_ids"] for q in ("Q: 5+5=", "Q: 6+6+1=")]
+    comps = [tok(c, add_special_tokens=False)["input_ids"] for c in ("10\n\nAnswer: 10", "12\n\n13\n\nAnswer: 13")]
+    reference = reader.read(prompts, comps, reuse_prefix=False)  # eval mode, no prefix reuse
+    model.gradient_checkpointing_enable()
+    model.train()
+    for reuse in (True, False):
+        for a, b in zip(reader.read(prompts, comps, reuse_prefix=reuse), reference):
+            np.testing.assert_allclose(a.values, b.values, atol=1e-5)
+            np.testing.assert_allclose(a.dopamine, b.dopamine, atol=1e-4)
+    assert model.training and all(m.training for m in model.modules())  # the trainer's mode is given back
 
 
 class _EosAfter:
