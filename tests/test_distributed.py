@@ -144,3 +144,107 @@ def test_a_launched_run_with_another_configuration_is_refused_on_every_rank(tmp_
     printed = " ".join((other.stdout + other.stderr).split())  # the console wraps long lines
     assert printed.count("holds a run with a different configuration") == 2  # both ranks stop with the reason
     assert (tmp_path / "r" / "trajectories.parquet").read_bytes() == before  # nothing written is lost
+
+
+CPU_OVERRIDES = ["--model", "tiny", "--task", "chain_sum_2", "--shots", "1", "--use_vllm", "false", "--bf16", "false",
+                 "--use_cpu", "true", "--max_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "4",
+                 "--max_completion_length", "8", "--n_train_problems", "8", "--n_eval_problems", "6",
+                 "--eval_max_new_tokens", "8", "--save_strategy", "no", "--logging_steps", "1",
+                 "--gradient_checkpointing", "false"]
+"""The multi-GPU recipe on 2 CPU processes: tiny random Llama, no vLLM, no bf16, 2 steps (docs/guides/recipes.md)."""
+
+
+def _launch_train(tmp_path, port, *extra, script=True):
+    from rpe.bundle import random_bundle
+    from rpe.tiny import tiny_model
+
+    model, tok = tiny_model()
+    random_bundle(model, tok).save(tmp_path / "bundle")
+    head = [str(ROOT / "tests" / "dist_train.py"), str(tmp_path / "side")] if script else ["-m", "rpe.cli"]
+    # torchrun, not `accelerate launch --cpu`: accelerate starts several CPU processes only through mpirun
+    line = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *head, "train", "--config", str(ROOT / "recipes" / "multi_gpu_grpo_rpe.yaml"), *CPU_OVERRIDES,
+            "--bundle", str(tmp_path / "bundle"), "--output_dir", str(tmp_path / "train"), *extra]
+    run = subprocess.run(line, capture_output=True, text=True, timeout=900, env=_env(), cwd=tmp_path)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
+    return run
+
+
+def _rank_logs(tmp_path):
+    return [json.loads((tmp_path / "side" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_documented_multi_gpu_launch_line_runs_on_two_cpu_processes(tmp_path):
+    run = _launch_train(tmp_path, 29551, script=False)
+    out = tmp_path / "train"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["eval_before"]["n"] == summary["eval_after"]["n"] == 6
+    assert (out / "rpe_bundle").is_dir() and (out / "log_history.json").exists()
+    assert run.stdout.count("held-out accuracy") == 1  # the main rank reports
+    printed = run.stdout + run.stderr
+    assert "world_size=2" in printed or printed.count("'rpe/value_s0'") == 2  # two processes trained
+
+
+@pytest.mark.slow
+def test_ranks_share_refits_and_only_the_main_rank_writes(tmp_path):
+    _launch_train(tmp_path, 29552, "--refit_every", "1")
+    probes = [torch.load(tmp_path / "side" / f"rank{r}_probe.pt") for r in (0, 1)]
+    bundle = json.loads((tmp_path / "train" / "rpe_bundle" / "bundle.json").read_text())
+    refits = bundle["metrics"]["online_refits"]
+    assert refits and refits[-1]["n_trajectories"] == 16  # 2 steps x 2 ranks x 4 completions: both ranks' buffers
+    from rpe.bundle import SubsystemBundle
+
+    start = SubsystemBundle.load(tmp_path / "bundle").probe_state.weights
+    assert any(not torch.equal(probes[0][k], start[k]) for k in start)  # the refit changed the probe
+    for k in probes[0]:
+        assert torch.equal(probes[0][k], probes[1][k]), k  # ... identically on both ranks
+    out = str(tmp_path / "train")
+    logs = _rank_logs(tmp_path)
+    main_files = {p for p in logs[0]["written"] if p.startswith(out)}
+    other_files = {p for p in logs[1]["written"] if p.startswith(out)}
+    assert any(p.endswith("summary.json") for p in main_files) and any("rpe_bundle" in p for p in main_files)
+    # rank 1 may write only rollout parts of its own (here none: the 6 held-out problems are one batch, rank 0's)
+    assert all("/parts/" in p for p in other_files), sorted(other_files)
+    assert logs[1]["summary"]["eval_after"] == logs[0]["summary"]["eval_after"]  # read back from the merged folder
+
+
+@pytest.mark.slow
+def test_internal_critic_steps_are_identical_on_both_ranks(tmp_path):
+    _launch_train(tmp_path, 29553, "--trainer", "internal_critic", "--eval_before_after", "false")
+    probes = [torch.load(tmp_path / "side" / f"rank{r}_probe.pt") for r in (0, 1)]
+    from rpe.bundle import SubsystemBundle
+
+    start = SubsystemBundle.load(tmp_path / "bundle").probe_state.weights
+    assert any(not torch.equal(probes[0][k], start[k]) for k in start)  # the critic trained
+    for k in probes[0]:
+        assert torch.allclose(probes[0][k], probes[1][k], atol=0, rtol=0), k
+    history = json.loads((tmp_path / "train" / "log_history.json").read_text())
+    assert sum("critic/loss" in h for h in history) == 2
+
+
+def test_partitioned_parameters_are_named_and_refused_before_loading(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from rpe.distributed import partitioned_parameters
+
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+    plain = SimpleNamespace(fsdp="", deepspeed=None)
+    assert partitioned_parameters(plain) is None and partitioned_parameters() is None
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert "ZeRO-3" in partitioned_parameters(SimpleNamespace(fsdp="", deepspeed=str(ds)))
+    assert partitioned_parameters(SimpleNamespace(fsdp="", deepspeed={"zero_optimization": {"stage": 2}})) is None
+    assert "FSDP" in partitioned_parameters(SimpleNamespace(fsdp=["full_shard"], deepspeed=None))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")  # what `accelerate launch` sets from its config
+    assert "zero_stage: 3" in partitioned_parameters(plain)
+
+    pytest.importorskip("trl")
+    from rpe.trainers.recipes import parse_recipe, train
+    from rpe.trainers.trl_adapter import PartitionedParametersError
+
+    recipe = parse_recipe(ROOT / "recipes" / "multi_gpu_grpo_rpe.yaml",
+                          [*CPU_OVERRIDES, "--bundle", str(tmp_path / "no_bundle"), "--output_dir", str(tmp_path / "t")])
+    with pytest.raises(PartitionedParametersError, match="ZeRO-3.*ZeRO-2"):
+        train(*recipe)
+    assert not (tmp_path / "t").exists()  # refused before anything was loaded or written

@@ -38,7 +38,7 @@ from rpe.bundle import SubsystemBundle
 from rpe.metrics import auroc
 
 from .rewards import InternalSignals
-from .trl_adapter import RewardTap, find_trainer, log_to_trainer
+from .trl_adapter import RewardTap, find_trainer, log_to_trainer, refuse_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class RPECallback(TrainerCallback):
         """Wire the callback into ``trainer`` (done automatically at ``on_init_end``)."""
         if self.trainer is trainer:
             return
+        refuse_partitioned(trainer.args, "RPECallback")
         tap = RewardTap(trainer, self._observe)  # checks the TRL surface first (rpe.trainers.trl_adapter)
         self.trainer = trainer
         self._tap = tap
@@ -184,14 +185,38 @@ class RPECallback(TrainerCallback):
 
     def refit(self) -> dict[str, float] | None:
         """Refit the value probe on the buffered value-neuron activations (neurons fixed); returns its metrics,
-        or None (with a warning) when the buffer cannot support a fit yet."""
-        from rpe.probe import ProbeState, SingleClassError, ValueProbe
+        or None (with a warning) when the buffer cannot support a fit yet.
+
+        Under several processes every rank calls it at the same step: the buffers of all ranks are gathered,
+        the main rank fits, and its probe is sent to every rank, so all ranks hold the same probe."""
+        from rpe.distributed import broadcast_object, current_ranks, gather_objects
+        from rpe.probe import ProbeState
+
+        batches = [b for rank_buffer in gather_objects(list(self._buffer)) for b in rank_buffer]
+        fitted = self._fit(batches) if current_ranks().is_main else None
+        fitted = broadcast_object(fitted)
+        if fitted is None:
+            return None
+        state, metrics = fitted
+        bundle = self.signals.bundle
+        bundle.probe_state = ProbeState(bundle.layer, bundle.value_neurons, state.mean, state.std, state.weights,
+                                        state.hidden)
+        bundle.metrics.setdefault("online_refits", []).append({
+            "step": self.trainer.state.global_step, "n_trajectories": metrics["n_trajectories"],
+            **{k: v for k, v in metrics.items() if k.startswith("test_auroc")}})
+        return metrics
+
+    def _fit(self, batches: list[tuple]) -> tuple[object, dict[str, float]] | None:
+        """(probe state, metrics) of a probe fitted on ``batches`` of (value acts, rewards, prompts), or None."""
+        import hashlib
+
+        from rpe.probe import SingleClassError, ValueProbe
         from rpe.store import StateSet
 
         bundle = self.signals.bundle
         acts, traj, step, rewards, pids = [], [], [], [], []
         i = 0
-        for batch_acts, batch_rewards, batch_prompts in self._buffer:
+        for batch_acts, batch_rewards, batch_prompts in batches:
             for a, r, p in zip(batch_acts, batch_rewards, batch_prompts):
                 if a is None or r is None or math.isnan(r):
                     continue
@@ -199,7 +224,7 @@ class RPECallback(TrainerCallback):
                 traj += [i] * a.shape[0]
                 step += list(range(a.shape[0]))
                 rewards.append(float(r >= 0.5))
-                pids.append(str(hash(p)))
+                pids.append(hashlib.sha1(p.encode()).hexdigest()[:16])  # hash() differs by process
                 i += 1
         if not acts:
             return None
@@ -213,11 +238,7 @@ class RPECallback(TrainerCallback):
         except (SingleClassError, ValueError) as err:
             logger.warning("RPECallback: online refit skipped: %s", err)
             return None
-        st = probe.state
-        bundle.probe_state = ProbeState(bundle.layer, bundle.value_neurons, st.mean, st.std, st.weights, st.hidden)
-        bundle.metrics.setdefault("online_refits", []).append({"step": self.trainer.state.global_step, **{
-            k: v for k, v in probe.metrics.items() if k.startswith("test_auroc")}})
-        return probe.metrics
+        return probe.state, {**probe.metrics, "n_trajectories": i}
 
     def on_save(self, args, state, control, **kwargs):
         if not self.save_bundle or self.signals is None or not state.is_world_process_zero:

@@ -12,10 +12,13 @@ Algorithm (per generated batch):
    delta_{T-1} = r - V(s_{T-1}); GAE A_t = sum_l (gamma * lambda)^l delta_{t+l}.
 4. Every token of step t+1 (and the separator before it) gets A_t; tokens after the last step (EOS) get
    A_{T-1}; a completion with no step gets r - V(s_0). Advantages are whitened over the batch's tokens and
-   optionally mixed with GRPO's group-relative advantage: A = (1 - mix) * A_gae + mix * A_group.
+   optionally mixed with GRPO's group-relative advantage: A = (1 - mix) * A_gae + mix * A_group. Under several
+   processes the whitening uses the mean and spread of every process's tokens.
 5. GRPO's clipped surrogate loss is applied with these per-token advantages (shape (B, T)).
 6. The critic (the probe on the value neurons, neurons fixed) takes ``critic_updates`` AdamW steps on the
-   TD(lambda) targets of the batch (binary cross-entropy, as the probe was trained).
+   TD(lambda) targets of the batch (binary cross-entropy, as the probe was trained); under several processes
+   each step follows the gradient of the loss over every process's states (gradients summed across
+   processes), so every process holds the same critic.
 
 A reward function returning NaN/inf skips the whole update (advantages set to 0) with a warning.
 """
@@ -36,7 +39,7 @@ from rpe.metrics import auroc
 from rpe.probe import ProbeState, lambda_returns
 
 from .rewards import InternalSignals, nan_guard
-from .trl_adapter import check_trainer
+from .trl_adapter import check_trainer, refuse_partitioned
 
 if TYPE_CHECKING:
     from rpe.bundle import SubsystemBundle
@@ -119,6 +122,7 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
                                       else nan_guard(f, self._mark_skip) for f in funcs]
         super().__init__(*args, **kwargs)
         check_trainer(self, also=("_generate_and_score_completions",))
+        refuse_partitioned(self.args, "InternalCriticGRPOTrainer")
         if signals is None and bundle is None:
             raise ValueError("InternalCriticGRPOTrainer needs bundle= (the value probe is the critic)")
         self.critic_cfg = critic or CriticConfig()
@@ -136,6 +140,12 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._last = (prompts, completion_ids_list, rewards_per_func)
         return rewards_per_func
+
+    def _global_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (a CPU tensor) summed over every process (itself in one process)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
 
     def _critic_values(self, acts: torch.Tensor) -> torch.Tensor:
         st = self.rpe_signals.bundle.probe_state
@@ -165,9 +175,15 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
                 adv[i, :n] = torch.from_numpy(token_advantages(step_adv, s.step_spans, n)).float()
                 all_acts.append(acts)
                 traj += [i] * acts.shape[0]
-        if cfg.whiten:
+        # a NaN reward on any process skips the update on every process (they must take the same steps)
+        self._skip_update = bool(self._global_sum(torch.tensor([float(self._skip_update)])) > 0)
+        if cfg.whiten:  # over the global batch's completion tokens
             valid = mask.bool()
-            mu, sd = adv[valid].mean(), adv[valid].std().clamp_min(1e-6) if valid.sum() > 1 else torch.tensor(1.0)
+            a = adv[valid].double()
+            n, total, squares = self._global_sum(torch.stack([torch.tensor(float(a.numel()), dtype=torch.float64),
+                                                              a.sum(), (a * a).sum()])).tolist()
+            mu = total / max(n, 1.0)
+            sd = max(((squares - n * mu * mu) / (n - 1)) ** 0.5, 1e-6) if n > 1 else 1.0
             adv = torch.where(valid, (adv - mu) / sd, torch.zeros_like(adv))
         group = out["advantages"].float().cpu()
         group = group.unsqueeze(1) if group.dim() == 1 else group
@@ -181,17 +197,23 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
         traj_t = torch.tensor(traj)
         y = torch.tensor((rewards >= 0.5).astype(np.float32))
         losses = []
+        n_states = float(self._global_sum(torch.tensor([float(x.shape[0])])))
         # a NaN reward skips the whole update, the critic's too (its targets would be NaN read as 0)
         for _ in range(0 if self._skip_update else cfg.critic_updates):
             with torch.no_grad():
                 targets = lambda_returns(self._critic_values(x).reshape(-1), y, traj_t, cfg.gamma, cfg.lam)
             st = self.rpe_signals.bundle.probe_state
             logits = self.critic_net((x - st.mean) / st.std).reshape(-1)
-            loss = nn.functional.binary_cross_entropy_with_logits(logits, targets)
+            loss_sum = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
             self.critic_opt.zero_grad()
-            loss.backward()
+            loss_sum.backward()
+            # the gradient of the mean loss over every process's states: every process takes the same step
+            params = [p for p in self.critic_net.parameters() if p.grad is not None]
+            flat = self._global_sum(torch.cat([p.grad.reshape(-1) for p in params])) / n_states
+            for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
+                p.grad.copy_(g.reshape(p.shape))
             self.critic_opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(self._global_sum(loss_sum.detach().reshape(1))) / n_states)
         st = self.rpe_signals.bundle.probe_state
         self.rpe_signals.bundle.probe_state = ProbeState(
             st.layer, st.neurons, st.mean, st.std, {k: v.detach().clone() for k, v in self.critic_net.state_dict().items()},

@@ -20,6 +20,12 @@ Arms:
 
 Outputs in ``output_dir``: TRL's checkpoints, ``log_history.json`` (every logged step), ``eval_before`` /
 ``eval_after`` rollout folders and ``summary.json`` (held-out accuracy before and after with Wilson intervals).
+
+Under ``accelerate launch`` / ``torchrun`` every rank trains; the evaluations are data-parallel (each rank
+generates its share of the held-out problems on its own device, :func:`rpe.rollouts.collect_rollouts`), and
+only the main rank writes ``log_history.json``, ``rpe_bundle/`` and ``summary.json``. Probe refits and the
+internal critic's updates are shared, so every rank holds the same probe. DeepSpeed ZeRO-3 and FSDP are
+refused when a bundle is used (:func:`rpe.trainers.trl_adapter.refuse_partitioned`).
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class RPEArguments:
     """Bundle folder (needed by the callback, internal rewards and the internal critic)."""
     rpe_callback: bool = True
     """Log internal value/RPE with :class:`RPECallback` (when a bundle is given)."""
+    refit_every: int = 0
+    """Refit the callback's value probe every this many optimizer steps (0 = never; shared by all ranks)."""
     internal_rewards: list[str] = field(default_factory=list)
     """Internal reward functions added after the verifiable one, e.g. ``[rpe_sum]``."""
     internal_reward_weights: list[float] = field(default_factory=list)
@@ -256,6 +264,8 @@ class TrainOutcome:
     summary: dict[str, Any]
     model: Any
     tokenizer: Any
+    bundle: Any = None
+    """The bundle as training left it (refitted probe, or the internal critic's), None without a bundle."""
 
 
 def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
@@ -269,11 +279,19 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
     from .critic import CriticConfig, InternalCriticGRPOTrainer
     from .rewards import InternalSignals, correctness_reward, nan_guard
 
+    from rpe.distributed import barrier, current_ranks
+
+    from .trl_adapter import refuse_partitioned
+
+    if rpe_args.bundle:  # before anything is loaded: ZeRO-3 / FSDP cannot run the internal reads
+        refuse_partitioned(train_args, f"trainer {rpe_args.trainer!r} with bundle {rpe_args.bundle}")
     out = Path(train_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if model_args is None:
         model_args = ModelConfig(**model_config_defaults())
-    model, tok = load_policy(rpe_args, model_args, train_args.device)
+    model, tok = load_policy(rpe_args, model_args, train_args.device)  # the process group is up from here
+    ranks = current_ranks()
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     task = load_task(rpe_args.task, **rpe_args.task_options)
     builder = PromptBuilder(task, tok, PromptConfig(shots=rpe_args.shots), seed=train_args.seed)
     chat = builder.style == "chat"
@@ -283,6 +301,7 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
                                           "trainer_class": type(train_args).__name__}}
     if rpe_args.eval_before_after:
         before_dir = Path(rpe_args.eval_before_dir) if rpe_args.eval_before_dir else out / "eval_before"
+        # data-parallel under a launcher: each rank its share on its own device, the main rank merges
         summary["eval_before"] = evaluate(model, tok, rpe_args, before_dir, rpe_args.model, exclude=held_out_from)
         logger.info("held-out accuracy before: %s", summary["eval_before"])
     peft_config = get_peft_config(model_args)
@@ -297,7 +316,8 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
         reward_funcs.append(nan_guard(signals.reward(kind)))
         weights.append(w)
     train_args.reward_weights = weights
-    callbacks = [RPECallback(signals.bundle, signals=signals)] if signals is not None and rpe_args.rpe_callback else []
+    callbacks = ([RPECallback(signals.bundle, signals=signals, refit_every=rpe_args.refit_every)]
+                 if signals is not None and rpe_args.rpe_callback else [])
     common = dict(model=model, processing_class=tok, reward_funcs=reward_funcs, args=train_args,
                   train_dataset=dataset, callbacks=callbacks)
     try:
@@ -320,18 +340,22 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
         if signals is not None:
             signals.close()
     history = trainer.state.log_history
-    (out / "log_history.json").write_text(json.dumps(history, indent=2, default=str))
+    if ranks.is_main:  # the others hold the same history, bundle (refits are shared) and policy
+        (out / "log_history.json").write_text(json.dumps(history, indent=2, default=str))
+        if signals is not None:
+            signals.bundle.save(out / "rpe_bundle")
     if signals is not None:
-        signals.bundle.save(out / "rpe_bundle")
         summary["signal_reads"] = dict(signals.stats)
     policy = model.merge_and_unload() if peft_config is not None else model
-    if rpe_args.eval_before_after:
+    if rpe_args.eval_before_after:  # every rank takes its share of the held-out problems
         summary["eval_after"] = evaluate(policy, tok, rpe_args, out / "eval_after", rpe_args.model, overwrite=True,
                                          exclude=held_out_from)
         logger.info("held-out accuracy after: %s", summary["eval_after"])
     summary["steps"] = trainer.state.global_step
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return TrainOutcome(summary, policy, tok)
+    if ranks.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    barrier()  # no rank returns before the files are written
+    return TrainOutcome(summary, policy, tok, signals.bundle if signals is not None else None)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

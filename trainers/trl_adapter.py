@@ -76,6 +76,26 @@ def check_trainer(trainer: Any, also: tuple[str, ...] = ()) -> None:
         logger.warning("rpe.trainers: TRL %s is not among the tested versions (%s); its private names still match", version, tested)
 
 
+class PartitionedParametersError(ValueError):
+    """Internal reads asked for where the model's parameters are partitioned over ranks (ZeRO-3, FSDP)."""
+
+
+def refuse_partitioned(train_args: Any, who: str) -> None:
+    """Raise :class:`PartitionedParametersError` when ``train_args`` (or the accelerate launch) partitions the
+    parameters (:func:`rpe.distributed.partitioned_parameters`): there, every forward is a collective every
+    rank must join, and the internal reads run a rank-dependent number of forwards (a re-read only for
+    completions cut at the limit, the prefix prefill only where local prompts share a prefix) and stop a
+    forward after the bundle's layer. ZeRO-2 and DDP keep whole parameters on every rank and work."""
+    from rpe.distributed import partitioned_parameters
+
+    setting = partitioned_parameters(train_args)
+    if setting:
+        raise PartitionedParametersError(
+            f"{who} reads the policy's hidden states with forwards of its own, which cannot run under {setting}: "
+            "ranks would wait on each other's parameter gathers. Use DeepSpeed ZeRO-2 (zero_stage: 2, "
+            "recipes/accelerate_deepspeed_zero2.yaml) or plain DDP, or train without a bundle")
+
+
 def find_trainer(callback: Any, max_depth: int = 12) -> Any | None:
     """The ``transformers.Trainer`` whose callback handler holds ``callback``, found on the call stack (the
     callback is being called from that trainer's ``__init__`` or ``train``); None when none is found."""
@@ -143,6 +163,7 @@ def log_to_trainer(trainer: Any, metrics: dict[str, float]) -> None:
 
 
 __all__ = [
-    "REWARD_HOOK", "REWARD_HOOK_PARAMS", "TESTED_TRL_VERSIONS", "TRAINER_ATTRIBUTES", "RewardTap", "TRLChangedError",
-    "check_trainer", "find_trainer", "log_to_trainer", "trl_version",
+    "REWARD_HOOK", "REWARD_HOOK_PARAMS", "TESTED_TRL_VERSIONS", "TRAINER_ATTRIBUTES", "PartitionedParametersError",
+    "RewardTap", "TRLChangedError", "check_trainer", "find_trainer", "log_to_trainer", "refuse_partitioned",
+    "trl_version",
 ]

@@ -36,6 +36,10 @@ def train(
     except (RecipeError, ValueError) as err:
         fail(str(err))
     summary = run_recipe(*recipe).summary
+    from rpe.distributed import current_ranks
+
+    if not current_ranks().is_main:  # launched: the main rank reports
+        return
     table = Table(title=f"rpe train: {config.name} ({summary['steps']} steps)")
     table.add_column("held-out accuracy")
     table.add_column("value")
