@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from rpe.models import ModelFingerprint, fingerprint
 from rpe.probe import ProbeConfig, ProbeState, ValueProbe
+from rpe.seeding import seeded
 
 logger = logging.getLogger(__name__)
 
@@ -290,8 +291,8 @@ def random_bundle(model, tokenizer, *, layer: int = 2, k: int = 6, m: int = 4, h
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     perm = torch.randperm(cfg.hidden_size, generator=g)
     value, dopa = perm[:k].sort().values, perm[k : k + m].sort().values
-    torch.manual_seed(seed)
-    net = ProbeNet(k, hidden)
+    with seeded(seed):
+        net = ProbeNet(k, hidden)
     state = ProbeState(layer, value, torch.zeros(k), torch.ones(k), {n: w.clone() for n, w in net.state_dict().items()}, hidden)
     return SubsystemBundle(
         model=fingerprint(model, tokenizer), layer=layer, value_neurons=value, probe_state=state,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rpe.seeding import seeded
 from rpe.store import StateSet
 from rpe.tracker import decoder_layers
 
@@ -106,8 +107,8 @@ def next_token_scores(acts: torch.Tensor, next_tokens: torch.Tensor, top_tokens:
     lookup = {int(t): i for i, t in enumerate(keep)}
     y = torch.tensor([lookup.get(int(t), len(keep)) for t in next_tokens])
     x = (acts.float() - acts.float().mean(0)) / acts.float().std(0).clamp_min(1e-6)
-    torch.manual_seed(seed)
-    lin = nn.Linear(x.shape[1], len(keep) + 1)
+    with seeded(seed):
+        lin = nn.Linear(x.shape[1], len(keep) + 1)
     opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=0.01)
     for _ in range(epochs):
         loss = nn.functional.cross_entropy(lin(x), y)

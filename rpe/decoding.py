@@ -148,6 +148,7 @@ def generate_continuous(
     *,
     stop_strings: Sequence[str] = (),
     seed: int = 0,
+    row_seeds: Sequence[int] | None = None,
     max_rows: int = 32,
     refill: int = 4,
     min_prefix: int = 32,
@@ -163,6 +164,8 @@ def generate_continuous(
         sampling: temperature (0 = greedy), top-k, top-p and the token budget.
         stop_strings: strings that end a completion besides EOS (cut as in :func:`rpe.sampling.split_at_stop`).
         seed: row ``i`` samples from :func:`row_generator` ``(seed, i)``.
+        row_seeds: instead, row ``i`` samples from a generator seeded ``row_seeds[i]`` (one per prompt; e.g.
+            :func:`rpe.sampling.stream_seed` of what the row is, so its completion is the same in any batch).
         max_rows: rows decoded together.
         refill: free slots that trigger a refill from the queue (1 refills at every step; larger groups
             amortise the prefill forward).
@@ -200,7 +203,11 @@ def generate_continuous(
     prefix_len = shared_prefix_len(enc, min_prefix) if len(enc) > 1 else 0
     base_cache = prefix_cache(model, enc[0][:prefix_len], device) if prefix_len else None
     sample_on = logits_device(model)
-    rows: list[_Row] = [_Row(i, row_generator(seed, i, sample_on), len(p)) for i, p in enumerate(enc)]
+    if row_seeds is not None and len(row_seeds) != len(enc):
+        raise ValueError(f"{len(row_seeds)} row_seeds for {len(enc)} prompts")
+    streams = ([torch.Generator(device=sample_on).manual_seed(int(s)) for s in row_seeds] if row_seeds is not None
+               else [row_generator(seed, i, sample_on) for i in range(len(enc))])
+    rows: list[_Row] = [_Row(i, g, len(p)) for i, (g, p) in enumerate(zip(streams, enc))]
     queue = list(range(len(enc)))
     alive: list[_Row] = []
     cache = None

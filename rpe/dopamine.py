@@ -28,8 +28,10 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from rpe.distributed import barrier, current_ranks, gather_objects
 from rpe.generation import generate_from_ids
-from rpe.sampling import SamplingConfig
+from rpe.sampling import SamplingConfig, stream_seed
+from rpe.seeding import seeded
 from rpe.metrics import permutation_p_spearman, spearman_by_problem
 from rpe.probe import split_by_problem
 from rpe.records import Trajectory, atomic_write_json
@@ -110,29 +112,38 @@ def mc_state_values(
 ) -> dict[str, list[float]]:
     """Monte-Carlo V(s_0..s_T) per trajectory id (V(s_T) = the trajectory's reward).
 
-    Results are cached in ``cache`` (JSON keyed by the sampling settings) so a rerun or a resumed run only
-    samples what is missing.
+    Continuation j of state k of trajectory ``id`` samples from the stream
+    :func:`rpe.sampling.stream_seed` ``(cfg.seed, id, k, j)`` (continuous engine): the values do not depend on
+    the batch size, on which trajectories share a call, on a resume or on how many processes share the work.
+    Under a launcher (``torchrun``, :mod:`rpe.distributed`) rank r values the trajectories i with
+    i % world == r and every rank returns all values.
+
+    Results are cached in ``cache`` (JSON keyed by the sampling settings; under a launcher each rank writes
+    ``CACHE.rankR`` and the main rank merges them into ``cache``) so a rerun or a resumed run only samples what
+    is missing.
     """
     if cfg.max_new_tokens is None:
         cfg = replace(cfg, max_new_tokens=continuation_budget(trajectories))
-    settings = {"n": cfg.n_continuations, "max_new_tokens": cfg.max_new_tokens, "t": cfg.temperature, "seed": cfg.seed}
+    settings = {"n": cfg.n_continuations, "max_new_tokens": cfg.max_new_tokens, "t": cfg.temperature, "seed": cfg.seed,
+                "streams": "keyed"}  # values sampled with offset seeds (before keyed streams) are not reused
     if cfg.engine != "generate":  # caches written before the continuous engine keep their key
         settings["engine"] = cfg.engine
     key = json.dumps(settings)
-    done: dict[str, list[float]] = {}
-    if cache is not None and cache.exists():
-        stored = json.loads(cache.read_text())
-        done = stored.get(key, {})
+    ranks = current_ranks()
+    done = _cached_values(cache, key)
     todo = [t for t in trajectories if t.trajectory_id not in done and t.steps]
+    mine = [t for i, t in enumerate(todo) if ranks.owns(i)]
+    own_cache = cache if cache is None or ranks.world == 1 else cache.with_name(f"{cache.name}.rank{ranks.rank}")
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-    items = [(t, k, prefix) for t in todo for k, prefix in enumerate(_state_prefixes(t))]
+    items = [(t, k, prefix) for t in mine for k, prefix in enumerate(_state_prefixes(t))]
     per_call = states_per_call(cfg.batch_size, cfg.n_continuations, cfg.engine)  # results cached after each call
     partial: dict[str, dict[int, float]] = {}
     for b in range(0, len(items), per_call):
         chunk = items[b : b + per_call]
         prompts = [prefix for _, _, prefix in chunk for _ in range(cfg.n_continuations)]
-        gen = generate_from_ids(model, tokenizer, prompts, sampling, stop_strings=stop_strings, seed=cfg.seed + b,
-                                max_rows=cfg.batch_size, engine=cfg.engine)
+        streams = [stream_seed(cfg.seed, t.trajectory_id, k, j) for t, k, _ in chunk for j in range(cfg.n_continuations)]
+        gen = generate_from_ids(model, tokenizer, prompts, sampling, stop_strings=stop_strings, seed=cfg.seed,
+                                row_seeds=streams, max_rows=cfg.batch_size, engine=cfg.engine)
         for i, (t, k, prefix) in enumerate(chunk):
             head = t.completion[: t.steps[k - 1].char_end] if k else ""
             scores = []
@@ -144,13 +155,34 @@ def mc_state_values(
             got = partial.get(t.trajectory_id, {})
             if len(got) == len(t.steps):
                 done[t.trajectory_id] = [got[k] for k in range(len(t.steps))] + [t.reward]
-        if cache is not None:
+        if own_cache is not None:
+            stored = json.loads(own_cache.read_text()) if own_cache.exists() else {}
+            stored[key] = done
+            atomic_write_json(own_cache, stored)
+        if progress:
+            progress(min(b + per_call, len(items)), len(items))
+    if ranks.world > 1:  # every rank gets every rank's values; the main rank keeps them in one cache file
+        for values in gather_objects(done):
+            done.update(values)
+        if cache is not None and ranks.is_main:
             stored = json.loads(cache.read_text()) if cache.exists() else {}
             stored[key] = done
             atomic_write_json(cache, stored)
-        if progress:
-            progress(min(b + per_call, len(items)), len(items))
+            for part in cache.parent.glob(f"{cache.name}.rank*"):
+                part.unlink()
+        barrier()
     return {t.trajectory_id: done[t.trajectory_id] for t in trajectories if t.trajectory_id in done}
+
+
+def _cached_values(cache: Path | None, key: str) -> dict[str, list[float]]:
+    """The values stored under ``key`` in ``cache`` and in the per-rank files an interrupted launched run left."""
+    done: dict[str, list[float]] = {}
+    if cache is None:
+        return done
+    for path in [cache, *sorted(cache.parent.glob(f"{cache.name}.rank*"))]:
+        if path.exists():
+            done.update(json.loads(path.read_text()).get(key, {}))
+    return done
 
 
 def td_errors(values: Sequence[float], gamma: float) -> list[float]:
@@ -232,8 +264,8 @@ def find_dopamine_neurons(
     split = split_by_problem(list(pids), 1e-9, cfg.test_frac, cfg.seed)  # no validation split here
     train, test = split != 2, split == 2
     d = z.shape[1]
-    torch.manual_seed(cfg.seed)
-    net = nn.Sequential(nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 1))
+    with seeded(cfg.seed):
+        net = nn.Sequential(nn.Linear(d, cfg.hidden), nn.ReLU(), nn.Linear(cfg.hidden, 1))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.01)
     xt, yt = torch.tensor(z[train], dtype=torch.float32), torch.tensor(y[train], dtype=torch.float32)
     for _ in range(cfg.epochs):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from rpe.decoding import generate_continuous
 from rpe.kvcache import batched_cache_kwargs, cache_is_plain, plain_cache_refusal, prefix_cache, shared_prefix_len
 from rpe.sampling import GeneratedBatch, SamplingConfig, eos_ids, split_at_stop
+from rpe.seeding import seeded
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ def generate_batch(
     stop_strings: Sequence[str] = (),
     max_prompt_tokens: int = 1536,
     seed: int | None = None,
+    row_seeds: Sequence[int] | None = None,
     reuse_prefix: bool = True,
     **engine_options: Any,
 ) -> GeneratedBatch:
@@ -99,6 +102,7 @@ def generate_from_ids(
     *,
     stop_strings: Sequence[str] = (),
     seed: int | None = None,
+    row_seeds: Sequence[int] | None = None,
     reuse_prefix: bool = True,
     min_prefix: int = 32,
     token_logprobs: bool = False,
@@ -118,6 +122,9 @@ def generate_from_ids(
     generating (no extra forward).
 
     Args:
+        row_seeds: continuous engine: one seed per prompt, each row sampling from its own generator (a
+            completion then depends on its prompt and seed only); the ``generate`` engine draws every row from
+            one stream seeded ``row_seeds[0]``.
         engine: ``continuous`` (default; ``generate`` on architectures it does not support) or ``generate``.
         max_rows: rows decoded together by the continuous engine (default: all prompts; more prompts than this
             wait and fill the slots of finished rows).
@@ -131,7 +138,7 @@ def generate_from_ids(
     if resolve_engine(model, engine) == "continuous":
         gen, recorded = generate_continuous(
             model, tokenizer, enc, sampling, stop_strings=stop_strings,
-            seed=int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed,
+            seed=int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed, row_seeds=row_seeds,
             max_rows=max_rows or len(enc), min_prefix=min_prefix if reuse_prefix else 1 << 30,
             token_logprobs=token_logprobs, record_layers=record_layers, record_neurons=record_neurons,
             record_boundaries_only=record_boundaries_only,
@@ -155,27 +162,28 @@ def generate_from_ids(
     extra: dict[str, Any] = {}
     if prefix_len:
         extra.update(batched_cache_kwargs(model, prefix_cache(model, prefix, device), len(enc), keep_original=False))
-    if seed is not None:
-        torch.manual_seed(seed)
     if stop_strings:
         extra.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
     if token_logprobs:
         extra.update(output_logits=True, return_dict_in_generate=True)
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            pad_token_id=pad,
-            **sampling.generate_kwargs(),
-            **extra,
-        )
-        logprobs: list[list[float]] = []
-        if token_logprobs:
-            new_tokens = out.sequences[:, width:]
-            per_step = [torch.log_softmax(step.float(), -1).gather(-1, new_tokens[:, t, None]).squeeze(-1).cpu()
-                        for t, step in enumerate(out.logits)]
-            logprobs = torch.stack(per_step, 1).tolist() if per_step else [[] for _ in enc]
-            out = out.sequences
+    stream = row_seeds[0] if row_seeds is not None else seed
+    # model.generate samples from the global generator: seeded for this call only (the caller's state is kept)
+    with seeded(stream, device) if stream is not None else nullcontext():
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                pad_token_id=pad,
+                **sampling.generate_kwargs(),
+                **extra,
+            )
+            logprobs: list[list[float]] = []
+            if token_logprobs:
+                new_tokens = out.sequences[:, width:]
+                per_step = [torch.log_softmax(step.float(), -1).gather(-1, new_tokens[:, t, None]).squeeze(-1).cpu()
+                            for t, step in enumerate(out.logits)]
+                logprobs = torch.stack(per_step, 1).tolist() if per_step else [[] for _ in enc]
+                out = out.sequences
     ends = eos_ids(model, tokenizer)
     completion_ids, texts, reasons, tails = [], [], [], []
     for row in out[:, width:].tolist():

@@ -38,6 +38,7 @@ from torch import nn
 
 from rpe.logistic import fit_logistic
 from rpe.metrics import auroc, brier, ece
+from rpe.seeding import seeded
 from rpe.store import StateSet
 
 logger = logging.getLogger(__name__)
@@ -231,32 +232,32 @@ class ValueProbe:
         x_all = states.acts[layer]
         if neurons is not None:
             x_all = x_all[:, neurons]
-        torch.manual_seed(cfg.seed)
-        if split is None:
-            split = split_by_problem(states.problem_ids, cfg.val_frac, cfg.test_frac, cfg.seed)
-        split = np.asarray(split)
-        if split.shape != (len(states.trajectory_ids),):
-            raise ValueError(f"split has shape {split.shape}; expected ({len(states.trajectory_ids)},), one code per trajectory")
-        _require_both_outcomes(rewards[torch.as_tensor(split == 0)], "training trajectories")
-        state_split = torch.as_tensor(split)[states.traj_index]
-        train, val = state_split == 0, state_split == 1
-        if not val.any():
-            raise ValueError("the split has no validation trajectories (code 1): early stopping and L2 choice need them")
-        mean = x_all[train].mean(0)
-        std = x_all[train].std(0).clamp_min(1e-6)
-        x = (x_all - mean) / std  # (n_states, k) standardised
-        if cfg.family == "linear":
-            model, epochs = self._fit_linear(x, states, train, val)
-        else:
-            model, epochs = self._fit_mlp(x, states, train, val)
-        model.eval()
-        self._model = model
-        self.split = split
-        hidden = 0 if cfg.family == "linear" else cfg.hidden
-        self.state = ProbeState(layer, neurons, mean, std, {k: v.detach().clone() for k, v in model.state_dict().items()}, hidden)
-        self.metrics = self.evaluate(states, split)
-        self.metrics["epochs"] = epochs
-        return self
+        with seeded(cfg.seed):  # the nets' initialisation; the caller's random state is kept
+            if split is None:
+                split = split_by_problem(states.problem_ids, cfg.val_frac, cfg.test_frac, cfg.seed)
+            split = np.asarray(split)
+            if split.shape != (len(states.trajectory_ids),):
+                raise ValueError(f"split has shape {split.shape}; expected ({len(states.trajectory_ids)},), one code per trajectory")
+            _require_both_outcomes(rewards[torch.as_tensor(split == 0)], "training trajectories")
+            state_split = torch.as_tensor(split)[states.traj_index]
+            train, val = state_split == 0, state_split == 1
+            if not val.any():
+                raise ValueError("the split has no validation trajectories (code 1): early stopping and L2 choice need them")
+            mean = x_all[train].mean(0)
+            std = x_all[train].std(0).clamp_min(1e-6)
+            x = (x_all - mean) / std  # (n_states, k) standardised
+            if cfg.family == "linear":
+                model, epochs = self._fit_linear(x, states, train, val)
+            else:
+                model, epochs = self._fit_mlp(x, states, train, val)
+            model.eval()
+            self._model = model
+            self.split = split
+            hidden = 0 if cfg.family == "linear" else cfg.hidden
+            self.state = ProbeState(layer, neurons, mean, std, {k: v.detach().clone() for k, v in model.state_dict().items()}, hidden)
+            self.metrics = self.evaluate(states, split)
+            self.metrics["epochs"] = epochs
+            return self
 
     def _mc_targets(self, states: StateSet) -> torch.Tensor:
         """(n_states,) Monte-Carlo targets: gamma^(steps to the end) x the trajectory's reward."""

@@ -139,6 +139,17 @@ def row_generator(seed: int, index: int, device: str | torch.device = "cpu") -> 
     return torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(index))
 
 
+def stream_seed(*key: object) -> int:
+    """A sampling seed named by ``key`` (e.g. ``(run seed, trajectory id, state, continuation)``): the same key
+    gives the same seed in any process, batch or order, and two keys collide with probability 2^-63 (sha256 of
+    the key's text). A row's entry in ``row_seeds`` of :func:`rpe.generation.generate_from_ids` seeds that
+    row's generator directly."""
+    import hashlib
+
+    digest = hashlib.sha256("\x1f".join(map(str, key)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # [0, 2**63): a valid torch.Generator seed
+
+
 
 def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """(B, V) logits -> (B, V) float32 sampling probabilities through transformers' own warpers (temperature, then
@@ -178,5 +189,5 @@ def hits_stop(tokenizer, generated: Sequence[int], stop_strings: Sequence[str]) 
 
 
 __all__ = ["GeneratedBatch", "SamplingConfig", "cut_at_stop", "eos_ids", "hits_stop", "logits_device", "next_tokens",
-           "row_generator",
+           "row_generator", "stream_seed",
            "split_at_stop", "warp_logits"]

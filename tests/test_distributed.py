@@ -154,6 +154,23 @@ CPU_OVERRIDES = ["--model", "tiny", "--task", "chain_sum_2", "--shots", "1", "--
 """The multi-GPU recipe on 2 CPU processes: tiny random Llama, no vLLM, no bf16, 2 steps (docs/guides/recipes.md)."""
 
 
+def _documented_train_line() -> list[str]:
+    """The 2-process CPU line of docs/guides/recipes.md, as tokens."""
+    import shlex
+
+    page = (ROOT / "docs" / "guides" / "recipes.md").read_text()
+    lines = [ln for ln in page.splitlines() if ln.startswith("torchrun --nproc_per_node 2 -m rpe.cli train ")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])
+
+
+def test_the_documented_two_process_line_is_the_one_the_tests_run():
+    tokens = _documented_train_line()
+    assert tokens[:6] == ["torchrun", "--nproc_per_node", "2", "-m", "rpe.cli", "train"]
+    assert tokens[6:-4] == ["--config", "recipes/multi_gpu_grpo_rpe.yaml", *CPU_OVERRIDES]
+    assert tokens[-4] == "--bundle" and tokens[-2] == "--output_dir"
+
+
 def _launch_train(tmp_path, port, *extra, script=True):
     from rpe.bundle import random_bundle
     from rpe.tiny import tiny_model
@@ -161,9 +178,11 @@ def _launch_train(tmp_path, port, *extra, script=True):
     model, tok = tiny_model()
     random_bundle(model, tok).save(tmp_path / "bundle")
     head = [str(ROOT / "tests" / "dist_train.py"), str(tmp_path / "side")] if script else ["-m", "rpe.cli"]
+    documented = _documented_train_line()[6:-4]  # --config ... and the CPU overrides, from the docs
+    documented[1] = str(ROOT / documented[1])
     # torchrun, not `accelerate launch --cpu`: accelerate starts several CPU processes only through mpirun
-    line = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *head, "train", "--config", str(ROOT / "recipes" / "multi_gpu_grpo_rpe.yaml"), *CPU_OVERRIDES,
-            "--bundle", str(tmp_path / "bundle"), "--output_dir", str(tmp_path / "train"), *extra]
+    line = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *head,
+            "train", *documented, "--bundle", str(tmp_path / "bundle"), "--output_dir", str(tmp_path / "train"), *extra]
     run = subprocess.run(line, capture_output=True, text=True, timeout=900, env=_env(), cwd=tmp_path)
     assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-4000:])
     return run
@@ -248,3 +267,30 @@ def test_partitioned_parameters_are_named_and_refused_before_loading(tmp_path, m
     with pytest.raises(PartitionedParametersError, match="ZeRO-3.*ZeRO-2"):
         train(*recipe)
     assert not (tmp_path / "t").exists()  # refused before anything was loaded or written
+
+
+@pytest.mark.slow
+def test_two_process_monte_carlo_values_equal_the_one_process_values(tmp_path):
+    from rpe.prompts import PromptConfig
+    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.sampling import SamplingConfig
+    from rpe.tiny import tiny_model
+
+    model, tok = tiny_model()
+    cfg = RolloutConfig(n_problems=5, sampling=SamplingConfig(max_new_tokens=16), prompt=PromptConfig(shots=1))
+    collect_rollouts(model, tok, cfg, tmp_path / "r", model_name="tiny")
+    script = str(ROOT / "tests" / "dist_mc.py")
+    for name, launcher in (("one", [sys.executable]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                    "--master_port", "29561"])):
+        (tmp_path / name).mkdir()
+        run = subprocess.run([*launcher, script, str(tmp_path / "r"), str(tmp_path / name)], capture_output=True,
+                             text=True, timeout=600, env=_env())
+        assert run.returncode == 0, run.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "values_rank0.json").read_text())
+    assert len(one) >= 3 and len({v for vals in one.values() for v in vals[:-1]}) > 1
+    for rank in (0, 1):  # every rank returns every value
+        assert json.loads((tmp_path / "two" / f"values_rank{rank}.json").read_text()) == one
+    cached = json.loads((tmp_path / "two" / "mc.json").read_text())
+    assert list(cached.values())[0] == one  # the main rank merged the ranks' caches ...
+    assert not list((tmp_path / "two").glob("mc.json.rank*"))  # ... and removed them

@@ -19,6 +19,7 @@ from rpe.bench.machine import timeit
 from rpe.dopamine import states_per_call
 from rpe.generation import generate_batch, generate_from_ids
 from rpe.sampling import SamplingConfig
+from rpe.seeding import seeded
 from rpe.prompts import PromptBuilder, PromptConfig
 from rpe.tasks import DEFAULT_TASK, load_task
 
@@ -123,9 +124,8 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
         for i in range(0, len(problems), cfg.batch_size):
             enc = tokenizer([builder(p) for p in problems[i : i + cfg.batch_size]], return_tensors="pt", padding=True,
                             add_special_tokens=False)
-            torch.manual_seed(cfg.seed + i)
             kw = {"stop_strings": list(builder.stop_strings), "tokenizer": tokenizer} if builder.stop_strings else {}
-            with torch.inference_mode():
+            with seeded(cfg.seed + i, model.device), torch.inference_mode():
                 out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs(), **kw)
             for row in out[:, enc["input_ids"].shape[1]:].tolist():
                 tokens += max(1, next((j for j, t in enumerate(row) if t in eos), len(row)))

@@ -101,6 +101,7 @@ def dopamine(
 ) -> None:
     """Find dopamine neurons: Monte-Carlo step values, TD errors, neurons that track them."""
     from rpe.bundle import BundleFormatError, SubsystemBundle
+    from rpe.distributed import process_group
     from rpe.dopamine import DopamineConfig, dopamine_from_rollouts
     from rpe.metrics import chance_verdict
 
@@ -111,17 +112,22 @@ def dopamine(
         sweep = [int(x) for x in sweep_layers.split(",") if x.strip()]
     except (ValueError, BundleFormatError) as err:
         fail(str(err))
-    lm, tokenizer = load_cli_model(rollout_model_name(rollouts, None), device, dtype, device_map, attn_implementation)
-    with progress_bar() as bar:
-        job = bar.add_task("Monte-Carlo values of states (cached ones skipped; then one forward reads the steps)",
-                           total=None)
-        try:
-            result = dopamine_from_rollouts(
-                lm, tokenizer, rollouts, b, cfg, max_trajectories=max_trajectories, sweep_layers=sweep,
-                progress=lambda done, total: bar.update(job, completed=done, total=total),
-            )
-        except ValueError as err:
-            fail(str(err))
+    # launched (torchrun): the Monte-Carlo values are shared out over the ranks; each rank then reads the steps
+    # and fits the same neurons, and the main rank saves the bundle and reports
+    with process_group() as ranks:
+        lm, tokenizer = load_cli_model(rollout_model_name(rollouts, None), device, dtype, device_map, attn_implementation)
+        with progress_bar(ranks) as bar:
+            job = bar.add_task("Monte-Carlo values of states (cached ones skipped; then one forward reads the steps)",
+                               total=None)
+            try:
+                result = dopamine_from_rollouts(
+                    lm, tokenizer, rollouts, b, cfg, max_trajectories=max_trajectories, sweep_layers=sweep,
+                    progress=lambda done, total: bar.update(job, completed=done, total=total),
+                )
+            except ValueError as err:
+                fail(str(err))
+    if not ranks.is_main:
+        return
     b.save(bundle)
     m = result.metrics
     table = Table(title=f"dopamine neurons, layer {b.layer} (held-out steps with |RPE| > {threshold})")
