@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from rpe.bundle import SubsystemBundle
+from rpe.probe import td_errors
 from rpe.signals import SignalReader, unwrap_model
 from rpe.tracker import ActivationTracker
 
@@ -159,7 +160,7 @@ class InternalRPE(gymnasium.Wrapper):
         v_prev, v = self._values[-1], float(sig.values[-1])
         self._values.append(v)
         gamma = self.reader.gamma
-        delta = float(reward) - v_prev if terminated else gamma * v - v_prev
+        delta = float(td_errors([v_prev, v], gamma, reward=float(reward) if terminated else None)[-1])
         dopamine = float(sig.dopamine[-1]) if len(sig.dopamine) else 0.0
         potential_next = 0.0 if terminated else v
         shaped = float(reward) + self.shaping * (gamma * potential_next - v_prev)

@@ -311,7 +311,8 @@ def rpe_causal_check(model, tok, bundle, rollouts: str | Path, *, shares=(0.05, 
     """
     from scipy.stats import spearmanr
 
-    from rpe.dopamine import DopamineConfig, td_errors
+    from rpe.dopamine import DopamineConfig
+    from rpe.probe import td_errors
     from rpe.probe import ProbeConfig, ValueProbe
 
     if bundle.dopamine_neurons.numel() == 0:
@@ -342,7 +343,7 @@ def rpe_causal_check(model, tok, bundle, rollouts: str | Path, *, shares=(0.05, 
                                 pad_token_id=tok.pad_token_id or 0)
         rows = (st.step_index >= 1).nonzero().flatten()
         act = ((st.acts[bundle.layer][rows] - mean) / std * bundle.dopamine_sign).mean(1).numpy()
-        delta = np.array([td_errors(values[st.trajectory_ids[int(st.traj_index[r])]], gamma)[int(st.step_index[r]) - 1]
+        delta = np.array([td_errors(v := values[st.trajectory_ids[int(st.traj_index[r])]], gamma, reward=v[-1])[int(st.step_index[r]) - 1]
                           for r in rows])
         keep = np.abs(delta) > threshold
         return float(spearmanr(act[keep], delta[keep]).statistic)

@@ -33,7 +33,7 @@ from rpe.generation import generate_from_ids
 from rpe.sampling import SamplingConfig, stream_seed
 from rpe.seeding import seeded
 from rpe.metrics import permutation_p_spearman, spearman_by_problem
-from rpe.probe import split_by_problem
+from rpe.probe import split_by_problem, td_errors
 from rpe.records import Trajectory, atomic_write_json
 from rpe.tasks import Problem, Task
 
@@ -183,23 +183,6 @@ def _cached_values(cache: Path | None, key: str) -> dict[str, list[float]]:
         if path.exists():
             done.update(json.loads(path.read_text()).get(key, {}))
     return done
-
-
-def td_errors(values: Sequence[float], gamma: float) -> list[float]:
-    """TD errors of an episode from ``V(s_0..s_{T-1})`` followed by its reward r: delta_t = gamma * V(s_t) -
-    V(s_{t-1}) for t < T, and the reward-time error delta_T = r - V(s_{T-1}) (the reward is not discounted: it
-    arrives with the last transition, after which the value is 0).
-
-    Discounting the reward as if it were V(s_T) would make delta_T = -1e-5 where r = V(s_{T-1}) = 1 and 0 where
-    r = V(s_{T-1}) = 0: among the many exact predictions that turns a tie into an order opposite to the reward's,
-    and a rank correlation over all steps follows it.
-
-    Example:
-        >>> td_errors([0.25, 0.5, 1.0], gamma=0.9)
-        [0.2, 0.5]
-    """
-    deltas = [gamma * values[t] - values[t - 1] for t in range(1, len(values) - 1)]
-    return deltas + ([values[-1] - values[-2]] if len(values) >= 2 else [])
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -379,7 +362,8 @@ def dopamine_from_rollouts(
     states = capture_states(model, trajectories, layers, mode="steps", pad_token_id=tokenizer.pad_token_id or 0)
     rows = (states.step_index >= 1).nonzero().flatten()
     deltas = np.array([
-        td_errors(values[states.trajectory_ids[int(states.traj_index[r])]], cfg.gamma)[int(states.step_index[r]) - 1]
+        # Monte-Carlo values end with V(s_T) = r: the reward-time error is r - V(s_{T-1})
+        td_errors(v := values[states.trajectory_ids[int(states.traj_index[r])]], cfg.gamma, reward=v[-1])[int(states.step_index[r]) - 1]
         for r in rows
     ])
     pids = [states.problem_ids[int(states.traj_index[r])] for r in rows]

@@ -30,6 +30,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -124,6 +125,38 @@ def split_by_problem(problem_ids: list[str], val_frac: float, test_frac: float, 
     for rank, i in enumerate(order):
         split_of[uniq[i]] = 2 if rank < n_test else 1 if rank < n_test + n_val else 0
     return np.array([split_of[p] for p in problem_ids])
+
+
+def td_errors(values: Sequence[float], gamma: float, reward: float | None = None) -> np.ndarray:
+    """The TD errors (internal reward-prediction errors) of one episode of T steps: every rpe number is this one.
+
+    Args:
+        values: (T + 1,) V(s_0..s_T): the value before each step and after the last one.
+        gamma: discount per step.
+        reward: the episode's reward, delivered with the last step, after which nothing follows: with it the
+            last error is ``r - V(s_{T-1})`` (the reward replaces the bootstrap gamma V(s_T) and is not
+            discounted); without it (the model's own signal, no reward seen) ``gamma V(s_T) - V(s_{T-1})``.
+
+    Returns:
+        (T,) delta_t = gamma V(s_t) - V(s_{t-1}) for t = 1..T, the last one as above.
+
+    Example (V(s_0..s_2) = 0.25, 0.5, 0.8; the answer was right):
+        >>> td_errors([0.25, 0.5, 0.8], gamma=0.9, reward=1.0).round(3).tolist()
+        [0.2, 0.5]
+        >>> td_errors([0.25, 0.5, 0.8], gamma=0.9).round(3).tolist()
+        [0.2, 0.22]
+
+    Discounting the reward as if it were V(s_T) would make delta_T = -1e-5 where r = V(s_{T-1}) = 1 and 0 where
+    r = V(s_{T-1}) = 0: among many exact predictions that turns a tie into an order opposite to the reward's, and
+    a rank correlation over all steps follows it.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size < 1:
+        raise ValueError(f"values must be V(s_0..s_T), a 1-D sequence of T + 1 >= 1 numbers; got shape {v.shape}")
+    deltas = gamma * v[1:] - v[:-1]
+    if reward is not None and deltas.size:
+        deltas[-1] = float(reward) - v[-2]
+    return deltas
 
 
 def lambda_returns(values: torch.Tensor, rewards: torch.Tensor, traj_index: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
@@ -436,4 +469,5 @@ class ValueProbe:
         return out
 
 
-__all__ = ["ProbeConfig", "ProbeState", "SingleClassError", "ValueProbe", "lambda_returns", "split_by_problem"]
+__all__ = ["ProbeConfig", "ProbeState", "SingleClassError", "ValueProbe", "lambda_returns", "split_by_problem",
+           "td_errors"]

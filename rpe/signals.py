@@ -39,6 +39,7 @@ import torch
 
 from rpe.bundle import SubsystemBundle
 from rpe.models import eval_mode
+from rpe.probe import td_errors
 from rpe.segment import Segmenter
 from rpe.tracker import check_finite
 
@@ -58,7 +59,8 @@ class SequenceSignals:
 
     Attributes:
         values: (T + 1,) V(s_0..s_T) in [0, 1].
-        rpe: (T,) delta_t = gamma * V(s_t) - V(s_{t-1}).
+        rpe: (T,) delta_t = gamma * V(s_t) - V(s_{t-1}) (:func:`rpe.probe.td_errors` without a reward: the
+            model's own signal, which has seen no reward).
         dopamine: (T,) signed standardised dopamine-neuron activity per step (empty when the bundle has no
             dopamine neurons).
         step_spans: T half-open token spans ``(start, end)`` of the steps inside the completion.
@@ -149,7 +151,7 @@ class SignalReader:
     def _signals(self, point_acts: torch.Tensor, span_acts: torch.Tensor, spans: list[tuple[int, int]]) -> SequenceSignals:
         """``point_acts``: (T + 1, k + m) at s_0..s_T; ``span_acts``: (T, k + m) step means."""
         values = self.bundle.probe.predict(point_acts[:, : self.k]).double().numpy()
-        rpe = self.gamma * values[1:] - values[:-1]
+        rpe = td_errors(values, self.gamma)  # the model's own signal: no reward seen
         m = self.columns.numel() - self.k
         if m and len(spans):
             d = span_acts[:, self.k :].double()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rpe.metrics import spearman_by_problem
+from rpe.probe import td_errors
 from rpe.records import Trajectory
 
 Feature = Callable[[Trajectory, int], float]
@@ -155,11 +156,7 @@ class TDLambdaLearner:
 
     def rpe(self, t: Trajectory) -> np.ndarray:
         """(T,) the learner's RPE per step: gamma V(s_t) - V(s_{t-1}), the last step r - V(s_{T-1})."""
-        v = self.values(t)
-        out = self.gamma * v[1:] - v[:-1]
-        if len(out):
-            out[-1] = t.reward - v[-2]
-        return out
+        return td_errors(self.values(t), self.gamma, reward=t.reward)
 
 
 def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajectories: int | None = None,
@@ -172,7 +169,6 @@ def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajec
     import json
     from pathlib import Path
 
-    from rpe.dopamine import td_errors
     from rpe.difficulty import difficulty_from_run
     from rpe.records import atomic_write_json, read_trajectories
     from rpe.signals import SignalReader
@@ -191,7 +187,8 @@ def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajec
     learner = learner or TDLambdaLearner(features)
     learner.features = features
     learner.fit(trajs)
-    sigs = SignalReader(bundle, model, tokenizer).read([t.prompt_token_ids for t in trajs],
+    reader = SignalReader(bundle, model, tokenizer)
+    sigs = reader.read([t.prompt_token_ids for t in trajs],
                                                        [t.completion_token_ids for t in trajs],
                                                        spans=[[(s.token_start, s.token_end) for s in t.steps] for t in trajs])
     mc_path = Path(rollouts) / "mc_values.json"
@@ -204,9 +201,9 @@ def simulate_rollouts(model, tokenizer, bundle, rollouts, out_dir, *, max_trajec
     gamma = 1.0
     per_traj = []  # per trajectory: each series' (T,) RPE, the last step's being the reward-time error
     for t, sig in zip(trajs, sigs):
-        internal = np.array(sig.rpe, float)
-        internal[-1] = t.reward - sig.values[-2]
-        mc_rpe = td_errors(mc[t.trajectory_id], gamma) if t.trajectory_id in mc else [np.nan] * len(t.steps)
+        internal = td_errors(sig.values, reader.gamma, reward=t.reward)
+        mc_rpe = (td_errors(mc[t.trajectory_id], gamma, reward=t.reward) if t.trajectory_id in mc
+                  else [np.nan] * len(t.steps))
         per_traj.append({"internal": internal, "learner": learner.rpe(t), "monte_carlo": np.asarray(mc_rpe, float)})
     arr = {k: np.concatenate([r[k] for r in per_traj]) for k in ("internal", "learner", "monte_carlo")}
     problems = np.array([t.problem_id for t in trajs for _ in t.steps])

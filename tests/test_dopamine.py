@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from rpe.dopamine import DopamineConfig, find_dopamine_neurons, mc_state_values, td_errors
+from rpe.dopamine import DopamineConfig, find_dopamine_neurons, mc_state_values
+from rpe.probe import td_errors
 from rpe.prompts import PromptConfig
 from rpe.records import read_trajectories
 from rpe.rollouts import RolloutConfig, collect_rollouts
@@ -12,16 +13,20 @@ from conftest import make_tiny_bundle  # noqa: I001
 
 
 def test_td_errors_definition():
-    assert td_errors([0.2, 0.5, 1.0], gamma=1.0) == pytest.approx([0.3, 0.5])
-    assert td_errors([0.5, 0.0], gamma=0.9) == pytest.approx([-0.5])
-    assert td_errors([0.5, 0.8, 1.0], gamma=0.9) == pytest.approx([0.9 * 0.8 - 0.5, 0.2])  # the reward undiscounted
+    assert td_errors([0.2, 0.5, 1.0], gamma=1.0, reward=1.0) == pytest.approx([0.3, 0.5])
+    assert td_errors([0.5, 0.0], gamma=0.9, reward=0.0) == pytest.approx([-0.5])
+    assert td_errors([0.5, 0.8, 0.7], gamma=0.9, reward=1.0) == pytest.approx([0.9 * 0.8 - 0.5, 0.2])  # r undiscounted
+    assert td_errors([0.5, 0.8, 0.7], gamma=0.9) == pytest.approx([0.9 * 0.8 - 0.5, 0.9 * 0.7 - 0.8])  # no reward seen
+    assert td_errors([0.4], gamma=0.9, reward=1.0).size == 0  # no step, no error
+    with pytest.raises(ValueError, match="V\\(s_0..s_T\\)"):
+        td_errors([], gamma=0.9)
 
 
 def test_an_exact_prediction_of_the_reward_is_a_zero_error_whatever_the_reward():
     """r = V(s_{T-1}) gives delta_T = 0 for r = 1 as for r = 0 (a discounted reward made the first -1e-5, which
     ranked every correct episode's exact prediction below every wrong one's)."""
     gamma = 1 - 1e-5
-    assert td_errors([0.3, 1.0, 1.0], gamma)[-1] == 0.0 == td_errors([0.3, 0.0, 0.0], gamma)[-1]
+    assert td_errors([0.3, 1.0, 1.0], gamma, reward=1.0)[-1] == 0.0 == td_errors([0.3, 0.0, 0.0], gamma, reward=0.0)[-1]
 
 
 def test_planted_dopamine_neurons_are_found_with_sign():

@@ -143,7 +143,8 @@ def test_causal_rpe_check_runs_and_reports_each_share(tiny_llama, tiny_bundle, t
     # error, recomputed here with the tracker (and the same ablation), equals what the check reports
     from scipy.stats import spearmanr
 
-    from rpe.dopamine import DopamineConfig, td_errors
+    from rpe.dopamine import DopamineConfig
+    from rpe.probe import td_errors
 
     trajs = [t for t in read_trajectories(tmp_path / "r") if t.steps]
     mean, std = tiny_bundle.dopamine_stats()
@@ -157,7 +158,8 @@ def test_causal_rpe_check_runs_and_reports_each_share(tiny_llama, tiny_bundle, t
                 with ActivationTracker(model, [tiny_bundle.layer], record_all=True) as tr, torch.no_grad():
                     model(input_ids=ids)
                 h = tr.generated()[tiny_bundle.layer][0]
-                d = td_errors(values[t.trajectory_id], DopamineConfig().gamma)
+                v = values[t.trajectory_id]
+                d = td_errors(v, DopamineConfig().gamma, reward=v[-1])
                 for k, s in enumerate(t.steps):
                     step = h[t.prompt_len + s.token_start : t.prompt_len + s.token_end][:, dop].mean(0)  # step mean
                     act.append(float(((step - mean) / std * tiny_bundle.dopamine_sign).mean()))

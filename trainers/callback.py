@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 
 from rpe.bundle import SubsystemBundle
 from rpe.metrics import auroc
+from rpe.probe import td_errors
 
 from .rewards import InternalSignals
 from .trl_adapter import RewardTap, find_trainer, log_to_trainer, refuse_partitioned
@@ -145,7 +146,8 @@ class RPECallback(TrainerCallback):
             rpe = s.rpe
             by_step = [float(rpe[k]) if k < rpe.size else nan for k in range(STEP_POSITIONS)]
             # the RPE at reward delivery: r - V(s_{T-1}), the value before the last step
-            terminal = r - float(s.values[-2]) if s.n_steps and not math.isnan(r) else nan
+            terminal = (float(td_errors(s.values, self.signals.reader.gamma, reward=r)[-1])
+                        if s.n_steps and not math.isnan(r) else nan)
             rows.append([
                 s.scalar("value_s0"), s.scalar("value_final"),
                 float(rpe.mean()) if rpe.size else nan, float(np.abs(rpe).mean()) if rpe.size else nan,

@@ -36,7 +36,7 @@ from torch import nn
 from trl import GRPOTrainer
 
 from rpe.metrics import auroc
-from rpe.probe import ProbeState, lambda_returns
+from rpe.probe import ProbeState, lambda_returns, td_errors
 
 from .rewards import InternalSignals, nan_guard
 from .trl_adapter import check_trainer, refuse_partitioned
@@ -81,8 +81,7 @@ def gae_per_step(values: np.ndarray, reward: float, gamma: float, lam: float) ->
         (T,) A_t.
     """
     T = len(values)
-    nxt = np.append(values[1:] * gamma, reward)
-    deltas = nxt - values
+    deltas = td_errors(np.append(values, reward), gamma, reward=reward)
     adv = np.zeros(T)
     running = 0.0
     for t in range(T - 1, -1, -1):
