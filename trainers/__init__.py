@@ -22,6 +22,8 @@ _EXPORTS = {
     "nan_guard": "rewards",
     "InternalCriticGRPOTrainer": "critic",
     "CriticConfig": "critic",
+    "DenseRPEGRPOTrainer": "dense",
+    "DenseCreditConfig": "dense",
 }
 
 

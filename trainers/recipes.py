@@ -16,7 +16,9 @@ trainer's device (``train_args.device``: the process's own GPU under ``accelerat
 Arms:
 - ``trainer: grpo``: TRL's GRPOTrainer with the verifiable reward (and optional internal auxiliary rewards);
 - ``trainer: rloo``: TRL's RLOOTrainer, same rewards;
-- ``trainer: internal_critic``: :class:`rpe.trainers.critic.InternalCriticGRPOTrainer`.
+- ``trainer: internal_critic``: :class:`rpe.trainers.critic.InternalCriticGRPOTrainer`;
+- ``trainer: dense_rpe``: :class:`rpe.trainers.dense.DenseRPEGRPOTrainer` (GRPO + per-step internal credit on
+  each step's tokens; ``dense_weight``, ``dense_clip``, ``dense_source``).
 
 Outputs in ``output_dir``: TRL's checkpoints, ``log_history.json`` (every logged step), ``eval_before`` /
 ``eval_after`` rollout folders and ``summary.json`` (held-out accuracy before and after with Wilson intervals).
@@ -41,7 +43,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-TRAINERS = ("grpo", "rloo", "internal_critic")
+TRAINERS = ("grpo", "rloo", "internal_critic", "dense_rpe")
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"]
 """LoRA targets when a recipe names none: the attention projections of Llama, Qwen, Mistral and Gemma
@@ -84,6 +86,13 @@ class RPEArguments:
     baseline_mix: float = 0.0
     critic_lr: float = 1e-3
     critic_updates: int = 4
+    dense_weight: float = 0.1
+    """``dense_rpe``: scale of the per-step internal credit added to the group advantage."""
+    dense_clip: float = 0.5
+    """``dense_rpe``: each step's credit is clipped to [-clip, clip] first."""
+    dense_source: str = "value_diff"
+    """``dense_rpe``: ``value_diff`` (the model's own TD errors), ``dopamine``, or ``random_direction`` (control)."""
+    dense_gamma: float = 1.0
     eval_before_after: bool = True
     eval_max_new_tokens: int = 128
     eval_before_dir: str | None = None
@@ -98,8 +107,8 @@ class RPEArguments:
                 f"internal_reward_weights has {len(self.internal_reward_weights)} entries for "
                 f"{len(self.internal_rewards)} internal_rewards"
             )
-        if (self.internal_rewards or self.trainer == "internal_critic") and not self.bundle:
-            raise ValueError("internal rewards and the internal critic need `bundle:` (run `rpe fit` first)")
+        if (self.internal_rewards or self.trainer in ("internal_critic", "dense_rpe")) and not self.bundle:
+            raise ValueError("internal rewards, the internal critic and dense credit need `bundle:` (run `rpe fit` first)")
 
 
 class RecipeError(ValueError):
@@ -320,11 +329,19 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
                  if signals is not None and rpe_args.rpe_callback else [])
     common = dict(model=model, processing_class=tok, reward_funcs=reward_funcs, args=train_args,
                   train_dataset=dataset, callbacks=callbacks)
+    trainer = None
     try:
         if rpe_args.trainer == "internal_critic":
             critic = CriticConfig(gamma=rpe_args.critic_gamma, lam=rpe_args.critic_lambda, baseline_mix=rpe_args.baseline_mix,
                                   critic_lr=rpe_args.critic_lr, critic_updates=rpe_args.critic_updates)
             trainer = InternalCriticGRPOTrainer(critic=critic, signals=signals, **common)
+        elif rpe_args.trainer == "dense_rpe":
+            from .dense import DenseCreditConfig, DenseRPEGRPOTrainer
+
+            dense = DenseCreditConfig(weight=rpe_args.dense_weight, clip=rpe_args.dense_clip,
+                                      source=rpe_args.dense_source, gamma=rpe_args.dense_gamma, seed=train_args.seed)
+            shared = signals if rpe_args.dense_source != "random_direction" else None
+            trainer = DenseRPEGRPOTrainer(dense=dense, signals=shared, bundle=rpe_args.bundle, **common)
         elif rpe_args.trainer == "rloo":
             from trl import RLOOTrainer
 
@@ -339,6 +356,8 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
             cb.close()
         if signals is not None:
             signals.close()
+        if hasattr(trainer, "close"):  # DenseRPEGRPOTrainer: its reward tap (and its control's signals)
+            trainer.close()
     history = trainer.state.log_history
     if ranks.is_main:  # the others hold the same history, bundle (refits are shared) and policy
         (out / "log_history.json").write_text(json.dumps(history, indent=2, default=str))
