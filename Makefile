@@ -24,7 +24,7 @@ fetch: install
 	$(RPE) models fetch $(MODEL)
 
 demo: fetch
-	$(RPE) rollouts --model $(MODEL) --task chain_sum_mix --n $(DEMO_N) --samples 2 --out $(DEMO_DIR)/rollouts
+	$(RPE) rollouts --model $(MODEL) --task chain_sum_mix --n-problems $(DEMO_N) --samples 2 --out $(DEMO_DIR)/rollouts
 	$(RPE) fit --rollouts $(DEMO_DIR)/rollouts --out $(DEMO_DIR)/bundle --layer-stride 3
 	$(RPE) dopamine --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --n-continuations 4 --max-trajectories 48 --threshold 0.2
 	$(RPE) analyze --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --out $(DEMO_DIR)/analysis

@@ -163,7 +163,7 @@ def _checked_parquet(source: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"{source} does not exist: no rollouts there. Collect them first with "
-            f"`rpe rollouts --task TASK --n N --out {source}`, or point at an existing rollout folder or Parquet file"
+            f"`rpe rollouts --task TASK --n-problems N --out {source}`, or point at an existing rollout folder or Parquet file"
         )
     if path.is_dir():
         manifest_path = path / MANIFEST_FILE
