@@ -28,3 +28,18 @@ def record_batches(setattr_fn=setattr) -> list[dict]:
 
     setattr_fn(GRPOTrainer, "_generate_and_score_completions", record)
     return batches
+
+
+def keep_advantages(trainer) -> dict:
+    """Wrap ``trainer``'s own ``_generate_and_score_completions`` (a subclass's, after its advantages are made) so
+    the returned dict holds the last batch's ``advantages``."""
+    kept: dict = {}
+    inner = trainer._generate_and_score_completions
+
+    def keep(inputs):
+        out = inner(inputs)
+        kept["advantages"] = out["advantages"].clone()
+        return out
+
+    trainer._generate_and_score_completions = keep
+    return kept

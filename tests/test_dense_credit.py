@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("trl")
 
 from conftest import make_tiny_bundle  # noqa: E402
-from grpo_batches import batch_ids  # noqa: E402
+from grpo_batches import batch_ids, keep_advantages  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +57,7 @@ def _run(tmp_path, bundle_dir, monkeypatch, dense):
                       generation_kwargs={"sequence_bias": {(newline,): 3.0}}, seed=0, learning_rate=0.0)
     trainer = DenseRPEGRPOTrainer(model=model, processing_class=tok, reward_funcs=[parity], args=args, train_dataset=ds,
                                   bundle=str(bundle_dir), dense=dense)
-    computed = {}
-    inner = trainer._generate_and_score_completions
-
-    def keep(inputs):
-        out = inner(inputs)
-        computed["advantages"] = out["advantages"].clone()
-        return out
-
-    trainer._generate_and_score_completions = keep
+    computed = keep_advantages(trainer)
     try:
         trainer.train()
     finally:

@@ -94,16 +94,23 @@ def _rollouts(args, nproc, port):
                           cwd=ROOT)
 
 
-@pytest.mark.slow
-def test_two_process_rollouts_equal_the_one_process_run(tmp_path):
-    from rpe.rollouts import PARTS_DIR
-    from rpe.store import StateSet
+def _tiny_folder(tmp_path) -> Path:
+    """The tiny random Llama saved as a model folder the CLI loads."""
     from rpe.tiny import tiny_model
 
     model, tok = tiny_model()
     folder = tmp_path / "tiny"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_two_process_rollouts_equal_the_one_process_run(tmp_path):
+    from rpe.rollouts import PARTS_DIR
+    from rpe.store import StateSet
+
+    folder = _tiny_folder(tmp_path)
     common = ["--model", str(folder), "--task", "chain_sum_2", "--n-problems", "5", "--samples", "2", "--batch-size",
               "3", "--shots", "1", "--max-new-tokens", "10", "--capture-layers", "1,2", "--device", "cpu", "--seed", "3"]
     one = _rollouts([*common, "--out", str(tmp_path / "one")], 1, 0)
@@ -128,12 +135,7 @@ def test_two_process_rollouts_equal_the_one_process_run(tmp_path):
 
 @pytest.mark.slow
 def test_a_launched_run_with_another_configuration_is_refused_on_every_rank(tmp_path):
-    from rpe.tiny import tiny_model
-
-    model, tok = tiny_model()
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = _tiny_folder(tmp_path)
     common = ["--model", str(folder), "--task", "chain_sum_2", "--n-problems", "2", "--shots", "1",
               "--max-new-tokens", "6", "--device", "cpu", "--out", str(tmp_path / "r")]
     first = _rollouts(common, 2, 29543)

@@ -15,7 +15,7 @@ else:
     pytest.importorskip("trl")
 
 from conftest import make_tiny_bundle  # noqa: E402
-from grpo_batches import batch_ids, record_batches  # noqa: E402
+from grpo_batches import batch_ids, keep_advantages, record_batches  # noqa: E402
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
 
@@ -348,15 +348,7 @@ def test_internal_critic_advantages_follow_the_documented_algorithm(tmp_path, bu
     cfg = CriticConfig(gamma=0.9, lam=0.7, baseline_mix=0.3, critic_updates=1)
     trainer = InternalCriticGRPOTrainer(model=model, processing_class=tok, reward_funcs=[parity], args=args,
                                         train_dataset=ds, bundle=str(bundle_dir), critic=cfg)
-    computed = {}
-    inner = trainer._generate_and_score_completions
-
-    def keep(inputs):
-        out = inner(inputs)
-        computed["advantages"] = out["advantages"].clone()
-        return out
-
-    trainer._generate_and_score_completions = keep
+    computed = keep_advantages(trainer)
     trainer.train()
     trainer.rpe_signals.close()
 
