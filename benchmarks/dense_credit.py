@@ -10,10 +10,10 @@ Arms (recipes/, same task, budget, seeds and held-out problems; only the advanta
   term help, or this one?);
 - ``internal_critic`` (``--arms`` to add it): the internal-critic PPO (recipes/internal_critic.yaml).
 
-Held-out accuracy after training (100 problems of a disjoint seed, shared by every arm and seed, so arms are
-compared problem by problem), pooled over seeds: the mean, and each arm's difference from ``grpo`` with a
-bootstrap interval that resamples problems (every seed's answer to a problem moves together). The before-training
-evaluation is shared. Also the training reward of the first and last 10 steps, seconds per step (wall clock
+Held-out accuracy after training (100 problems of a disjoint seed, excluding the seed's training questions, so
+the arms of one seed share their problems), pooled over seeds: the mean, and each arm's difference from ``grpo``
+paired by problem within each seed, with a bootstrap interval that resamples problems within seeds. The
+before-training evaluation is shared by the arms of a seed. Also the training reward of the first and last 10 steps, seconds per step (wall clock
 of ``train``, evaluations excluded) and the prefix-contamination numbers the dense trainer logs. Writes
 OUT/dense_results.json (resumable: finished runs are kept) and prints Markdown tables; the last line is JSON.
 """
@@ -45,15 +45,18 @@ def per_problem_rewards(folder: Path) -> dict[str, float]:
 
 
 def paired_difference(arm: list[dict[str, float]], base: list[dict[str, float]], n_boot: int, seed: int) -> dict:
-    """Mean accuracy difference arm - base over seeds and problems, with a bootstrap interval over problems."""
-    problems = sorted(set.intersection(*(set(r) for r in arm + base)))
-    a = np.array([[r[p] for p in problems] for r in arm])  # (seeds, problems)
-    b = np.array([[r[p] for p in problems] for r in base])
-    diff = (a - b).mean(0)  # per problem, averaged over seeds
+    """Mean accuracy difference arm - base, paired by problem within each seed (a seed's arms share its held-out
+    problems, which exclude that seed's training questions), with a bootstrap interval that resamples problems
+    within each seed."""
+    per_seed = []
+    for a, b in zip(arm, base, strict=True):
+        common = sorted(set(a) & set(b))
+        per_seed.append(np.array([a[p] - b[p] for p in common]))
     rng = np.random.default_rng(seed)
-    boots = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n_boot)]
+    mean = float(np.mean(np.concatenate(per_seed)))
+    boots = [np.mean(np.concatenate([d[rng.integers(0, len(d), len(d))] for d in per_seed])) for _ in range(n_boot)]
     lo, hi = np.quantile(boots, [0.025, 0.975])
-    return {"diff": float(diff.mean()), "low": float(lo), "high": float(hi), "n_problems": len(problems)}
+    return {"diff": mean, "low": float(lo), "high": float(hi), "n_pairs": int(sum(len(d) for d in per_seed))}
 
 
 def main() -> None:
@@ -82,7 +85,7 @@ def main() -> None:
             recipe, extra, _ = ARMS[arm]
             out = args.out / arm / f"seed{seed}"
             overrides = ["--bundle", args.bundle, "--output_dir", str(out), "--max_steps", str(args.max_steps),
-                         "--seed", str(seed), "--eval_before_dir", str(args.out / "eval_before"), *extra]
+                         "--seed", str(seed), "--eval_before_dir", str(args.out / "eval_before" / f"seed{seed}"), *extra]
             rpe_args, train_args, model_args = parse_recipe(recipes / recipe, overrides)
             start = time.perf_counter()
             outcome = train(rpe_args, train_args, model_args)
@@ -99,20 +102,19 @@ def main() -> None:
                 "credit_after_error": _mean(steps, "dense/credit_after_error"),
                 "after": per_problem_rewards(out / "eval_after"),
             }
-            results["before"] = per_problem_rewards(args.out / "eval_before")
+            results.setdefault("before", {})[f"seed{seed}"] = per_problem_rewards(args.out / "eval_before" / f"seed{seed}")
             args.out.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(results, indent=1, default=str))
             logging.info("%s done: %s", key, outcome.summary.get("eval_after"))
 
     before = results["before"]
-    b_k, b_n = int(sum(before.values())), len(before)
+    b_k, b_n = int(sum(sum(r.values()) for r in before.values())), sum(len(r) for r in before.values())
     lo, hi = wilson_interval(b_k, b_n)
-    print(f"\nheld-out accuracy before training: {b_k / b_n:.3f} [{lo:.3f}, {hi:.3f}] (n={b_n})\n")
+    print(f"\nheld-out accuracy before training, pooled over seeds: {b_k / b_n:.3f} [{lo:.3f}, {hi:.3f}] (n={b_n})\n")
     print("| arm | seeds | held-out accuracy after, pooled (95% CI) | minus GRPO (95% CI over problems) | "
           "reward, first 10 steps | last 10 | s / step |")
     print("|---|---|---|---|---|---|---|")
     table = {}
-    base = [results["runs"][f"grpo/seed{s}"]["after"] for s in args.seeds if f"grpo/seed{s}" in results["runs"]]
     for arm in args.arms:
         runs = [results["runs"][f"{arm}/seed{s}"] for s in args.seeds if f"{arm}/seed{s}" in results["runs"]]
         if not runs:
@@ -120,7 +122,10 @@ def main() -> None:
         k = sum(sum(r["after"].values()) for r in runs)
         n = sum(len(r["after"]) for r in runs)
         lo, hi = wilson_interval(int(k), n)
-        diff = paired_difference([r["after"] for r in runs], base, args.n_boot, 0) if arm != "grpo" and base else None
+        both = [s for s in args.seeds if f"{arm}/seed{s}" in results["runs"] and f"grpo/seed{s}" in results["runs"]]
+        diff = (paired_difference([results["runs"][f"{arm}/seed{s}"]["after"] for s in both],
+                                  [results["runs"][f"grpo/seed{s}"]["after"] for s in both], args.n_boot, 0)
+                if arm != "grpo" and both else None)
         sps = [r["seconds_per_step"] for r in runs if r["seconds_per_step"]]
         table[arm] = {"seeds": len(runs), "accuracy": k / n, "ci95": [lo, hi], "minus_grpo": diff,
                       "reward_first10": float(np.mean([r["reward_first10"] for r in runs])),
@@ -132,10 +137,43 @@ def main() -> None:
         t = table[arm]
         print(f"| {ARMS[arm][2]} | {len(runs)} | {k / n:.3f} [{lo:.3f}, {hi:.3f}] | {d} | {t['reward_first10']:.2f} | "
               f"{t['reward_last10']:.2f} | {t['seconds_per_step'] or float('nan'):.1f} |")
+    if "dense" in table and "dense_random" in table:
+        both = [s for s in args.seeds if f"dense/seed{s}" in results["runs"] and f"dense_random/seed{s}" in results["runs"]]
+        table["dense"]["minus_control"] = paired_difference(
+            [results["runs"][f"dense/seed{s}"]["after"] for s in both],
+            [results["runs"][f"dense_random/seed{s}"]["after"] for s in both], args.n_boot, 1)
+        results["card"] = card_row(table, args)
+        print(f"\ndense minus control: {_interval(table['dense']['minus_control'])}")
     results["table"] = table
     results_path.write_text(json.dumps(results, indent=1, default=str))
     print(json.dumps({"benchmark": "dense_credit", "machine": results["machine"], "max_steps": args.max_steps,
                       "seeds": args.seeds, "table": table}))
+
+
+def _interval(d: dict) -> str:
+    return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
+
+def card_row(table: dict, args) -> dict:
+    """The report card's row (read by benchmarks/report_card.py through previous_results.json)."""
+    from rpe.report_card import INCONCLUSIVE, REPRODUCED
+
+    dense, vs_grpo, vs_control = table["dense"], table["dense"]["minus_grpo"], table["dense"]["minus_control"]
+    helps = vs_grpo["low"] > 0 and vs_control["low"] > 0
+    seeds = len(args.seeds)
+    return {
+        "claim": "(beyond the paper) per-step internal RPE as dense credit in GRPO",
+        "paper": "proposed as a use (internal RPE as an auxiliary reward), not measured",
+        "measured": f"held-out accuracy {dense['accuracy']:.3f} [{dense['ci95'][0]:.3f}, {dense['ci95'][1]:.3f}] "
+                    f"({seeds} seeds x 100 problems, {args.max_steps} LoRA steps); minus GRPO {_interval(vs_grpo)}",
+        "control": f"random probe direction of the same norm {table['dense_random']['accuracy']:.3f}, dense minus it "
+                   f"{_interval(vs_control)}; GRPO {table['grpo']['accuracy']:.3f}",
+        "verdict": REPRODUCED if helps else INCONCLUSIVE,
+        "note": "above GRPO and above the control" if helps else
+                "not distinguishable from GRPO or from the random-direction control at this budget",
+        "command": f"python benchmarks/dense_credit.py --bundle {args.bundle} --out {args.out} --seeds "
+                   f"{' '.join(map(str, args.seeds))} --max-steps {args.max_steps}",
+    }
 
 
 def _mean(history: list[dict], key: str) -> float | None:
