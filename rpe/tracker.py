@@ -237,17 +237,18 @@ class ActivationTracker(BlockHooks):
             if self.record_all:
                 kept = hidden.detach()
                 kept = kept[..., idx] if idx is not None else kept
-                self._recorded[layer].append(kept.float().cpu())
+                self._recorded[layer].append(kept.cpu().float())  # moved in the model's dtype, then widened
                 return None
             sel = self._selection
             assert sel is not None
-            h = hidden.detach().float()
+            h = hidden.detach()
             if idx is not None:
-                h = h[..., idx]  # (B, T, k)
+                h = h[..., idx]  # (B, T, k), still in the model's dtype: only the kept columns are widened
             rows, starts, ends = (x.to(h.device) for x in (sel.rows, sel.starts, sel.ends))  # on the block's device
             if bool(((sel.ends - sel.starts) == 1).all()):
-                out = h[rows, starts]  # (N, k)
+                out = h[rows, starts].float()  # (N, k): the selected positions only, not (B, T, d), in float32
             else:
+                h = h.float()  # the running sums need float32
                 zero = torch.zeros_like(h[:, :1])
                 csum = torch.cat([zero, h.cumsum(dim=1)], dim=1)  # (B, T+1, k)
                 span = (ends - starts).unsqueeze(1).to(h.dtype)  # (N, 1)
