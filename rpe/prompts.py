@@ -6,10 +6,11 @@ Chat models (SmolLM2-Instruct) get the few-shot examples as earlier user/assista
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from rpe.tasks import Problem, Task
+from rpe.tasks import Problem, Task, draw_problems
 
 COMPLETION_STOP = "\n\nQuestion:"
 SHOT_SEED_OFFSET = 10_000_019  # few-shot examples come from a seed disjoint from evaluation seeds
@@ -53,17 +54,29 @@ class PromptBuilder:
         task: the task (provides worked solutions for the examples).
         tokenizer: the model's tokenizer (chat template), or None for completion style.
         cfg: prompt options.
-        seed: seed for drawing the examples (offset so they never coincide with evaluation draws).
+        seed: seed for drawing the examples (offset from evaluation seeds).
+        exclude_questions: question keys (:func:`rpe.tasks.question_key`) the examples must not be: the problems
+            the prompts will ask. A fixed problem list (JSONL, a Hugging Face split) reshuffled with another seed
+            would otherwise put evaluated questions, solved, into the prompt.
+
+    Raises:
+        ValueError: the task has fewer problems outside ``exclude_questions`` than ``cfg.shots``.
     """
 
-    def __init__(self, task: Task, tokenizer=None, cfg: PromptConfig | None = None, seed: int = 0):
+    def __init__(self, task: Task, tokenizer=None, cfg: PromptConfig | None = None, seed: int = 0,
+                 exclude_questions: Sequence[str] | None = None):
         self.task = task
         self.tokenizer = tokenizer
         self.cfg = cfg or PromptConfig()
         self.style = resolve_style(self.cfg, tokenizer) if tokenizer is not None else "completion"
-        self.shots = [
-            (p.prompt, task.worked_solution(p)) for p in task.problems(self.cfg.shots, seed=seed + SHOT_SEED_OFFSET)
-        ]
+        try:
+            examples = draw_problems(task, self.cfg.shots, seed + SHOT_SEED_OFFSET, exclude_questions)
+        except ValueError:
+            raise ValueError(
+                f"task {task.name!r} has fewer than {self.cfg.shots} problems besides the {len(set(exclude_questions or ()))} "
+                "asked, so the worked examples would repeat asked questions: ask for fewer problems or fewer shots "
+                "(--shots), or use a task with more problems (another split)") from None
+        self.shots = [(p.prompt, task.worked_solution(p)) for p in examples]
 
     @property
     def stop_strings(self) -> list[str]:

@@ -242,7 +242,8 @@ def collect_rollouts(
     problems = draw_problems(task, cfg.n_problems, cfg.seed, cfg.exclude_questions)
     if not problems:
         raise ValueError(f"task {task.name!r} produced no problems; check the task file or options")
-    builder = PromptBuilder(task, tokenizer, cfg.prompt, seed=cfg.seed)
+    # the worked examples are never questions this run asks
+    builder = PromptBuilder(task, tokenizer, cfg.prompt, seed=cfg.seed, exclude_questions=[question_key(p) for p in problems])
     items = _work_items(problems, cfg.samples)
     batches = [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
     own = [b for b in range(len(batches)) if ranks.owns(b)]  # every batch in one process; round-robin when launched

@@ -133,3 +133,22 @@ def test_empty_jsonl_is_an_error(tmp_path):
 
 def test_problem_is_hashable_value():
     assert Problem("a", "q", "1") == Problem("a", "q", "1")
+
+
+def test_worked_examples_are_never_asked_questions(tmp_path):
+    """A fixed problem list reshuffled with the examples' seed put evaluated questions, solved, into the prompt."""
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.tasks import draw_problems, load_task, question_key
+
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i} + 1 = ?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    task = load_task(str(path))
+    asked = draw_problems(task, 6, seed=0)
+    keys = [question_key(p) for p in asked]
+    old = PromptBuilder(task, None, PromptConfig(shots=2), seed=0)  # no exclusion: what collection did before
+    assert any(q in {p.prompt for p in asked} for q, _ in old.shots)  # the leak the exclusion closes
+    builder = PromptBuilder(task, None, PromptConfig(shots=2), seed=0, exclude_questions=keys)
+    assert len(builder.shots) == 2 and not {q for q, _ in builder.shots} & {p.prompt for p in asked}
+    with pytest.raises(ValueError, match="fewer than 2 problems besides the 7 asked.*--shots"):
+        PromptBuilder(task, None, PromptConfig(shots=2), seed=0,
+                      exclude_questions=[question_key(p) for p in draw_problems(task, 7, seed=0)])

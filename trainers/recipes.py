@@ -302,7 +302,8 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
     task = load_task(rpe_args.task, **rpe_args.task_options)
-    builder = PromptBuilder(task, tok, PromptConfig(shots=rpe_args.shots), seed=train_args.seed)
+    asked = [question_key(p) for p in task.problems(rpe_args.n_train_problems, seed=train_args.seed)]
+    builder = PromptBuilder(task, tok, PromptConfig(shots=rpe_args.shots), seed=train_args.seed, exclude_questions=asked)
     chat = builder.style == "chat"
     dataset, problems = build_dataset(task, builder, rpe_args.n_train_problems, train_args.seed, chat)
     held_out_from = sorted({question_key(p) for p in problems.values()})  # evaluation never sees a training question
