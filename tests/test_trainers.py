@@ -511,3 +511,37 @@ def test_rpe_train_command_runs_a_recipe_with_model_config_overrides(tmp_path, b
     assert summary["steps"] == 1 and summary["recipe"]["model"]["attn_implementation"] == "eager"
     flat = "".join(r.output.split())  # rich wraps lines at the terminal width
     assert "eval_before" in flat and "eval_after" in flat and "grpo/log_history.json" in flat
+
+
+def test_reads_render_chat_prompts_with_the_trainers_template_settings(tmp_path, bundle_dir):
+    """Qwen3's enable_thinking and the like: TRL renders prompts with args.chat_template_kwargs; the read under
+    vLLM (and of cut completions) rendered them without, so it saw other prompt tokens than generation did."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.tasks import load_task
+    from rpe.tiny import tiny_model
+    from rpe.trainers import RPECallback
+    from rpe.trainers.recipes import build_dataset
+
+    model, tok = tiny_model()
+    tok.chat_template = ("{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+                         "{% if enable_thinking %}<think>\n{% endif %}")
+    task = load_task("chain_sum_2")
+    ds, _ = build_dataset(task, PromptBuilder(task, tok, PromptConfig(shots=1)), 4, 0, chat=True)
+    args = GRPOConfig(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=4, report_to="none", use_cpu=True, save_strategy="no",
+                      chat_template_kwargs={"enable_thinking": True})
+    cb = RPECallback(str(bundle_dir))
+    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=[lambda completions, **k: [0.0] * len(completions)],
+                          args=args, train_dataset=ds, callbacks=[cb])
+    cb.attach(trainer)
+    try:
+        prompt = ds[0]["prompt"]
+        want = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       enable_thinking=True)["input_ids"]
+        plain = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert list(want) != list(plain)  # the setting changes the tokens
+        assert cb.signals.prompt_ids([prompt]) == [list(want)]
+    finally:
+        cb.close()

@@ -93,6 +93,7 @@ class RPECallback(TrainerCallback):
             except BaseException:
                 self.close()
                 raise
+        self.signals.follow_trainer(trainer)
 
     def close(self) -> None:
         """Undo everything :meth:`attach` did (idempotent)."""

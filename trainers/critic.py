@@ -125,7 +125,7 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
         if signals is None and bundle is None:
             raise ValueError("InternalCriticGRPOTrainer needs bundle= (the value probe is the critic)")
         self.critic_cfg = critic or CriticConfig()
-        self.rpe_signals = signals or InternalSignals(bundle, self.model, self.processing_class)
+        self.rpe_signals = (signals or InternalSignals(bundle, self.model, self.processing_class)).follow_trainer(self)
         probe = self.rpe_signals.bundle.probe
         self.critic_net = probe._net()
         self.critic_net.train()

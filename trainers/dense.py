@@ -132,7 +132,7 @@ class DenseRPEGRPOTrainer(GRPOTrainer):
                     else SubsystemBundle.resolve(bundle, unwrap_model(self.model), self.processing_class))
             control = replace(real, probe_state=random_direction_state(real.probe_state, self.dense_cfg.seed))
             signals = InternalSignals(control, self.model, self.processing_class)
-        self.rpe_signals = signals or InternalSignals(bundle, self.model, self.processing_class)
+        self.rpe_signals = (signals or InternalSignals(bundle, self.model, self.processing_class)).follow_trainer(self)
         if self.dense_cfg.source == "dopamine" and self.rpe_signals.bundle.dopamine_neurons.numel() == 0:
             raise ValueError("dense source 'dopamine' needs a bundle with dopamine neurons; run `rpe dopamine` first")
         self._batch: tuple[list, list] | None = None

@@ -61,6 +61,18 @@ class InternalSignals:
         self._key: tuple | None = None
         self._signals: list[SequenceSignals] = []
         self.last_source: str | None = None
+        self.template: dict[str, Any] = {}
+        """How chat prompts are rendered, as the trainer renders them (``chat_template_kwargs`` such as Qwen3's
+        ``enable_thinking``, ``tools``, ``chat_template``): set by :meth:`follow_trainer`."""
+
+    def follow_trainer(self, trainer: Any) -> InternalSignals:
+        """Render chat prompts as ``trainer`` does (its ``chat_template_kwargs``, tools and chat template), so a
+        read (the vLLM path, completions cut at the limit) sees the prompt tokens generation saw. Called by the
+        callback and rpe's trainers."""
+        from .trl_adapter import prompt_template
+
+        self.template = prompt_template(trainer)
+        return self
 
     def close(self) -> None:
         """Remove the generation wrapper (idempotent)."""
@@ -74,12 +86,13 @@ class InternalSignals:
         self.close()
 
     def prompt_ids(self, prompts: Sequence[Any]) -> list[list[int]]:
-        """Token ids of prompts as TRL tokenizes them (chat template for message lists, plain text otherwise)."""
+        """Token ids of prompts as TRL tokenizes them (chat template for message lists, with the trainer's
+        template settings :attr:`template`; plain text with the tokenizer's special tokens otherwise)."""
         out = []
         for p in prompts:
             if isinstance(p, list):
                 out.append(list(self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
-                                                                   return_dict=True)["input_ids"]))
+                                                                   return_dict=True, **self.template)["input_ids"]))
             else:
                 out.append(list(self.tokenizer(text=p)["input_ids"]))
         return out

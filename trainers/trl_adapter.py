@@ -155,6 +155,17 @@ class RewardTap:
         self.close()
 
 
+def prompt_template(trainer: Any) -> dict[str, Any]:
+    """The keyword arguments ``trainer`` passes to ``apply_chat_template`` when it tokenises chat prompts
+    (TRL 1.16: ``tools``, ``chat_template`` and ``args.chat_template_kwargs``); only those it sets."""
+    out: dict[str, Any] = dict(getattr(trainer, "chat_template_kwargs", None) or {})
+    if getattr(trainer, "tools", None):
+        out["tools"] = trainer.tools
+    if getattr(trainer, "chat_template", None):
+        out["chat_template"] = trainer.chat_template
+    return out
+
+
 def log_to_trainer(trainer: Any, metrics: dict[str, float]) -> None:
     """Append ``metrics`` to the trainer's own per-mode metric lists (averaged and reported at its next log)."""
     mode = "train" if trainer.model.training else "eval"
@@ -164,6 +175,6 @@ def log_to_trainer(trainer: Any, metrics: dict[str, float]) -> None:
 
 __all__ = [
     "REWARD_HOOK", "REWARD_HOOK_PARAMS", "TESTED_TRL_VERSIONS", "TRAINER_ATTRIBUTES", "PartitionedParametersError",
-    "RewardTap", "TRLChangedError", "check_trainer", "find_trainer", "log_to_trainer", "refuse_partitioned",
-    "trl_version",
+    "RewardTap", "TRLChangedError", "check_trainer", "find_trainer", "log_to_trainer", "prompt_template",
+    "refuse_partitioned", "trl_version",
 ]
