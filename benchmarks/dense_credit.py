@@ -44,7 +44,7 @@ def per_problem_rewards(folder: Path) -> dict[str, float]:
     return {t.problem_id: float(t.reward) for t in read_trajectories(folder)}
 
 
-def paired_difference(arm: list[dict[str, float]], base: list[dict[str, float]], n_boot: int, seed: int) -> dict:
+def paired_accuracy_difference(arm: list[dict[str, float]], base: list[dict[str, float]], n_boot: int, seed: int) -> dict:
     """Mean accuracy difference arm - base, paired by problem within each seed (a seed's arms share its held-out
     problems, which exclude that seed's training questions), with a bootstrap interval that resamples problems
     within each seed."""
@@ -123,7 +123,7 @@ def main() -> None:
         n = sum(len(r["after"]) for r in runs)
         lo, hi = wilson_interval(int(k), n)
         both = [s for s in args.seeds if f"{arm}/seed{s}" in results["runs"] and f"grpo/seed{s}" in results["runs"]]
-        diff = (paired_difference([results["runs"][f"{arm}/seed{s}"]["after"] for s in both],
+        diff = (paired_accuracy_difference([results["runs"][f"{arm}/seed{s}"]["after"] for s in both],
                                   [results["runs"][f"grpo/seed{s}"]["after"] for s in both], args.n_boot, 0)
                 if arm != "grpo" and both else None)
         sps = [r["seconds_per_step"] for r in runs if r["seconds_per_step"]]
@@ -139,7 +139,7 @@ def main() -> None:
               f"{t['reward_last10']:.2f} | {t['seconds_per_step'] or float('nan'):.1f} |")
     if "dense" in table and "dense_random" in table:
         both = [s for s in args.seeds if f"dense/seed{s}" in results["runs"] and f"dense_random/seed{s}" in results["runs"]]
-        table["dense"]["minus_control"] = paired_difference(
+        table["dense"]["minus_control"] = paired_accuracy_difference(
             [results["runs"][f"dense/seed{s}"]["after"] for s in both],
             [results["runs"][f"dense_random/seed{s}"]["after"] for s in both], args.n_boot, 1)
         results["card"] = card_row(table, args)

@@ -25,6 +25,8 @@ REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced at this scale"
 INCONCLUSIVE = "inconclusive"
 NOT_MEASURED = "not measured"
+PRESENT_NOT_SPECIFIC = "present but not specific"
+"""A signal that is there, but random neuron sets of the same size carry as much of it."""
 
 
 @dataclass
@@ -214,6 +216,29 @@ def generic_row(claim: str, paper: str, res: dict[str, Any] | None) -> CardRow:
     return CardRow(claim, paper, res["measured"], res["control"], res["verdict"], res.get("note", ""))
 
 
+def sparsity_verdict(vs_all: tuple[float, float], vs_random: tuple[float, float], tolerance: float = 0.02) -> str:
+    """The card's words for "a sparse set carries the value", from two paired 95% intervals of AUROC
+    differences: ``vs_all`` (selected minus all neurons) and ``vs_random`` (selected minus random sets' mean).
+
+    - ``reproduced``: within noise of all neurons (the interval reaches above ``-tolerance``) and above random
+      sets (its interval above 0);
+    - ``present but not specific``: within noise of all neurons, but random sets of its size do as well;
+    - ``not reproduced at this scale``: clearly below all neurons.
+
+    Example:
+        >>> sparsity_verdict((-0.03, 0.01), (0.02, 0.08))
+        'reproduced'
+        >>> sparsity_verdict((-0.03, 0.01), (-0.01, 0.03))
+        'present but not specific'
+        >>> sparsity_verdict((-0.14, -0.08), (0.02, 0.08))
+        'not reproduced at this scale'
+    """
+    near_all = vs_all[1] >= -tolerance
+    if not near_all:
+        return NOT_REPRODUCED
+    return REPRODUCED if vs_random[0] > 0 else PRESENT_NOT_SPECIFIC
+
+
 def markdown(rows: list[CardRow]) -> str:
     """The card as a Markdown table."""
     out = ["| claim (PAPER.md) | paper | measured here (95% CI) | control, same run | verdict |", "|---|---|---|---|---|"]
@@ -235,6 +260,7 @@ def to_html(rows: list[CardRow]) -> str:
             "<th>control, same run</th><th>verdict</th></tr>" + body + "</table>")
 
 
-__all__ = ["CardRow", "INCONCLUSIVE", "NOT_MEASURED", "NOT_REPRODUCED", "REPRODUCED", "ablation_row", "ablation_summary",
+__all__ = ["CardRow", "INCONCLUSIVE", "NOT_MEASURED", "NOT_REPRODUCED", "PRESENT_NOT_SPECIFIC", "REPRODUCED", "ablation_row",
+           "ablation_summary",
            "dopamine_row", "generic_row", "search_row",
-           "markdown", "to_html", "value_rows"]
+           "markdown", "sparsity_verdict", "to_html", "value_rows"]
