@@ -94,7 +94,12 @@ def _state_prefixes(t: Trajectory) -> list[list[int]]:
 def states_per_call(batch_size: int, n_continuations: int, engine: str) -> int:
     """States valued per generation call: one batch of rows with ``generate``; with the continuous engine enough
     to keep ``batch_size`` rows busy as rows finish (it refills free slots and prefills a state's N continuations
-    once)."""
+    once).
+
+    Example:
+        >>> states_per_call(32, 4, "generate"), states_per_call(32, 4, "continuous")
+        (8, 32)
+    """
     return max(1, batch_size // n_continuations) * (4 if engine == "continuous" else 1)
 
 
