@@ -231,6 +231,8 @@ def test_rpe_dopamine_command_end_to_end(tiny_llama, stepped_rollouts, monkeypat
     assert m["n_trajectories"] == len([t for t in trajs if t.steps]) and m["n_surprising"] >= 10
     assert "dopamine neurons, layer" in r.output and "Spearman with RPE" in r.output
     assert f"{m['test_spearman_dopamine']:.3f}" in r.output
+    printed = " ".join(r.output.split())
+    assert m["n_surprising"] < 300 and "held-out Spearman: inconclusive, only" in printed  # the card's power rule
     # the sweep: the bundle's layer (2) and the others, the bundle's own row equal to its result
     assert set(m["by_layer"]) == {"1", "2", "3"} and "the same search at each layer" in r.output
     own = m["by_layer"]["2"]

@@ -104,6 +104,7 @@ def dopamine(
     from rpe.distributed import process_group
     from rpe.dopamine import DopamineConfig, dopamine_from_rollouts
     from rpe.metrics import chance_verdict
+    from rpe.report_card import INCONCLUSIVE, dopamine_row
 
     try:
         cfg = DopamineConfig(n_continuations=n_continuations, max_new_tokens=max_new_tokens, threshold=threshold,
@@ -141,6 +142,9 @@ def dopamine(
                   f"{m['test_spearman_random_mean']:.3f} (95th pct {m['test_spearman_random_q95']:.3f})")
     console.print(table)
     verdict = chance_verdict(m["test_spearman_low"], m["test_spearman_high"], chance=0.0)
+    row = dopamine_row(m)  # the report card's rule: fewer than 300 surprising steps cannot decide
+    if row.verdict == INCONCLUSIVE:
+        verdict = f"{row.verdict}, {row.note} (the interval alone reads {verdict})"
     console.print(f"held-out Spearman: {verdict} ({m['n_test']} held-out steps of {m['n_test_problems']} problems; "
                   f"{m['test_random_sets_at_least']:.0%} of random sets reach it)")
     console.print(
