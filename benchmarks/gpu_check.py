@@ -90,6 +90,7 @@ class Peak:
 
 
 def task_file(folder: Path, n: int) -> Path:
+    """``n`` distinct two-step sums (the checks ask for fewer: the worked examples come from the rest)."""
     path = folder / "sums.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"What is {i % 9 + 1} + {i % 7 + 2} + {i % 5}?",
                                         "answer": str(i % 9 + 1 + i % 7 + 2 + i % 5), "verifier": "numeric"}) + "\n"
@@ -113,7 +114,7 @@ def check_shape(name: str, shape, tok, tok_name: str, device: torch.device, args
     layers = sorted({0, n_layers // 3, 2 * n_layers // 3, n_layers - 1})
     out: dict = {"shape": name, "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "dtype": str(dtype),
                  "tokenizer": tok_name, "capture_layers": layers}
-    task = load_task(str(task_file(work, args.problems)))
+    task = load_task(str(task_file(work, args.problems + 8)))
     sampling = SamplingConfig(temperature=0.7, max_new_tokens=args.new_tokens)
     base = RolloutConfig(task=task.name, n_problems=args.problems, samples=1, batch_size=args.batch, sampling=sampling,
                          prompt=PromptConfig(shots=2))
