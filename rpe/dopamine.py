@@ -161,22 +161,25 @@ def mc_state_values(
             if len(got) == len(t.steps):
                 done[t.trajectory_id] = [got[k] for k in range(len(t.steps))] + [t.reward]
         if own_cache is not None:
-            stored = json.loads(own_cache.read_text()) if own_cache.exists() else {}
-            stored[key] = done
-            atomic_write_json(own_cache, stored)
+            _store_values(own_cache, key, done)
         if progress:
             progress(min(b + per_call, len(items)), len(items))
     if ranks.world > 1:  # every rank gets every rank's values; the main rank keeps them in one cache file
         for values in gather_objects(done):
             done.update(values)
         if cache is not None and ranks.is_main:
-            stored = json.loads(cache.read_text()) if cache.exists() else {}
-            stored[key] = done
-            atomic_write_json(cache, stored)
+            _store_values(cache, key, done)
             for part in cache.parent.glob(f"{cache.name}.rank*"):
                 part.unlink()
         barrier()
     return {t.trajectory_id: done[t.trajectory_id] for t in trajectories if t.trajectory_id in done}
+
+
+def _store_values(path: Path, key: str, values: dict[str, list[float]]) -> None:
+    """Write ``values`` under ``key`` into the JSON cache ``path`` (other keys kept), atomically."""
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored[key] = values
+    atomic_write_json(path, stored)
 
 
 def _cached_values(cache: Path | None, key: str) -> dict[str, list[float]]:

@@ -80,6 +80,7 @@ def generate_batch(
         stop_strings: strings that end a completion besides EOS; removed from the text.
         max_prompt_tokens: longer prompts keep their last ``max_prompt_tokens`` tokens and are flagged.
         seed: the sampling seed (see the module docstring for what each engine does with it).
+        row_seeds: one seed per prompt (see :func:`generate_from_ids`).
         reuse_prefix: encode a prompt prefix shared by all rows once (see :func:`generate_from_ids`).
         **engine_options: ``engine``, ``max_rows``, ``record_layers``, ``record_neurons`` of
             :func:`generate_from_ids`.
@@ -88,7 +89,7 @@ def generate_batch(
     truncated = [len(ids) > max_prompt_tokens for ids in enc]
     gen = generate_from_ids(
         model, tokenizer, [ids[-max_prompt_tokens:] for ids in enc], sampling, stop_strings=stop_strings, seed=seed,
-        reuse_prefix=reuse_prefix, **engine_options,
+        row_seeds=row_seeds, reuse_prefix=reuse_prefix, **engine_options,
     )
     gen.prompt_truncated = truncated
     return gen

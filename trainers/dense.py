@@ -112,8 +112,8 @@ class DenseRPEGRPOTrainer(GRPOTrainer):
     Args:
         bundle: a bundle (or folder) fitted on the policy's base model.
         dense: :class:`DenseCreditConfig`.
-        signals: share an :class:`InternalSignals` (e.g. with an :class:`RPECallback`); not with
-            ``random_direction``, which reads through its own random probe.
+        signals: share an :class:`InternalSignals` (e.g. with an :class:`RPECallback`); with
+            ``random_direction`` its bundle is copied with a random probe and read through signals of its own.
         **kwargs: ``GRPOTrainer``'s arguments.
     """
 

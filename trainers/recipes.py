@@ -341,8 +341,8 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
 
             dense = DenseCreditConfig(weight=rpe_args.dense_weight, clip=rpe_args.dense_clip,
                                       source=rpe_args.dense_source, gamma=rpe_args.dense_gamma, seed=train_args.seed)
-            shared = signals if rpe_args.dense_source != "random_direction" else None
-            trainer = DenseRPEGRPOTrainer(dense=dense, signals=shared, bundle=rpe_args.bundle, **common)
+            # random_direction: the trainer reads through its own copy of this bundle with a random probe
+            trainer = DenseRPEGRPOTrainer(dense=dense, signals=signals, **common)
         elif rpe_args.trainer == "rloo":
             from trl import RLOOTrainer
 
