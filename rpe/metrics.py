@@ -25,6 +25,28 @@ def auroc(y: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(y, np.asarray(scores, dtype=np.float64)))
 
 
+def auroc_columns(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """AUROC of every column of ``scores`` (n, m) for binary labels ``y`` (n,) at once, by the Mann-Whitney
+    rank sum (ties count one half, as :func:`auroc`): (m,) floats, all NaN when only one class is present. The
+    fast path of bootstraps that rescore many scores on every resample.
+
+    Example:
+        >>> auroc_columns([0, 0, 1, 1], np.array([[0.1, 0.9], [0.4, 0.8], [0.35, 0.2], [0.8, 0.1]]))
+        array([0.75, 0.  ])
+    """
+    from scipy.stats import rankdata
+
+    pos = np.asarray(y) >= 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    if n_pos == 0 or n_neg == 0:
+        return np.full(scores.shape[1], math.nan)
+    ranks = rankdata(scores, axis=0)  # (n, m), average ranks for ties
+    return (ranks[pos].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def cluster_resamples(groups: np.ndarray, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
     """``n_boot`` bootstrap resamples of sample indices that draw whole clusters (``groups``, e.g. problem ids)
     with replacement, so the samples of one cluster move together. Deterministic for ``seed``.

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rpe.metrics import auroc, bootstrap_auroc, brier, chance_iou, ece, iou, stratified_auroc
+from rpe.metrics import auroc, auroc_columns, bootstrap_auroc, brier, chance_iou, ece, iou, stratified_auroc
 
 
 def test_brier_and_ece_by_hand():
@@ -21,6 +21,17 @@ def test_auroc_counts_pairs_and_ties():
     y = np.array([1, 1, 0, 0])
     assert auroc(y, np.array([0.9, 0.5, 0.5, 0.1])) == pytest.approx(3.5 / 4)  # one tie counts half
     assert math.isnan(auroc(np.ones(3), np.arange(3)))
+
+
+def test_auroc_columns_agrees_with_auroc_column_by_column_ties_included():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    cols = np.column_stack([rng.integers(0, 4, 60), rng.normal(size=60), -y + rng.normal(size=60) * 0.1])
+    got = auroc_columns(y, cols)
+    assert got == pytest.approx([auroc(y, cols[:, j]) for j in range(3)], abs=1e-12)
+    assert got[2] < 0.1  # an inverted score is not folded
+    assert auroc_columns(y, cols[:, 0]).shape == (1,)
+    assert np.isnan(auroc_columns(np.ones(5), np.arange(10.0).reshape(5, 2))).all()
 
 
 def test_stratified_auroc_counts_only_pairs_within_a_stratum():
