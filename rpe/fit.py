@@ -7,12 +7,14 @@ Steps: capture s_0..s_T at the chosen layers (one forward per batch) -> per laye
 dense probe (the fast linear family by default: the sweep only chooses the layer); the layer with the best mean
 *inner-validation* AUROC is chosen (the scored folds never vote) -> at that layer, the configured probe (the
 paper's MLP by default) for everything below ->
-pruning curve: per fold, rank neurons on the training folds, refit on the top fraction -> headline AUROCs at
+pruning curve: per fold, rank neurons on the training folds, refit on the top fraction (the configured family or
+the logistic probe, whichever validates better) -> headline AUROCs at
 s_0 and at the final state with problem-clustered bootstrap intervals, beside their controls (all neurons,
 question length, prompt log-probability, a probe on the task's difficulty alone), and paired intervals of the
 differences that carry the claims -> value beyond difficulty (AUROC within difficulty strata; a probe on
-activations with difficulty regressed out) -> the bundle: a probe on all trajectories, its top neurons, a
-refit on them.
+activations with difficulty regressed out) -> the sparsity control (every fraction of the curve and four
+selection methods against random neuron sets of the same size, :mod:`rpe.sparsity`) -> the bundle: a probe on
+all trajectories, its top neurons, a refit on them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from rpe.metrics import (
 from rpe.models import fingerprint
 from rpe.probe import FAMILIES, TARGETS, ProbeConfig, ValueProbe
 from rpe.records import Trajectory
+from rpe.sparsity import sparse_refit_values, sparsity_control
 from rpe.store import StateSet, capture_states
 from rpe.tracker import decoder_layers
 
@@ -78,6 +81,9 @@ class FitConfig:
     """Cross-validation folds by problem: every problem is scored once by probes that never saw it."""
     compare_probes: bool = False
     """Also cross-validate every probe family x target at the chosen layer (one table on the same states)."""
+    sparsity_draws: int = 20
+    """Random neuron sets per fraction of the pruning curve in the sparsity control (``metrics["sparsity"]``,
+    :func:`rpe.sparsity.sparsity_control`; magnitude-matched draws as many at ``top_frac``); 0 skips it."""
     batch_size: int = 16
     n_boot: int = 1000
 
@@ -92,6 +98,8 @@ class FitConfig:
             raise ValueError(f"layer_stride must be >= 1, got {self.layer_stride}")
         if self.folds < 2:
             raise ValueError(f"folds must be >= 2, got {self.folds}")
+        if self.sparsity_draws < 0:
+            raise ValueError(f"sparsity_draws must be >= 0 (0 skips the sparsity control), got {self.sparsity_draws}")
 
 
 def _ci(values: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int, seed: int = 0) -> dict[str, Any]:
@@ -180,45 +188,64 @@ def sweep_layers(states: StateSet, cfg: FitConfig, scoring: Scoring,
         dense = cross_validate(states, layer, sweep_cfg, scoring.folds, progress=say)[1.0]
         sweep[layer] = {"val_auroc_all": dense.mean_val_auroc, **scoring.aurocs(dense.values)}
 
-    def score(layer: int) -> float:
-        v = sweep[layer]["val_auroc_all"]
-        return -1.0 if math.isnan(v) else v
-
-    return sweep, max(states.layers, key=score)
+    return sweep, max(states.layers, key=lambda layer: _or_low(sweep[layer]["val_auroc_all"]))
 
 
 def pruning_curve(states: StateSet, layer: int, cfg: FitConfig, scoring: Scoring,
                   say: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[float, OutOfFold]]:
     """Stage 2: out-of-fold AUROC (with intervals at s_0 and the final state) of probes refitted on the top
-    fraction of neurons, ranked inside each fold, for ``cfg.prune_fracs`` plus ``cfg.top_frac`` and 1.0.
+    fraction of neurons, ranked inside each fold (first-layer weight norm of the dense ``cfg.probe``), for
+    ``cfg.prune_fracs`` plus ``cfg.top_frac`` and 1.0.
+
+    The refit on k neurons is the configured family or the standardised logistic probe (same target), whichever
+    has the better mean inner-validation AUROC (the scored folds never vote, as for the layer): an MLP refitted
+    on a handful of inputs can underfit and make the neurons look worse than they are (issue #28).
 
     Returns:
-        ``(one row per fraction, largest first; the out-of-fold values per fraction)``.
+        ``(one row per fraction, largest first, with "refit_family" and both refits' AUROCs; the out-of-fold
+        values per fraction, of the chosen refit)``.
     """
     fracs = sorted(set(cfg.prune_fracs) | {cfg.top_frac, 1.0}, reverse=True)
     oof = cross_validate(states, layer, cfg.probe, scoring.folds, top_fracs=fracs, progress=say)
     d_model = states.acts[layer].shape[1]
-    curve = [{"frac": frac, "n_neurons": d_model if frac == 1.0 else max(1, round(frac * d_model)),
-              **scoring.aurocs(oof[frac].values),
-              **{where: scoring.interval(oof[frac].values, mask, cfg.n_boot) for where, mask in scoring.at.items()}}
-             for frac in fracs]
+    linear = replace(cfg.probe, family="linear", hidden=0)
+    curve = []
+    for frac in fracs:
+        refits = {cfg.probe.family: oof[frac]}
+        if frac < 1.0 and cfg.probe.family != "linear":
+            say(f"pruning curve: logistic refit on {frac:g} of the neurons")
+            refits["linear"] = sparse_refit_values(states, layer, scoring.folds, oof[frac].neurons, linear)
+        family = max(refits, key=lambda f: _or_low(refits[f].mean_val_auroc))
+        oof[frac] = refits[family]
+        curve.append({"frac": frac, "n_neurons": d_model if frac == 1.0 else max(1, round(frac * d_model)),
+                      "refit_family": family, **scoring.aurocs(oof[frac].values),
+                      **{where: scoring.interval(oof[frac].values, mask, cfg.n_boot) for where, mask in scoring.at.items()},
+                      "refits": {f: {"val_auroc": r.mean_val_auroc, **scoring.aurocs(r.values)} for f, r in refits.items()}})
     return curve, oof
 
 
-def fit_value_neurons(states: StateSet, layer: int, cfg: FitConfig,
-                      fold_neurons: Sequence[torch.Tensor | None]) -> tuple[ValueProbe, ValueProbe, dict[str, float]]:
+def _or_low(value: float) -> float:
+    return -1.0 if math.isnan(value) else value
+
+
+def fit_value_neurons(states: StateSet, layer: int, cfg: FitConfig, fold_neurons: Sequence[torch.Tensor | None],
+                      refit_family: str | None = None) -> tuple[ValueProbe, ValueProbe, dict[str, float]]:
     """Stage 3, the bundle's probes: a dense probe on every trajectory (a share of problems kept for
-    validation), its top ``cfg.top_frac`` neurons, a refit on them; and how stable that neuron set is against
-    the sets chosen inside the folds (``fold_neurons``), beside the IoU two random sets would have.
+    validation), its top ``cfg.top_frac`` neurons, a refit on them (``refit_family``, default the configured
+    one: the pruning curve's choice at ``cfg.top_frac``); and how stable that neuron set is against the sets
+    chosen inside the folds (``fold_neurons``), beside the IoU two random sets would have.
 
     Returns:
-        ``(dense probe, value-neuron probe, stability)``; the value neurons are ``sparse.neurons``.
+        ``(dense probe, value-neuron probe, stability)``; the value neurons are ``sparse.neurons``, its
+        configuration ``sparse.cfg``.
     """
     pcfg = cfg.probe
     codes = np.where(kfold_by_problem(states.problem_ids, max(2, round(1 / pcfg.val_frac)), pcfg.seed + 1) == 0, 1, 0)
     dense = ValueProbe(pcfg).fit(states, layer, split=codes)
     value_neurons = dense.prune(cfg.top_frac)
-    sparse = ValueProbe(pcfg).fit(states, layer, value_neurons, split=codes)
+    family = refit_family or pcfg.family
+    refit_cfg = replace(pcfg, family=family, hidden=0 if family == "linear" else pcfg.hidden)
+    sparse = ValueProbe(refit_cfg).fit(states, layer, value_neurons, split=codes)
     fold_sets = [n for n in fold_neurons if n is not None]
     d_model = states.acts[layer].shape[1]
     stability = {
@@ -314,14 +341,15 @@ def value_by_step(values: np.ndarray, scoring: Scoring, n_boot: int, min_states:
 
 
 def probe_table(states: StateSet, layer: int, oof: dict[float, OutOfFold], cfg: FitConfig, scoring: Scoring,
-                say: Callable[[str], None]) -> list[dict[str, Any]]:
+                say: Callable[[str], None], refit_family: str | None = None) -> list[dict[str, Any]]:
     """Stage 7: every probe family x target cross-validated at ``layer`` on the same folds (all neurons and the
-    top fraction); the configured probe's row reuses ``oof``."""
+    top fraction, refitted with the row's own family); the configured probe's row reuses ``oof`` when its top
+    fraction was refitted with that family (``refit_family``, the pruning curve's choice)."""
     rows: list[dict[str, Any]] = []
     s0 = scoring.at["s0"]
     for family, target in itertools.product(FAMILIES, TARGETS):
         say(f"probe table: {family} {target}")
-        same = family == cfg.probe.family and target == cfg.probe.target  # the headline run: reuse it
+        same = family == cfg.probe.family and target == cfg.probe.target and refit_family in (None, family)
         res = {1.0: oof[1.0], cfg.top_frac: oof[cfg.top_frac]} if same else \
             cross_validate(states, layer, replace(cfg.probe, family=family, target=target), scoring.folds, top_fracs=[cfg.top_frac])
         for frac, o in res.items():
@@ -345,7 +373,8 @@ def fit_bundle(
 
     The stages, in order: :func:`states_to_fit`, :func:`sweep_layers`, :func:`pruning_curve`,
     :func:`fit_value_neurons`, :func:`control_scores` and :func:`headline`, :func:`value_beyond_difficulty`
-    (with ``difficulty``), :func:`value_by_step`, :func:`probe_table` (with ``cfg.compare_probes``).
+    (with ``difficulty``), :func:`rpe.sparsity.sparsity_control` (with ``cfg.sparsity_draws``),
+    :func:`value_by_step`, :func:`probe_table` (with ``cfg.compare_probes``).
 
     Args:
         states: activations already captured for ``trajectories`` (e.g. during generation, the rollout
@@ -363,8 +392,9 @@ def fit_bundle(
     sweep, best = sweep_layers(states, cfg, scoring, say)
     say(f"best layer {best}: pruning curve")
     curve, oof = pruning_curve(states, best, cfg, scoring, say)
-    say("bundle: dense probe on all trajectories, value neurons, refit")
-    dense_all, sparse_all, stability = fit_value_neurons(states, best, cfg, oof[cfg.top_frac].neurons)
+    refit_family = next(r["refit_family"] for r in curve if r["frac"] == cfg.top_frac)
+    say(f"bundle: dense probe on all trajectories, value neurons, {refit_family} refit")
+    dense_all, sparse_all, stability = fit_value_neurons(states, best, cfg, oof[cfg.top_frac].neurons, refit_family)
     say("baselines: question length, mean prompt log-probability")
     scores, diffs, features, strata = control_scores(model, tokenizer, trajectories, states, oof, cfg, scoring, difficulty)
     say("headline: paired cluster bootstrap")
@@ -373,8 +403,16 @@ def fit_bundle(
     if features is not None and strata is not None and difficulty is not None:
         say("value beyond difficulty: within strata, residualised probe")
         beyond = value_beyond_difficulty(states, best, scores, features, strata, difficulty, cfg, scoring, say)
+    sparsity = None
+    if cfg.sparsity_draws:
+        fracs = [r["frac"] for r in curve if r["frac"] < 1.0]
+        sparsity = sparsity_control(states, best, scoring.folds, fracs, scores[DENSE],
+                                    given={"first_layer_norm": {f: oof[f].neurons for f in fracs}},
+                                    n_draws=cfg.sparsity_draws, matched_frac=cfg.top_frac, probe_cfg=cfg.probe,
+                                    n_boot=cfg.n_boot, seed=cfg.probe.seed, progress=say)
+        sparsity["card_frac"] = cfg.top_frac
     by_step = value_by_step(scores[VALUE], scoring, cfg.n_boot)
-    families = probe_table(states, best, oof, cfg, scoring, say) if cfg.compare_probes else []
+    families = probe_table(states, best, oof, cfg, scoring, say, refit_family) if cfg.compare_probes else []
 
     sweep_family = cfg.sweep_family or cfg.probe.family
     metrics = {
@@ -392,6 +430,7 @@ def fit_bundle(
         "value_neuron_stability": stability,
         "bundle_probe": {"dense": dense_all.metrics, "value_neurons": sparse_all.metrics},
         "pruning_curve": curve,
+        "sparsity": sparsity,
         "layer_sweep": {str(k): v for k, v in sweep.items()},
     }
     assert sparse_all.state is not None and sparse_all.state.neurons is not None
@@ -400,7 +439,7 @@ def fit_bundle(
         layer=best,
         value_neurons=sparse_all.state.neurons,
         probe_state=sparse_all.state,
-        probe_config=cfg.probe,
+        probe_config=sparse_all.cfg,
         metrics=metrics,
         created_with={"fit": asdict(cfg)},
     )
