@@ -90,20 +90,7 @@ def value_rows(m: dict[str, Any]) -> list[CardRow]:
                         f"all neurons {_iv(f[DENSE])}; question length {_iv(f[QLEN])}", verdict,
                         "" if verdict != INCONCLUSIVE else _decide(vf)))
 
-    d0, dfin = s0[f"{VALUE} - {DENSE}"], f[f"{VALUE} - {DENSE}"]
-    curve = "; ".join(f"{r['frac']:g}: {r['cv_auroc_s0']:.3f}/{r['cv_auroc_final']:.3f}" for r in m["pruning_curve"])
-    dense_s0 = next(r["cv_auroc_s0"] for r in m["pruning_curve"] if r["frac"] == 1.0)
-    flat = [r["frac"] for r in m["pruning_curve"] if r["cv_auroc_s0"] >= dense_s0 - 0.02]
-    flat_note = f"; within 0.02 of all neurons at s_0 down to {min(flat):g} kept" if flat else ""
-    if v["verdict"] == "above chance" and vf["verdict"] == "above chance" and "lower" not in (d0["verdict"], dfin["verdict"]):
-        verdict, note = REPRODUCED, "1% keeps the signal: no significant loss against all neurons"
-    elif "lower" in (d0["verdict"], dfin["verdict"]):
-        verdict, note = NOT_REPRODUCED, f"the 1% set loses signal against all neurons (paired interval below 0){flat_note}"
-    else:
-        verdict, note = INCONCLUSIVE, "the 1% probe is not distinguishable from chance"
-    rows.append(CardRow("a sparse 1% carries the value (pruning curve nearly flat)", "AUROC nearly flat when 80-99% "
-                        "of dimensions are removed", f"1% - all neurons: s_0 {_iv(d0, 'diff')}, final {_iv(dfin, 'diff')}",
-                        f"curve (kept: s_0/final) {curve}", verdict, note))
+    rows.append(sparsity_row(m))
 
     beyond = m.get("beyond_difficulty") or {}
     if beyond:
@@ -117,6 +104,70 @@ def value_rows(m: dict[str, Any]) -> list[CardRow]:
                             f"{_iv(beyond['within_strata_s0'][LOGPROB])}" if DIFFICULTY in s0 else "",
                             verdict, "AUROC among problems of equal difficulty" if ok else _decide(w)))
     return rows
+
+
+def _curve_text(m: dict[str, Any]) -> str:
+    return "; ".join(f"{r['frac']:g}: {r['cv_auroc_s0']:.3f}/{r['cv_auroc_final']:.3f}" for r in m["pruning_curve"])
+
+
+def sparsity_row(m: dict[str, Any]) -> CardRow:
+    """Row for "a sparse 1% carries the value" from a bundle's ``metrics``: the value neurons minus all neurons
+    (the headline's paired intervals) and, where the bundle has ``metrics["sparsity"]`` (:mod:`rpe.sparsity`),
+    the same refit on random neuron sets of the same size (uniform and magnitude-matched draws).
+
+    Judged at each position (s_0, final) where the value neurons are above chance, by :func:`sparsity_verdict`
+    against the harder of the two random controls (the lower interval); ``not reproduced`` at either position
+    wins, then ``present but not specific``; ``reproduced`` needs every judged position. Without the random-set
+    control the row cannot say ``reproduced`` (bundles fitted before it existed: re-run ``rpe fit``)."""
+    from rpe.fit import DENSE, VALUE
+
+    claim, paper = "a sparse 1% carries the value (against random sets of its size)", \
+        "AUROC nearly flat when 80-99% of dimensions are removed"
+    head = m["headline_cv"]
+    vs_all = {p: head[p][f"{VALUE} - {DENSE}"] for p in ("s0", "final")}
+    judged = [p for p in ("s0", "final") if head[p][VALUE]["verdict"] == "above chance"]
+    measured = f"1% - all neurons: s_0 {_iv(vs_all['s0'], 'diff')}, final {_iv(vs_all['final'], 'diff')}"
+    sp = m.get("sparsity")
+    card = next((r for r in (sp or {}).get("rows", []) if r["method"] == "first_layer_norm"
+                 and r["frac"] == sp.get("card_frac")), None)
+    if card is None:
+        control = f"curve (kept: s_0/final) {_curve_text(m)}; no random-set control in this bundle"
+        if not judged:
+            return CardRow(claim, paper, measured, control, INCONCLUSIVE, "the 1% probe is not distinguishable from chance")
+        if any(vs_all[p]["verdict"] == "lower" for p in judged):
+            return CardRow(claim, paper, measured, control, NOT_REPRODUCED,
+                           "the 1% set loses signal against all neurons (paired interval below 0)")
+        return CardRow(claim, paper, measured, control, INCONCLUSIVE,
+                       "no random-set control (bundle fitted before it existed): re-run rpe fit")
+    matched = sp.get("matched") or {}
+    parts = []
+    for p, name in (("s0", "s_0"), ("final", "final")):
+        u = card["vs_random"][p]
+        text = (f"{name}: {card['k']}-neuron random sets ({u['n_draws']} draws) {u['random_mean']:.3f}, selected "
+                f"minus them {u['diff']:+.3f} [{u['low']:+.3f}, {u['high']:+.3f}], {u['rank']} of {u['n_draws']} "
+                f"reach it")
+        if p in matched:
+            mm = matched[p]
+            text += f"; magnitude-matched {mm['random_mean']:.3f}, minus them {mm['diff']:+.3f} [{mm['low']:+.3f}, {mm['high']:+.3f}]"
+        parts.append(text)
+    control = "; ".join(parts) + f" (same logistic refit for every set); curve (kept: s_0/final) {_curve_text(m)}"
+    if not judged:
+        return CardRow(claim, paper, measured, control, INCONCLUSIVE, "the 1% probe is not distinguishable from chance")
+    verdicts = {}
+    for p in judged:
+        controls = [card["vs_random"][p]] + ([matched[p]] if p in matched else [])
+        hardest = min(controls, key=lambda c: c["low"])
+        verdicts[p] = sparsity_verdict((vs_all[p]["low"], vs_all[p]["high"]), (hardest["low"], hardest["high"]))
+    where = ", ".join({"s0": "s_0", "final": "final"}[p] for p in judged)
+    if NOT_REPRODUCED in verdicts.values():
+        lost = [{"s0": "s_0", "final": "final"}[p] for p, v in verdicts.items() if v == NOT_REPRODUCED]
+        return CardRow(claim, paper, measured, control, NOT_REPRODUCED,
+                       f"the 1% set loses signal against all neurons at {', '.join(lost)}")
+    if PRESENT_NOT_SPECIFIC in verdicts.values():
+        return CardRow(claim, paper, measured, control, PRESENT_NOT_SPECIFIC,
+                       f"within noise of all neurons at {where}, but random sets of its size do not do significantly worse")
+    return CardRow(claim, paper, measured, control, REPRODUCED,
+                   f"within noise of all neurons and above random sets of its size at {where}")
 
 
 def ablation_row(res: dict[str, Any] | None) -> CardRow:
@@ -263,4 +314,4 @@ def to_html(rows: list[CardRow]) -> str:
 __all__ = ["CardRow", "INCONCLUSIVE", "NOT_MEASURED", "NOT_REPRODUCED", "PRESENT_NOT_SPECIFIC", "REPRODUCED", "ablation_row",
            "ablation_summary",
            "dopamine_row", "generic_row", "search_row",
-           "markdown", "sparsity_verdict", "to_html", "value_rows"]
+           "markdown", "sparsity_row", "sparsity_verdict", "to_html", "value_rows"]

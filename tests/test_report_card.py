@@ -3,7 +3,9 @@
 import pytest
 
 from rpe.fit import DENSE, DIFFICULTY, LOGPROB, QLEN, VALUE, power_note
-from rpe.report_card import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, CardRow, markdown, to_html, value_rows
+from rpe.report_card import (
+    INCONCLUSIVE, NOT_REPRODUCED, PRESENT_NOT_SPECIFIC, REPRODUCED, CardRow, markdown, sparsity_row, to_html, value_rows,
+)
 
 
 def _r(auroc, low, high, n=1600):
@@ -37,6 +39,52 @@ def test_reproduced_when_above_chance_and_above_every_control():
     assert rows[0].verdict == REPRODUCED
     assert rows[1].verdict == REPRODUCED  # final step above chance
     assert rows[2].verdict == NOT_REPRODUCED and "loses signal" in rows[2].note  # final: 1% below all neurons
+    assert "no random-set control" in rows[2].control
+
+
+def _vs_random(low, high, rank=0, n_draws=20):
+    mid = (low + high) / 2
+    return {"selected": 0.7, "random_mean": 0.7 - mid, "random_q95": 0.7 - mid + 0.01, "diff": mid, "low": low,
+            "high": high, "rank": rank, "n_draws": n_draws}
+
+
+def with_control(m, s0=(0.02, 0.08), final=(0.02, 0.08), matched=None, final_vs_all=(-0.03, 0.01)):
+    """``m`` with a sparsity control: the card's set minus random sets (uniform draws; ``matched``: the
+    magnitude-matched draws, the same at both positions) and, at the final state, minus all neurons."""
+    m["headline_cv"]["final"][f"{VALUE} - {DENSE}"] = _d(sum(final_vs_all) / 2, *final_vs_all)
+    row = {"method": "first_layer_norm", "frac": 0.01, "k": 6, "vs_random": {"s0": _vs_random(*s0), "final": _vs_random(*final)}}
+    m["sparsity"] = {"card_frac": 0.01, "n_draws": 20, "rows": [row],
+                     "matched": None if matched is None else {"s0": _vs_random(*matched), "final": _vs_random(*matched)}}
+    return m
+
+
+def test_sparsity_row_every_verdict_word_is_reachable_and_each_rule_fails_when_weakened():
+    above = metrics((0.68, 0.64, 0.72))  # value neurons above chance at s_0 and final; within noise of all at s_0
+    row = sparsity_row(with_control(above))
+    assert row.verdict == REPRODUCED and "s_0, final" in row.note and "6-neuron random sets (20 draws)" in row.control
+    # random sets reach the selected set (interval includes 0) at one position: present but not specific
+    assert sparsity_row(with_control(metrics((0.68, 0.64, 0.72)), final=(-0.01, 0.05))).verdict == PRESENT_NOT_SPECIFIC
+    assert sparsity_row(with_control(metrics((0.68, 0.64, 0.72)), final=(0.001, 0.05))).verdict == REPRODUCED
+    # the harder control decides: magnitude-matched draws as good as the set
+    row = sparsity_row(with_control(metrics((0.68, 0.64, 0.72)), matched=(-0.02, 0.03)))
+    assert row.verdict == PRESENT_NOT_SPECIFIC and "magnitude-matched" in row.control
+    # clearly below all neurons at one position: not reproduced, whatever the random sets do
+    row = sparsity_row(with_control(metrics((0.68, 0.64, 0.72)), final_vs_all=(-0.08, -0.021)))
+    assert row.verdict == NOT_REPRODUCED and "final" in row.note
+    assert sparsity_row(with_control(metrics((0.68, 0.64, 0.72)), final_vs_all=(-0.08, -0.019))).verdict == REPRODUCED
+    # a position where the value neurons are not above chance is not judged; none judged: inconclusive
+    row = sparsity_row(with_control(metrics((0.55, 0.45, 0.65)), final_vs_all=(-0.08, -0.021)))
+    assert row.verdict == NOT_REPRODUCED and "final" in row.note and "s_0" not in row.note
+    row = sparsity_row(with_control(metrics((0.55, 0.45, 0.65), value_final=(0.55, 0.45, 0.65)), final_vs_all=(-0.08, -0.021)))
+    assert row.verdict == INCONCLUSIVE and "not distinguishable from chance" in row.note
+
+
+def test_without_the_random_set_control_the_sparsity_row_never_says_reproduced():
+    m = metrics((0.68, 0.64, 0.72))
+    m["headline_cv"]["final"][f"{VALUE} - {DENSE}"] = _d(-0.01, -0.03, 0.01)  # within noise everywhere
+    row = sparsity_row(m)
+    assert row.verdict == INCONCLUSIVE and "re-run rpe fit" in row.note
+    assert sparsity_row(with_control(m)).verdict == REPRODUCED  # the same numbers with the control
 
 
 def test_a_control_that_ranks_better_means_not_reproduced():
