@@ -112,9 +112,14 @@ def bundle_section(bundle_dir: str | Path) -> str:
         "cross-validated, s_0": [m["layer_sweep"][str(k)]["cv_auroc_s0"] for k in layers],
         "cross-validated, final": [m["layer_sweep"][str(k)]["cv_auroc_final"] for k in layers]}, "layer", "AUROC")
     curve = m["pruning_curve"]
-    prune = _line_plot([r["frac"] for r in curve], {"s_0": [r["cv_auroc_s0"] for r in curve],
-                       "final step": [r["cv_auroc_final"] for r in curve]}, "fraction of neurons kept",
-                       "cross-validated AUROC", logx=True)
+    lines = {"s_0": [r["cv_auroc_s0"] for r in curve], "final step": [r["cv_auroc_final"] for r in curve]}
+    sparsity = m.get("sparsity") or {}
+    control = {r["frac"]: r for r in sparsity.get("rows", []) if r["method"] == "first_layer_norm"}
+    if control:  # the random sets of each size, same refit: the line the selected sets must clear
+        for where, label in (("s0", "s_0"), ("final", "final step")):
+            lines[f"random sets, {label}"] = [control[r["frac"]]["vs_random"][where]["random_mean"]
+                                              if r["frac"] in control else float("nan") for r in curve]
+    prune = _line_plot([r["frac"] for r in curve], lines, "fraction of neurons kept", "cross-validated AUROC", logx=True)
     parts = [
         f"<h2>Value neurons (layer {m['best_layer']}, {meta['n_value_neurons']} neurons, {e(str(m.get('probe', m['target'])))})</h2>",
         f"<table><tr><th>AUROC of ({m['folds']}-fold cross-validated by problem, {m['n_trajectories']} trajectories, "
@@ -133,6 +138,18 @@ def bundle_section(bundle_dir: str | Path) -> str:
                      "<th>at final step</th><th>reading</th></tr>" + brows + "</table>")
     parts += [f'<h3>Layer sweep</h3><img alt="layer sweep" src="{sweep}">',
               f'<h3>Pruning curve</h3><img alt="pruning curve" src="{prune}">']
+    if sparsity:
+        srows = "".join(
+            f"<tr><td>{e(r['method'])}</td><td>{r['frac']:g} ({r['k']})</td>" + "".join(
+                f"{cell(r[w])}<td>{_fmt(r['vs_random'][w]['diff'])} [{_fmt(r['vs_random'][w]['low'])}, "
+                f"{_fmt(r['vs_random'][w]['high'])}], {r['vs_random'][w]['rank']} of {r['vs_random'][w]['n_draws']} reach it</td>"
+                for w in ("s0", "final")) + "</tr>" for r in sparsity["rows"])
+        parts.append(f"<h3>Sparsity control</h3><p>Each selection method, neurons ranked inside each fold, against "
+                     f"{sparsity['n_draws']} random sets of the same size (massive-activation dimensions excluded), "
+                     "the same logistic refit for every set; selected minus the random sets' mean with a paired 95% "
+                     "interval.</p><table><tr><th>selection</th><th>kept</th><th>AUROC s_0</th><th></th>"
+                     "<th>minus random, s_0</th><th>AUROC final</th><th></th><th>minus random, final</th></tr>"
+                     + srows + "</table>")
     if "dopamine" in m:
         d = m["dopamine"]
         parts.append(

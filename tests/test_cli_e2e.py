@@ -24,11 +24,14 @@ def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
     assert again.exit_code == 0 and f"accuracy {manifest['accuracy']:.3f}" in again.output
 
     r = runner.invoke(app, ["fit", "--rollouts", str(out), "--out", str(out / "bundle"), "--layers", "8,14",
-                            "--epochs", "20"])
+                            "--epochs", "20", "--sparsity-draws", "4"])
     assert r.exit_code == 0, r.output
     metrics = json.loads((out / "bundle" / "metrics.json").read_text())
     assert metrics["best_layer"] in (8, 14) and len(metrics["pruning_curve"]) == 6
     assert "all neurons" in r.output and "pruning curve" in r.output
+    sparsity = metrics["sparsity"]  # every fraction below 1 x four selection methods, against 4 random sets each
+    assert sparsity["n_draws"] == 4 and len(sparsity["rows"]) == 5 * 4 and sparsity["matched"]["k"] == 6
+    assert "sparsity control" in r.output and "card: a sparse 1% carries the value" in r.output
     assert metrics["headline_cv"]["s0"]["value neurons"]["n"] == 48  # cross-validated: every trajectory scored
     assert {r["stratum"]["num_terms"] for r in metrics["beyond_difficulty"]["per_stratum"]} <= {2.0, 3.0, 4.0}
     s0 = metrics["headline_cv"]["s0"]["value neurons"]
@@ -49,6 +52,8 @@ def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
     assert r.exit_code == 0, r.output
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "Value neurons" in page
+    assert "Sparsity control" in page and "random sets, s_0" not in page  # the plot's legend is in the image
+    assert "against random sets of its size" in page  # the card's sparsity row
     assert page.index("Report card") < page.index("Steps per completion")  # the card opens the report
 
 

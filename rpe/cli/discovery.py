@@ -27,6 +27,8 @@ def fit(
     top_frac: float = typer.Option(0.01, help="Fraction of neurons kept as value neurons."),
     folds: int = typer.Option(5, help="Cross-validation folds by problem (every problem scored once)."),
     compare_probes: bool = typer.Option(False, help="Also cross-validate every probe family x target at the best layer."),
+    sparsity_draws: int = typer.Option(20, help="Random neuron sets per pruning fraction in the sparsity control "
+                                       "(the card's sparsity row; 0 skips it)."),
     epochs: int = typer.Option(100, help="MLP probe training epochs (early stopping on validation)."),
     seed: int = typer.Option(0, help="Seed of the folds and the probe."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for the intervals."),
@@ -47,6 +49,7 @@ def fit(
     try:
         cfg = FitConfig(layers=parse_layers(layers), layer_stride=layer_stride, top_frac=top_frac, folds=folds,
                         compare_probes=compare_probes, n_boot=n_boot, sweep_family=sweep_family,
+                        sparsity_draws=sparsity_draws,
                         probe=ProbeConfig(target=target, family=family, epochs=epochs, seed=seed))
         trajectories = read_trajectories(rollouts)
     except (ValueError, FileNotFoundError) as err:
@@ -194,11 +197,30 @@ def _print_fit_metrics(metrics: dict, out: Path) -> None:
             t.add_row(key.replace("_", " "), *(interval_text(beyond[key][w]) for w in ("s0", "final")))
         console.print(t)
     curve = Table(title="pruning curve (cross-validated AUROC; neurons ranked inside each fold)")
-    for col in ("kept", "neurons", "AUROC s_0", "AUROC final"):
+    for col in ("kept", "neurons", "refit", "AUROC s_0", "AUROC final"):
         curve.add_column(col)
     for row in metrics["pruning_curve"]:
-        curve.add_row(f"{row['frac']:g}", str(row["n_neurons"]), interval_text(row["s0"]), interval_text(row["final"]))
+        curve.add_row(f"{row['frac']:g}", str(row["n_neurons"]), row.get("refit_family", "-"), interval_text(row["s0"]),
+                      interval_text(row["final"]))
     console.print(curve)
+    sparsity = metrics.get("sparsity")
+    if sparsity:
+        from rpe.report_card import sparsity_row
+
+        t = Table(title=f"sparsity control: each selection against {sparsity['n_draws']} random sets of its size "
+                        "(the same logistic refit; selected minus random mean, paired 95% CI; rank among the draws)")
+        for col in ("method", "kept", "AUROC s_0", "- random", "AUROC final", "- random"):
+            t.add_column(col, overflow="fold")
+        for row in sparsity["rows"]:
+            cells = []
+            for where in ("s0", "final"):
+                r = row["vs_random"][where]
+                cells += [interval_text(row[where]), f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}], "
+                                                     f"{r['rank']}/{r['n_draws']} reach it"]
+            t.add_row(row["method"], f"{row['frac']:g} ({row['k']})", *cells)
+        console.print(t)
+        card = sparsity_row(metrics)
+        console.print(f"card: {card.claim}: [bold]{card.verdict}[/] ({card.note})", soft_wrap=True)
     note = power_note(metrics)
     if note:
         console.print(f"[bold yellow]{note}[/]", soft_wrap=True)
