@@ -116,7 +116,7 @@ def sparsity_row(m: dict[str, Any]) -> CardRow:
     the same refit on random neuron sets of the same size (uniform and magnitude-matched draws).
 
     Judged at each position (s_0, final) where the value neurons are above chance, by :func:`sparsity_verdict`
-    against the harder of the two random controls (the lower interval); ``not reproduced`` at either position
+    against each random control, the worse verdict counting; ``not reproduced`` at either position
     wins, then ``present but not specific``; ``reproduced`` needs every judged position. Without the random-set
     control the row cannot say ``reproduced`` (bundles fitted before it existed: re-run ``rpe fit``)."""
     from rpe.fit import DENSE, VALUE
@@ -153,11 +153,11 @@ def sparsity_row(m: dict[str, Any]) -> CardRow:
     control = "; ".join(parts) + f" (same logistic refit for every set); curve (kept: s_0/final) {_curve_text(m)}"
     if not judged:
         return CardRow(claim, paper, measured, control, INCONCLUSIVE, "the 1% probe is not distinguishable from chance")
-    verdicts = {}
-    for p in judged:
-        controls = [card["vs_random"][p]] + ([matched[p]] if p in matched else [])
-        hardest = min(controls, key=lambda c: c["low"])
-        verdicts[p] = sparsity_verdict((vs_all[p]["low"], vs_all[p]["high"]), (hardest["low"], hardest["high"]))
+    order = (NOT_REPRODUCED, PRESENT_NOT_SPECIFIC, REPRODUCED)  # worst first: the harder control decides
+    verdicts = {p: min((sparsity_verdict((vs_all[p]["low"], vs_all[p]["high"]), (c["low"], c["high"]),
+                                         beats_q95=c["selected"] > c["random_q95"])
+                        for c in [card["vs_random"][p]] + ([matched[p]] if p in matched else [])), key=order.index)
+                for p in judged}
     where = ", ".join({"s0": "s_0", "final": "final"}[p] for p in judged)
     if NOT_REPRODUCED in verdicts.values():
         lost = [{"s0": "s_0", "final": "final"}[p] for p, v in verdicts.items() if v == NOT_REPRODUCED]
@@ -165,7 +165,8 @@ def sparsity_row(m: dict[str, Any]) -> CardRow:
                        f"the 1% set loses signal against all neurons at {', '.join(lost)}")
     if PRESENT_NOT_SPECIFIC in verdicts.values():
         return CardRow(claim, paper, measured, control, PRESENT_NOT_SPECIFIC,
-                       f"within noise of all neurons at {where}, but random sets of its size do not do significantly worse")
+                       f"within noise of all neurons at {where}, but random sets of its size do not do significantly "
+                       "worse (paired interval above 0 and their 95th percentile beaten)")
     return CardRow(claim, paper, measured, control, REPRODUCED,
                    f"within noise of all neurons and above random sets of its size at {where}")
 
@@ -267,12 +268,15 @@ def generic_row(claim: str, paper: str, res: dict[str, Any] | None) -> CardRow:
     return CardRow(claim, paper, res["measured"], res["control"], res["verdict"], res.get("note", ""))
 
 
-def sparsity_verdict(vs_all: tuple[float, float], vs_random: tuple[float, float], tolerance: float = 0.02) -> str:
+def sparsity_verdict(vs_all: tuple[float, float], vs_random: tuple[float, float], tolerance: float = 0.02,
+                     beats_q95: bool = True) -> str:
     """The card's words for "a sparse set carries the value", from two paired 95% intervals of AUROC
-    differences: ``vs_all`` (selected minus all neurons) and ``vs_random`` (selected minus random sets' mean).
+    differences: ``vs_all`` (selected minus all neurons) and ``vs_random`` (selected minus random sets' mean),
+    and whether the selected set beats the random sets' 95th percentile (``beats_q95``; the dopamine row asks
+    the same of its random sets).
 
     - ``reproduced``: within noise of all neurons (the interval reaches above ``-tolerance``) and above random
-      sets (its interval above 0);
+      sets (its interval above 0, and above their 95th percentile);
     - ``present but not specific``: within noise of all neurons, but random sets of its size do as well;
     - ``not reproduced at this scale``: clearly below all neurons.
 
@@ -287,7 +291,7 @@ def sparsity_verdict(vs_all: tuple[float, float], vs_random: tuple[float, float]
     near_all = vs_all[1] >= -tolerance
     if not near_all:
         return NOT_REPRODUCED
-    return REPRODUCED if vs_random[0] > 0 else PRESENT_NOT_SPECIFIC
+    return REPRODUCED if vs_random[0] > 0 and beats_q95 else PRESENT_NOT_SPECIFIC
 
 
 def markdown(rows: list[CardRow]) -> str:

@@ -27,6 +27,11 @@ def test_fit_produces_metrics_and_neurons(fitted):
     assert m["best_layer"] in (1, 2) and bundle.layer == m["best_layer"]
     assert bundle.value_neurons.numel() == round(0.1 * 64)
     assert [r["frac"] for r in m["pruning_curve"]] == [1.0, 0.1]
+    top = m["pruning_curve"][1]  # the 10% refit: the MLP or the logistic probe, whichever validates better
+    assert set(top["refits"]) == {"mlp", "linear"}
+    assert top["refit_family"] == max(top["refits"], key=lambda f: top["refits"][f]["val_auroc"])
+    assert top["cv_auroc_s0"] == top["refits"][top["refit_family"]]["cv_auroc_s0"]
+    assert bundle.probe_config.family == top["refit_family"]  # the bundle's value-neuron probe is that refit
     assert set(m["headline_cv"]["s0"]) == {
         "value neurons", "all neurons", "question length (shorter = more confident)", "mean prompt log-prob",
         "value neurons - all neurons", "value neurons - question length (shorter = more confident)",

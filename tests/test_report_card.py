@@ -65,6 +65,10 @@ def test_sparsity_row_every_verdict_word_is_reachable_and_each_rule_fails_when_w
     # random sets reach the selected set (interval includes 0) at one position: present but not specific
     assert sparsity_row(with_control(metrics((0.68, 0.64, 0.72)), final=(-0.01, 0.05))).verdict == PRESENT_NOT_SPECIFIC
     assert sparsity_row(with_control(metrics((0.68, 0.64, 0.72)), final=(0.001, 0.05))).verdict == REPRODUCED
+    # as for the dopamine row, the random sets' 95th percentile must be beaten too
+    m = with_control(metrics((0.68, 0.64, 0.72)))
+    m["sparsity"]["rows"][0]["vs_random"]["s0"]["random_q95"] = 0.71
+    assert sparsity_row(m).verdict == PRESENT_NOT_SPECIFIC
     # the harder control decides: magnitude-matched draws as good as the set
     row = sparsity_row(with_control(metrics((0.68, 0.64, 0.72)), matched=(-0.02, 0.03)))
     assert row.verdict == PRESENT_NOT_SPECIFIC and "magnitude-matched" in row.control

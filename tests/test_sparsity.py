@@ -135,4 +135,5 @@ def test_every_verdict_word_is_reachable_and_each_rule_fails_when_weakened():
     assert sparsity_verdict((-0.05, -0.019), above_random) == REPRODUCED
     assert sparsity_verdict(near_all, (0.0, 0.05)) == PRESENT_NOT_SPECIFIC  # above random needs low > 0
     assert sparsity_verdict(near_all, (0.001, 0.05)) == REPRODUCED
+    assert sparsity_verdict(near_all, (0.001, 0.05), beats_q95=False) == PRESENT_NOT_SPECIFIC
     assert REFIT.family == "linear"
