@@ -48,9 +48,25 @@ def tables(m: dict) -> str:
         for r in b["per_stratum"]:
             out.append(f"| {r['stratum']} | {r['n_trajectories']} | {r['accuracy']:.3f} | {r['auroc_s0_value_neurons']:.3f} | "
                        f"{r['auroc_s0_all_neurons']:.3f} |")
-    out.append("\n| neurons kept | neurons | AUROC s_0 | AUROC final |\n|---|---|---|---|")
+    out.append("\n| neurons kept | neurons | refit | AUROC s_0 | AUROC final |\n|---|---|---|---|---|")
     for r in m["pruning_curve"]:
-        out.append(f"| {r['frac']:g} | {r['n_neurons']} | {fmt(r['s0'])} | {fmt(r['final'])} |")
+        out.append(f"| {r['frac']:g} | {r['n_neurons']} | {r.get('refit_family', '-')} | {fmt(r['s0'])} | {fmt(r['final'])} |")
+    sp = m.get("sparsity")
+    if sp:
+        out.append(f"\n| selection (ranked inside each fold) | kept | AUROC s_0 | minus all neurons | minus {sp['n_draws']} random "
+                   "sets (rank) | AUROC final | minus all neurons | minus random sets (rank) |\n|---|---|---|---|---|---|---|---|")
+        for r in sp["rows"]:
+            cells = []
+            for w in ("s0", "final"):
+                vr = r["vs_random"][w]
+                cells += [fmt(r[w]), fmt(r["vs_all"][w]), f"{fmt(vr)} ({vr['rank']} of {vr['n_draws']} reach it; "
+                          f"random mean {vr['random_mean']:.3f})"]
+            out.append(f"| {r['method']} | {r['frac']:g} ({r['k']}) | " + " | ".join(cells) + " |")
+        mm = sp.get("matched")
+        if mm:
+            out.append(f"\nMagnitude-matched random sets of {mm['k']} ({mm['method']}): " + "; ".join(
+                f"{w} random mean {mm[w]['random_mean']:.3f}, selected minus them {fmt(mm[w])}, {mm[w]['rank']} of "
+                f"{mm[w]['n_draws']} reach it" for w in ("s0", "final")) + ".")
     if m.get("probe_families"):
         out.append("\n| probe | target | neurons | AUROC s_0 (95% CI) | AUROC final | AUROC all states |\n|---|---|---|---|---|---|")
         for r in m["probe_families"]:
@@ -83,6 +99,11 @@ def save_plots(m: dict, out: Path) -> None:
     curve = m["pruning_curve"]
     for key, label in (("cv_auroc_s0", "V(s_0)"), ("cv_auroc_final", "V(final step)")):
         axes[0].plot([r["frac"] for r in curve], [r[key] for r in curve], marker="o", label=label)
+    control = {r["frac"]: r for r in (m.get("sparsity") or {}).get("rows", []) if r["method"] == "first_layer_norm"}
+    if control:
+        fr = sorted(control)
+        for w, label in (("s0", "random sets, s_0"), ("final", "random sets, final")):
+            axes[0].plot(fr, [control[f]["vs_random"][w]["random_mean"] for f in fr], ls=":", marker="x", label=label)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("fraction of neurons kept (layer %d)" % m["best_layer"])
     axes[0].set_ylabel("cross-validated AUROC")
