@@ -125,6 +125,7 @@ class InternalRPE(gymnasium.Wrapper):
             text = self._text()
             ids = self.policy.encode(text)
             if not self._prompt_ids:
+                self.bundle.check_prompt_tokens([ids], self.tokenizer)  # LLMPolicy(add_special_tokens=...) fixes it
                 self._prompt_ids = ids
             if ids[: len(self._prompt_ids)] != self._prompt_ids:
                 raise RuntimeError("the policy's tokens of this transcript do not start with its prompt's tokens; was "
@@ -148,7 +149,7 @@ class InternalRPE(gymnasium.Wrapper):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         obs, info = self.env.reset(seed=seed, options=options)
         self._prompt_ids = ([] if self.policy is not None  # the policy's tokens, set by the first read
-                            else self.tokenizer(self.env.unwrapped.prompt, add_special_tokens=False)["input_ids"])
+                            else self.bundle.encode_text(self.tokenizer, self.env.unwrapped.prompt))
         self._fed, self._acts, self._cache = [], None, None
         sig = self._read()
         self._values = [float(sig.values[0])]

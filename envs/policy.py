@@ -68,11 +68,14 @@ class LLMPolicy:
         max_cache_bytes: device memory the kept episode caches may hold together (least recently used are
             dropped first; the newest is always kept). Default 4 GiB: Llama-3-8B's bf16 cache is 128 KiB per
             token, so about 16 episodes of 2,048 tokens.
+        add_special_tokens: let the tokenizer add its special tokens (a BOS) to a new observation: True for
+            plain completion prompts, as TRL and ``rpe rollouts`` tokenise them (a bundle fitted on such prompts
+            refuses a read without the BOS); chat-rendered prompts carry them in the template.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
                  sampling: SamplingConfig | None = None, max_step_tokens: int = 64, seed: int = 0,
-                 max_episodes: int = 256, max_cache_bytes: int = 4 << 30):
+                 max_episodes: int = 256, max_cache_bytes: int = 4 << 30, add_special_tokens: bool = False):
         refusal = plain_cache_refusal(model)
         if refusal is not None:
             raise ValueError(f"LLMPolicy keeps episode caches batched and padded, which needs plain full-attention cache "
@@ -84,6 +87,7 @@ class LLMPolicy:
         self.seed = seed
         self.max_episodes = max_episodes
         self.max_cache_bytes = max_cache_bytes
+        self.add_special_tokens = add_special_tokens
         self._episodes: list[_Episode] = []
         self._calls = 0
         self._ends = eos_ids(model, tokenizer)
@@ -187,7 +191,7 @@ class LLMPolicy:
         tokenised rest when the observation extends it), else the tokenizer's."""
         known = [ep for ep in self._episodes if ep.text is not None and observation.startswith(ep.text)]
         if not known:
-            ids = self.tokenizer(observation, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(observation, add_special_tokens=self.add_special_tokens)["input_ids"]
         else:
             ep = max(known, key=lambda e: len(e.text or ""))  # the longest transcript the observation extends
             rest = observation[len(ep.text or ""):]

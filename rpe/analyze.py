@@ -57,8 +57,12 @@ def _records(path: Path) -> list[dict[str, Any]]:
     raise RolloutImportError(f"{path}: expected an rpe rollout folder, or a .jsonl, .parquet or .csv file")
 
 
-def import_rollouts(path: str | Path, tokenizer, *, reward_column: str = "reward", segmenter: str = "paragraph") -> list[Trajectory]:
+def import_rollouts(path: str | Path, tokenizer, *, reward_column: str = "reward", segmenter: str = "paragraph",
+                    encode_prompt: Callable[[str], list[int]] | None = None) -> list[Trajectory]:
     """Trajectories from an ``rpe rollouts`` folder or another tool's file (see the module docstring).
+
+    ``encode_prompt`` tokenises a file's prompt texts (default: without special tokens; the report passes the
+    bundle's :meth:`~rpe.bundle.SubsystemBundle.encode_text`, so prompts get the BOS its fitted prompts had).
 
     Raises:
         RolloutImportError: empty input, a missing field (named with the record), or ``steps`` that do not
@@ -94,7 +98,7 @@ def import_rollouts(path: str | Path, tokenizer, *, reward_column: str = "reward
         except (TypeError, ValueError) as err:
             raise RolloutImportError(f"{where}: field {reward_column!r} is not a number: {rec[reward_column]!r}") from err
         prompt = str(rec["prompt"])
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p_ids = encode_prompt(prompt) if encode_prompt else tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not p_ids:
             raise RolloutImportError(f"{where}: field 'prompt' is empty")
         c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
@@ -340,7 +344,8 @@ def auroc_fmt(x: float) -> str:
     return "n/a (one class)" if x != x else f"{x:.3f}"
 
 
-def _trajectory_batches(rollouts: str | Path, tokenizer, reward_column: str, batch_size: int) -> Iterator[list[Trajectory]]:
+def _trajectory_batches(rollouts: str | Path, tokenizer, reward_column: str, batch_size: int,
+                        encode_prompt: Callable[[str], list[int]] | None = None) -> Iterator[list[Trajectory]]:
     """Rollout folders stream from Parquet in batches; imported files are read whole, then batched."""
     from rpe.records import iter_trajectories
 
@@ -353,7 +358,7 @@ def _trajectory_batches(rollouts: str | Path, tokenizer, reward_column: str, bat
         if empty:
             raise RolloutImportError(f"{path} holds no trajectories")
         return
-    trajs = import_rollouts(path, tokenizer, reward_column=reward_column)
+    trajs = import_rollouts(path, tokenizer, reward_column=reward_column, encode_prompt=encode_prompt)
     for i in range(0, len(trajs), batch_size):
         yield trajs[i : i + batch_size]
 
@@ -376,7 +381,8 @@ def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: st
     table: dict[str, list] = {c: [] for c in STEP_COLUMNS}
     conf_inputs = ConfidenceInputs()
     n_traj = 0
-    for batch in _trajectory_batches(rollouts, tokenizer, reward_column, batch_size):
+    encode = lambda text: bundle.encode_text(tokenizer, text)  # noqa: E731 (an imported file's prompts, as fitted)
+    for batch in _trajectory_batches(rollouts, tokenizer, reward_column, batch_size, encode):
         cols = step_table(model, tokenizer, bundle, batch, reader=reader)
         for c in STEP_COLUMNS:
             table[c] += cols[c]

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,10 @@ class SubsystemBundle:
     """(m,) mean step-averaged activation of each dopamine neuron on the data that found it."""
     dopamine_std: torch.Tensor | None = None
     """(m,) its standard deviation (activity is read as ``sign * (a - mean) / std``)."""
+    prompt_bos: bool | None = None
+    """Whether the prompts the bundle was fitted on began with the tokenizer's BOS token (:func:`prompts_start_with_bos`;
+    None: not recorded, a tokenizer without one, or mixed). A read whose prompts differ is refused
+    (:meth:`check_prompt_tokens`): the BOS is the attention sink every later activation depends on."""
 
     @property
     def probe(self) -> ValueProbe:
@@ -108,9 +113,37 @@ class SubsystemBundle:
                            "fit in the dtype you read in for exact agreement", self.model.dtype, other.dtype,
                            other.name)
 
+    def check_prompt_tokens(self, prompt_ids: Sequence[Sequence[int]], tokenizer) -> None:
+        """Raise :class:`BundleMismatchError` when ``prompt_ids`` are tokenised otherwise than the prompts the
+        bundle was fitted on: they begin with the tokenizer's BOS where those did not, or the reverse (e.g. a
+        base model's plain prompt tokenised without special tokens, where TRL and ``rpe rollouts`` add them).
+        Nothing is checked for a bundle that did not record it (:attr:`prompt_bos` None)."""
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if self.prompt_bos is None or bos is None or not prompt_ids:
+            return
+        odd = [i for i, ids in enumerate(prompt_ids) if (len(ids) > 0 and ids[0] == bos) != self.prompt_bos]
+        if odd:
+            name = getattr(tokenizer, "bos_token", None) or f"id {bos}"
+            how = ("tokenise plain-text prompts with the tokenizer's special tokens (tokenizer(text), as TRL does)"
+                   if self.prompt_bos else "tokenise them without special tokens (add_special_tokens=False)")
+            raise BundleMismatchError(
+                f"prompt tokens differ from the bundle's: it was fitted on prompts that "
+                f"{'begin' if self.prompt_bos else 'do not begin'} with {name!r} (id {bos}), but {len(odd)} of these "
+                f"{len(prompt_ids)} prompts {'do not' if self.prompt_bos else 'do'} (prompt {odd[0]} begins with ids "
+                f"{list(prompt_ids[odd[0]][:4])}). Internal values read on other tokens are not the fitted ones: "
+                f"{how}, or fit a bundle on rollouts tokenised like these.")
+
+    def encode_text(self, tokenizer, text: str) -> list[int]:
+        """Token ids of ``text`` (a prompt, or a prompt and the reasoning so far) as the bundle's prompts were
+        tokenised: without the tokenizer's special tokens, with its BOS in front where they began with it."""
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return [bos, *ids] if self.prompt_bos and bos is not None and ids[:1] != [bos] else ids
+
     # -- use -------------------------------------------------------------------------------------------
     def value(self, model, tokenizer, texts: list[str], batch_size: int = 16) -> torch.Tensor:
-        """Internal value V at the last token of each text, in [0, 1]. Shape (len(texts),)."""
+        """Internal value V at the last token of each text, in [0, 1]. Shape (len(texts),). Texts are tokenised
+        as the bundle's prompts were (:meth:`encode_text`)."""
         from rpe.kvcache import right_pad
         from rpe.tracker import ActivationTracker
 
@@ -119,7 +152,7 @@ class SubsystemBundle:
         out = []
         with ActivationTracker(model, [self.layer], neurons=self.value_neurons) as tracker:
             for i in range(0, len(texts), batch_size):
-                enc = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
+                enc = [self.encode_text(tokenizer, t) for t in texts[i : i + batch_size]]
                 ids, mask = right_pad(enc, tokenizer.pad_token_id)
                 tracker.select(list(range(len(enc))), [len(e) - 1 for e in enc])
                 acts = tracker.forward(input_ids=ids.to(device), attention_mask=mask.to(device))[self.layer]
@@ -163,6 +196,7 @@ class SubsystemBundle:
                 "probe_config": asdict(self.probe_config),
                 "metrics": self.metrics,
                 "created_with": self.created_with,
+                "prompt_bos": self.prompt_bos,
             }
             (staging / BUNDLE_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
             (staging / "metrics.json").write_text(json.dumps(self.metrics, indent=2, default=_json_default))
@@ -237,12 +271,21 @@ class SubsystemBundle:
             created_with=meta.get("created_with", {}),
             dopamine_mean=tensors.get("dopamine_mean"),
             dopamine_std=tensors.get("dopamine_std"),
+            prompt_bos=meta.get("prompt_bos"),
         )
         if model is not None:
             if tokenizer is None:
                 raise ValueError("pass the tokenizer with the model: the fingerprint includes the tokenizer")
             bundle.check_model(model, tokenizer)
         return bundle
+
+
+def prompts_start_with_bos(prompt_ids: Sequence[Sequence[int]], tokenizer) -> bool | None:
+    """Whether every prompt in ``prompt_ids`` begins with ``tokenizer``'s BOS token (False: none does; None: the
+    tokenizer has no BOS, there are no prompts, or some do and some do not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    starts = {len(ids) > 0 and ids[0] == bos for ids in prompt_ids}
+    return None if bos is None or len(starts) != 1 else starts.pop()
 
 
 def restore_interrupted_swap(path: Path) -> bool:

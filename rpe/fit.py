@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from rpe.baselines import mean_prompt_logprob, question_length
-from rpe.bundle import SubsystemBundle
+from rpe.bundle import SubsystemBundle, prompts_start_with_bos
 from rpe.crossval import OutOfFold, cross_validate, kfold_by_problem
 from rpe.difficulty import difficulty_features, difficulty_only_values
 from rpe.metrics import (
@@ -442,6 +442,7 @@ def fit_bundle(
         probe_config=sparse_all.cfg,
         metrics=metrics,
         created_with={"fit": asdict(cfg)},
+        prompt_bos=prompts_start_with_bos([t.prompt_token_ids for t in trajectories], tokenizer),
     )
     return bundle, states
 

@@ -71,6 +71,7 @@ def generate_batch(
     seed: int | None = None,
     row_seeds: Sequence[int] | None = None,
     reuse_prefix: bool = True,
+    add_special_tokens: bool = False,
     **engine_options: Any,
 ) -> GeneratedBatch:
     """Generate completions for ``prompts`` (text) in one call.
@@ -82,10 +83,13 @@ def generate_batch(
         seed: the sampling seed (see the module docstring for what each engine does with it).
         row_seeds: one seed per prompt (see :func:`generate_from_ids`).
         reuse_prefix: encode a prompt prefix shared by all rows once (see :func:`generate_from_ids`).
+        add_special_tokens: let the tokenizer add its special tokens (a BOS) to each prompt: True for plain
+            completion prompts, as TRL tokenises them (:attr:`rpe.prompts.PromptBuilder.add_special_tokens`);
+            chat-rendered prompts carry them in the template.
         **engine_options: ``engine``, ``max_rows``, ``record_layers``, ``record_neurons`` of
             :func:`generate_from_ids`.
     """
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    enc = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     truncated = [len(ids) > max_prompt_tokens for ids in enc]
     gen = generate_from_ids(
         model, tokenizer, [ids[-max_prompt_tokens:] for ids in enc], sampling, stop_strings=stop_strings, seed=seed,

@@ -79,6 +79,19 @@ class PromptBuilder:
         self.shots = [(p.prompt, task.worked_solution(p)) for p in examples]
 
     @property
+    def add_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its special tokens (a BOS) to this builder's prompts, as TRL tokenises a
+        prompt of this style: plain completion text through ``tokenizer(text)``, which adds them; a chat-rendered
+        prompt already carries them in the template (TRL's ``apply_chat_template(tokenize=True)``)."""
+        return self.style == "completion"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt from this builder, tokenised as TRL tokenises it (:attr:`add_special_tokens`)."""
+        if self.tokenizer is None:
+            raise ValueError("PromptBuilder.encode needs the model's tokenizer (built with tokenizer=None)")
+        return list(self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"])
+
+    @property
     def stop_strings(self) -> list[str]:
         """Strings that end a completion (beyond EOS)."""
         return [COMPLETION_STOP] if self.style == "completion" else []

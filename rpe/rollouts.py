@@ -38,7 +38,7 @@ from rpe.generation import generate_batch, resolve_engine
 from rpe.sampling import GeneratedBatch, SamplingConfig
 from rpe.metrics import wilson_interval
 from rpe.models import fingerprint
-from rpe.prompts import PromptBuilder, PromptConfig
+from rpe.prompts import PromptBuilder, PromptConfig, resolve_style
 from rpe.records import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
@@ -138,12 +138,17 @@ class RolloutResult:
 # steps
 
 
-def make_steps(tokenizer, completion_ids: list[int], text: str, segmenter: Segmenter, pattern: str | None) -> list[Step]:
-    """Split a completion into :class:`Step` records with character and token spans."""
+def make_steps(tokenizer, completion_ids: list[int], text: str, segmenter: Segmenter, pattern: str | None, *,
+               skip_special_tokens: bool = True) -> list[Step]:
+    """Split a completion into :class:`Step` records with character and token spans.
+
+    ``text`` is ``completion_ids`` decoded with ``skip_special_tokens`` (generation's text skips them); the
+    token spans come from the same decoding, so a special token inside a completion (an end-of-turn token the
+    model wrote mid-way) adds no characters and shifts no span."""
     spans = split_steps(text, segmenter, pattern)
     if not spans or not completion_ids:
         return []
-    tspans = token_spans(spans, token_char_ends(tokenizer, completion_ids))
+    tspans = token_spans(spans, token_char_ends(tokenizer, completion_ids, skip_special_tokens=skip_special_tokens))
     return [Step(text[s.start : s.end], s.start, s.end, a, b) for s, (a, b) in zip(spans, tspans)]
 
 
@@ -230,6 +235,8 @@ def collect_rollouts(
     fp = fingerprint(model, tokenizer, model_name).to_dict()
     engine = resolve_engine(model, cfg.engine)
     rollout = {**cfg.to_dict(), "engine": engine}  # the engine that runs, not only the one asked for
+    if resolve_style(cfg.prompt, tokenizer) == "completion":  # tokenised with the tokenizer's BOS, as TRL does
+        rollout["prompt_special_tokens"] = True  # (a folder from before, without it, cannot be resumed into)
     run_config = {"rollout": rollout, "task_spec": task.spec(), "model": fp, "schema_version": SCHEMA_VERSION}
     ranks = current_ranks()
     _start_run(out_dir, run_config, overwrite, ranks)
@@ -270,6 +277,7 @@ def collect_rollouts(
                 prompt_texts,
                 cfg.sampling,
                 stop_strings=builder.stop_strings,
+                add_special_tokens=builder.add_special_tokens,
                 max_prompt_tokens=cfg.max_prompt_tokens,
                 seed=batch_seed(cfg.seed, b),
                 engine=engine,

@@ -167,7 +167,7 @@ def run_search(model, tok, bundle, task, builder, methods: list[str], n_problems
     check_methods(methods, bundle)
     reader = SignalReader(bundle, model, tok) if bundle is not None else None
     problems = list(task.problems(n_problems, seed=problem_seed))
-    prompts = [tok(builder(p), add_special_tokens=False)["input_ids"] for p in problems]
+    prompts = [builder.encode(builder(p)) for p in problems]  # as rpe rollouts and TRL tokenise them
     results: dict[str, Any] = {"config": asdict(cfg), "n_problems": n_problems, "problem_seed": problem_seed,
                                "methods": {}}
     if done and all(done.get(k) == results[k] for k in ("config", "n_problems", "problem_seed")):

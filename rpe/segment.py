@@ -64,8 +64,10 @@ def split_steps(text: str, method: Segmenter = "paragraph", pattern: str | None 
     return spans
 
 
-def token_char_ends(tokenizer, token_ids: list[int], *, context: int = 8, check_every: int = 64) -> list[int]:
-    """For each token i, the length of the decoded text of ``token_ids[:i+1]`` (non-decreasing).
+def token_char_ends(tokenizer, token_ids: list[int], *, context: int = 8, check_every: int = 64,
+                    skip_special_tokens: bool = False) -> list[int]:
+    """For each token i, the length of the decoded text of ``token_ids[:i+1]`` (non-decreasing), decoded as the
+    text the character spans index was (``skip_special_tokens``: a special token then adds no characters).
 
     Multi-byte characters split over tokens are attributed to the token that completes them. Linear in the
     completion's length: token i's characters are the difference between decoding the window of ``context``
@@ -74,29 +76,31 @@ def token_char_ends(tokenizer, token_ids: list[int], *, context: int = 8, check_
     running length is compared with a full decode of the prefix; on any difference the exact quadratic method
     (:func:`token_char_ends_exact`, one full decode per prefix) is used instead.
     """
+    skip = skip_special_tokens
+
     def full(i: int) -> int:
-        return len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=False))
+        return len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=skip))
 
     ends, length, prev = [], 0, 0
     for i in range(len(token_ids)):
         start = max(0, i - context)
         window = token_ids[start : i + 1]
-        length += len(tokenizer.decode(window, skip_special_tokens=False)) - len(
-            tokenizer.decode(window[:-1], skip_special_tokens=False))
+        length += len(tokenizer.decode(window, skip_special_tokens=skip)) - len(
+            tokenizer.decode(window[:-1], skip_special_tokens=skip))
         prev = max(prev, length)
         if (i + 1) % check_every == 0 or i == len(token_ids) - 1:
             exact = full(i)
             if exact != length:
-                return token_char_ends_exact(tokenizer, token_ids)
+                return token_char_ends_exact(tokenizer, token_ids, skip_special_tokens=skip)
         ends.append(prev)
     return ends
 
 
-def token_char_ends_exact(tokenizer, token_ids: list[int]) -> list[int]:
+def token_char_ends_exact(tokenizer, token_ids: list[int], *, skip_special_tokens: bool = False) -> list[int]:
     """:func:`token_char_ends` by one full decode per prefix (quadratic in the length; the reference)."""
     ends, prev = [], 0
     for i in range(len(token_ids)):
-        prev = max(prev, len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=False)))
+        prev = max(prev, len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=skip_special_tokens)))
         ends.append(prev)
     return ends
 

@@ -143,8 +143,8 @@ class SignalReader:
         special = set(self.tokenizer.all_special_ids)
         while ids and ids[-1] in special:  # a trailing EOS/pad is not part of the last step
             ids.pop()
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        steps = make_steps(self.tokenizer, ids, text, self.segmenter, self.pattern)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)  # as generation decodes it (rpe rollouts)
+        steps = make_steps(self.tokenizer, ids, text, self.segmenter, self.pattern, skip_special_tokens=True)
         return [(s.token_start, s.token_end) for s in steps]
 
     # -- from activations ------------------------------------------------------------------------------
@@ -168,7 +168,8 @@ class SignalReader:
         """Signals of each pair, one hooked forward per ``batch_size`` sequences.
 
         Args:
-            prompt_ids: token ids of each prompt (no padding).
+            prompt_ids: token ids of each prompt (no padding), tokenised as the bundle's prompts were (a BOS
+                where they began with one: :meth:`rpe.bundle.SubsystemBundle.check_prompt_tokens` refuses others).
             completion_ids: token ids of each completion (no padding; a trailing EOS is fine).
             spans: the steps' token spans per completion when already known (e.g. from a rollout record);
                 by default the completion is segmented with the reader's segmenter.
@@ -182,6 +183,7 @@ class SignalReader:
             raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
         if any(not p for p in prompt_ids):
             raise ValueError("a prompt has no tokens: s_0 (the last prompt token) is undefined")
+        self.bundle.check_prompt_tokens(prompt_ids, self.tokenizer)
         base = unwrap_model(self.model)
         device = next(base.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -235,6 +237,8 @@ class SignalReader:
             prompt_ids: the B prompts, needed only for rows whose last state was never fed back to the model
                 (a completion cut at the generation limit); those rows get one hooked forward.
         """
+        if prompt_ids is not None:
+            self.bundle.check_prompt_tokens(prompt_ids, self.tokenizer)
         out: list[SequenceSignals | None] = []
         redo: list[int] = []
         total = recorded.shape[1]

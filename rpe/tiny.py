@@ -33,9 +33,11 @@ TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3")
 """Every architecture :func:`tiny_model` builds."""
 
 
-def tiny_tokenizer():
-    """A character-level fast tokenizer (ASCII + newline) with a small chat template; no download."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def tiny_tokenizer(add_bos: bool = False):
+    """A character-level fast tokenizer (ASCII + newline) with a small chat template; no download. With
+    ``add_bos``, ``tokenizer(text)`` puts ``<s>`` in front (as Llama-3's and Gemma-3's tokenizers put their BOS);
+    ``add_special_tokens=False`` leaves it out."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -43,6 +45,8 @@ def tiny_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

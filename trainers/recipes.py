@@ -212,8 +212,8 @@ def build_dataset(task, builder, n: int, seed: int, chat: bool):
     problems = list(task.problems(n, seed=seed))
     rows = []
     for p in problems:
-        if chat:
-            messages = []
+        if chat:  # the turns PromptBuilder renders for rpe rollouts, as a conversation TRL renders itself
+            messages = [{"role": "system", "content": builder.cfg.system}] if builder.cfg.system else []
             for q, sol in builder.shots:
                 messages += [{"role": "user", "content": builder.question_text(q)}, {"role": "assistant", "content": sol}]
             messages.append({"role": "user", "content": builder.question(p)})
