@@ -366,6 +366,42 @@ def test_internal_critic_advantages_follow_the_documented_algorithm(tmp_path, bu
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_internal_critic_ends_its_td_errors_and_trains_its_targets_on_the_same_reward(tmp_path, bundle_dir, monkeypatch):
+    """One convention: the reward GAE's last TD error ends on and the critic's lambda-return targets are the same
+    number, the weighted reward clipped to [0, 1] (the values are probabilities); the old code trained the
+    critic on r >= 0.5 while GAE used the raw r."""
+    from trl import GRPOConfig
+
+    import rpe.trainers.critic as critic
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.tasks import load_task
+    from rpe.tiny import tiny_model
+    from rpe.trainers.critic import CriticConfig, InternalCriticGRPOTrainer
+    from rpe.trainers.recipes import build_dataset
+
+    model, tok = tiny_model()
+    task = load_task("chain_sum_2")
+    ds, _ = build_dataset(task, PromptBuilder(task, tok, PromptConfig(shots=1)), 4, 0, chat=True)
+
+    def graded(completion_ids, **kwargs):  # 0.3 or 1.7: one inside [0, 1], one above it
+        return [0.3 if sum(c) % 2 else 1.7 for c in completion_ids]
+
+    ends, targets = [], []
+    gae, returns = critic.gae_per_step, critic.lambda_returns
+    monkeypatch.setattr(critic, "gae_per_step", lambda v, r, g, l: ends.append(r) or gae(v, r, g, l))
+    monkeypatch.setattr(critic, "lambda_returns", lambda v, y, t, g, l: targets.append(y.clone()) or returns(v, y, t, g, l))
+    args = GRPOConfig(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=12, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, seed=0)
+    trainer = InternalCriticGRPOTrainer(model=model, processing_class=tok, reward_funcs=[graded], args=args,
+                                        train_dataset=ds, bundle=str(bundle_dir), critic=CriticConfig(critic_updates=1))
+    trainer.train()
+    trainer.rpe_signals.close()
+    assert sorted(set(ends)) == [pytest.approx(0.3), 1.0] and len(ends) == 8  # both kinds in the batch
+    assert targets[0].tolist() == pytest.approx(ends)  # the same numbers, in the same order
+    logged = [h for h in trainer.state.log_history if "critic/reward_clipped" in h]
+    assert logged and logged[0]["critic/reward_clipped"] == pytest.approx(ends.count(1.0) / 8)
+
+
 def test_callback_logs_the_numbers_an_independent_read_gives(tmp_path, bundle_dir, monkeypatch):
     """The logged rpe/* values equal SignalReader.read of the same completions, with a verifiable reward that
     varies within the batch, two weighted verifiable functions (the internal one is left out of the AUROC

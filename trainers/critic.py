@@ -4,7 +4,10 @@ neurons.
 Algorithm (per generated batch):
 
 1. Generate and score completions exactly as ``GRPOTrainer`` does (same generation backends, accelerate,
-   DeepSpeed, PEFT); the verifiable reward r is the weighted sum of the reward functions.
+   DeepSpeed, PEFT); the verifiable reward r is the weighted sum of the reward functions, clipped to [0, 1]:
+   the critic's values are probabilities, so the reward its TD errors end on and the targets it is trained on
+   are the same number on the same scale (one convention for both; the share clipped is logged as
+   ``critic/reward_clipped``).
 2. Split each completion into steps; read V(s_0..s_{T-1}) from the policy's hidden states at the bundle's
    layer and value neurons through the value probe (recorded during generation: no separate value model and
    no extra forward pass).
@@ -158,6 +161,9 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
         pi = self.accelerator.process_index
         rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(1)
         rewards = rewards[pi * n_local : (pi + 1) * n_local].float().cpu().numpy()
+        clipped = np.clip(rewards, 0.0, 1.0)  # NaN stays NaN (nan_guard skipped the update already)
+        n_clipped = int((np.abs(clipped - rewards) > 1e-12).sum())
+        rewards = clipped
         sigs = self.rpe_signals.signals(completion_ids_list, prompts)
         cfg = self.critic_cfg
         width = out["completion_ids"].shape[1]
@@ -194,7 +200,7 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
         # critic update on TD(lambda) targets of this batch
         x = torch.cat(all_acts)
         traj_t = torch.tensor(traj)
-        y = torch.tensor((rewards >= 0.5).astype(np.float32))
+        y = torch.tensor(np.nan_to_num(rewards, nan=0.0).astype(np.float32))  # the reward GAE ends on, soft targets
         losses = []
         n_states = float(self._global_sum(torch.tensor([float(x.shape[0])])))
         # a NaN reward skips the whole update, the critic's too (its targets would be NaN read as 0)
@@ -221,6 +227,7 @@ class InternalCriticGRPOTrainer(GRPOTrainer):
         if losses:
             m["critic/loss"].append(float(np.mean(losses)))
         m["critic/value_s0"].append(float(np.mean(v_first)))
+        m["critic/reward_clipped"].append(n_clipped / max(1, n_local))
         m["critic/auroc_s0"].append(auroc((rewards >= 0.5), np.array(v_first)))
         m["critic/adv_abs_mean"].append(float(adv.abs()[mask.bool()].mean()) if mask.any() else 0.0)
         return out
