@@ -47,6 +47,38 @@ def resolve_style(cfg: PromptConfig, tokenizer) -> Literal["chat", "completion"]
     return "chat" if getattr(tokenizer, "chat_template", None) else "completion"
 
 
+def stratified_examples(task: Task, n: int, seed: int, exclude: Sequence[str] | None = None,
+                        pool_factor: int = 8) -> list[Problem]:
+    """``n`` worked-example problems that cover the task's difficulty levels: from a seeded draw of up to
+    ``pool_factor * n`` problems outside ``exclude`` (:func:`rpe.tasks.draw_problems`), one problem per level in
+    turn (levels in order of first appearance, problems in draw order), so a mixture task's examples show each
+    kind of problem. Excluding the asked questions alone skews them: on ``chain_sum_mix`` (2-4 terms) 800 asked
+    problems cover most of the 200 two-term questions, so a plain draw kept only 3- and 4-term examples and the
+    model wrote 3-step solutions to 2-term problems. Tasks without difficulty features get the plain draw.
+
+    Raises:
+        ValueError: fewer than ``n`` problems remain outside ``exclude``.
+    """
+    if n == 0:
+        return []
+    try:
+        pool = draw_problems(task, pool_factor * n, seed, exclude)
+    except ValueError:
+        pool = draw_problems(task, n, seed, exclude)
+    levels: dict[tuple, list[Problem]] = {}
+    for p in pool:
+        levels.setdefault(tuple(sorted(task.difficulty(p).items())), []).append(p)
+    if len(levels) == 1:
+        return pool[:n]
+    out: list[Problem] = []
+    queues = [list(q) for q in levels.values()]
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
 class PromptBuilder:
     """Builds the model input text for problems of one task, with fixed few-shot examples.
 
@@ -70,7 +102,7 @@ class PromptBuilder:
         self.cfg = cfg or PromptConfig()
         self.style = resolve_style(self.cfg, tokenizer) if tokenizer is not None else "completion"
         try:
-            examples = draw_problems(task, self.cfg.shots, seed + SHOT_SEED_OFFSET, exclude_questions)
+            examples = stratified_examples(task, self.cfg.shots, seed + SHOT_SEED_OFFSET, exclude_questions)
         except ValueError:
             raise ValueError(
                 f"task {task.name!r} has fewer than {self.cfg.shots} problems besides the {len(set(exclude_questions or ()))} "

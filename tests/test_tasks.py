@@ -152,3 +152,19 @@ def test_worked_examples_are_never_asked_questions(tmp_path):
     with pytest.raises(ValueError, match="fewer than 2 problems besides the 7 asked.*--shots"):
         PromptBuilder(task, None, PromptConfig(shots=2), seed=0,
                       exclude_questions=[question_key(p) for p in draw_problems(task, 7, seed=0)])
+
+
+def test_worked_examples_cover_the_difficulty_levels_when_the_asked_questions_are_excluded():
+    """chain_sum_mix: 800 asked problems cover most two-term questions, so a plain draw outside them kept only
+    3- and 4-term examples (the model then wrote 3-step solutions to 2-term problems: accuracy 0.131)."""
+    from rpe.prompts import SHOT_SEED_OFFSET, stratified_examples
+    from rpe.tasks import draw_problems, load_task, question_key
+
+    task = load_task("chain_sum_mix")
+    keys = [question_key(p) for p in task.problems(800, seed=0)]
+    plain = draw_problems(task, 6, SHOT_SEED_OFFSET, keys)
+    terms = lambda ps: sorted(int(task.difficulty(p)["num_terms"]) for p in ps)  # noqa: E731
+    assert 2 not in terms(plain)  # the skew
+    shots = stratified_examples(task, 6, SHOT_SEED_OFFSET, keys)
+    assert terms(shots) == [2, 2, 3, 3, 4, 4] and not {question_key(p) for p in shots} & set(keys)
+    assert [p.prompt for p in shots] == [p.prompt for p in stratified_examples(task, 6, SHOT_SEED_OFFSET, keys)]
