@@ -102,7 +102,7 @@ class PromptBuilder:
         self.cfg = cfg or PromptConfig()
         self.style = resolve_style(self.cfg, tokenizer) if tokenizer is not None else "completion"
         try:
-            examples = stratified_examples(task, self.cfg.shots, seed + SHOT_SEED_OFFSET, exclude_questions)
+            examples = stratified_examples(task.example_task(), self.cfg.shots, seed + SHOT_SEED_OFFSET, exclude_questions)
         except ValueError:
             raise ValueError(
                 f"task {task.name!r} has fewer than {self.cfg.shots} problems besides the {len(set(exclude_questions or ()))} "

@@ -168,3 +168,18 @@ def test_worked_examples_cover_the_difficulty_levels_when_the_asked_questions_ar
     shots = stratified_examples(task, 6, SHOT_SEED_OFFSET, keys)
     assert terms(shots) == [2, 2, 3, 3, 4, 4] and not {question_key(p) for p in shots} & set(keys)
     assert [p.prompt for p in shots] == [p.prompt for p in stratified_examples(task, 6, SHOT_SEED_OFFSET, keys)]
+
+
+def test_a_task_whose_every_question_is_asked_draws_its_examples_from_a_disjoint_one():
+    """count_bits (numbers 1-15): the documented Gemma run asks 150 problems, every question; the examples come
+    from 16-31 (the error for too few unasked questions stays for tasks without such a source)."""
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.tasks import load_task, question_key
+
+    task = load_task("count_bits")
+    keys = [question_key(p) for p in task.problems(150, seed=0)]
+    assert len(set(keys)) == 15
+    builder = PromptBuilder(task, None, PromptConfig(shots=4), seed=0, exclude_questions=keys)
+    numbers = [int(q.split("number ")[1].split("?")[0]) for q, _ in builder.shots]
+    assert len(set(numbers)) == 4 and all(16 <= n <= 31 for n in numbers)
+    assert all(sol.startswith(f"Step 1: {n} in binary is {n:b}.") for n, (_, sol) in zip(numbers, builder.shots))
