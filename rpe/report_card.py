@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,13 +163,29 @@ def sparsity_row(m: dict[str, Any]) -> CardRow:
     if NOT_REPRODUCED in verdicts.values():
         lost = [{"s0": "s_0", "final": "final"}[p] for p, v in verdicts.items() if v == NOT_REPRODUCED]
         return CardRow(claim, paper, measured, control, NOT_REPRODUCED,
-                       f"the 1% set loses signal against all neurons at {', '.join(lost)}")
+                       f"the 1% set loses signal against all neurons at {', '.join(lost)}{_where_it_holds(sp, judged)}")
     if PRESENT_NOT_SPECIFIC in verdicts.values():
         return CardRow(claim, paper, measured, control, PRESENT_NOT_SPECIFIC,
                        f"within noise of all neurons at {where}, but random sets of its size do not do significantly "
                        "worse (paired interval above 0 and their 95th percentile beaten)")
     return CardRow(claim, paper, measured, control, REPRODUCED,
                    f"within noise of all neurons and above random sets of its size at {where}")
+
+
+def _where_it_holds(sp: dict[str, Any], judged: Sequence[str]) -> str:
+    """``"; at s_0 it holds from 5% kept ..."``: per judged position, the smallest fraction above the card's
+    whose first-layer-norm set (the control's own refit) is within noise of all neurons and above its random
+    sets; empty when none is."""
+    parts = []
+    for p, name in (("s0", "s_0"), ("final", "the final state")):
+        ok = [r["frac"] for r in sp["rows"] if r["method"] == "first_layer_norm" and p in judged
+              and r["frac"] > sp.get("card_frac", 0.0)
+              and sparsity_verdict((r["vs_all"][p]["low"], r["vs_all"][p]["high"]),
+                                   (r["vs_random"][p]["low"], r["vs_random"][p]["high"]),
+                                   beats_q95=r["vs_random"][p]["selected"] > r["vs_random"][p]["random_q95"]) == REPRODUCED]
+        if ok:
+            parts.append(f"at {name} it holds from {min(ok) * 100:g}% kept")
+    return ("; " + " and ".join(parts) + " (within noise of all neurons and above random sets of that size)") if parts else ""
 
 
 def ablation_row(res: dict[str, Any] | None) -> CardRow:

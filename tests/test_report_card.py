@@ -52,10 +52,27 @@ def with_control(m, s0=(0.02, 0.08), final=(0.02, 0.08), matched=None, final_vs_
     """``m`` with a sparsity control: the card's set minus random sets (uniform draws; ``matched``: the
     magnitude-matched draws, the same at both positions) and, at the final state, minus all neurons."""
     m["headline_cv"]["final"][f"{VALUE} - {DENSE}"] = _d(sum(final_vs_all) / 2, *final_vs_all)
-    row = {"method": "first_layer_norm", "frac": 0.01, "k": 6, "vs_random": {"s0": _vs_random(*s0), "final": _vs_random(*final)}}
+    vs_all = {"s0": _d(*dense_diff_of(m, "s0")), "final": _d(sum(final_vs_all) / 2, *final_vs_all)}
+    row = {"method": "first_layer_norm", "frac": 0.01, "k": 6, "vs_all": vs_all,
+           "vs_random": {"s0": _vs_random(*s0), "final": _vs_random(*final)}}
     m["sparsity"] = {"card_frac": 0.01, "n_draws": 20, "rows": [row],
                      "matched": None if matched is None else {"s0": _vs_random(*matched), "final": _vs_random(*matched)}}
     return m
+
+
+def dense_diff_of(m, where):
+    d = m["headline_cv"][where][f"{VALUE} - {DENSE}"]
+    return d["diff"], d["low"], d["high"]
+
+
+def test_a_lost_one_percent_says_from_which_fraction_the_claim_holds():
+    m = with_control(metrics((0.68, 0.64, 0.72), dense_diff=(-0.08, -0.1, -0.05)), final_vs_all=(-0.08, -0.021))
+    assert "holds from" not in sparsity_row(m).note  # 1% loses at both positions and is the only fraction
+    five = {"method": "first_layer_norm", "frac": 0.05, "k": 29, "vs_all": {w: _d(0.0, -0.01, 0.01) for w in ("s0", "final")},
+            "vs_random": {"s0": _vs_random(0.01, 0.05), "final": _vs_random(-0.01, 0.05)}}
+    m["sparsity"]["rows"].append(five)
+    note = sparsity_row(m).note
+    assert "at s_0 it holds from 5% kept" in note and "final state" not in note.split("holds")[-1]
 
 
 def test_sparsity_row_every_verdict_word_is_reachable_and_each_rule_fails_when_weakened():
