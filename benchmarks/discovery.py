@@ -102,7 +102,7 @@ def save_plots(m: dict, out: Path) -> None:
     control = {r["frac"]: r for r in (m.get("sparsity") or {}).get("rows", []) if r["method"] == "first_layer_norm"}
     if control:
         fr = sorted(control)
-        for w, label in (("s0", "random sets, s_0"), ("final", "random sets, final")):
+        for w, label in (("s0", "random sets (logistic refit), s_0"), ("final", "random sets (logistic refit), final")):
             axes[0].plot(fr, [control[f]["vs_random"][w]["random_mean"] for f in fr], ls=":", marker="x", label=label)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("fraction of neurons kept (layer %d)" % m["best_layer"])

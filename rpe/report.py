@@ -117,7 +117,7 @@ def bundle_section(bundle_dir: str | Path) -> str:
     control = {r["frac"]: r for r in sparsity.get("rows", []) if r["method"] == "first_layer_norm"}
     if control:  # the random sets of each size, same refit: the line the selected sets must clear
         for where, label in (("s0", "s_0"), ("final", "final step")):
-            lines[f"random sets, {label}"] = [control[r["frac"]]["vs_random"][where]["random_mean"]
+            lines[f"random sets (logistic refit), {label}"] = [control[r["frac"]]["vs_random"][where]["random_mean"]
                                               if r["frac"] in control else float("nan") for r in curve]
     prune = _line_plot([r["frac"] for r in curve], lines, "fraction of neurons kept", "cross-validated AUROC", logx=True)
     parts = [

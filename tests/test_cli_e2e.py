@@ -52,7 +52,7 @@ def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
     assert r.exit_code == 0, r.output
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "Value neurons" in page
-    assert "Sparsity control" in page and "random sets, s_0" not in page  # the plot's legend is in the image
+    assert "Sparsity control" in page and page.count("<td>first_layer_norm</td>") == 5  # one row per fraction
     assert "against random sets of its size" in page  # the card's sparsity row
     assert page.index("Report card") < page.index("Steps per completion")  # the card opens the report
 
