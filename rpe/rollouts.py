@@ -235,9 +235,9 @@ def collect_rollouts(
     fp = fingerprint(model, tokenizer, model_name).to_dict()
     engine = resolve_engine(model, cfg.engine)
     rollout = {**cfg.to_dict(), "engine": engine}  # the engine that runs, not only the one asked for
-    if resolve_style(cfg.prompt, tokenizer) == "completion":  # tokenised with the tokenizer's BOS, as TRL does
-        rollout["prompt_special_tokens"] = True  # (a folder from before, without it, cannot be resumed into)
     run_config = {"rollout": rollout, "task_spec": task.spec(), "model": fp, "schema_version": SCHEMA_VERSION}
+    if resolve_style(cfg.prompt, tokenizer) == "completion":  # tokenised with the tokenizer's BOS, as TRL does
+        run_config["prompt_special_tokens"] = True  # (a folder from before, without it, cannot be resumed into)
     ranks = current_ranks()
     _start_run(out_dir, run_config, overwrite, ranks)
     if (out_dir / MANIFEST_FILE).exists() and (out_dir / TRAJECTORIES_FILE).exists():

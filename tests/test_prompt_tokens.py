@@ -9,7 +9,7 @@ import pytest
 from rpe.bundle import BundleMismatchError, SubsystemBundle, prompts_start_with_bos, random_bundle
 from rpe.prompts import PromptConfig
 from rpe.records import read_trajectories
-from rpe.rollouts import RolloutConfig, collect_rollouts
+from rpe.rollouts import RolloutConfig, collect_rollouts, rollout_settings
 from rpe.sampling import SamplingConfig
 from rpe.signals import SignalReader
 from rpe.tiny import tiny_tokenizer
@@ -39,7 +39,9 @@ def test_rollout_prompts_are_the_tokens_trl_gives_the_same_prompt(tiny_llama, bo
             assert t.prompt_token_ids == bos_tok(t.prompt, add_special_tokens=False)["input_ids"]
             assert t.prompt_token_ids[0] != bos_tok.bos_token_id
     run_config = json.loads((tmp_path / style / "run_config.json").read_text())
-    assert run_config["rollout"].get("prompt_special_tokens") is (True if style == "completion" else None)
+    assert run_config.get("prompt_special_tokens") is (True if style == "completion" else None)
+    settings = rollout_settings(tmp_path / style)  # the finished folder reads back (dopamine, ablate, search)
+    assert settings.config.prompt.style == style
 
 
 def test_a_resume_with_other_prompt_tokens_is_refused(tiny_llama, bos_tok, tmp_path):
@@ -49,7 +51,7 @@ def test_a_resume_with_other_prompt_tokens_is_refused(tiny_llama, bos_tok, tmp_p
     _rollouts(model, bos_tok, "completion", tmp_path)
     path = tmp_path / "run_config.json"
     old = json.loads(path.read_text())
-    del old["rollout"]["prompt_special_tokens"]
+    del old["prompt_special_tokens"]
     path.write_text(json.dumps(old))
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(ValueError, match="different configuration"):
