@@ -86,10 +86,14 @@ def value_rows(m: dict[str, Any]) -> list[CardRow]:
 
     f = m["headline_cv"]["final"]
     vf = f[VALUE]
-    verdict = REPRODUCED if vf["verdict"] == "above chance" else NOT_REPRODUCED if "below" in vf["verdict"] else INCONCLUSIVE
+    if vf["verdict"] == "above chance":  # the paper's level: the interval must reach 0.8
+        verdict, note = (REPRODUCED, "") if vf["high"] >= 0.8 else (NOT_REPRODUCED, "above chance, but the interval lies below the paper's 0.8")
+    elif "below" in vf["verdict"]:
+        verdict, note = NOT_REPRODUCED, "inverted: the probe ranks outcomes the wrong way round"
+    else:
+        verdict, note = INCONCLUSIVE, _decide(vf)
     rows.append(CardRow("value at the final step", "AUROC mostly > 0.8", f"{_iv(vf)} ({n})",
-                        f"all neurons {_iv(f[DENSE])}; question length {_iv(f[QLEN])}", verdict,
-                        "" if verdict != INCONCLUSIVE else _decide(vf)))
+                        f"all neurons {_iv(f[DENSE])}; question length {_iv(f[QLEN])}", verdict, note))
 
     rows.append(sparsity_row(m))
 

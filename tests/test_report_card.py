@@ -108,6 +108,14 @@ def test_without_the_random_set_control_the_sparsity_row_never_says_reproduced()
     assert sparsity_row(with_control(m)).verdict == REPRODUCED  # the same numbers with the control
 
 
+def test_the_final_step_row_asks_for_the_papers_level_not_only_above_chance():
+    assert value_rows(metrics((0.68, 0.64, 0.72), value_final=(0.787, 0.756, 0.819)))[1].verdict == REPRODUCED
+    row = value_rows(metrics((0.68, 0.64, 0.72), value_final=(0.696, 0.629, 0.758)))[1]
+    assert row.verdict == NOT_REPRODUCED and "below the paper's 0.8" in row.note
+    assert value_rows(metrics((0.68, 0.64, 0.72), value_final=(0.3, 0.2, 0.4)))[1].verdict == NOT_REPRODUCED
+    assert value_rows(metrics((0.68, 0.64, 0.72), value_final=(0.55, 0.45, 0.65)))[1].verdict == INCONCLUSIVE
+
+
 def test_a_control_that_ranks_better_means_not_reproduced():
     rows = value_rows(metrics((0.68, 0.64, 0.72), diffs_s0=(-0.08, 0.02, 0.05)))
     assert rows[0].verdict == NOT_REPRODUCED and "question length" in rows[0].note
