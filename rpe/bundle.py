@@ -124,7 +124,8 @@ class SubsystemBundle:
         odd = [i for i, ids in enumerate(prompt_ids) if (len(ids) > 0 and ids[0] == bos) != self.prompt_bos]
         if odd:
             name = getattr(tokenizer, "bos_token", None) or f"id {bos}"
-            how = ("tokenise plain-text prompts with the tokenizer's special tokens (tokenizer(text), as TRL does)"
+            how = ("give prompts in the form the bundle was fitted on: a chat template that writes it, or plain text "
+                   "tokenised with the tokenizer's special tokens (tokenizer(text), as TRL does)"
                    if self.prompt_bos else "tokenise them without special tokens (add_special_tokens=False)")
             raise BundleMismatchError(
                 f"prompt tokens differ from the bundle's: it was fitted on prompts that "
