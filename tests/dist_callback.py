@@ -6,6 +6,7 @@ metrics independently; the learning rate is 0 so both steps read the same model.
 import json
 import sys
 
+import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from grpo_batches import record_batches
@@ -40,3 +41,8 @@ if trainer.accelerator.is_main_process:
     with open(f"{out}/log_history.json", "w") as f:
         json.dump(trainer.state.log_history, f)
 print(f"RANK {rank} local rows per step: {len(cb.history)}", flush=True)
+# tear the process group down before the interpreter exits: a rank left with gloo's threads running aborted at
+# exit now and then ("terminate called without an active exception", exit -6) after a complete run
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
