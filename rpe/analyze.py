@@ -16,6 +16,7 @@ dopamine, reward, step text), ``confidence.json`` and ``report.html``; every fil
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import math
@@ -381,7 +382,7 @@ def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: st
     table: dict[str, list] = {c: [] for c in STEP_COLUMNS}
     conf_inputs = ConfidenceInputs()
     n_traj = 0
-    encode = lambda text: bundle.encode_text(tokenizer, text)  # noqa: E731 (an imported file's prompts, as fitted)
+    encode = functools.partial(bundle.encode_text, tokenizer)  # an imported file's prompts, as the bundle's were
     for batch in _trajectory_batches(rollouts, tokenizer, reward_column, batch_size, encode):
         cols = step_table(model, tokenizer, bundle, batch, reader=reader)
         for c in STEP_COLUMNS:

@@ -159,10 +159,8 @@ def sparsity_row(m: dict[str, Any]) -> CardRow:
     if not judged:
         return CardRow(claim, paper, measured, control, INCONCLUSIVE, "the 1% probe is not distinguishable from chance")
     order = (NOT_REPRODUCED, PRESENT_NOT_SPECIFIC, REPRODUCED)  # worst first: the harder control decides
-    verdicts = {p: min((sparsity_verdict((vs_all[p]["low"], vs_all[p]["high"]), (c["low"], c["high"]),
-                                         beats_q95=c["selected"] > c["random_q95"])
-                        for c in [card["vs_random"][p]] + ([matched[p]] if p in matched else [])), key=order.index)
-                for p in judged}
+    verdicts = {p: min((_control_verdict(vs_all[p], c) for c in [card["vs_random"][p]] + ([matched[p]] if p in matched else [])),
+                       key=order.index) for p in judged}
     where = ", ".join({"s0": "s_0", "final": "final"}[p] for p in judged)
     if NOT_REPRODUCED in verdicts.values():
         lost = [{"s0": "s_0", "final": "final"}[p] for p, v in verdicts.items() if v == NOT_REPRODUCED]
@@ -176,6 +174,13 @@ def sparsity_row(m: dict[str, Any]) -> CardRow:
                    f"within noise of all neurons and above random sets of its size at {where}")
 
 
+def _control_verdict(vs_all: dict[str, Any], vs_random: dict[str, Any]) -> str:
+    """:func:`sparsity_verdict` of a paired difference against all neurons (``low``/``high``) and a
+    :class:`rpe.sparsity.RandomSetComparison` as a dict."""
+    return sparsity_verdict((vs_all["low"], vs_all["high"]), (vs_random["low"], vs_random["high"]),
+                            beats_q95=vs_random["selected"] > vs_random["random_q95"])
+
+
 def _where_it_holds(sp: dict[str, Any], judged: Sequence[str]) -> str:
     """``"; at s_0 it holds from 5% kept ..."``: per judged position, the smallest fraction above the card's
     whose first-layer-norm set (the control's own refit) is within noise of all neurons and above its random
@@ -183,10 +188,7 @@ def _where_it_holds(sp: dict[str, Any], judged: Sequence[str]) -> str:
     parts = []
     for p, name in (("s0", "s_0"), ("final", "the final state")):
         ok = [r["frac"] for r in sp["rows"] if r["method"] == "first_layer_norm" and p in judged
-              and r["frac"] > sp.get("card_frac", 0.0)
-              and sparsity_verdict((r["vs_all"][p]["low"], r["vs_all"][p]["high"]),
-                                   (r["vs_random"][p]["low"], r["vs_random"][p]["high"]),
-                                   beats_q95=r["vs_random"][p]["selected"] > r["vs_random"][p]["random_q95"]) == REPRODUCED]
+              and r["frac"] > sp.get("card_frac", 0.0) and _control_verdict(r["vs_all"][p], r["vs_random"][p]) == REPRODUCED]
         if ok:
             parts.append(f"at {name} it holds from {min(ok) * 100:g}% kept")
     return ("; " + " and ".join(parts) + " (within noise of all neurons and above random sets of that size)") if parts else ""

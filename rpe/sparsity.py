@@ -112,13 +112,12 @@ def rankings_per_fold(states: StateSet, layer: int, folds: np.ndarray, method: s
     y = states.state_rewards().numpy()
     out = []
     for fold in range(int(folds.max()) + 1):
-        split = fold_split(folds, states.problem_ids, fold, cfg.val_frac, cfg.seed)
         if method == "first_layer_norm":
             pc = probe_cfg or ProbeConfig()
-            split = fold_split(folds, states.problem_ids, fold, pc.val_frac, pc.seed)
-            dense = ValueProbe(pc).fit(states, layer, split=split)
+            dense = ValueProbe(pc).fit(states, layer, split=fold_split(folds, states.problem_ids, fold, pc.val_frac, pc.seed))
             out.append(torch.argsort(dense.neuron_scores(), descending=True, stable=True))
             continue
+        split = fold_split(folds, states.problem_ids, fold, cfg.val_frac, cfg.seed)
         train = split[tidx] == 0
         out.append(rank_neurons(method, states.acts[layer][torch.as_tensor(train)], y[train], needed))
     return out
@@ -204,18 +203,22 @@ def _interval(draws: np.ndarray) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def _against_random(point: float, point_random: np.ndarray, boot: np.ndarray, boot_random: np.ndarray) -> RandomSetComparison:
+    """The comparison from the selected set's AUROC (``point``; per resample ``boot``, (n_kept,)) and the random
+    sets' (``point_random``, (n_draws,); per resample ``boot_random``, (n_kept, n_draws))."""
+    return RandomSetComparison(float(point), float(point_random.mean()), float(np.quantile(point_random, 0.95)),
+                               float(point - point_random.mean()), *_interval(boot - boot_random.mean(1)),
+                               int((point_random >= point).sum()), len(point_random))
+
+
 def compare_with_random(selected: np.ndarray, randoms: Sequence[np.ndarray], y: np.ndarray, problems: np.ndarray,
                         mask: np.ndarray, n_boot: int = 1000, seed: int = 0) -> RandomSetComparison:
     """Selected set's AUROC minus the mean AUROC of the random sets on the states in ``mask``, paired: every
     bootstrap resample of problems rescores the selected set and every random set."""
     cols = np.column_stack([selected[mask]] + [r[mask] for r in randoms])
-    ys, grp = y[mask], problems[mask]
-    point = auroc_columns(ys, cols)
-    boot = resampled_aurocs(ys, cols, grp, n_boot, seed)
-    low, high = _interval(boot[:, 0] - boot[:, 1:].mean(1))
-    rnd = point[1:]
-    return RandomSetComparison(float(point[0]), float(rnd.mean()), float(np.quantile(rnd, 0.95)),
-                               float(point[0] - rnd.mean()), low, high, int((rnd >= point[0]).sum()), len(randoms))
+    point = auroc_columns(y[mask], cols)
+    boot = resampled_aurocs(y[mask], cols, problems[mask], n_boot, seed)
+    return _against_random(point[0], point[1:], boot[:, 0], boot[:, 1:])
 
 
 def sparsity_control(states: StateSet, layer: int, folds: np.ndarray, fracs: Sequence[float], dense_values: np.ndarray,
@@ -266,10 +269,7 @@ def sparsity_control(states: StateSet, layer: int, folds: np.ndarray, fracs: Seq
                 row[where] = {"auroc": float(point[0]), **dict(zip(("low", "high"), _interval(boot[:, 0])))}
                 row["vs_all"][where] = {"diff": float(point[0] - point[1]),
                                         **dict(zip(("low", "high"), _interval(boot[:, 0] - boot[:, 1])))}
-                rnd = point[2:]
-                row["vs_random"][where] = asdict(RandomSetComparison(
-                    float(point[0]), float(rnd.mean()), float(np.quantile(rnd, 0.95)), float(point[0] - rnd.mean()),
-                    *_interval(boot[:, 0] - boot[:, 2:].mean(1)), int((rnd >= point[0]).sum()), n_draws))
+                row["vs_random"][where] = asdict(_against_random(point[0], point[2:], boot[:, 0], boot[:, 2:]))
             rows.append(row)
             if matched_frac is not None and frac == matched_frac and method == methods[0]:
                 say(f"sparsity control: {n_draws} magnitude-matched sets of {k}")
