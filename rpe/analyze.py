@@ -287,8 +287,9 @@ def _trajectory_card(rows: list[int], table: dict[str, list]) -> str:
 
 def render_report(table: dict[str, list], conf: dict[str, dict[str, float]], *, title: str,
                   bundle_dir: str | Path | None = None, extra_sections: Sequence[str] = (), n_examples: int = 4,
-                  n_surprises: int = 8) -> str:
-    """The HTML page (self-contained; every model text escaped)."""
+                  n_surprises: int = 8, card_results: dict[str, dict] | None = None) -> str:
+    """The HTML page (self-contained; every model text escaped). ``card_results``: ``rpe ablate``'s and ``rpe
+    search``'s results (keys ``ablation``, ``search``) whose rows join the report card."""
     e = html.escape
     plots = _plots(table)
     by_traj: dict[str, list[int]] = defaultdict(list)
@@ -317,7 +318,7 @@ def render_report(table: dict[str, list], conf: dict[str, dict[str, float]], *, 
         from rpe.report import bundle_section, report_card_section
 
         bundle_html = bundle_section(bundle_dir)
-        card_html = report_card_section(bundle_dir)
+        card_html = report_card_section(bundle_dir, **(card_results or {}))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} table{{border-collapse:collapse;margin:0.5em 0}}
@@ -366,10 +367,12 @@ def _trajectory_batches(rollouts: str | Path, tokenizer, reward_column: str, bat
 
 def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: str | Path, *, reward_column: str = "reward",
                      bundle_dir: str | Path | None = None, extra_sections: Sequence[str] = (),
-                     progress: Callable[[int, int], None] | None = None, batch_size: int = 128) -> dict[str, Any]:
+                     progress: Callable[[int, int], None] | None = None, batch_size: int = 128,
+                     title: str | None = None, card_results: dict[str, dict] | None = None) -> dict[str, Any]:
     """Read rollouts batch by batch, compute the per-step table and confidence AUROCs, write
     ``steps.parquet``, ``confidence.json`` and ``report.html`` into ``out_dir``; returns paths and headline
-    numbers. Only one batch of trajectories is held as Python objects at a time."""
+    numbers. Only one batch of trajectories is held as Python objects at a time. ``title``: the page's (default:
+    the model and the rollouts' folder); ``card_results``: see :func:`render_report`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -396,8 +399,9 @@ def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: st
     pq.write_table(pa.table(table), sink)
     atomic_write_bytes(out_dir / "steps.parquet", sink.getvalue().to_pybytes())
     atomic_write_json(out_dir / "confidence.json", conf)
-    page = render_report(table, conf, title=f"rpe analysis: {Path(rollouts).name}", bundle_dir=bundle_dir,
-                         extra_sections=extra_sections)
+    title = title or f"rpe analysis: {bundle.model.name} on {Path(rollouts).name}"
+    page = render_report(table, conf, title=title, bundle_dir=bundle_dir, extra_sections=extra_sections,
+                         card_results=card_results)
     atomic_write_bytes(out_dir / "report.html", page.encode("utf-8"))
     return {"report": str(out_dir / "report.html"), "steps": str(out_dir / "steps.parquet"),
             "n_trajectories": n_traj, "n_states": len(table["step"]), "confidence": conf}

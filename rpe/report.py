@@ -73,20 +73,26 @@ def _line_plot(xs, series: dict[str, list[float]], xlabel: str, ylabel: str, log
     return png_bytes(fig)
 
 
-def report_card_section(bundle_dir: str | Path) -> str:
+def report_card_section(bundle_dir: str | Path, *, ablation: dict | None = None, search: dict | None = None) -> str:
     """HTML that opens a report: the smoke-run warning when the value signal has no power, then the report card
-    (one row per paper claim measured in this bundle)."""
+    (one row per paper claim measured in this bundle, and in ``rpe ablate``'s / ``rpe search``'s results when
+    given)."""
     import json
 
     from rpe.fit import power_note
-    from rpe.report_card import dopamine_row, to_html, value_rows
+    from rpe.report_card import card_rows, to_html
 
     m = json.loads((Path(bundle_dir) / "bundle.json").read_text())["metrics"]
     if "headline_cv" not in m:
         return "<p>This bundle predates cross-validated metrics; re-run <code>rpe fit</code> for a report card.</p>"
     note = power_note(m)
     warn = f'<p class="warn"><b>{html.escape(note)}</b></p>' if note else ""
-    return warn + to_html(value_rows(m) + [dopamine_row(m.get("dopamine"))])
+    rows = card_rows(m, ablation=ablation, search=search, include_unmeasured=False)
+    if not any(r.claim == "dopamine neurons encode RPE with its sign" for r in rows):
+        from rpe.report_card import dopamine_row
+
+        rows.append(dopamine_row(None))  # the bundle's own claims are always listed, measured or not
+    return warn + to_html(rows)
 
 
 def bundle_section(bundle_dir: str | Path) -> str:

@@ -317,6 +317,20 @@ def sparsity_verdict(vs_all: tuple[float, float], vs_random: tuple[float, float]
     return REPRODUCED if vs_random[0] > 0 and beats_q95 else PRESENT_NOT_SPECIFIC
 
 
+def card_rows(metrics: dict[str, Any], *, ablation: dict[str, Any] | None = None,
+              search: dict[str, Any] | None = None, include_unmeasured: bool = True) -> list[CardRow]:
+    """Every row one run measured, in the card's order: the value rows of a bundle's ``metrics`` (with its
+    dopamine row), ``rpe ablate``'s ``results.json`` read at the bundle's layer, and ``rpe search``'s results.
+    ``include_unmeasured``: a claim with no result keeps its row (``not measured``)."""
+    rows = value_rows(metrics) if "headline_cv" in metrics else []
+    layer = metrics.get("best_layer")
+    if ablation and str(layer) not in ablation.get("layers", {}):
+        layer = None  # ablated elsewhere only: the first layer it ran at
+    extra = [ablation_row(ablation_summary(ablation, layer=layer) if ablation else None),
+             dopamine_row(metrics.get("dopamine")), search_row(search)]
+    return rows + [r for r in extra if include_unmeasured or r.verdict != NOT_MEASURED]
+
+
 def markdown(rows: list[CardRow]) -> str:
     """The card as a Markdown table."""
     out = ["| claim (PAPER.md) | paper | measured here (95% CI) | control, same run | verdict |", "|---|---|---|---|---|"]
@@ -339,6 +353,6 @@ def to_html(rows: list[CardRow]) -> str:
 
 
 __all__ = ["CardRow", "INCONCLUSIVE", "NOT_MEASURED", "NOT_REPRODUCED", "PRESENT_NOT_SPECIFIC", "REPRODUCED", "ablation_row",
-           "ablation_summary",
+           "ablation_summary", "card_rows",
            "dopamine_row", "generic_row", "search_row",
            "markdown", "sparsity_row", "sparsity_verdict", "to_html", "value_rows"]

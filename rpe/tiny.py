@@ -119,4 +119,63 @@ def tiny_model(config: TinyModelConfig | None = None, **overrides):
     return model, tokenizer
 
 
-__all__ = ["TINY_ARCHITECTURES", "TINY_CHARS", "TINY_CHAT_TEMPLATE", "TinyModelConfig", "tiny_model", "tiny_tokenizer"]
+TINY_ANSWER_CHAIN = {">": "G", "G": "o", "o": ".", ".": "\n", "\n": "\nA", "A": "n", "n": "s", "s": "w", "w": "e",
+                     "e": "r", "r": ":", ":": " ", " ": "01", "0": "</s>", "1": "</s>"}
+"""The planted next-character table of :func:`tiny_answering_model`: after the chat template's ``<assistant>`` it
+writes ``Go.`` then one or more newlines (a fair choice at each) then ``Answer: `` and a fair coin ``0``/``1``."""
+
+
+def tiny_answering_model(seed: int = 0, scale: float = 30.0):
+    """A tiny Llama that answers in the task's format, with both outcomes: every completion reads ``Go.``, one or
+    more newlines, ``Answer: 0`` or ``Answer: 1`` (a fair coin, whatever the question), then EOS. With
+    :func:`tiny_parity_task` about half the trajectories are correct and have one or more steps, so every stage
+    that needs both outcomes (``rpe fit``, ``rpe dopamine``, ``rpe reproduce``) runs on it in seconds. Nothing
+    about its internals is a finding: the answer ignores the question.
+
+    How: the decoder layers' output projections are shrunk 100x, so the last hidden state is nearly the current
+    character's (orthonormal) embedding and the head reads off :data:`TINY_ANSWER_CHAIN` as a bigram table; the
+    layers still carry a little of the context, so activations differ between prompts.
+    """
+    model, tok = tiny_model(TinyModelConfig(architecture="llama", seed=seed))
+    vocab = tok.get_vocab()
+    d = model.config.hidden_size
+    used = sorted({vocab[c] for c in TINY_ANSWER_CHAIN} | {vocab["</s>"]})
+    if len(used) > d:
+        raise ValueError(f"the answer chain uses {len(used)} characters, more than hidden size {d}")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.01)
+            layer.mlp.down_proj.weight.mul_(0.01)
+        emb = model.get_input_embeddings().weight
+        for i, token in enumerate(used):  # orthonormal directions for the characters of the chain
+            emb[token] = 0.0
+            emb[token, i] = d ** 0.5
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        for char, successors in TINY_ANSWER_CHAIN.items():
+            nexts = ["</s>"] if successors == "</s>" else list(successors)
+            for nxt in nexts:
+                head[vocab[nxt], used.index(vocab[char])] = scale / d ** 0.5
+    model.name_or_path = "tiny-answering"
+    return model, tok
+
+
+def tiny_parity_task(path) -> str:
+    """Write a JSONL task of 80 parity questions (answer ``1`` for odd, ``0`` for even; worked solutions in the
+    format :func:`tiny_answering_model` writes) to ``path``; returns the path as a string (``load_task`` takes it)."""
+    import json
+    import random
+    from pathlib import Path
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(80):
+        n = rng.randrange(10, 1000)
+        lines.append(json.dumps({"prompt": f"Is {n} odd? Say 1 or 0.", "answer": str(n % 2),
+                                 "solution": f"Go.\n\nAnswer: {n % 2}"}) + "\n")
+    Path(path).write_text("".join(lines))
+    return str(path)
+
+
+__all__ = ["TINY_ANSWER_CHAIN", "TINY_ARCHITECTURES", "TINY_CHARS", "TINY_CHAT_TEMPLATE", "TinyModelConfig", "tiny_answering_model",
+           "tiny_model", "tiny_parity_task", "tiny_tokenizer"]

@@ -45,3 +45,18 @@ def make_tiny_bundle(model, tok, layer: int = 2, k: int = 6, m: int = 4, hidden:
 def tiny_bundle(tiny_llama):
     model, tok = tiny_llama
     return make_tiny_bundle(model, tok)
+
+
+
+@pytest.fixture(scope="session")
+def answering_tiny(tmp_path_factory):
+    """:func:`rpe.tiny.tiny_answering_model` saved as a model folder, and the parity task file it answers (about
+    half right, one or more steps): ``(model folder, task file)``. Every pipeline stage runs on it; it measures
+    nothing."""
+    from rpe.tiny import tiny_answering_model, tiny_parity_task
+
+    root = tmp_path_factory.mktemp("answering")
+    model, tok = tiny_answering_model()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root / "model", root / tiny_parity_task(root / "parity.jsonl")

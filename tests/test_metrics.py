@@ -53,3 +53,17 @@ def test_cluster_bootstrap_moves_samples_of_a_problem_together():
 def test_iou_and_its_chance_level():
     assert iou([1, 2, 3], [2, 3, 4]) == 0.5
     assert chance_iou(576, 6, 6) == pytest.approx((36 / 576) / (12 - 36 / 576))
+
+
+def test_rank_sum_auroc_equals_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from rpe.metrics import auroc, bootstrap_auroc
+
+    rng = np.random.default_rng(3)
+    y = rng.random(300) < 0.3
+    s = np.round(rng.normal(size=300) + y, 1)  # many ties
+    assert auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert math.isnan(auroc(np.ones(5), np.arange(5)))
+    point, low, high = bootstrap_auroc(y, s, n_boot=200, seed=1)
+    assert point == pytest.approx(roc_auc_score(y, s)) and low < point < high

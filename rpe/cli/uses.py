@@ -61,6 +61,7 @@ def analyze(
     ablation: Optional[Path] = typer.Option(None, help="An `rpe ablate` output folder to include (with its causal check)."),
     transfer: Optional[Path] = typer.Option(None, help="A transfer_heatmap.json (benchmarks/transfer_heatmap.py) to include."),
     search_results: Optional[Path] = typer.Option(None, "--search", help="An `rpe search` JSON to include."),
+    title: Optional[str] = typer.Option(None, help="The report's title (default: the model and the rollouts' folder)."),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
     device_map: Optional[str] = DEVICE_MAP_OPTION,
@@ -81,12 +82,14 @@ def analyze(
     name = model or (rollout_model_name(rollouts, None) if rollouts.is_dir() else b.model.name)
     lm, tok = load_cli_model(name, device, dtype, device_map, attn_implementation)
     extra = []
+    card_results = {}
     if ablation is not None:
         from rpe.report import ablation_section
 
         if not (ablation / "results.json").is_file():
             fail(f"{ablation} holds no results.json; run `rpe ablate` first or drop --ablation")
         extra.append(ablation_section(ablation))
+        card_results["ablation"] = json.loads((ablation / "results.json").read_text())
     from rpe.report import search_section, transfer_section
 
     for given, flag, make in ((transfer, "--transfer", transfer_section), (search_results, "--search", search_section)):
@@ -96,13 +99,16 @@ def analyze(
             fail(f"{given} does not exist; produce it first or drop {flag}")
         try:
             extra.append(make(given))
+            if flag == "--search":
+                card_results["search"] = json.loads(given.read_text())
         except (ValueError, KeyError, TypeError) as err:
             fail(f"{given} is not a {flag.lstrip('-')} result ({type(err).__name__}: {err})")
     with progress_bar() as bar:
         job = bar.add_task("internal signals", total=None)
         try:
             res = analyze_rollouts(lm, tok, b, rollouts, out, reward_column=reward_column, bundle_dir=bundle,
-                                   extra_sections=extra, progress=lambda a, t: bar.update(job, completed=a, total=t))
+                                   extra_sections=extra, progress=lambda a, t: bar.update(job, completed=a, total=t),
+                                   title=title, card_results=card_results)
         except (RolloutImportError, BundleMismatchError, ValueError) as err:
             fail(str(err))
     from rpe.metrics import chance_verdict
