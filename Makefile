@@ -6,7 +6,7 @@ RPE := $(VENV)/bin/rpe
 TORCH := torch==2.13.0
 MODEL := smollm2-135m-instruct
 DEMO_DIR := runs/demo
-DEMO_N ?= 32
+DEMO_BUDGET ?= small
 PYTEST_ARGS ?=
 
 .PHONY: demo test install fetch bench clean browser docs
@@ -23,12 +23,11 @@ install: $(VENV)/.installed
 fetch: install
 	$(RPE) models fetch $(MODEL)
 
+# The paper's protocol at the small budget (about 10 minutes on 2 cores): rollouts with a layer sweep, fit with
+# every control, ablation, dopamine, search, then the report. Re-running continues an interrupted demo.
 demo: fetch
-	$(RPE) rollouts --model $(MODEL) --task chain_sum_mix --n-problems $(DEMO_N) --samples 2 --out $(DEMO_DIR)/rollouts
-	$(RPE) fit --rollouts $(DEMO_DIR)/rollouts --out $(DEMO_DIR)/bundle --layer-stride 3
-	$(RPE) dopamine --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --n-continuations 4 --max-trajectories 48 --threshold 0.2
-	$(RPE) analyze --rollouts $(DEMO_DIR)/rollouts --bundle $(DEMO_DIR)/bundle --out $(DEMO_DIR)/analysis
-	@echo "Open $(abspath $(DEMO_DIR)/analysis/report.html) in a browser."
+	$(RPE) reproduce --model $(MODEL) --task chain_sum_mix --budget $(DEMO_BUDGET) --out $(DEMO_DIR)
+	@echo "Open $(abspath $(DEMO_DIR)/report/report.html) in a browser."
 
 # pytest exits 5 when it collects no test: say so and fail, a silent pass would hide a broken suite.
 # Headless Chromium checks the HTML report in a real browser; installed here when apt-get can. Where apt-get can

@@ -463,11 +463,9 @@ def _gap_ci(values: np.ndarray, y: np.ndarray, groups: np.ndarray, n_boot: int, 
     return point, float(lo), float(hi)
 
 
-#: The run with power behind the report card (README; docs/results.md).
-POWERED_COMMAND = (
-    "rpe rollouts --task chain_sum_mix --n-problems 800 --samples 2 --batch-size 32 --capture-layers 0,2,4,5,6,8,10,12,14,16,"
-    "18,20,22,24,26,27,28,29 --out runs/mix && rpe fit --rollouts runs/mix --out runs/mix/bundle --compare-probes"
-)
+#: The run with power (README; docs/results.md): the paper budget runs the card's rollouts (800 problems x 2, an
+#: 18-layer sweep) and fit (--compare-probes), then every other row's experiment.
+POWERED_COMMAND = "rpe reproduce --budget paper --out runs/paper"
 
 
 #: Half-width of the s_0 interval at which a run counts as powered (issue: discovery on >= 1,500 trajectories).
@@ -490,7 +488,8 @@ def power_note(metrics: dict[str, Any]) -> str | None:
     need = m.get("n_to_decide") if m["auroc"] > 0.5 else None  # extrapolating a noisy inverted point misleads
     more = f" (roughly {need} trajectories would decide it)" if need else ""
     return (f"Smoke run without power: the value-neuron AUROC at s_0 is {measured}, {m['verdict']}{more}. Read no "
-            f"finding from it; the run with power is: {POWERED_COMMAND}")
+            "value finding from it (a row that reads 'not reproduced' at this size says only that the paper's "
+            f"effect lies outside a wide interval); the run with power is: {POWERED_COMMAND}")
 
 
 def td_vs_mc(states: StateSet, layer: int, base: ProbeConfig | None = None) -> dict[str, dict[str, float]]:

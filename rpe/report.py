@@ -95,6 +95,14 @@ def report_card_section(bundle_dir: str | Path, *, ablation: dict | None = None,
     return warn + to_html(rows)
 
 
+def _probe_text(probe) -> str:
+    """A probe's settings in words ("MLP probe, td0 target"), not its raw dict."""
+    if not isinstance(probe, dict):
+        return f"{probe} target"
+    family = {"mlp": "MLP", "linear": "linear"}.get(probe.get("family"), str(probe.get("family", "")))
+    return f"{family} probe, {probe.get('target', '?')} target"
+
+
 def bundle_section(bundle_dir: str | Path) -> str:
     """HTML for a bundle's metrics: headline AUROCs beside controls, layer sweep, pruning curve, dopamine."""
     import json
@@ -127,7 +135,7 @@ def bundle_section(bundle_dir: str | Path) -> str:
                                               if r["frac"] in control else float("nan") for r in curve]
     prune = _line_plot([r["frac"] for r in curve], lines, "fraction of neurons kept", "cross-validated AUROC", logx=True)
     parts = [
-        f"<h2>Value neurons (layer {m['best_layer']}, {meta['n_value_neurons']} neurons, {e(str(m.get('probe', m['target'])))})</h2>",
+        f"<h2>Value neurons (layer {m['best_layer']}, {meta['n_value_neurons']} neurons, {e(_probe_text(m.get('probe', m['target'])))})</h2>",
         f"<table><tr><th>AUROC of ({m['folds']}-fold cross-validated by problem, {m['n_trajectories']} trajectories, "
         "95% problem-clustered CI)</th><th>at s_0</th><th>reading</th><th>at final step</th><th>reading</th></tr>" + rows + "</table>",
     ]

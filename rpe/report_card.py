@@ -333,7 +333,7 @@ def card_rows(metrics: dict[str, Any], *, ablation: dict[str, Any] | None = None
 
 def markdown(rows: list[CardRow]) -> str:
     """The card as a Markdown table."""
-    out = ["| claim (PAPER.md) | paper | measured here (95% CI) | control, same run | verdict |", "|---|---|---|---|---|"]
+    out = ["| claim (Xu et al., arXiv 2602.00986) | paper | measured here (95% CI) | control, same run | verdict |", "|---|---|---|---|---|"]
     for r in rows:
         verdict = f"**{r.verdict}**" + (f": {r.note}" if r.note else "")
         out.append(f"| {r.claim} | {r.paper} | {r.measured} | {r.control} | {verdict} |")
@@ -348,7 +348,7 @@ def to_html(rows: list[CardRow]) -> str:
         f"<td><b>{e(r.verdict)}</b>{(': ' + e(r.note)) if r.note else ''}</td></tr>"
         for r in rows
     )
-    return ("<h2>Report card</h2><table><tr><th>claim (PAPER.md)</th><th>paper</th><th>measured here (95% CI)</th>"
+    return ("<h2>Report card</h2><table><tr><th>claim (Xu et al., arXiv 2602.00986)</th><th>paper</th><th>measured here (95% CI)</th>"
             "<th>control, same run</th><th>verdict</th></tr>" + body + "</table>")
 
 

@@ -90,10 +90,10 @@ BUDGETS: dict[str, Budget] = {
                     n_continuations=2, search_problems=3, search_candidates=2, search_step_tokens=16),
     "small": Budget("small", "about 10 minutes on 2 CPU cores with SmolLM2-135M: the value rows have power, the "
                     "interventions are too small to decide",
-                    n_problems=300, samples=2, max_new_tokens=128, batch_size=32, sweep_layers=6, sparsity_draws=10,
-                    compare_probes=False, epochs=100, n_boot=1000, ablation_problems=100, ablation_early_layers=False,
-                    ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=48,
-                    n_continuations=4, search_problems=24, search_candidates=4, search_step_tokens=32),
+                    n_problems=200, samples=2, max_new_tokens=128, batch_size=32, sweep_layers=4, sparsity_draws=5,
+                    compare_probes=False, epochs=100, n_boot=1000, ablation_problems=64, ablation_early_layers=False,
+                    ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=32,
+                    n_continuations=4, search_problems=16, search_candidates=4, search_step_tokens=32),
     "paper": Budget("paper", "the paper's protocol with power: intervals of about +-0.03 at s_0, >= 500 problems "
                     "per ablation arm, >= 300 surprising steps",
                     n_problems=800, samples=2, max_new_tokens=128, batch_size=32, sweep_layers=18, sparsity_draws=20,
@@ -170,11 +170,6 @@ class Estimate:
     """Seconds each stage should take on this machine, from a short measured warm-up."""
 
     seconds: dict[str, float]
-    decode_step_s: float
-    """Measured: one decoding step of a full batch."""
-    prefill_s: float
-    """Measured: the prompt forward of a full batch."""
-    mean_steps: float = 3.0
 
     @property
     def total(self) -> float:
@@ -239,8 +234,18 @@ class Pipeline:
         self.rollouts, self.bundle = self.out / "rollouts", self.out / "bundle"
         self.ablation, self.search_json, self.report = self.out / "ablation", self.out / "search.json", self.out / "report"
         dev = _device_args(cfg)
-        held_out = str(cfg.seed + 1)
+        held_out_seed = str(cfg.seed + 1)
         ro, bu = str(self.rollouts), str(self.bundle)
+
+        def held_out(n: int) -> int:
+            """``n``, or fewer when the task has fewer questions outside the fitting run's."""
+            from rpe.rollouts import rollout_settings
+            from rpe.tasks import held_out_count
+
+            settings = rollout_settings(self.rollouts)
+            if settings is None:  # before the rollouts exist (the plan): the budget's number
+                return n
+            return held_out_count(settings.task(), n, cfg.seed + 1, settings.question_keys())
 
         def ablate_layers() -> list[int]:
             layer = json.loads((self.bundle / "bundle.json").read_text())["layer"]
@@ -275,8 +280,8 @@ class Pipeline:
                   f"size, {b.ablation_problems} held-out problems per arm, at the best layer"
                   + (f" and layers {','.join(map(str, early_layers(n_layers)))}" if b.ablation_early_layers else ""),
                   lambda: ["ablate", "--bundle", bu, "--rollouts", ro, "--out", str(self.ablation), "--n-problems",
-                           str(b.ablation_problems), "--layers", ",".join(map(str, ablate_layers())), "--controls",
-                           ",".join(b.ablation_controls), "--seeds", str(b.ablation_seeds), "--seed", held_out, *dev],
+                           str(held_out(b.ablation_problems)), "--layers", ",".join(map(str, ablate_layers())), "--controls",
+                           ",".join(b.ablation_controls), "--seeds", str(b.ablation_seeds), "--seed", held_out_seed, *dev],
                   ablation_done, (self.ablation,)),
             Stage("dopamine", f"Monte-Carlo values of the states of {b.dopamine_trajectories} trajectories "
                   f"({b.n_continuations} continuations each), TD errors, dopamine neurons vs random sets",
@@ -288,7 +293,7 @@ class Pipeline:
                   f"per step: {', '.join(SEARCH_METHODS)}",
                   lambda: ["search", "--bundle", bu, "--rollouts", ro, "--n-problems", str(b.search_problems),
                            "--methods", ",".join(SEARCH_METHODS), "--candidates", str(b.search_candidates),
-                           "--max-step-tokens", str(b.search_step_tokens), "--seed", held_out, "--out",
+                           "--max-step-tokens", str(b.search_step_tokens), "--seed", held_out_seed, "--out",
                            str(self.search_json), *dev],
                   search_done, (self.search_json,),
                   skipped="rpe search supports chat-style models only" if completion_prompts else ""),
@@ -391,33 +396,35 @@ class Pipeline:
 
     # -- estimate -----------------------------------------------------------------------------------------------
 
-    def estimate(self, decode_step_s: float, prefill_s: float, probe_fit_s: float) -> Estimate:
-        """Seconds per pending stage from measured costs: one decoding step and one prompt forward of a full
-        batch, one linear-probe fit on states of this model's width (``probe_fit_s``). Rough (within a factor of
-        about 2): the completions' lengths and step counts are guessed before the run."""
+    def estimate(self, batch_s: float, probe_fit_s: float) -> Estimate:
+        """Seconds per pending stage from two measured costs (:func:`warm_up`): one batch of the rollouts
+        (``batch_s``) and one linear-probe fit at this model's width (``probe_fit_s``). Rough, within a factor of
+        about 2: completion lengths and step counts are guessed (3 steps, continuations half a completion, a
+        search step a quarter of the budget), and the constants were calibrated on SmolLM2-135M on 2 CPU cores
+        (600 trajectories: rollouts 5.1 min, fit 4.8 min; 1,600 trajectories with 18 layers: fit 11 min)."""
         b = self.cfg.spec
         steps = 3.0
-        tokens = 0.7 * b.max_new_tokens  # rows leave the batch when they finish
 
-        def gen(rows: float, new_tokens: float) -> float:
-            batches = math.ceil(rows / b.batch_size)
-            return batches * (prefill_s + new_tokens * decode_step_s)
+        batch_s = 0.6 * batch_s  # the timed batch is the process's first: later ones ran 0.6x its time
 
-        arms = 1 + (1 + len(b.ablation_controls[1:]) * b.ablation_seeds) * (
-            1 + (len(early_layers(self.n_layers)) if b.ablation_early_layers else 0))
+        def batches(rows: float) -> float:
+            return math.ceil(rows / b.batch_size)
+
+        early = len(early_layers(self.n_layers)) if b.ablation_early_layers else 0
+        arms = 1 + (1 + (len(b.ablation_controls) - 1) * b.ablation_seeds) * (1 + early)
         n = b.n_trajectories
-        fits = len(self.capture) * 6 + 6 * 2 * 6 + b.sparsity_draws * 6 * 4 * 5 // 10 + (24 if b.compare_probes else 0)
+        step_share = b.search_step_tokens / b.max_new_tokens
         seconds = {
-            "rollouts": gen(n, tokens),
-            "fit": probe_fit_s * fits * max(1.0, n / 600) + 0.02 * n * len(self.capture),
-            "ablate": arms * gen(b.ablation_problems, tokens),
-            "dopamine": gen(min(n, b.dopamine_trajectories) * steps * b.n_continuations, tokens / 2),
-            "search": len(SEARCH_METHODS) * gen(b.search_problems * b.search_candidates * (steps + 1),
-                                               b.search_step_tokens) / 2,
+            "rollouts": batches(n) * batch_s,
+            "fit": probe_fit_s * n * (4 + len(self.capture) / 3 + b.sparsity_draws / 2),
+            "ablate": arms * batches(b.ablation_problems) * batch_s,
+            "dopamine": batches(min(n, b.dopamine_trajectories) * steps * b.n_continuations) * batch_s * 0.5,
+            "search": len(SEARCH_METHODS) * batches(b.search_problems * b.search_candidates) * (steps + 1)
+            * step_share * batch_s,
             "report": 0.01 * n + 5,
         }
         names = {s.name for s in self.pending()}
-        return Estimate({k: v for k, v in seconds.items() if k in names}, decode_step_s, prefill_s, steps)
+        return Estimate({k: v for k, v in seconds.items() if k in names})
 
 
 class StageFailed(RuntimeError):
@@ -434,23 +441,26 @@ class StageFailed(RuntimeError):
 class Warmup:
     """What the warm-up measured on this machine (seconds)."""
 
-    decode_step_s: float
-    prefill_s: float
+    batch_s: float
+    """One batch of the budget's rollouts (``batch_size`` rows, ``max_new_tokens``), sampled as they will be."""
     probe_fit_s: float
+    """One L2-logistic probe fit on 400 random states of the model's width."""
     n_layers: int
     completion_prompts: bool
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def warm_up(model, tokenizer, cfg: ReproduceConfig) -> Warmup:
-    """Measure one prompt forward and one decoding step of a full batch of this task's prompts, and one
-    cross-validated linear probe on random states of the model's width: the inputs of :meth:`Pipeline.estimate`.
-    Takes a few seconds (a warm generation of 8 tokens, then a timed one of 24)."""
+    """Time one batch of the budget's rollouts on held-aside problems of the task (rpe's engine, the budget's
+    batch size and completion length) and one linear probe fit on random states of the model's width: the
+    inputs of :meth:`Pipeline.estimate`. Takes about one rollout batch (20 s for SmolLM2 on 2 CPU cores)."""
     import torch
 
+    from rpe.generation import generate_batch
     from rpe.logistic import fit_logistic
     from rpe.models import prompt_style_of
     from rpe.prompts import PromptBuilder
+    from rpe.sampling import SamplingConfig
     from rpe.tasks import draw_problems, load_task
     from rpe.tracker import decoder_layers, hidden_size_of
 
@@ -462,20 +472,11 @@ def warm_up(model, tokenizer, cfg: ReproduceConfig) -> Warmup:
     prompts += prompts[: b.batch_size - len(prompts)] * math.ceil(b.batch_size / max(1, len(prompts)))
     prompts = prompts[: b.batch_size]
 
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=builder.add_special_tokens)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
-
-    def timed(new_tokens: int) -> float:
-        t0 = time.perf_counter()
-        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=tokenizer.pad_token_id)
-        return time.perf_counter() - t0
-
+    t0 = time.perf_counter()  # one batch of the rollouts as they will run: rpe's engine, the budget's length
     with torch.inference_mode():
-        timed(2)  # first call: kernels, caches
-        short, long = timed(2), timed(18)
-    decode = max(1e-4, (long - short) / 16)
-    prefill = max(1e-4, short - 2 * decode)
+        generate_batch(model, tokenizer, prompts, SamplingConfig(max_new_tokens=b.max_new_tokens), seed=0,
+                       stop_strings=builder.stop_strings, add_special_tokens=builder.add_special_tokens)
+    batch = time.perf_counter() - t0
     d = hidden_size_of(model)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(400, d, generator=gen)
@@ -484,7 +485,7 @@ def warm_up(model, tokenizer, cfg: ReproduceConfig) -> Warmup:
     fit_logistic(torch.nn.Linear(d, 1), x, y, l2=1.0)
     probe = time.perf_counter() - t0
     path = getattr(model, "name_or_path", cfg.model)
-    return Warmup(decode, prefill, probe, len(decoder_layers(model)), prompt_style_of(path, tokenizer) == "completion")
+    return Warmup(batch, probe, len(decoder_layers(model)), prompt_style_of(path, tokenizer) == "completion")
 
 
 def card(out: str | Path) -> list:

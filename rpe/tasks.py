@@ -429,6 +429,18 @@ def draw_problems(task: Task, n: int, seed: int, exclude: Sequence[str] | None =
     return kept
 
 
+def held_out_count(task: Task, n: int, seed: int, exclude: Sequence[str]) -> int:
+    """The most problems, up to ``n``, that :func:`draw_problems` can draw for ``seed`` outside ``exclude``
+    (a fixed dataset, or a generator with few distinct questions, runs out)."""
+    skip = set(exclude)
+    while n > 0:
+        kept = sum(question_key(p) not in skip for p in task.problems(n + len(skip), seed=seed))
+        if kept >= n:
+            return n
+        n = kept
+    return 0
+
+
 def available_tasks() -> list[str]:
     """Preset names followed by ``rg:NAME`` for every reasoning-gym task."""
     import reasoning_gym

@@ -36,7 +36,7 @@ def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
     assert {r["stratum"]["num_terms"] for r in metrics["beyond_difficulty"]["per_stratum"]} <= {2.0, 3.0, 4.0}
     s0 = metrics["headline_cv"]["s0"]["value neurons"]
     if s0["verdict"] != "above chance":  # 48 trajectories: the output must say it is a smoke run and name the real one
-        assert "Smoke run without power" in r.output and "rpe rollouts --task chain_sum_mix --n-problems 800" in r.output
+        assert "Smoke run without power" in r.output and "rpe reproduce --budget paper" in r.output
 
     # the RPE simulation on the same real rollouts: the model's RPE beside the TD(lambda) learner's, every step
     r = runner.invoke(app, ["simulate", "--rollouts", str(out), "--bundle", str(out / "bundle"), "--out",

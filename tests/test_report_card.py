@@ -144,7 +144,7 @@ def test_power_note_says_smoke_run_or_measured_null(value, n, expect):
     else:
         assert expect in note and f"on {n} trajectories" in note
         if "Smoke" in expect:
-            assert "rpe rollouts --task chain_sum_mix --n-problems 800" in note
+            assert "rpe reproduce --budget paper" in note
 
 
 def test_card_renders_and_escapes():

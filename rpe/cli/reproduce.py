@@ -63,7 +63,7 @@ def reproduce(
     except ValueError as err:
         fail(str(err))
     lm, tok = load_cli_model(model, device, dtype, device_map, attn_implementation)
-    with console.status("warm-up: timing generation and a probe fit on this machine"):
+    with console.status("warm-up: timing one rollout batch and one probe fit on this machine"):
         try:
             w = warm_up(lm, tok, cfg)
         except ValueError as err:
@@ -73,7 +73,7 @@ def reproduce(
         pipe = Pipeline(cfg, out, n_layers=w.n_layers, completion_prompts=w.completion_prompts)
     except ValueError as err:
         fail(str(err))
-    est = pipe.estimate(w.decode_step_s, w.prefill_s, w.probe_fit_s)
+    est = pipe.estimate(w.batch_s, w.probe_fit_s)
     spec = cfg.spec
     plan = Table(title=f"rpe reproduce: {model} on {task}, {budget} budget ({spec.purpose})")
     for col in ("stage", "what it runs", "estimate"):
@@ -84,9 +84,9 @@ def reproduce(
                 else "done (kept)")
         plan.add_row(s.name, s.what, when)
     console.print(plan)
-    console.print(f"estimated {_minutes(est.total)} from a warm-up on this machine (a decoding step of {spec.batch_size} "
-                  f"rows {1000 * w.decode_step_s:.0f} ms, their prompt forward {1000 * w.prefill_s:.0f} ms, one "
-                  f"linear probe {w.probe_fit_s:.2f} s); rough, within a factor of about 2", highlight=False)
+    console.print(f"estimated {_minutes(est.total)} from a warm-up on this machine (one rollout batch of {spec.batch_size} "
+                  f"rows: {w.batch_s:.1f} s; one linear probe: {w.probe_fit_s:.2f} s); rough, within a factor of about 2",
+                  highlight=False)
     pipe.out.mkdir(parents=True, exist_ok=True)
     pipe.write_commands()
     if estimate_only:

@@ -243,8 +243,11 @@ def ablate(
         fail(str(err))
     with progress_bar() as bar:
         job = bar.add_task("arms", total=None)
-        res = run_ablation(lm, tok, b, rollouts, cfg, out, model_name=name,
-                           progress=lambda arm, a, t: bar.update(job, description=arm, completed=a, total=t))
+        try:
+            res = run_ablation(lm, tok, b, rollouts, cfg, out, model_name=name,
+                               progress=lambda arm, a, t: bar.update(job, description=arm, completed=a, total=t))
+        except ValueError as err:  # e.g. fewer held-out questions than asked
+            fail(str(err))
     table = Table(title=f"ablating {res['n_neurons']} neurons, {n_problems} held-out problems per arm "
                         f"(no ablation: {res['baseline']['accuracy']:.3f})")
     for col in ("layer", "source", "accuracy", "drop (mean)", "drop range"):
