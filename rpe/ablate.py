@@ -165,6 +165,19 @@ def _arm(model, tok, task, rcfg: RolloutConfig, cfg: AblateConfig, out: Path, mo
     return {"accuracy": m["accuracy"], "ci95": m["accuracy_ci95"], "n": res.n_trajectories}
 
 
+def _captured(rollouts: str | Path | list[Trajectory], trajs: list[Trajectory], layers: list[int]) -> StateSet | None:
+    """The activations ``rpe rollouts --capture-layers`` recorded for exactly ``trajs`` at ``layers`` (all
+    neurons), narrowed to those layers; None when the folder has none that fit (then they are captured again)."""
+    if isinstance(rollouts, list) or not (Path(rollouts) / "states.safetensors").is_file():
+        return None
+    states = StateSet.load(Path(rollouts) / "states.safetensors")
+    if states.neurons is not None or not set(layers) <= set(states.layers) or \
+            states.trajectory_ids != [t.trajectory_id for t in trajs]:
+        return None
+    return StateSet({layer: states.acts[layer] for layer in layers}, states.traj_index, states.step_index,
+                    states.trajectory_ids, states.problem_ids, states.rewards)
+
+
 def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cfg: AblateConfig, out_dir: str | Path, *,
                  model_name: str, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """The whole experiment; returns (and writes) ``results.json``. See the module docstring."""
@@ -185,7 +198,7 @@ def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cf
     if not trajs:
         raise ValueError(f"{rollouts} holds no trajectory with steps")
     rcfg, task = arm_settings(cfg, rollouts)
-    states = capture_states(model, trajs, layers, pad_token_id=tok.pad_token_id or 0)
+    states = _captured(rollouts, trajs, layers) or capture_states(model, trajs, layers, pad_token_id=tok.pad_token_id or 0)
 
     def arm_progress(name):
         return (lambda a, b: progress(name, a, b)) if progress else None

@@ -26,6 +26,8 @@ REPRODUCED = "reproduced"
 NOT_REPRODUCED = "not reproduced at this scale"
 INCONCLUSIVE = "inconclusive"
 NOT_MEASURED = "not measured"
+MIN_SEARCH_PROBLEMS = 100
+"""Fewer search problems than this cannot decide the search row (the paper's gain is 5.6 points)."""
 PRESENT_NOT_SPECIFIC = "present but not specific"
 """A signal that is there, but random neuron sets of the same size carry as much of it."""
 
@@ -268,6 +270,10 @@ def search_row(res: dict[str, Any] | None, paper_gain: float = 0.056) -> CardRow
     if not all(m in methods for m in ("value", "random", "greedy")):
         return CardRow(claim, paper, "-", "-", NOT_MEASURED)
     v, r, g = (methods[m] for m in ("value", "random", "greedy"))
+    n = res.get("n_problems", len(v["correct"]))
+    if n < MIN_SEARCH_PROBLEMS:  # a bootstrap over a handful of problems is no interval (often [0, 0])
+        return CardRow(claim, paper, f"{v['accuracy']:.3f} ({n} problems)", f"random pick {r['accuracy']:.3f}; greedy "
+                       f"{g['accuracy']:.3f}", INCONCLUSIVE, f"only {n} problems; >= {MIN_SEARCH_PROBLEMS} needed to decide")
     dr = paired_difference(v["correct"], r["correct"])
     dg = paired_difference(v["correct"], g["correct"])
     measured = (f"{v['accuracy']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] ({res['n_problems']} problems, "

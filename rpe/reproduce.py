@@ -74,6 +74,7 @@ class Budget:
     dopamine_trajectories: int
     n_continuations: int
     search_problems: int
+    """Problems of the search stage; 0 leaves the stage out at this budget."""
     search_candidates: int
     search_step_tokens: int
 
@@ -89,11 +90,11 @@ BUDGETS: dict[str, Budget] = {
                     ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=12,
                     n_continuations=2, search_problems=3, search_candidates=2, search_step_tokens=16),
     "small": Budget("small", "about 10 minutes on 2 CPU cores with SmolLM2-135M: the value rows have power, the "
-                    "interventions are too small to decide",
-                    n_problems=200, samples=2, max_new_tokens=128, batch_size=32, sweep_layers=4, sparsity_draws=5,
+                    "interventions are too small to decide (search is left out: a few dozen problems cannot decide it)",
+                    n_problems=150, samples=2, max_new_tokens=128, batch_size=32, sweep_layers=4, sparsity_draws=5,
                     compare_probes=False, epochs=100, n_boot=1000, ablation_problems=64, ablation_early_layers=False,
-                    ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=32,
-                    n_continuations=4, search_problems=16, search_candidates=4, search_step_tokens=32),
+                    ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=24,
+                    n_continuations=4, search_problems=0, search_candidates=4, search_step_tokens=32),
     "paper": Budget("paper", "the paper's protocol with power: intervals of about +-0.03 at s_0, >= 500 problems "
                     "per ablation arm, >= 300 surprising steps",
                     n_problems=800, samples=2, max_new_tokens=128, batch_size=32, sweep_layers=18, sparsity_draws=20,
@@ -112,6 +113,9 @@ class ReproduceConfig:
     task: str = DEFAULT_TASK
     budget: str = "small"
     """A key of :data:`BUDGETS`: smoke, small or paper."""
+    task_options: tuple[str, ...] = ()
+    """``KEY=VALUE`` task options, as ``rpe rollouts --task-option`` takes them (an hf: task's split, config,
+    column mapping; a reasoning-gym task's difficulty)."""
     seed: int = 0
     """Seed of the fitting rollouts, folds and probes (held-out ablation and search problems use seed + 1)."""
     skip: tuple[str, ...] = ()
@@ -125,6 +129,7 @@ class ReproduceConfig:
         if self.budget not in BUDGETS:
             raise ValueError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
         self.skip = tuple(self.skip)
+        self.task_options = tuple(self.task_options)
         optional = ("ablate", "dopamine", "search")
         bad = [s for s in self.skip if s not in optional]
         if bad:
@@ -135,7 +140,20 @@ class ReproduceConfig:
         return BUDGETS[self.budget]
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "skip": list(self.skip)}
+        return {**asdict(self), "skip": list(self.skip), "task_options": list(self.task_options)}
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """:attr:`task_options` as ``load_task`` keyword arguments (values read as JSON where they parse)."""
+        out: dict[str, Any] = {}
+        for pair in self.task_options:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise ValueError(f"a task option takes KEY=VALUE, got {pair!r}")
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                out[key] = value
+        return out
 
 
 def sweep_layers(n_layers: int, count: int) -> list[int]:
@@ -209,7 +227,8 @@ def load_state(cfg: ReproduceConfig, out: str | Path) -> dict[str, Any]:
     if state is not None:
         mine, theirs = cfg.to_dict(), state.get("config", {})
         keep = ("device", "dtype", "device_map", "attn_implementation")
-        differ = [k for k in mine if k not in keep and theirs.get(k) != mine[k]]
+        default = ReproduceConfig().to_dict()  # a key the folder's record predates reads as its default
+        differ = [k for k in mine if k not in keep and theirs.get(k, default[k]) != mine[k]]
         if differ:
             raise ValueError(f"{out} holds a run with other settings ({', '.join(f'{k}: {theirs.get(k)!r}' for k in differ)}); "
                              "give another --out, or the same settings to continue it")
@@ -264,7 +283,8 @@ class Pipeline:
         self.stages = [
             Stage("rollouts", f"{b.n_trajectories} trajectories ({b.n_problems} problems x {b.samples}), activations "
                   f"captured at layers {','.join(map(str, self.capture))}",
-                  lambda: ["rollouts", "--model", cfg.model, "--task", cfg.task, "--n-problems", str(b.n_problems),
+                  lambda: ["rollouts", "--model", cfg.model, "--task", cfg.task,
+                           *[x for o in cfg.task_options for x in ("--task-option", o)], "--n-problems", str(b.n_problems),
                            "--samples", str(b.samples), "--batch-size", str(b.batch_size), "--max-new-tokens",
                            str(b.max_new_tokens), "--capture-layers", ",".join(map(str, self.capture)), "--seed",
                            str(cfg.seed), "--out", ro, *dev],
@@ -296,7 +316,8 @@ class Pipeline:
                            "--max-step-tokens", str(b.search_step_tokens), "--seed", held_out_seed, "--out",
                            str(self.search_json), *dev],
                   search_done, (self.search_json,),
-                  skipped="rpe search supports chat-style models only" if completion_prompts else ""),
+                  skipped="rpe search supports chat-style models only" if completion_prompts else
+                  "not at this budget (too few problems to decide it); --budget paper runs it" if not b.search_problems else ""),
             Stage("report", "the HTML report, the report card first",
                   lambda: ["analyze", "--rollouts", ro, "--bundle", bu, "--out", str(self.report), "--title",
                            f"rpe reproduce: {cfg.model} on {cfg.task} ({cfg.budget} budget)",
@@ -465,7 +486,7 @@ def warm_up(model, tokenizer, cfg: ReproduceConfig) -> Warmup:
     from rpe.tracker import decoder_layers, hidden_size_of
 
     b = cfg.spec
-    task = load_task(cfg.task)
+    task = load_task(cfg.task, **cfg.task_kwargs())
     problems = draw_problems(task, b.batch_size, seed=cfg.seed + 1000)
     builder = PromptBuilder(task, tokenizer, seed=cfg.seed)
     prompts = [builder(p) for p in problems][: b.batch_size]

@@ -411,6 +411,19 @@ def question_key(problem: Problem) -> str:
     return hashlib.sha1(" ".join(problem.prompt.split()).encode()).hexdigest()[:16]
 
 
+def _outside(task: Task, n: int, seed: int, skip: set[str]) -> list[Problem]:
+    """The first ``n`` problems of ``task``'s stream for ``seed`` whose question is not in ``skip``. The window
+    starts at ``n + len(skip)`` draws and doubles (up to 16 times that) while too few are found: reasoning-gym
+    builds item ``i`` of seed ``s`` from seed ``s + i``, so the first items of seed 1 are the fitting run's items
+    1, 2, ... of seed 0, and a window of that size alone can hold almost nothing new."""
+    window = n + len(skip)
+    while True:
+        kept = [p for p in task.problems(window, seed=seed) if question_key(p) not in skip][:n]
+        if len(kept) >= n or window >= 16 * (n + len(skip)):
+            return kept
+        window *= 2
+
+
 def draw_problems(task: Task, n: int, seed: int, exclude: Sequence[str] | None = None) -> list[Problem]:
     """``n`` problems of ``task`` for ``seed``, skipping those whose :func:`question_key` is in ``exclude``
     (a held-out evaluation passes its fitting run's keys). Without ``exclude``: ``task.problems(n, seed)``.
@@ -421,7 +434,7 @@ def draw_problems(task: Task, n: int, seed: int, exclude: Sequence[str] | None =
     if not exclude:
         return list(task.problems(n, seed=seed))
     skip = set(exclude)
-    kept = [p for p in task.problems(n + len(skip), seed=seed) if question_key(p) not in skip][:n]
+    kept = _outside(task, n, seed, skip)
     if len(kept) < n:
         raise ValueError(f"task {task.name!r} has only {len(kept)} problems whose questions are not among the "
                          f"{len(skip)} excluded (the fitting run's); ask for at most {len(kept)}, or evaluate on another "
@@ -431,14 +444,9 @@ def draw_problems(task: Task, n: int, seed: int, exclude: Sequence[str] | None =
 
 def held_out_count(task: Task, n: int, seed: int, exclude: Sequence[str]) -> int:
     """The most problems, up to ``n``, that :func:`draw_problems` can draw for ``seed`` outside ``exclude``
-    (a fixed dataset, or a generator with few distinct questions, runs out)."""
+    (a fixed dataset runs out)."""
     skip = set(exclude)
-    while n > 0:
-        kept = sum(question_key(p) not in skip for p in task.problems(n + len(skip), seed=seed))
-        if kept >= n:
-            return n
-        n = kept
-    return 0
+    return len(_outside(task, n, seed, skip)) if skip else n
 
 
 def available_tasks() -> list[str]:

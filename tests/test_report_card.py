@@ -192,4 +192,6 @@ def test_search_row_pairs_value_against_random_and_greedy():
     assert row.verdict == NOT_REPRODUCED and "+5.6 points" in row.note  # a tie excludes the paper's gain at n = 200
     few = res([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0])
     assert search_row(few).verdict == INCONCLUSIVE  # 4 problems: wide intervals include 0 and +0.056
+    tied16 = search_row(res([1.0, 0.0] * 8, [1.0, 0.0] * 8, [1.0, 0.0] * 8))  # a degenerate [0, 0] "interval"
+    assert tied16.verdict == INCONCLUSIVE and "only 16 problems; >= 100 needed" in tied16.note
     assert search_row({"methods": {"greedy": {}}}).verdict == NOT_MEASURED

@@ -160,3 +160,31 @@ def test_smoke_budget_on_the_real_default_model(real_model, tmp_path):
     assert manifest["n_trajectories"] == BUDGETS["smoke"].n_trajectories
     assert manifest["rollout"]["capture_layers"] == sweep_layers(30, BUDGETS["smoke"].sweep_layers)
     assert (tmp_path / "report" / "report.html").stat().st_size > 50_000
+
+
+def test_task_options_reach_the_rollouts_command(tmp_path):
+    cfg = ReproduceConfig(task="hf:data/gsm8k", task_options=("split=test", "config=main"))
+    argv = Pipeline(cfg, tmp_path, n_layers=4).stage("rollouts").argv()
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--task-option"] == ["split=test", "config=main"]
+    assert cfg.task_kwargs() == {"split": "test", "config": "main"}
+    with pytest.raises(ValueError, match="KEY=VALUE, got 'split'"):
+        ReproduceConfig(task_options=("split",)).task_kwargs()
+
+
+@pytest.mark.slow
+def test_ablation_reads_the_activations_captured_during_generation(whole_run, answering_tiny):
+    import torch
+
+    from rpe.ablate import _captured
+    from rpe.models import load_model
+    from rpe.records import read_trajectories
+    from rpe.store import capture_states
+
+    out = whole_run[0] / "rollouts"
+    trajs = [t for t in read_trajectories(out) if t.steps]
+    got = _captured(out, trajs, [3])  # the smoke budget captured layers 0 and 3 of the 4
+    model, tok = load_model(str(answering_tiny[0]), device="cpu")
+    fresh = capture_states(model, trajs, [3], pad_token_id=tok.pad_token_id)
+    torch.testing.assert_close(got.acts[3], fresh.acts[3], atol=1e-4, rtol=1e-4)
+    assert got.trajectory_ids == fresh.trajectory_ids and got.layers == [3]
+    assert _captured(out, trajs[:-1], [3]) is None and _captured(out, trajs, [1]) is None  # else: capture again

@@ -183,3 +183,15 @@ def test_a_task_whose_every_question_is_asked_draws_its_examples_from_a_disjoint
     numbers = [int(q.split("number ")[1].split("?")[0]) for q, _ in builder.shots]
     assert len(set(numbers)) == 4 and all(16 <= n <= 31 for n in numbers)
     assert all(sol.startswith(f"Step 1: {n} in binary is {n:b}.") for n, (_, sol) in zip(numbers, builder.shots))
+
+
+def test_held_out_draws_look_past_the_fitting_runs_shifted_stream():
+    """reasoning-gym builds item i of seed s from seed s + i: seed 1's first items are the seed-0 run's items 1, 2, ...
+    A window of n + len(excluded) draws held 0 new questions of 64 asked after a 200-problem run."""
+    from rpe.tasks import draw_problems, held_out_count, load_task, question_key
+
+    task = load_task("chain_sum_mix")
+    fitting = {question_key(p) for p in task.problems(200, seed=0)}
+    held = draw_problems(task, 64, seed=1, exclude=sorted(fitting))
+    assert len(held) == 64 and not fitting & {question_key(p) for p in held}
+    assert held_out_count(task, 64, 1, sorted(fitting)) == 64

@@ -41,6 +41,8 @@ def reproduce(
     task: str = typer.Option(DEFAULT_TASK, help="Task preset, rg:NAME, a JSONL file or hf:DIR_OR_ID (see `rpe tasks`)."),
     budget: str = typer.Option("small", help="smoke (tests: runs, measures nothing), small (about 10 min on 2 CPU "
                                "cores with SmolLM2), paper (intervals of about +-0.03 at s_0)."),
+    task_option: Optional[list[str]] = typer.Option(None, help="Task option as KEY=VALUE (repeatable), as `rpe "
+                                                    "rollouts` takes it (e.g. split=test for an hf: task)."),
     out: Path = typer.Option(..., help="The run's folder; re-run the same command to continue it."),
     seed: int = typer.Option(0, help="Seed of the fitting rollouts, folds and probes (held-out problems: seed + 1)."),
     skip: str = typer.Option("", help="Comma-separated stages to leave out: ablate, dopamine, search."),
@@ -56,9 +58,10 @@ def reproduce(
     from rpe.reproduce import Pipeline, ReproduceConfig, StageFailed, load_state, warm_up
 
     try:
-        cfg = ReproduceConfig(model=model, task=task, budget=budget, seed=seed,
+        cfg = ReproduceConfig(model=model, task=task, budget=budget, seed=seed, task_options=tuple(task_option or ()),
                               skip=tuple(s.strip() for s in skip.split(",") if s.strip()), device=device, dtype=dtype,
                               device_map=device_map, attn_implementation=attn_implementation)
+        cfg.task_kwargs()
         load_state(cfg, out)  # a folder of other settings is refused before the model loads
     except ValueError as err:
         fail(str(err))
