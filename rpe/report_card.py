@@ -211,7 +211,8 @@ def ablation_row(res: dict[str, Any] | None) -> CardRow:
     return CardRow("zeroing value neurons destroys reasoning", paper,
                    f"accuracy {res['value']:.3f} [{lo:.3f}, {hi:.3f}] vs none {res['baseline']:.3f} [{blo:.3f}, {bhi:.3f}] "
                    f"(n = {res['n']} per arm, {res.get('where', '')})",
-                   f"random {res['random']:.3f}; {res.get('controls', '')}", verdict,
+                   "; ".join(x for x in (f"random {res['random']:.3f}" if not math.isnan(res["random"]) else "",
+                                         res.get("controls", "")) if x), verdict,
                    res.get("note", "a drop of the paper's size would be far outside these intervals"))
 
 

@@ -93,7 +93,7 @@ BUDGETS: dict[str, Budget] = {
                     "interventions are too small to decide (search is left out: a few dozen problems cannot decide it)",
                     n_problems=150, samples=2, max_new_tokens=128, batch_size=32, sweep_layers=4, sparsity_draws=5,
                     compare_probes=False, epochs=100, n_boot=1000, ablation_problems=64, ablation_early_layers=False,
-                    ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=24,
+                    ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=48,
                     n_continuations=4, search_problems=0, search_candidates=4, search_step_tokens=32),
     "paper": Budget("paper", "the paper's protocol with power: intervals of about +-0.03 at s_0, >= 500 problems "
                     "per ablation arm, >= 300 surprising steps",
@@ -422,7 +422,8 @@ class Pipeline:
         (``batch_s``) and one linear-probe fit at this model's width (``probe_fit_s``). Rough, within a factor of
         about 2: completion lengths and step counts are guessed (3 steps, continuations half a completion, a
         search step a quarter of the budget), and the constants were calibrated on SmolLM2-135M on 2 CPU cores
-        (600 trajectories: rollouts 5.1 min, fit 4.8 min; 1,600 trajectories with 18 layers: fit 11 min)."""
+        (400 trajectories: rollouts 3.1 min, fit 3.1 min, report 2.7 min; 1,600 trajectories with 18 layers: fit
+        11 min)."""
         b = self.cfg.spec
         steps = 3.0
 
@@ -437,12 +438,12 @@ class Pipeline:
         step_share = b.search_step_tokens / b.max_new_tokens
         seconds = {
             "rollouts": batches(n) * batch_s,
-            "fit": probe_fit_s * n * (4 + len(self.capture) / 3 + b.sparsity_draws / 2),
+            "fit": 3 * probe_fit_s * n * (4 + len(self.capture) / 3 + b.sparsity_draws / 2),
             "ablate": arms * batches(b.ablation_problems) * batch_s,
             "dopamine": batches(min(n, b.dopamine_trajectories) * steps * b.n_continuations) * batch_s * 0.5,
             "search": len(SEARCH_METHODS) * batches(b.search_problems * b.search_candidates) * (steps + 1)
             * step_share * batch_s,
-            "report": 0.01 * n + 5,
+            "report": 0.8 * n / b.batch_size * batch_s,  # a forward over every trajectory, plus the baselines
         }
         names = {s.name for s in self.pending()}
         return Estimate({k: v for k, v in seconds.items() if k in names})
