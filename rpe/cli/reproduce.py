@@ -19,10 +19,8 @@ def run_rpe(argv: list[str]) -> int:
     import click
     from typer.main import get_command
 
-    from rpe.cli import app as rpe_app
-
-    try:
-        code = get_command(rpe_app).main(args=argv, prog_name="rpe", standalone_mode=False)
+    try:  # `app` holds every command once rpe.cli is imported, as it is whenever this module runs
+        code = get_command(app).main(args=argv, prog_name="rpe", standalone_mode=False)
     except click.exceptions.Exit as exit_:
         return exit_.exit_code
     except click.ClickException as err:
