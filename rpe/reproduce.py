@@ -73,6 +73,8 @@ class Budget:
     ablation_seeds: int
     dopamine_trajectories: int
     n_continuations: int
+    dopamine_threshold: float
+    """|RPE| above which a step counts as surprising (``rpe dopamine --threshold``)."""
     search_problems: int
     """Problems of the search stage; 0 leaves the stage out at this budget."""
     search_candidates: int
@@ -87,20 +89,20 @@ BUDGETS: dict[str, Budget] = {
     "smoke": Budget("smoke", "every stage on a handful of problems: checks that the pipeline runs, measures nothing",
                     n_problems=16, samples=2, max_new_tokens=48, batch_size=16, sweep_layers=2, sparsity_draws=2,
                     compare_probes=False, epochs=10, n_boot=200, ablation_problems=6, ablation_early_layers=False,
-                    ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=12,
-                    n_continuations=2, search_problems=3, search_candidates=2, search_step_tokens=16),
+                    ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=32,
+                    n_continuations=2, dopamine_threshold=0.05, search_problems=3, search_candidates=2, search_step_tokens=16),
     "small": Budget("small", "about 10 minutes on 2 CPU cores with SmolLM2-135M: the value rows have power, the "
                     "interventions are too small to decide (search is left out: a few dozen problems cannot decide it)",
                     n_problems=150, samples=2, max_new_tokens=128, batch_size=32, sweep_layers=4, sparsity_draws=5,
                     compare_probes=False, epochs=100, n_boot=1000, ablation_problems=64, ablation_early_layers=False,
                     ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=48,
-                    n_continuations=4, search_problems=0, search_candidates=4, search_step_tokens=32),
+                    n_continuations=4, dopamine_threshold=0.2, search_problems=0, search_candidates=4, search_step_tokens=32),
     "paper": Budget("paper", "the paper's protocol with power: intervals of about +-0.03 at s_0, >= 500 problems "
                     "per ablation arm, >= 300 surprising steps",
                     n_problems=800, samples=2, max_new_tokens=128, batch_size=32, sweep_layers=18, sparsity_draws=20,
                     compare_probes=True, epochs=100, n_boot=1000, ablation_problems=500, ablation_early_layers=True,
                     ablation_controls=("value", "random", "random_matched"), ablation_seeds=3,
-                    dopamine_trajectories=1100, n_continuations=4, search_problems=200, search_candidates=4,
+                    dopamine_trajectories=1100, n_continuations=4, dopamine_threshold=0.2, search_problems=200, search_candidates=4,
                     search_step_tokens=32),
 }
 
@@ -306,7 +308,7 @@ class Pipeline:
             Stage("dopamine", f"Monte-Carlo values of the states of {b.dopamine_trajectories} trajectories "
                   f"({b.n_continuations} continuations each), TD errors, dopamine neurons vs random sets",
                   lambda: ["dopamine", "--rollouts", ro, "--bundle", bu, "--n-continuations", str(b.n_continuations),
-                           "--max-trajectories", str(b.dopamine_trajectories), "--threshold", "0.2", "--seed",
+                           "--max-trajectories", str(b.dopamine_trajectories), "--threshold", str(b.dopamine_threshold), "--seed",
                            str(cfg.seed), *dev],
                   lambda: "dopamine" in (_bundle_metrics(self.bundle) or {}), ()),
             Stage("search", f"step-level search on {b.search_problems} held-out problems, {b.search_candidates} candidates "
