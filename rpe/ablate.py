@@ -174,8 +174,7 @@ def _captured(rollouts: str | Path | list[Trajectory], trajs: list[Trajectory], 
     if states.neurons is not None or not set(layers) <= set(states.layers) or \
             states.trajectory_ids != [t.trajectory_id for t in trajs]:
         return None
-    return StateSet({layer: states.acts[layer] for layer in layers}, states.traj_index, states.step_index,
-                    states.trajectory_ids, states.problem_ids, states.rewards)
+    return states.at_layers(layers)
 
 
 def run_ablation(model, tok, bundle, rollouts: str | Path | list[Trajectory], cfg: AblateConfig, out_dir: str | Path, *,

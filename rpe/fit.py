@@ -170,8 +170,7 @@ def states_to_fit(model, tokenizer, trajectories: Sequence[Trajectory], cfg: Fit
     missing = sorted(set(layers) - set(states.layers))
     if missing:
         raise ValueError(f"layers {missing} were not captured (captured: {states.layers}); drop them or re-capture")
-    return StateSet({layer: states.acts[layer] for layer in layers}, states.traj_index, states.step_index,
-                    states.trajectory_ids, states.problem_ids, states.rewards)
+    return states.at_layers(layers)
 
 
 def sweep_layers(states: StateSet, cfg: FitConfig, scoring: Scoring,

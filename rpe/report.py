@@ -87,12 +87,7 @@ def report_card_section(bundle_dir: str | Path, *, ablation: dict | None = None,
         return "<p>This bundle predates cross-validated metrics; re-run <code>rpe fit</code> for a report card.</p>"
     note = power_note(m)
     warn = f'<p class="warn"><b>{html.escape(note)}</b></p>' if note else ""
-    rows = card_rows(m, ablation=ablation, search=search, include_unmeasured=False)
-    if not any(r.claim == "dopamine neurons encode RPE with its sign" for r in rows):
-        from rpe.report_card import dopamine_row
-
-        rows.append(dopamine_row(None))  # the bundle's own claims are always listed, measured or not
-    return warn + to_html(rows)
+    return warn + to_html(card_rows(m, ablation=ablation, search=search, include_unmeasured=False))
 
 
 def _probe_text(probe) -> str:

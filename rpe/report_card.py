@@ -326,16 +326,20 @@ def sparsity_verdict(vs_all: tuple[float, float], vs_random: tuple[float, float]
 
 def card_rows(metrics: dict[str, Any], *, ablation: dict[str, Any] | None = None,
               search: dict[str, Any] | None = None, include_unmeasured: bool = True) -> list[CardRow]:
-    """Every row one run measured, in the card's order: the value rows of a bundle's ``metrics`` (with its
-    dopamine row), ``rpe ablate``'s ``results.json`` read at the bundle's layer, and ``rpe search``'s results.
-    ``include_unmeasured``: a claim with no result keeps its row (``not measured``)."""
+    """Every row one run measured, in the card's order: the value rows and the dopamine row of a bundle's
+    ``metrics`` (always listed, measured or not), ``rpe ablate``'s ``results.json`` read at the bundle's layer,
+    and ``rpe search``'s results. ``include_unmeasured``: the ablation and search rows are listed (``not
+    measured``) when their results are not given."""
     rows = value_rows(metrics) if "headline_cv" in metrics else []
     layer = metrics.get("best_layer")
     if ablation and str(layer) not in ablation.get("layers", {}):
         layer = None  # ablated elsewhere only: the first layer it ran at
-    extra = [ablation_row(ablation_summary(ablation, layer=layer) if ablation else None),
-             dopamine_row(metrics.get("dopamine")), search_row(search)]
-    return rows + [r for r in extra if include_unmeasured or r.verdict != NOT_MEASURED]
+    if ablation or include_unmeasured:
+        rows.append(ablation_row(ablation_summary(ablation, layer=layer) if ablation else None))
+    rows.append(dopamine_row(metrics.get("dopamine")))
+    if search or include_unmeasured:
+        rows.append(search_row(search))
+    return rows
 
 
 def markdown(rows: list[CardRow]) -> str:

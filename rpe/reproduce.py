@@ -132,6 +132,7 @@ class ReproduceConfig:
             raise ValueError(f"unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}")
         self.skip = tuple(self.skip)
         self.task_options = tuple(self.task_options)
+        self.task_kwargs()  # a malformed option is refused here, before any model loads
         optional = ("ablate", "dopamine", "search")
         bad = [s for s in self.skip if s not in optional]
         if bad:
@@ -145,17 +146,10 @@ class ReproduceConfig:
         return {**asdict(self), "skip": list(self.skip), "task_options": list(self.task_options)}
 
     def task_kwargs(self) -> dict[str, Any]:
-        """:attr:`task_options` as ``load_task`` keyword arguments (values read as JSON where they parse)."""
-        out: dict[str, Any] = {}
-        for pair in self.task_options:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise ValueError(f"a task option takes KEY=VALUE, got {pair!r}")
-            try:
-                out[key] = json.loads(value)
-            except ValueError:
-                out[key] = value
-        return out
+        """:attr:`task_options` as ``load_task`` keyword arguments (:func:`rpe.tasks.parse_task_options`)."""
+        from rpe.tasks import parse_task_options
+
+        return parse_task_options(self.task_options)
 
 
 def sweep_layers(n_layers: int, count: int) -> list[int]:
@@ -258,15 +252,20 @@ class Pipeline:
         held_out_seed = str(cfg.seed + 1)
         ro, bu = str(self.rollouts), str(self.bundle)
 
+        counted: dict[int, int] = {}  # the rollouts do not change once they exist: count once
+
         def held_out(n: int) -> int:
             """``n``, or fewer when the task has fewer questions outside the fitting run's."""
             from rpe.rollouts import rollout_settings
             from rpe.tasks import held_out_count
 
+            if n in counted:
+                return counted[n]
             settings = rollout_settings(self.rollouts)
             if settings is None:  # before the rollouts exist (the plan): the budget's number
                 return n
-            return held_out_count(settings.task(), n, cfg.seed + 1, settings.question_keys())
+            counted[n] = held_out_count(settings.task(), n, cfg.seed + 1, settings.question_keys())
+            return counted[n]
 
         def ablate_layers() -> list[int]:
             layer = json.loads((self.bundle / "bundle.json").read_text())["layer"]
@@ -414,8 +413,6 @@ class Pipeline:
                     shutil.rmtree(path)
                 elif path.exists():
                     path.unlink()
-        if first.name in ("rollouts", "fit"):  # the bundle's dopamine metrics go with a refit; MC values stay cached
-            self.state["stages"].pop("dopamine", None)
 
     # -- estimate -----------------------------------------------------------------------------------------------
 
@@ -492,9 +489,10 @@ def warm_up(model, tokenizer, cfg: ReproduceConfig) -> Warmup:
     task = load_task(cfg.task, **cfg.task_kwargs())
     problems = draw_problems(task, b.batch_size, seed=cfg.seed + 1000)
     builder = PromptBuilder(task, tokenizer, seed=cfg.seed)
-    prompts = [builder(p) for p in problems][: b.batch_size]
-    prompts += prompts[: b.batch_size - len(prompts)] * math.ceil(b.batch_size / max(1, len(prompts)))
-    prompts = prompts[: b.batch_size]
+    prompts = [builder(p) for p in problems]
+    if not prompts:
+        raise ValueError(f"task {cfg.task!r} produced no problems; check the task file or options")
+    prompts = (prompts * math.ceil(b.batch_size / len(prompts)))[: b.batch_size]  # a small file: repeat it
 
     t0 = time.perf_counter()  # one batch of the rollouts as they will run: rpe's engine, the budget's length
     with torch.inference_mode():

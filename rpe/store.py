@@ -52,6 +52,12 @@ class StateSet:
     def n_states(self) -> int:
         return int(self.traj_index.numel())
 
+    def at_layers(self, layers: Sequence[int]) -> StateSet:
+        """The same states with only ``layers`` (which must be held) in :attr:`acts`."""
+        return StateSet({layer: self.acts[layer] for layer in layers}, self.traj_index, self.step_index,
+                        self.trajectory_ids, self.problem_ids, self.rewards,
+                        None if self.neurons is None else {layer: self.neurons[layer] for layer in layers})
+
     def state_rewards(self) -> torch.Tensor:
         """(n_states,) the final reward of each state's trajectory."""
         return self.rewards[self.traj_index]

@@ -449,6 +449,21 @@ def held_out_count(task: Task, n: int, seed: int, exclude: Sequence[str]) -> int
     return len(_outside(task, n, seed, skip)) if skip else n
 
 
+def parse_task_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` (``--task-option``) as ``load_task`` keyword arguments, values read as JSON where
+    they parse (numbers, booleans), else kept as strings. Raises ValueError for a pair without ``=``."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--task-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def available_tasks() -> list[str]:
     """Preset names followed by ``rg:NAME`` for every reasoning-gym task."""
     import reasoning_gym

@@ -81,16 +81,12 @@ def print_bench(result: dict) -> None:
 
 def parse_options(pairs: list[str]) -> dict:
     """``["k=v", ...]`` -> dict, values parsed as JSON when they can be (numbers, booleans), else strings."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            fail(f"--task-option takes KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+    from rpe.tasks import parse_task_options
+
+    try:
+        return parse_task_options(pairs)
+    except ValueError as err:
+        fail(str(err))
 
 
 def parse_layers(layers: Optional[str]) -> Optional[list[int]]:

@@ -59,7 +59,6 @@ def reproduce(
         cfg = ReproduceConfig(model=model, task=task, budget=budget, seed=seed, task_options=tuple(task_option or ()),
                               skip=tuple(s.strip() for s in skip.split(",") if s.strip()), device=device, dtype=dtype,
                               device_map=device_map, attn_implementation=attn_implementation)
-        cfg.task_kwargs()
         load_state(cfg, out)  # a folder of other settings is refused before the model loads
     except ValueError as err:
         fail(str(err))
