@@ -24,9 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +317,7 @@ def load_model(
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
     revision: str | None = None,
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a registry name, a local folder or a Hugging Face id.
 
     The tokenizer is set up for batched generation: left padding, and a pad token (EOS if none).

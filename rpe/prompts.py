@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from rpe.tasks import Problem, Task, draw_problems
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 COMPLETION_STOP = "\n\nQuestion:"
 SHOT_SEED_OFFSET = 10_000_019  # few-shot examples come from a seed disjoint from evaluation seeds
@@ -95,7 +98,7 @@ class PromptBuilder:
         ValueError: the task has fewer problems outside ``exclude_questions`` than ``cfg.shots``.
     """
 
-    def __init__(self, task: Task, tokenizer=None, cfg: PromptConfig | None = None, seed: int = 0,
+    def __init__(self, task: Task, tokenizer: PreTrainedTokenizerBase | None = None, cfg: PromptConfig | None = None, seed: int = 0,
                  exclude_questions: Sequence[str] | None = None):
         self.task = task
         self.tokenizer = tokenizer

@@ -63,13 +63,18 @@ class RPEArguments:
     task: str = "chain_sum"
     """Task name (see ``rpe tasks``)."""
     task_options: dict[str, Any] = field(default_factory=dict)
+    """The task's own options (as ``rpe rollouts --task-option KEY=VALUE``), e.g. ``{min_terms: 2}``."""
     n_train_problems: int = 256
+    """Training prompts drawn from the task with seed ``seed`` (TRL's seed)."""
     n_eval_problems: int = 100
+    """Held-out problems evaluated before and after training (one greedy sample each)."""
     eval_seed: int = 7_000_003
     """Held-out problems come from this seed (disjoint from training problems, seed = ``seed``)."""
     shots: int = 6
+    """Worked examples in each few-shot prompt (drawn apart from the training and held-out questions)."""
     trainer: str = "grpo"
-    """``grpo``, ``rloo`` or ``internal_critic``."""
+    """``grpo``, ``rloo``, ``internal_critic`` (the PPO whose critic is the value neurons) or ``dense_rpe``
+    (GRPO with per-step internal credit)."""
     bundle: str | None = None
     """Bundle folder (needed by the callback, internal rewards and the internal critic)."""
     rpe_callback: bool = True
@@ -81,11 +86,17 @@ class RPEArguments:
     internal_reward_weights: list[float] = field(default_factory=list)
     """Their weights (the verifiable reward has ``correctness_weight``); 0 monitors only."""
     correctness_weight: float = 1.0
+    """Weight of the verifiable (correctness) reward."""
     critic_gamma: float = 1.0
+    """``internal_critic``: discount per reasoning step."""
     critic_lambda: float = 0.95
+    """``internal_critic``: GAE lambda."""
     baseline_mix: float = 0.0
+    """``internal_critic``: weight of GRPO's group-relative advantage in the final advantage (0 = critic only)."""
     critic_lr: float = 1e-3
+    """``internal_critic``: AdamW learning rate of the critic (the probe on the value neurons)."""
     critic_updates: int = 4
+    """``internal_critic``: critic steps per generated batch (0 freezes it)."""
     dense_weight: float = 0.1
     """``dense_rpe``: scale of the per-step internal credit added to the group advantage."""
     dense_clip: float = 0.5
@@ -93,8 +104,11 @@ class RPEArguments:
     dense_source: str = "value_diff"
     """``dense_rpe``: ``value_diff`` (the model's own TD errors), ``dopamine``, or ``random_direction`` (control)."""
     dense_gamma: float = 1.0
+    """``dense_rpe``: discount of the TD errors that make the credit."""
     eval_before_after: bool = True
+    """Evaluate the held-out problems before and after training (``eval_before/``, ``eval_after/``)."""
     eval_max_new_tokens: int = 128
+    """Completion budget of those evaluations."""
     eval_before_dir: str | None = None
     """Where the before-training evaluation goes (default ``output_dir/eval_before``); arms that share the
     model, task and seed can share it (a finished folder is reused, not recomputed)."""

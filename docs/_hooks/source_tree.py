@@ -4,10 +4,12 @@ The repository maps ``envs/`` and ``trainers/`` onto ``rpe.envs`` / ``rpe.traine
 ``package-dir`` (DESIGN.md), which static analysis (griffe, behind mkdocstrings) cannot follow (it resolves
 symlinks, so a symlinked tree does not work either). This hook copies ``rpe/`` with ``envs/`` and ``trainers/``
 inside it to ``.docs_src/rpe`` (a few hundred KB of source, ignored by git) before the API reference is
-rendered; ``mkdocs.yml`` points mkdocstrings at it.
+rendered; ``mkdocs.yml`` points mkdocstrings at it. In the copy, the docstrings' Sphinx roles become
+cross-references (``crossrefs.py``).
 """
 
 import shutil
+import sys
 from pathlib import Path
 
 from mkdocs.plugins import event_priority
@@ -23,4 +25,10 @@ def on_config(config):
     shutil.copytree(root / "rpe", tree, ignore=skip)
     for sub in ("envs", "trainers"):
         shutil.copytree(root / sub, tree / sub, ignore=skip)
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from crossrefs import rewrite_tree
+    finally:
+        sys.path.pop(0)
+    rewrite_tree(tree, root / "docs" / "reference" / "api.md")
     return config
