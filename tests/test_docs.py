@@ -55,8 +55,11 @@ def test_every_page_is_in_the_nav_and_skipped_blocks_say_why():
 
 @pytest.fixture
 def docs_workspace(tmp_path, monkeypatch):
-    """A working directory as the pages assume it: ``runs/demo/bundle`` (a bundle for the tiny model) and
-    ``recipes/``; ``model``, ``tokenizer`` and ``bundle`` in the namespace."""
+    """A working directory as the pages assume it after `make demo`: ``runs/demo/bundle`` and ``recipes/``. The
+    pages load their own model; here ``rpe.models.load_model`` answers the default model's name with a tiny random
+    Llama (and ``runs/demo/bundle`` is a bundle for it), so every example runs in seconds. Nothing is put in the
+    pages' namespace: a page that uses a name it does not define fails."""
+    import rpe.models
     from rpe.bundle import random_bundle
     from rpe.tiny import tiny_model
 
@@ -64,8 +67,14 @@ def docs_workspace(tmp_path, monkeypatch):
     bundle = random_bundle(model, tok, layer=2, k=6, m=4, hidden=16, seed=0)
     bundle.save(tmp_path / "runs" / "demo" / "bundle")
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+    real_load = rpe.models.load_model
+
+    def load_model(name, **kwargs):
+        return (model, tok) if name == rpe.models.DEFAULT_MODEL else real_load(name, **kwargs)
+
+    monkeypatch.setattr(rpe.models, "load_model", load_model)
     monkeypatch.chdir(tmp_path)
-    return {"model": model, "tokenizer": tok, "bundle": bundle}
+    return {}
 
 
 def _trl_page_inputs(ns: dict) -> None:
@@ -135,3 +144,32 @@ def test_readme_is_a_landing_page():
     text = readme.decode()
     for must in ("make demo", "make test", "RPECallback(", "Report card", "make docs", "docs/"):
         assert must in text, must
+
+
+def test_api_reference_turns_every_sphinx_role_into_a_link_or_code(tmp_path):
+    """The docs build rewrites the docstrings' roles (docs/_hooks/crossrefs.py): a rendered target links, a member
+    the page does not render links to its class, anything else is plain code; no role survives."""
+    import sys
+
+    sys.path.insert(0, str(DOCS / "_hooks"))
+    try:
+        from crossrefs import ROLE, definitions, rendered, rewrite
+    finally:
+        sys.path.pop(0)
+    root = tmp_path / "rpe"
+    shutil.copytree(ROOT / "rpe", root, ignore=shutil.ignore_patterns("__pycache__"))
+    for sub in ("envs", "trainers"):
+        shutil.copytree(ROOT / sub, root / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    defs = definitions(root)
+    linkable = rendered(defs, ["rpe.bundle.SubsystemBundle", "rpe.tasks.load_task", "rpe.envs.policy.LLMPolicy"])
+    text = ("See :class:`~rpe.bundle.SubsystemBundle`, :meth:`SubsystemBundle.encode_text`, :func:`load_task`, "
+            ":class:`rpe.envs.LLMPolicy`, :func:`_private_helper` and :data:`rpe.tasks.TASKS`.")
+    out = rewrite(text, "rpe.bundle", defs, linkable)
+    assert not ROLE.search(out)
+    assert "[`SubsystemBundle`][rpe.bundle.SubsystemBundle]" in out
+    assert "[`SubsystemBundle.encode_text`][rpe.bundle.SubsystemBundle.encode_text]" in out  # a method with a docstring
+    assert "[`load_task`][rpe.tasks.load_task]" in out  # resolved across modules: defined once in the package
+    assert "[`rpe.envs.LLMPolicy`][rpe.envs.policy.LLMPolicy]" in out  # a re-export, by its definition
+    assert "`_private_helper`" in out and "`rpe.tasks.TASKS`" in out and "][rpe.tasks.TASKS]" not in out
+    n_roles = sum(len(ROLE.findall(p.read_text())) for p in root.rglob("*.py"))
+    assert n_roles > 200  # the docstrings do use roles: this test guards a real rewrite
