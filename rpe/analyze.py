@@ -11,7 +11,8 @@ Inputs: an ``rpe rollouts`` folder, or rollouts made elsewhere (:func:`import_ro
   same format: pass ``reward_column``.
 
 Outputs (:func:`analyze_rollouts`): ``steps.parquet`` (one row per state: trajectory, step, value, RPE,
-dopamine, reward, step text), ``confidence.json`` and ``report.html``; every file is written atomically.
+dopamine, reward, step text), ``confidence.json``, ``selective.json`` (risk-coverage and AURC, when both outcomes
+occur) and ``report.html``; every file is written atomically.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from rpe.metrics import bootstrap_auroc, chance_verdict
+from rpe.metrics import bootstrap_auroc, chance_verdict, difference_verdict
 from rpe.records import SCHEMA_VERSION, Trajectory, atomic_write_bytes, atomic_write_json, read_trajectories
 from rpe.rollouts import make_steps
 
@@ -176,6 +177,7 @@ class ConfidenceInputs:
     y: list[float] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     value_s0: list[float] = field(default_factory=list)
+    value_final: list[float] = field(default_factory=list)
     question_length: list[float] = field(default_factory=list)
     prompt_logprob: list[float] = field(default_factory=list)
     answers: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -183,11 +185,14 @@ class ConfidenceInputs:
     def add(self, model, tokenizer, trajectories: Sequence[Trajectory], table: dict[str, list]) -> None:
         from rpe.baselines import mean_prompt_logprob
 
-        s0 = {tid: v for tid, k, v in zip(table["trajectory_id"], table["step"], table["value"]) if k == 0}
+        rows = list(zip(table["trajectory_id"], table["step"], table["n_steps"], table["value"]))
+        s0 = {tid: v for tid, k, _, v in rows if k == 0}
+        final = {tid: v for tid, k, n, v in rows if k == n}
         for t in trajectories:
             self.y.append(float(t.reward >= 0.5))
             self.groups.append(t.problem_id)
             self.value_s0.append(s0[t.trajectory_id])
+            self.value_final.append(final[t.trajectory_id])
             self.question_length.append(float(t.prompt_len))
             self.answers[t.problem_id].append(str(t.final_answer))
         self.prompt_logprob += mean_prompt_logprob(model, trajectories, pad_token_id=tokenizer.pad_token_id or 0).tolist()
@@ -218,8 +223,101 @@ def confidence(inputs: ConfidenceInputs, *, n_boot: int = 1000, seed: int = 0) -
     return out
 
 
+SELECTIVE_BASELINE = "question length (shorter = more confident)"
+
+
+def selective_answering(inputs: ConfidenceInputs, *, n_boot: int = 1000, seed: int = 0,
+                        curve_points: int = 200) -> dict[str, Any]:
+    """Selective answering: answer only the questions a signal is most confident about. Risk-coverage curves and
+    AURC (lower = fewer errors at equal coverage; 95% bootstrap over problems) of V(s_0) and V(final) against
+    question length, mean prompt log-prob and, with several samples of every problem, minus the answer entropy;
+    each signal's AURC minus question length's from the same resamples, and an uninformative signal's AURC
+    (1 - accuracy). V(final) is read after the answer is written: it selects among generated answers, V(s_0)
+    before any token is generated.
+
+    Returns:
+        ``{"aurc": {name: {"aurc", "low", "high", "n", "minus_baseline"?}}, "baseline": name,
+        "curves": {name: {"coverage": [...], "accuracy": [...]}}}`` (curves thinned to ``curve_points``).
+    """
+    from rpe.metrics import bootstrap_aurc, selective_accuracy
+
+    y = np.array(inputs.y)
+    scores = {
+        "value neurons V(s_0)": np.array(inputs.value_s0),
+        "value neurons V(final), after the answer": np.array(inputs.value_final),
+        SELECTIVE_BASELINE: -np.array(inputs.question_length),
+        "mean prompt log-prob": np.array(inputs.prompt_logprob),
+    }
+    ent = _entropy_by_problem(inputs.answers)
+    if ent and all(g in ent for g in inputs.groups):
+        scores["minus answer entropy over samples"] = np.array([-ent[g] for g in inputs.groups])
+    result = bootstrap_aurc(y, scores, groups=np.array(inputs.groups), baseline=SELECTIVE_BASELINE, n_boot=n_boot,
+                            seed=seed)
+    curves = {}
+    for name, sc in scores.items():
+        cov, acc = selective_accuracy(y, sc)
+        keep = np.unique(np.linspace(0, len(cov) - 1, min(curve_points, len(cov))).round().astype(int))
+        curves[name] = {"coverage": cov[keep].tolist(), "accuracy": acc[keep].tolist()}
+    return {"aurc": result, "baseline": SELECTIVE_BASELINE, "curves": curves}
+
+
 # -- report -----------------------------------------------------------------------------------------------
-def _plots(table: dict[str, list]) -> dict[str, str]:
+OUTCOME_COLORS = (("correct", True, "#1a7f37"), ("incorrect", False, "#b42318"))
+MIN_POINT = 5  # a state index, bin or curve point drawn only with at least this many trajectories behind it
+
+
+def _mean_band(values: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """Mean of ``values`` and its 95% interval from a bootstrap over whole ``groups`` (problems)."""
+    from rpe.metrics import cluster_resamples
+
+    means = [values[idx].mean() for idx in cluster_resamples(groups, n_boot, seed)]
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
+
+
+def _value_axes(ax, position: np.ndarray, value: np.ndarray, correct: np.ndarray, groups: np.ndarray, xlabel: str,
+                n_boot: int) -> None:
+    for label, want, color in OUTCOME_COLORS:
+        pts = []
+        for k in sorted(set(position[correct == want])):
+            sel = (correct == want) & (position == k)
+            if sel.sum() >= MIN_POINT:
+                pts.append((k, *_mean_band(value[sel], groups[sel], n_boot, seed=abs(int(k)))))
+        if pts:
+            ks, mean, lo, hi = map(np.array, zip(*pts))
+            ax.plot(ks, mean, marker="o", color=color, label=f"{label} (n = {int((correct == want).sum())} states)")
+            ax.fill_between(ks, lo, hi, color=color, alpha=0.18, lw=0)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+
+
+def _calibration_axes(ax, v: np.ndarray, y: np.ndarray, where: str) -> None:
+    """Equal-count bins of V (as many as keep >= 20 trajectories per bin, at most 10), each bin's fraction
+    correct with its Wilson 95% interval and its count."""
+    from rpe.metrics import ece, wilson_interval
+
+    n_bins = int(min(10, max(1, len(v) // 20)))
+    order = np.argsort(v, kind="stable")
+    for chunk in np.array_split(order, n_bins):
+        if len(chunk) < MIN_POINT:
+            continue
+        x, frac = v[chunk].mean(), y[chunk].mean()
+        lo, hi = wilson_interval(y[chunk].sum(), len(chunk))
+        ax.errorbar([x], [frac], yerr=[[frac - lo], [hi - frac]], marker="o", color="#1f4e9e", capsize=3)
+        ax.annotate(str(len(chunk)), (x, hi), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7,
+                    color="#555")
+    low, high = min(0.0, float(v.min())), max(1.0, float(v.max()))
+    ax.plot([low, high], [low, high], color="grey", ls="--", lw=0.8, label="perfectly calibrated")
+    ax.set_ylim(-0.05, 1.08)
+    ax.set_xlabel(f"internal value at {where}")
+    ax.set_title(f"{where}: ECE {ece(y, np.clip(v, 0, 1)):.3f}, {len(v)} trajectories", fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def _plots(table: dict[str, list], selective: dict[str, Any] | None = None, *, n_boot: int = 200) -> dict[str, str]:
+    """The report's figures as PNG data URLs: ``value`` (mean V by state from the start and from the end, per
+    outcome, 95% bands over problems), ``rpe`` (histograms), ``calibration`` (s_0 and final, equal-count bins with
+    Wilson intervals and counts) and, with ``selective``, ``risk_coverage``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,45 +326,60 @@ def _plots(table: dict[str, list]) -> dict[str, str]:
     from rpe.report import png_bytes
 
     step = np.array(table["step"])
-    value = np.array(table["value"])
-    rpe = np.array(table["rpe"])
-    reward = np.array(table["reward"]) >= 0.5
+    n_steps = np.array(table["n_steps"])
+    value = np.array(table["value"], dtype=float)
+    rpe = np.array(table["rpe"], dtype=float)
+    correct = np.array(table["reward"]) >= 0.5
+    groups = np.array(table["problem_id"])
     out = {}
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
-    for label, want, color in (("correct", True, "#1a7f37"), ("incorrect", False, "#b42318")):
-        ks = sorted(set(step[reward == want]))
-        if not ks:
-            continue
-        mean = [value[(reward == want) & (step == k)].mean() for k in ks]
-        sd = [value[(reward == want) & (step == k)].std() for k in ks]
-        ax.plot(ks, mean, marker="o", color=color, label=f"{label} (mean ± sd)")
-        ax.fill_between(ks, np.array(mean) - sd, np.array(mean) + sd, color=color, alpha=0.15)
-    ax.set_xlabel("state (0 = before the first step)")
-    ax.set_ylabel("internal value V")
-    ax.legend()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.4), sharey=True)
+    _value_axes(left, step, value, correct, groups, "state from the start (0 = before the first step)", n_boot)
+    _value_axes(right, step - n_steps, value, correct, groups, "state from the end (0 = after the last step)", n_boot)
+    left.set_ylabel("internal value V")
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=8)
+    fig.suptitle(f"Internal value over reasoning steps, by outcome (mean, 95% band over problems; states with "
+                 f"< {MIN_POINT} trajectories left out)", fontsize=10)
+    fig.tight_layout()
     out["value"] = png_bytes(fig)
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
-    for label, want, color in (("correct", True, "#1a7f37"), ("incorrect", False, "#b42318")):
-        r = rpe[(reward == want) & ~np.isnan(rpe)]
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    for label, want, color in OUTCOME_COLORS:
+        r = rpe[(correct == want) & ~np.isnan(rpe)]
         if r.size:
-            ax.hist(r, bins=30, alpha=0.5, color=color, label=label, density=True)
-    ax.set_xlabel("internal RPE of a step")
+            ax.hist(r, bins=30, alpha=0.5, color=color, label=f"{label} ({r.size} steps)", density=True)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel("internal RPE of a step, V(s_t) - V(s_t-1)")
     ax.set_ylabel("density")
-    ax.legend()
+    ax.set_title("Internal RPE by outcome", fontsize=10)
+    ax.legend(fontsize=8)
     out["rpe"] = png_bytes(fig)
-    # calibration of V at the final state
-    final = np.array([k == n for k, n in zip(table["step"], table["n_steps"])])
-    v, y = value[final], reward[final].astype(float)
-    fig, ax = plt.subplots(figsize=(4.2, 3.2))
-    bins = np.linspace(0, 1, 11)
-    idx = np.clip(np.digitize(v, bins) - 1, 0, 9)
-    xs = [v[idx == b].mean() for b in range(10) if (idx == b).sum() >= 3]
-    ys = [y[idx == b].mean() for b in range(10) if (idx == b).sum() >= 3]
-    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
-    ax.plot(xs, ys, marker="o")
-    ax.set_xlabel("internal value at the final state")
-    ax.set_ylabel("fraction correct")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.4), sharey=True)
+    y = correct.astype(float)
+    _calibration_axes(left, value[step == 0], y[step == 0], "s_0")
+    final = step == n_steps
+    _calibration_axes(right, value[final], y[final], "the final state")
+    left.set_ylabel("fraction correct (95% Wilson)")
+    left.legend(fontsize=8, loc="upper left")
+    fig.suptitle("Calibration of internal value (equal-count bins; the number above a bin is its trajectories)",
+                 fontsize=10)
+    fig.tight_layout()
     out["calibration"] = png_bytes(fig)
+    if selective:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for name, curve in selective["curves"].items():
+            cov, acc = np.array(curve["coverage"]), np.array(curve["accuracy"])
+            a = selective["aurc"][name]
+            keep = cov * a["n"] >= MIN_POINT  # the first few answered say little
+            ax.plot(cov[keep], acc[keep], lw=1.6 if name.startswith("value") else 1.0,
+                    label=f"{name}: AURC {a['aurc']:.3f} [{a['low']:.3f}, {a['high']:.3f}]")
+        rnd = selective["aurc"]["random"]
+        ax.axhline(1 - rnd["aurc"], color="grey", ls="--", lw=0.8, label=f"answer everything ({1 - rnd['aurc']:.3f})")
+        ax.set_xlabel("coverage (share of questions answered, most confident first)")
+        ax.set_ylabel("accuracy of the answered")
+        ax.set_title("Selective answering: risk-coverage (AURC, 95% over problems)", fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+        out["risk_coverage"] = png_bytes(fig)
     return out
 
 
@@ -287,11 +400,13 @@ def _trajectory_card(rows: list[int], table: dict[str, list]) -> str:
 
 def render_report(table: dict[str, list], conf: dict[str, dict[str, float]], *, title: str,
                   bundle_dir: str | Path | None = None, extra_sections: Sequence[str] = (), n_examples: int = 4,
-                  n_surprises: int = 8, card_results: dict[str, dict] | None = None) -> str:
+                  n_surprises: int = 8, card_results: dict[str, dict] | None = None,
+                  selective: dict[str, Any] | None = None) -> str:
     """The HTML page (self-contained; every model text escaped). ``card_results``: ``rpe ablate``'s and ``rpe
-    search``'s results (keys ``ablation``, ``search``) whose rows join the report card."""
+    search``'s results (keys ``ablation``, ``search``) whose rows join the report card; ``selective``:
+    :func:`selective_answering`'s result (the risk-coverage section)."""
     e = html.escape
-    plots = _plots(table)
+    plots = _plots(table, selective)
     by_traj: dict[str, list[int]] = defaultdict(list)
     for i, tid in enumerate(table["trajectory_id"]):
         by_traj[tid].append(i)
@@ -313,6 +428,25 @@ def render_report(table: dict[str, list], conf: dict[str, dict[str, float]], *, 
     groups = np.array([str(t).rsplit("#", 1)[0] for t in table["trajectory_id"]])[final]  # problem of each trajectory
     auc_final = bootstrap_auroc(np.array(table["reward"])[final] >= 0.5, np.array(table["value"])[final], groups=groups,
                                 n_boot=500)
+    selective_html = ""
+    if selective:
+        base = selective["baseline"]
+
+        def minus(v: dict) -> str:
+            d = v.get("minus_baseline")
+            if not d:
+                return "<td>(the baseline)</td>"
+            reading = difference_verdict(d["low"], d["high"]).replace("higher", "more errors").replace("lower", "fewer errors")
+            return f"<td>{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}], {e(reading)}</td>"
+
+        srows = "".join(f"<tr><td>{e(name)}</td><td>{v['aurc']:.3f} [{v['low']:.3f}, {v['high']:.3f}]</td>{minus(v)}</tr>"
+                        for name, v in selective["aurc"].items() if name != "random")
+        rnd = selective["aurc"]["random"]
+        selective_html = (
+            f'<h2>Selective answering (risk-coverage)</h2><img alt="risk-coverage" src="{plots["risk_coverage"]}">'
+            f"<table><tr><th>signal</th><th>AURC (lower = better) [95% over problems]</th><th>minus {e(base)}</th>"
+            f"</tr>{srows}<tr><td>no signal (answer in random order)</td><td>{rnd['aurc']:.3f} [{rnd['low']:.3f}, "
+            f"{rnd['high']:.3f}]</td><td></td></tr></table>")
     bundle_html = card_html = ""
     if bundle_dir is not None:
         from rpe.report import bundle_section, report_card_section
@@ -323,19 +457,22 @@ def render_report(table: dict[str, list], conf: dict[str, dict[str, float]], *, 
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} table{{border-collapse:collapse;margin:0.5em 0}}
 th,td{{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}} .correct h4{{color:#1a7f37}}
-.incorrect h4{{color:#b42318}} pre{{white-space:pre-wrap;margin:0}} img{{max-width:100%}}</style></head><body>
+.incorrect h4{{color:#b42318}} pre{{white-space:pre-wrap;margin:0}} img{{max-width:100%}} img.half{{max-width:60%}}
+.warn{{background:#fff4e5;border-left:4px solid #f79009;padding:0.4em 0.8em}}
+@media (max-width:700px){{img.half{{max-width:100%}}}}</style></head><body>
 <h1>{e(title)}</h1>
 {card_html}
 <p>{len(by_traj)} trajectories, {len(table['step'])} states. AUROC of internal value at the final state vs outcome:
 {auroc_fmt(auc_final[0])} [{auroc_fmt(auc_final[1])}, {auroc_fmt(auc_final[2])}], {e(chance_verdict(auc_final[1], auc_final[2]))}
 (in-sample if these rollouts were used to fit the bundle).</p>
 <h2>Internal value over reasoning steps</h2><img alt="value trajectories" src="{plots['value']}">
-<h2>RPE distribution</h2><img alt="RPE distribution" src="{plots['rpe']}">
+<h2>RPE distribution</h2><img alt="RPE distribution" src="{plots['rpe']}" class="half">
 <h2>Surprises: steps with the largest |RPE|</h2>
 <table><tr><th>trajectory</th><th>step</th><th>RPE</th><th>outcome</th><th>text</th></tr>{surprises}</table>
 <h2>Calibration of internal value</h2><img alt="calibration" src="{plots['calibration']}">
 <h2>Confidence before answering (AUROC, 95% bootstrap over problems)</h2>
 <table><tr><th>signal at s_0</th><th>AUROC</th><th>reading</th><th>n</th></tr>{conf_rows}</table>
+{selective_html}
 <h2>Example trajectories</h2>{''.join(_trajectory_card(r, table) for r in correct + wrong)}
 {bundle_html}
 {''.join(extra_sections)}
@@ -395,18 +532,21 @@ def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: st
         if progress:
             progress(n_traj, n_traj)
     conf = confidence(conf_inputs)
+    selective = selective_answering(conf_inputs) if len(set(conf_inputs.y)) == 2 else None
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(table), sink)
     atomic_write_bytes(out_dir / "steps.parquet", sink.getvalue().to_pybytes())
     atomic_write_json(out_dir / "confidence.json", conf)
+    if selective:
+        atomic_write_json(out_dir / "selective.json", selective)
     title = title or f"rpe analysis: {bundle.model.name} on {Path(rollouts).name}"
     page = render_report(table, conf, title=title, bundle_dir=bundle_dir, extra_sections=extra_sections,
-                         card_results=card_results)
+                         card_results=card_results, selective=selective)
     atomic_write_bytes(out_dir / "report.html", page.encode("utf-8"))
     return {"report": str(out_dir / "report.html"), "steps": str(out_dir / "steps.parquet"),
-            "n_trajectories": n_traj, "n_states": len(table["step"]), "confidence": conf}
+            "n_trajectories": n_traj, "n_states": len(table["step"]), "confidence": conf,
+            "selective": selective["aurc"] if selective else None}
 
 
 __all__ = ["ConfidenceInputs", "RolloutImportError", "STEP_COLUMNS", "analyze_rollouts", "answer_entropy", "confidence",
-           "import_rollouts",
-           "render_report", "step_table"]
+           "import_rollouts", "render_report", "selective_answering", "step_table"]

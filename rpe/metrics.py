@@ -1,5 +1,5 @@
 """Metrics of value estimates against binary outcomes: AUROC (cluster and paired bootstrap intervals, within
-strata), Brier, ECE, IoU, Wilson intervals, Spearman correlations with problem-bootstrap intervals and
+strata), risk-coverage and AURC of selective answering, Brier, ECE, IoU, Wilson intervals, Spearman correlations with problem-bootstrap intervals and
 permutation p-values, and the words used for an interval against chance."""
 
 from __future__ import annotations
@@ -269,6 +269,85 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2
     low, high = np.percentile([d[idx].mean() for idx in cluster_resamples(np.arange(len(d)), n_boot, seed)],
                               [2.5, 97.5])
     return float(d.mean()), float(low), float(high)
+
+
+def selective_accuracy(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Risk-coverage of answering only the most confident samples: coverage k/n and the accuracy of the k samples
+    with the highest ``scores``, for k = 1..n. Tied scores are broken at random in expectation (inside a block of
+    ties the expected number correct grows linearly), so a constant score gives the base rate at every coverage.
+
+    Args:
+        y: (n,) outcomes, 1 correct (values >= 0.5 count as correct).
+        scores: (n,) confidence, higher = more confident.
+
+    Returns:
+        ``(coverage, accuracy)``, both (n,).
+
+    Example:
+        >>> selective_accuracy(np.array([1, 0, 1, 0]), np.array([0.9, 0.1, 0.8, 0.2]))[1].round(2).tolist()
+        [1.0, 1.0, 0.67, 0.5]
+    """
+    y = (np.asarray(y) >= 0.5).astype(np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    ys, ss = y[order], scores[order]
+    n = len(ys)
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])  # first index of each block of tied scores
+    sizes = np.diff(np.r_[starts, n])
+    block_correct = np.add.reduceat(ys, starts) if n else np.zeros(0)
+    before = np.r_[0.0, np.cumsum(block_correct)[:-1]]
+    block = np.repeat(np.arange(len(starts)), sizes)
+    within = np.arange(n) - starts[block] + 1
+    correct = before[block] + within * block_correct[block] / sizes[block]
+    k = np.arange(1, n + 1)
+    return k / n, correct / k
+
+
+def aurc(y: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the risk-coverage curve: the mean error rate (1 - accuracy) of answering the k most confident
+    samples, over k = 1..n (lower is better; a score that carries no information gives 1 - mean(y) in
+    expectation, one that ranks every correct sample first the least possible). See :func:`selective_accuracy`."""
+    if not len(y):
+        return math.nan
+    return float(np.mean(1.0 - selective_accuracy(y, scores)[1]))
+
+
+def bootstrap_aurc(y: np.ndarray, scores: dict[str, np.ndarray], *, groups: np.ndarray, baseline: str | None = None,
+                   n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """AURC of several confidence scores of the same samples with 95% intervals from one cluster bootstrap (whole
+    ``groups``, e.g. problems, resampled), and with ``baseline`` named, each score's AURC minus the baseline's
+    from the same resamples (negative = fewer errors at equal coverage than the baseline).
+
+    Args:
+        y: (n,) outcomes. scores: name -> (n,) confidence (higher = more confident; NaN not allowed).
+        groups: (n,) cluster ids.
+
+    Returns:
+        name -> ``{"aurc", "low", "high", "n"}`` plus ``"minus_baseline": {"diff", "low", "high"}`` when a
+        baseline is given, and ``"random"``: the AURC of an uninformative score (1 - mean(y)) with its interval.
+    """
+    y = (np.asarray(y) >= 0.5).astype(np.float64)
+    names = list(scores)
+    cols = {name: np.asarray(scores[name], dtype=np.float64) for name in names}
+    for name, col in cols.items():
+        if col.shape != y.shape or np.isnan(col).any():
+            raise ValueError(f"bootstrap_aurc: score {name!r} must be {y.shape} with no NaN")
+    point = {name: aurc(y, col) for name, col in cols.items()}
+    point["random"] = float(1.0 - y.mean()) if len(y) else math.nan
+    boots: dict[str, list[float]] = {name: [] for name in point}
+    for idx in cluster_resamples(groups, n_boot, seed):
+        for name, col in cols.items():
+            boots[name].append(aurc(y[idx], col[idx]))
+        boots["random"].append(float(1.0 - y[idx].mean()))
+    out: dict[str, dict[str, float]] = {}
+    for name, value in point.items():
+        low, high = np.percentile(boots[name], [2.5, 97.5]) if n_boot else (math.nan, math.nan)
+        out[name] = {"aurc": value, "low": float(low), "high": float(high), "n": int(len(y))}
+        if baseline is not None and name != baseline:
+            diff = np.array(boots[name]) - np.array(boots[baseline])
+            dlo, dhi = np.percentile(diff, [2.5, 97.5]) if n_boot else (math.nan, math.nan)
+            out[name]["minus_baseline"] = {"diff": value - point[baseline], "low": float(dlo), "high": float(dhi)}
+    return out
 
 
 def chance_verdict(low: float, high: float, chance: float = 0.5) -> str:

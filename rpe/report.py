@@ -11,6 +11,8 @@ import io
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from rpe.records import MANIFEST_FILE, Trajectory, atomic_write_bytes, read_trajectories
 
 
@@ -55,21 +57,30 @@ def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and x != x) else f"{x:.3f}"
 
 
-def _line_plot(xs, series: dict[str, list[float]], xlabel: str, ylabel: str, logx: bool = False) -> str:
+def _line_plot(xs, series: dict[str, list[float]], xlabel: str, ylabel: str, logx: bool = False,
+               bands: dict[str, tuple[list[float], list[float]]] | None = None, title: str = "") -> str:
+    """Lines with markers against a dashed chance line at 0.5; ``bands``: a series' 95% interval (low, high),
+    shaded in its colour; a series whose label says "random" is drawn dashed (a control)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for label, ys in series.items():
-        ax.plot(xs, ys, marker="o", label=label)
+        line, = ax.plot(xs, ys, marker="o", label=label, ls="--" if "random" in label else "-")
+        if bands and label in bands:
+            lo, hi = bands[label]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
     if logx:
         ax.set_xscale("log")
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return png_bytes(fig)
 
 
@@ -119,7 +130,8 @@ def bundle_section(bundle_dir: str | Path) -> str:
     sweep = _line_plot(layers, {
         "inner validation (chooses the layer)": [m["layer_sweep"][str(k)]["val_auroc_all"] for k in layers],
         "cross-validated, s_0": [m["layer_sweep"][str(k)]["cv_auroc_s0"] for k in layers],
-        "cross-validated, final": [m["layer_sweep"][str(k)]["cv_auroc_final"] for k in layers]}, "layer", "AUROC")
+        "cross-validated, final": [m["layer_sweep"][str(k)]["cv_auroc_final"] for k in layers]}, "layer", "AUROC",
+        title="Layer sweep: AUROC of the probe at each layer")
     curve = m["pruning_curve"]
     lines = {"s_0": [r["cv_auroc_s0"] for r in curve], "final step": [r["cv_auroc_final"] for r in curve]}
     sparsity = m.get("sparsity") or {}
@@ -128,7 +140,11 @@ def bundle_section(bundle_dir: str | Path) -> str:
         for where, label in (("s0", "s_0"), ("final", "final step")):
             lines[f"random sets (logistic refit), {label}"] = [control[r["frac"]]["vs_random"][where]["random_mean"]
                                               if r["frac"] in control else float("nan") for r in curve]
-    prune = _line_plot([r["frac"] for r in curve], lines, "fraction of neurons kept", "cross-validated AUROC", logx=True)
+    bands = {label: ([r[where]["low"] for r in curve], [r[where]["high"] for r in curve])
+             for where, label in (("s0", "s_0"), ("final", "final step")) if all(where in r for r in curve)}
+    prune = _line_plot([r["frac"] for r in curve], lines, "fraction of neurons kept", "cross-validated AUROC", logx=True,
+                       bands=bands, title="Pruning curve: the kept neurons against random sets of the same size "
+                                          "(bands: 95% over problems)")
     parts = [
         f"<h2>Value neurons (layer {m['best_layer']}, {meta['n_value_neurons']} neurons, {e(_probe_text(m.get('probe', m['target'])))})</h2>",
         f"<table><tr><th>AUROC of ({m['folds']}-fold cross-validated by problem, {m['n_trajectories']} trajectories, "
@@ -173,20 +189,61 @@ def bundle_section(bundle_dir: str | Path) -> str:
     return "".join(parts)
 
 
+def _drops_plot(drops: list[dict]) -> str:
+    """Horizontal bars: each arm's accuracy drop against no ablation on the same problems, 95% paired interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"layer {r['layer']}: {r['arm']}" for r in drops]
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(drops) + 1.3))
+    ys = np.arange(len(drops))[::-1]
+    colors = ["#b42318" if r["arm"] == "value" else "#667085" for r in drops]
+    ax.barh(ys, [r["drop"] for r in drops], color=colors, alpha=0.8,
+            xerr=[[r["drop"] - r["low"] for r in drops], [r["high"] - r["drop"] for r in drops]], capsize=3)
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("accuracy drop vs no ablation (share of problems)")
+    ax.set_title(f"Ablation: drop with 95% paired interval over problems (n = {drops[0]['n']} per arm)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return png_bytes(fig)
+
+
 def ablation_section(ablate_dir: str | Path) -> str:
-    """HTML for an ``rpe ablate`` folder: the accuracy table and the layer plot."""
+    """HTML for an ``rpe ablate`` folder: each arm's drop against no ablation on the same problems with its paired
+    95% interval (table and plot), value neurons against each control, and the accuracy-by-layer plot."""
     import json
+
+    from rpe.ablate import paired_drops
+    from rpe.metrics import difference_verdict
 
     e = html.escape
     ablate_dir = Path(ablate_dir)
     res = json.loads((ablate_dir / "results.json").read_text())
+    drops = paired_drops(ablate_dir)
+
+    def interval(d: dict) -> str:
+        return f"{d['diff' if 'diff' in d else 'drop']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+
     rows = "".join(
-        f"<tr><td>{e(layer)}</td><td>{e(src)}</td><td>{s['accuracy']:.3f}</td><td>{s['drop']:+.3f}</td></tr>"
-        for layer, entry in res["layers"].items() for src, s in entry["summary"].items()
-    )
-    img = _png_img(ablate_dir / "ablation.png", "ablation by layer")
+        f"<tr><td>{r['layer']}</td><td>{e(r['arm'])}</td><td>{r['accuracy']:.3f}</td><td>{interval(r)}</td>"
+        f"<td>{e(difference_verdict(r['low'], r['high']).replace('higher', 'drops').replace('lower', 'gains'))}</td>"
+        f"<td>{r['lost']} / {r['won']}</td></tr>" for r in drops)
+    versus = "".join(
+        f"<tr><td>{r['layer']}</td><td>{e(key.removeprefix('vs '))}</td><td>{interval(v)}</td>"
+        f"<td>{e(difference_verdict(v['low'], v['high']).replace('higher', 'control higher').replace('lower', 'value neurons higher'))}</td></tr>"
+        for r in drops for key, v in r.items() if key.startswith("vs "))
     out = (f"<h2>Ablation ({res['n_neurons']} neurons per set; no ablation: {res['baseline']['accuracy']:.3f})</h2>"
-           f"<table><tr><th>layer</th><th>source</th><th>accuracy</th><th>drop</th></tr>{rows}</table>{img}")
+           + (f'<img alt="ablation drops" src="{_drops_plot(drops)}">' if drops else "")
+           + "<table><tr><th>layer</th><th>set zeroed</th><th>accuracy</th><th>drop vs none [95% paired]</th>"
+           f"<th>reading</th><th>problems lost / won</th></tr>{rows}</table>")
+    if versus:
+        out += ("<h3>Value neurons against their controls (control accuracy minus value-ablated accuracy, same "
+                "problems)</h3><table><tr><th>layer</th><th>control</th><th>difference [95% paired]</th><th>reading"
+                f"</th></tr>{versus}</table>")
+    if len(res["layers"]) > 1:
+        out += _png_img(ablate_dir / "ablation.png", "ablation by layer")
     causal = ablate_dir / "causal_rpe.json"
     if causal.is_file():
         c = json.loads(causal.read_text())

@@ -89,6 +89,15 @@ def test_analysis_outputs(analysed, tiny_llama, tiny_bundle):
     np.testing.assert_allclose(rpe[:, 1:], (1 - 1e-5) * v.reshape(24, 4)[:, 1:] - v.reshape(24, 4)[:, :-1], atol=1e-9)
     conf = json.loads((out / "confidence.json").read_text())
     assert set(conf) >= {"value neurons V(s_0)", "question length (shorter = more confident)", "mean prompt log-prob"}
+    # selective answering: the AURC of V(s_0) is the mean error rate of answering the most confident first
+    from rpe.metrics import aurc
+
+    sel = json.loads((out / "selective.json").read_text())
+    y = np.array(table["reward"]).reshape(24, 4)[:, 0]
+    assert sel["aurc"]["value neurons V(s_0)"]["aurc"] == pytest.approx(aurc(y, v.reshape(24, 4)[:, 0]))
+    assert sel["aurc"]["value neurons V(final), after the answer"]["aurc"] == pytest.approx(aurc(y, v.reshape(24, 4)[:, -1]))
+    assert sel["aurc"]["random"]["aurc"] == pytest.approx(1 - y.mean()) and res["selective"] == sel["aurc"]
+    assert "minus_baseline" in sel["aurc"]["mean prompt log-prob"] and sel["baseline"].startswith("question length")
     page = (out / "report.html").read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page and "onerror=" not in page.replace("onerror=&quot;", "")
 
@@ -127,7 +136,7 @@ def test_report_renders_in_headless_chromium_and_runs_no_model_script(analysed, 
     assert "<script" not in dom.stdout  # the hostile completion stayed text
     assert "CONSOLE" not in dom.stderr and "Uncaught" not in dom.stderr
     imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', dom.stdout)
-    assert {a for a, _ in imgs} >= {"value trajectories", "RPE distribution", "calibration"}
+    assert {a for a, _ in imgs} >= {"value trajectories", "RPE distribution", "calibration", "risk-coverage"}
     for _, b64 in imgs:
         png = base64.b64decode(b64)
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") > 100  # width > 100 px
@@ -149,11 +158,25 @@ def test_result_sections_show_the_numbers_and_escape_names(tmp_path):
                                                                 "iou": []}))
     page = transfer_section(tmp_path / "transfer_heatmap.json")
     assert "top 29 of 576" in page and "<img" not in page  # no PNG beside it: no broken image
+    from rpe.records import write_trajectories
+    from test_report import _traj
+
     abl = tmp_path / "ablation"
-    abl.mkdir()
-    (abl / "results.json").write_text(json.dumps({"n_neurons": 6, "baseline": {"accuracy": 0.22}, "layers": {
-        "28": {"summary": {"value": {"accuracy": 0.23, "drop": -0.01}}}}}))
+    correct = {"baseline": 8, "layer28/value": 2, "layer28/random_0": 7}  # of 10 problems, same problem ids
+    for arm, n_right in correct.items():
+        (abl / arm).mkdir(parents=True)
+        write_trajectories(abl / arm / "trajectories.parquet",
+                           [_traj(i, "Answer: 1", float(i < n_right)) for i in range(10)])
+        (abl / arm / "manifest.json").write_text("{}")
+    (abl / "results.json").write_text(json.dumps({"n_neurons": 6, "baseline": {"accuracy": 0.8}, "layers": {
+        "28": {"summary": {"value": {"accuracy": 0.2, "drop": 0.6}}}}}))
     (abl / "causal_rpe.json").write_text(json.dumps({"ablation_layer": 24, "dopamine_layer": 28, "baseline": 0.412,
                                                      "shares": {"0.1": {"n_neurons": 58, "value": 0.345, "random_mean": 0.43}}}))
     page = ablation_section(abl)
-    assert "0.230" in page and "-0.010" in page and "Causal RPE check" in page and "10% (58)" in page
+    # value arm: 0.2 vs none 0.8, a drop of 0.6 on the same ten problems (six lost, none won); the paired
+    # interval of six 1s and four 0s excludes 0
+    assert "<td>value</td><td>0.200</td><td>+0.600 [+0.300, +0.900]</td><td>drops</td><td>6 / 0</td>" in page
+    assert "<td>random_0</td><td>0.700</td><td>+0.100" in page
+    assert "<td>random_0</td><td>+0.500 [" in page and "control higher" in page  # 0.7 - 0.2 on the same problems
+    assert 'alt="ablation drops" src="data:image/png;base64,' in page
+    assert "Causal RPE check" in page and "10% (58)" in page

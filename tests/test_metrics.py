@@ -67,3 +67,37 @@ def test_rank_sum_auroc_equals_sklearn_with_ties():
     assert math.isnan(auroc(np.ones(5), np.arange(5)))
     point, low, high = bootstrap_auroc(y, s, n_boot=200, seed=1)
     assert point == pytest.approx(roc_auc_score(y, s)) and low < point < high
+
+
+def test_selective_accuracy_breaks_ties_at_random_in_expectation():
+    from rpe.metrics import aurc, selective_accuracy
+
+    y = np.array([1, 0, 1, 0, 0])
+    cov, acc = selective_accuracy(y, np.array([0.9, 0.5, 0.5, 0.5, 0.1]))
+    # the most confident is right; then a block of three ties holding one right answer: 1 + j/3 right of 1 + j
+    np.testing.assert_allclose(cov, [0.2, 0.4, 0.6, 0.8, 1.0])
+    np.testing.assert_allclose(acc, [1.0, (1 + 1 / 3) / 2, (1 + 2 / 3) / 3, 2 / 4, 2 / 5])
+    np.testing.assert_allclose(selective_accuracy(y, np.zeros(5))[1], 0.4)  # no information: the base rate throughout
+    assert aurc(y, np.zeros(5)) == pytest.approx(0.6)
+    # a perfect ranking: right answers first, the least area; the reversed one the most
+    perfect, reverse = aurc(y, y.astype(float)), aurc(y, -y.astype(float))
+    assert perfect == pytest.approx(np.mean([0, 0, 1 / 3, 2 / 4, 3 / 5])) and reverse > 0.6 > perfect
+
+
+def test_bootstrap_aurc_intervals_and_difference_from_the_baseline():
+    from rpe.metrics import bootstrap_aurc
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(100), 2)
+    y = (rng.random(200) < 0.4).astype(float)
+    informative = y + rng.normal(0, 0.7, 200)
+    res = bootstrap_aurc(y, {"informative": informative, "noise": rng.normal(size=200)}, groups=groups,
+                         baseline="noise", n_boot=300)
+    assert res["random"]["aurc"] == pytest.approx(1 - y.mean())
+    for r in res.values():
+        assert r["low"] <= r["aurc"] <= r["high"] and r["n"] == 200
+    d = res["informative"]["minus_baseline"]  # fewer errors at equal coverage than noise: the interval below 0
+    assert d["high"] < 0 and d["diff"] == pytest.approx(res["informative"]["aurc"] - res["noise"]["aurc"])
+    assert "minus_baseline" not in res["noise"]
+    with pytest.raises(ValueError, match="'bad' must be"):
+        bootstrap_aurc(y, {"bad": np.full(200, np.nan)}, groups=groups)
