@@ -191,3 +191,29 @@ def test_ablation_reads_the_activations_captured_during_generation(whole_run, an
     torch.testing.assert_close(got.acts[3], fresh.acts[3], atol=1e-4, rtol=1e-4)
     assert got.trajectory_ids == fresh.trajectory_ids and got.layers == [3]
     assert _captured(out, trajs[:-1], [3]) is None and _captured(out, trajs, [1]) is None  # else: capture again
+
+
+@pytest.mark.slow
+def test_early_stop_command_on_the_reproduced_bundle(whole_run, tmp_path):
+    """`rpe early-stop` takes model, task and prompt from the fitting rollouts, leaves their questions out, and
+    reports the three arms with tokens saved and accuracy lost."""
+    from rpe.rollouts import rollout_settings
+    from rpe.tasks import question_key
+
+    out = whole_run[0]
+    res_path = tmp_path / "es.json"
+    r = runner.invoke(app, ["early-stop", "--bundle", str(out / "bundle"), "--rollouts", str(out / "rollouts"),
+                            "--n-problems", "6", "--samples", "2", "--threshold", "2", "--max-step-tokens", "24",
+                            "--out", str(res_path), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(res_path.read_text())
+    assert set(res["arms"]) == {"none", "value", "random_probe"} and res["n_problems"] == 6
+    assert res["value"]["tokens_saved"] > 0 and "early stopping" in r.output
+    fitted = set(rollout_settings(out / "rollouts").question_keys())
+    from rpe.tasks import draw_problems
+
+    held = draw_problems(rollout_settings(out / "rollouts").task(), 6, seed=1, exclude=sorted(fitted))
+    assert not {question_key(p) for p in held} & fitted
+    bad = runner.invoke(app, ["early-stop", "--bundle", str(out / "bundle"), "--rollouts", str(tmp_path),
+                              "--out", str(res_path)])
+    assert bad.exit_code != 0 and "not a finished rollout folder" in " ".join(bad.output.split())

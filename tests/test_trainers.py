@@ -85,6 +85,33 @@ def test_recipe_runs_and_logs_internal_signals(tmp_path, bundle_dir, trainer, ex
         assert 0 <= summary[key]["accuracy"] <= 1 and summary[key]["n"] == 4
 
 
+def test_recipe_selects_prompts_by_internal_value_before_training(tmp_path, bundle_dir):
+    """`select_prompts`: the training set keeps the prompts whose V(s_0) lies in the band, each value the one
+    `bundle.value` reads on the prompt text; training then runs on what was kept."""
+    from rpe.bundle import SubsystemBundle
+    from rpe.tiny import tiny_model
+    from rpe.trainers.recipes import build_dataset, parse_recipe, train
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.selection import SelectionConfig, prompt_text, select_dataset
+    from rpe.tasks import load_task
+
+    model, tok = tiny_model()
+    bundle = SubsystemBundle.load(bundle_dir)
+    task = load_task("chain_sum_2")
+    ds, _ = build_dataset(task, PromptBuilder(task, tok, PromptConfig(shots=1)), 12, 0, chat=True)
+    values = bundle.value(model, tok, [prompt_text(p, tok) for p in ds["prompt"]]).numpy()
+    mid = float(np.median(values))
+    kept, summary = select_dataset(ds, model, tok, bundle, SelectionConfig(low=mid, high=1.0, explore=0.0))
+    assert summary["kept"] == int((values >= mid).sum()) < 12 and len(kept) == summary["kept"]
+    np.testing.assert_allclose(sorted(kept["rpe_value_s0"]), sorted(values[values >= mid]), atol=1e-6)
+    with pytest.raises(ValueError, match="kept none of 12 prompts"):
+        select_dataset(ds, model, tok, bundle, SelectionConfig(low=1.0, high=1.0, explore=0.0))
+    path = _tiny_recipe(tmp_path, bundle_dir, "grpo", select_prompts=True, select_low=0.0, select_high=1.0,
+                        select_explore=0.0, max_steps=1, **EOS_AT_LIMIT)
+    outcome = train(*parse_recipe(path))
+    assert outcome.summary["prompt_selection"]["n"] == 8 and outcome.summary["steps"] == 1
+
+
 def test_no_hook_or_wrapper_survives_training(tmp_path, bundle_dir):
     from trl import GRPOConfig, GRPOTrainer
 

@@ -105,6 +105,15 @@ class RPEArguments:
     """``dense_rpe``: ``value_diff`` (the model's own TD errors), ``dopamine``, or ``random_direction`` (control)."""
     dense_gamma: float = 1.0
     """``dense_rpe``: discount of the TD errors that make the credit."""
+    select_prompts: bool = False
+    """Skip training prompts whose internal value V(s_0) predicts that all samples fail or all succeed (zero
+    advantage), read once before training with the bundle (:mod:`rpe.selection`); needs ``bundle``."""
+    select_low: float = 0.05
+    """``select_prompts``: prompts with V(s_0) below this are skipped."""
+    select_high: float = 0.95
+    """``select_prompts``: prompts with V(s_0) above this are skipped."""
+    select_explore: float = 0.1
+    """``select_prompts``: share of the skipped prompts kept anyway, at random."""
     eval_before_after: bool = True
     """Evaluate the held-out problems before and after training (``eval_before/``, ``eval_after/``)."""
     eval_max_new_tokens: int = 128
@@ -123,6 +132,8 @@ class RPEArguments:
             )
         if (self.internal_rewards or self.trainer in ("internal_critic", "dense_rpe")) and not self.bundle:
             raise ValueError("internal rewards, the internal critic and dense credit need `bundle:` (run `rpe fit` first)")
+        if self.select_prompts and not self.bundle:
+            raise ValueError("select_prompts reads V(s_0) with the bundle: give `bundle:` (run `rpe reproduce` first)")
 
 
 class RecipeError(ValueError):
@@ -323,6 +334,15 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
     held_out_from = sorted({question_key(p) for p in problems.values()})  # evaluation never sees a training question
     summary: dict[str, Any] = {"recipe": {"rpe": _jsonable(vars(rpe_args)), "model": _jsonable(vars(model_args)),
                                           "trainer_class": type(train_args).__name__}}
+    if rpe_args.select_prompts:  # one prefill per prompt, on the base policy, before anything is generated
+        from rpe.bundle import SubsystemBundle
+        from rpe.selection import SelectionConfig, select_dataset
+
+        chosen = SelectionConfig(low=rpe_args.select_low, high=rpe_args.select_high, explore=rpe_args.select_explore,
+                                 seed=train_args.seed)
+        dataset, summary["prompt_selection"] = select_dataset(
+            dataset, model, tok, SubsystemBundle.load(rpe_args.bundle, model=model, tokenizer=tok), chosen)
+        logger.info("prompt selection: %s", summary["prompt_selection"])
     if rpe_args.eval_before_after:
         before_dir = Path(rpe_args.eval_before_dir) if rpe_args.eval_before_dir else out / "eval_before"
         # data-parallel under a launcher: each rank its share on its own device, the main rank merges

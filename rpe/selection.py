@@ -1,0 +1,125 @@
+"""Prompt selection for GRPO / RLOO by the model's internal value V(s_0), before anything is generated.
+
+In GRPO a prompt whose G samples all fail (or all succeed) has zero advantage: everything generated for it
+teaches nothing. One prefill per candidate prompt gives its internal value V(s_0) (the value neurons at the
+prompt's last token; no token generated), and a prompt predicted near 0 or near 1 can be skipped before its
+samples are paid for. Kept: prompts with ``low <= V(s_0) <= high``, plus a random ``explore`` share of the others
+(the probe is wrong sometimes, and a policy that improves moves prompts out of the hopeless band).
+
+Controls, each at the same keep rate as the selection it is compared with (:func:`select_by_score`,
+:func:`random_keep`): the same band rule driven by the question's length (shorter = predicted easier) or by the
+task's difficulty features, and random skipping. :func:`zero_advantage_share` is the measurement: the share of
+groups whose G sampled rewards are all equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SelectionConfig:
+    """Options of prompt selection."""
+
+    low: float = 0.05
+    """Prompts with V(s_0) below this are predicted hopeless (all G samples fail) and skipped."""
+    high: float = 0.95
+    """Prompts with V(s_0) above this are predicted solved (all G samples succeed) and skipped."""
+    explore: float = 0.1
+    """Share of the skipped prompts kept anyway, at random (exploration; 0 = none)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low <= self.high <= 1:
+            raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
+        if not 0 <= self.explore <= 1:
+            raise ValueError(f"explore must lie in [0, 1], got {self.explore}")
+
+
+def select_by_value(values: np.ndarray, cfg: SelectionConfig) -> np.ndarray:
+    """(n,) bool: keep the prompts whose V(s_0) lies in ``[low, high]``, and a random ``explore`` share of the rest
+    (deterministic for ``cfg.seed``)."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isnan(values).any():
+        raise ValueError("select_by_value: a prompt's value is NaN (check the model's activations and the bundle)")
+    keep = (values >= cfg.low) & (values <= cfg.high)
+    rng = np.random.default_rng(cfg.seed)
+    outside = np.flatnonzero(~keep)
+    keep[outside[rng.random(len(outside)) < cfg.explore]] = True
+    return keep
+
+
+def select_by_score(scores: np.ndarray, n_keep: int, *, two_sided: bool = True) -> np.ndarray:
+    """(n,) bool: ``n_keep`` prompts chosen by another predictor at the same keep rate (a control): with
+    ``two_sided`` the prompts whose score ranks nearest the middle (both extremes dropped, as the value band drops
+    both), else the ``n_keep`` highest."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n_keep = int(min(max(n_keep, 0), len(scores)))
+    if two_sided:
+        ranks = np.argsort(np.argsort(scores, kind="stable"), kind="stable")
+        order = np.argsort(np.abs(ranks - (len(scores) - 1) / 2), kind="stable")
+    else:
+        order = np.argsort(-scores, kind="stable")
+    keep = np.zeros(len(scores), dtype=bool)
+    keep[order[:n_keep]] = True
+    return keep
+
+
+def random_keep(n: int, n_keep: int, seed: int = 0) -> np.ndarray:
+    """(n,) bool: ``n_keep`` prompts kept uniformly at random (the random-skipping control)."""
+    keep = np.zeros(n, dtype=bool)
+    keep[np.random.default_rng(seed).choice(n, size=int(min(max(n_keep, 0), n)), replace=False)] = True
+    return keep
+
+
+def zero_advantage_share(rewards: Sequence[Sequence[float]]) -> float:
+    """Share of groups (one per prompt: its G samples' rewards) whose rewards are all equal: zero advantage after
+    GRPO's group normalisation, nothing learnt from the group."""
+    groups = [np.asarray(g, dtype=np.float64) for g in rewards]
+    if not groups:
+        return float("nan")
+    return float(np.mean([bool(np.all(g == g[0])) for g in groups]))
+
+
+def prompt_values(model, tokenizer, bundle, prompts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+    """(n,) V(s_0) of each prompt text: one prefill per prompt (batched), the value neurons read at its last
+    token, tokenised as the bundle's prompts were; no token is generated."""
+    return bundle.value(model, tokenizer, list(prompts), batch_size=batch_size).float().cpu().numpy()
+
+
+def prompt_text(prompt, tokenizer) -> str:
+    """The model input text of a TRL dataset's ``prompt``: plain text as is, a conversation (list of messages)
+    through the tokenizer's chat template with the generation prompt (as TRL renders it)."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+
+
+def select_dataset(dataset, model, tokenizer, bundle, cfg: SelectionConfig, *, prompt_column: str = "prompt",
+                   batch_size: int = 16) -> tuple[object, dict[str, float]]:
+    """A TRL training dataset narrowed to the prompts :func:`select_by_value` keeps (their V(s_0) in a column
+    ``rpe_value_s0``), and a summary (``n``, ``kept``, ``kept_share``, ``below_low``, ``above_high``).
+
+    Raises:
+        ValueError: the dataset has no ``prompt_column``, or every prompt is skipped (widen ``low``/``high`` or
+            raise ``explore``).
+    """
+    if prompt_column not in dataset.column_names:
+        raise ValueError(f"the dataset has no column {prompt_column!r} (columns: {', '.join(dataset.column_names)})")
+    values = prompt_values(model, tokenizer, bundle, [prompt_text(p, tokenizer) for p in dataset[prompt_column]],
+                           batch_size=batch_size)
+    keep = select_by_value(values, cfg)
+    if not keep.any():
+        raise ValueError(f"prompt selection kept none of {len(values)} prompts (V(s_0) from {values.min():.3f} to "
+                         f"{values.max():.3f}, band [{cfg.low}, {cfg.high}]): widen the band or raise explore")
+    summary = {"n": int(len(values)), "kept": int(keep.sum()), "kept_share": float(keep.mean()),
+               "below_low": float((values < cfg.low).mean()), "above_high": float((values > cfg.high).mean())}
+    narrowed = dataset.add_column("rpe_value_s0", values.tolist()).select(np.flatnonzero(keep).tolist())
+    return narrowed, summary
+
+
+__all__ = ["SelectionConfig", "prompt_text", "prompt_values", "select_dataset", "random_keep", "select_by_score", "select_by_value",
+           "zero_advantage_share"]
