@@ -287,30 +287,32 @@ def _value_axes(ax, position: np.ndarray, value: np.ndarray, correct: np.ndarray
             ks, mean, lo, hi = map(np.array, zip(*pts))
             ax.plot(ks, mean, marker="o", color=color, label=f"{label} (n = {int((correct == want).sum())} states)")
             ax.fill_between(ks, lo, hi, color=color, alpha=0.18, lw=0)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # states are whole steps
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
 
 
 def _calibration_axes(ax, v: np.ndarray, y: np.ndarray, where: str) -> None:
     """Equal-count bins of V (as many as keep >= 20 trajectories per bin, at most 10), each bin's fraction
-    correct with its Wilson 95% interval and its count."""
+    correct with its Wilson 95% interval; the bin size and the ECE in the title."""
     from rpe.metrics import ece, wilson_interval
 
     n_bins = int(min(10, max(1, len(v) // 20)))
     order = np.argsort(v, kind="stable")
-    for chunk in np.array_split(order, n_bins):
-        if len(chunk) < MIN_POINT:
-            continue
+    chunks = [c for c in np.array_split(order, n_bins) if len(c) >= MIN_POINT]
+    for chunk in chunks:
         x, frac = v[chunk].mean(), y[chunk].mean()
         lo, hi = wilson_interval(y[chunk].sum(), len(chunk))
         ax.errorbar([x], [frac], yerr=[[frac - lo], [hi - frac]], marker="o", color="#1f4e9e", capsize=3)
-        ax.annotate(str(len(chunk)), (x, hi), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7,
-                    color="#555")
     low, high = min(0.0, float(v.min())), max(1.0, float(v.max()))
     ax.plot([low, high], [low, high], color="grey", ls="--", lw=0.8, label="perfectly calibrated")
-    ax.set_ylim(-0.05, 1.08)
+    ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel(f"internal value at {where}")
-    ax.set_title(f"{where}: ECE {ece(y, np.clip(v, 0, 1)):.3f}, {len(v)} trajectories", fontsize=9)
+    sizes = sorted({len(c) for c in chunks})
+    size = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    ax.set_title(f"{where}: {len(chunks)} bins of {size} trajectories, ECE {ece(y, np.clip(v, 0, 1)):.3f}", fontsize=9)
     ax.grid(alpha=0.3)
 
 
@@ -360,7 +362,7 @@ def _plots(table: dict[str, list], selective: dict[str, Any] | None = None, *, n
     _calibration_axes(right, value[final], y[final], "the final state")
     left.set_ylabel("fraction correct (95% Wilson)")
     left.legend(fontsize=8, loc="upper left")
-    fig.suptitle("Calibration of internal value (equal-count bins; the number above a bin is its trajectories)",
+    fig.suptitle("Calibration of internal value (equal-count bins, fraction correct with 95% Wilson intervals)",
                  fontsize=10)
     fig.tight_layout()
     out["calibration"] = png_bytes(fig)
