@@ -32,6 +32,7 @@ from rpe.answers import extract_answer
 from rpe.generation import generate_from_ids
 from rpe.metrics import paired_difference, wilson_interval
 from rpe.sampling import SamplingConfig, stream_seed
+from rpe.search import StepBudget
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ STEP_STOP = "\n\n"
 
 
 @dataclass
-class EarlyStopConfig:
-    """Options of early stopping (``rpe search --early-stop``)."""
+class EarlyStopConfig(StepBudget):
+    """Options of early stopping (``rpe early-stop``; steps, tokens and sampling as :class:`StepBudget`)."""
 
     n: int = 4
     """Samples per problem."""
@@ -50,19 +51,11 @@ class EarlyStopConfig:
     """The first step after which samples may be stopped (1 = after the first step)."""
     keep_one: bool = True
     """Never stop a problem's highest-valued running sample (every problem gets an answer)."""
-    max_steps: int = 6
-    max_step_tokens: int = 48
-    max_new_tokens: int = 128
-    """Token budget of one sample."""
-    temperature: float = 0.7
-    seed: int = 0
-    batch_problems: int = 8
-    """Problems advanced together (rows per generate call: ``batch_problems x n``)."""
 
     def __post_init__(self) -> None:
-        if min(self.n, self.after_step, self.max_steps, self.max_step_tokens, self.max_new_tokens,
-               self.batch_problems) < 1:
-            raise ValueError("n, after_step, max_steps, max_step_tokens, max_new_tokens and batch_problems must be >= 1")
+        super().__post_init__()
+        if min(self.n, self.after_step) < 1:
+            raise ValueError("n and after_step must be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"early stopping samples best-of-n: temperature must be > 0 (got {self.temperature}; "
                              "greedy decoding gives n identical samples)")

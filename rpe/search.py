@@ -42,11 +42,10 @@ STEP_STOP = "\n\n"
 
 
 @dataclass
-class SearchConfig:
-    """Options of ``rpe search``."""
+class StepBudget:
+    """How a step-by-step sampler advances: steps, tokens, sampling and batching (shared by ``rpe search`` and
+    ``rpe early-stop``)."""
 
-    n: int = 4
-    """Candidates per step (and samples for ``majority``)."""
     max_steps: int = 6
     max_step_tokens: int = 48
     max_new_tokens: int = 128
@@ -54,11 +53,24 @@ class SearchConfig:
     temperature: float = 0.7
     seed: int = 0
     batch_problems: int = 8
-    """Problems searched together (rows per generate call: ``batch_problems x n``)."""
+    """Problems advanced together (rows per generate call: ``batch_problems x n``)."""
 
     def __post_init__(self) -> None:
-        if min(self.n, self.max_steps, self.max_step_tokens, self.max_new_tokens, self.batch_problems) < 1:
-            raise ValueError("n, max_steps, max_step_tokens, max_new_tokens and batch_problems must be >= 1")
+        if min(self.max_steps, self.max_step_tokens, self.max_new_tokens, self.batch_problems) < 1:
+            raise ValueError("max_steps, max_step_tokens, max_new_tokens and batch_problems must be >= 1")
+
+
+@dataclass
+class SearchConfig(StepBudget):
+    """Options of ``rpe search``."""
+
+    n: int = 4
+    """Candidates per step (and samples for ``majority``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n < 1:
+            raise ValueError(f"n (candidates per step) must be >= 1, got {self.n}")
 
 
 def _scores(method: str, reader, prefixes: list[list[int]], cands: list[list[int]], logprobs: list[list[float]],
@@ -200,4 +212,4 @@ def run_search(model, tok, bundle, task, builder, methods: list[str], n_problems
     return results
 
 
-__all__ = ["METHODS", "SearchConfig", "check_methods", "majority_batch", "paired_counts", "run_search", "search_batch"]
+__all__ = ["METHODS", "SearchConfig", "StepBudget", "check_methods", "majority_batch", "paired_counts", "run_search", "search_batch"]
