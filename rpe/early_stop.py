@@ -2,7 +2,8 @@
 
 ``n`` samples of each problem advance one reasoning step at a time (each step ends at a blank line, as in
 :mod:`rpe.search`). From step ``after_step`` on, after every step the internal value V of each running sample's
-state is read (one hooked forward of the batch, :class:`rpe.signals.SignalReader`); a sample whose V is below
+state is read at the step's last token, as the bundle's states are (one hooked forward of the batch,
+:class:`rpe.signals.SignalReader`); a sample whose V is below
 ``threshold`` is stopped there: none of its later tokens are generated. The answer of a problem is the majority
 vote over the samples that finished (ties: the first finished); with ``keep_one`` the problem's highest-valued
 sample is never stopped, so every problem gets an answer.
@@ -71,6 +72,9 @@ class SampleRun:
     """The step after which it was stopped (None: never stopped)."""
     values: list[float] = field(default_factory=list)
     """V after each step at which it was judged."""
+    step_end: int = 0
+    """Tokens up to the end of its last step's text (the blank line after it excluded): where its state is read,
+    as the bundle's states were (a step's last token, not the separator)."""
 
 
 StopRule = Callable[[int, int, np.ndarray, list[int]], list[int]]
@@ -127,22 +131,27 @@ def sample_with_early_stop(model, tok, reader, prompts: Sequence[list[int]], cfg
         prefixes = [list(prompts[p]) + runs[p][s].completion_ids for p, s in rows]
         gen = generate_from_ids(model, tok, prefixes, sampling, stop_strings=[STEP_STOP],
                                 row_seeds=[stream_seed(cfg.seed, keys[p], s, step) for p, s in rows])
+        grew = set()  # samples whose step wrote text (a bare blank line is no step: nothing new to judge)
         for r, (p, s) in enumerate(rows):
             run = runs[p][s]
             left = cfg.max_new_tokens - len(run.completion_ids)
             new = list(gen.completion_ids[r][:left])
             ended_step = gen.finish_reasons[r] == "stop" and len(new) == len(gen.completion_ids[r])
+            if tok.decode(new, skip_special_tokens=True).strip():
+                grew.add((p, s))
+                run.step_end = len(run.completion_ids) + len(new)
             run.completion_ids += new + (list(gen.stop_ids[r]) if ended_step else [])
             text = tok.decode(run.completion_ids, skip_special_tokens=True)
             if not ended_step or extract_answer(text) is not None or len(run.completion_ids) >= cfg.max_new_tokens:
                 run.finished = True
         if rule is None or step < cfg.after_step:
             continue
-        judged = [(p, s) for p, s in rows if not runs[p][s].finished]
+        judged = [(p, s) for p, s in rows if not runs[p][s].finished and (p, s) in grew]
         if not judged:
             continue
-        sigs = reader.read([list(prompts[p]) for p, _ in judged], [runs[p][s].completion_ids for p, s in judged],
-                           spans=[[(0, len(runs[p][s].completion_ids))] for p, s in judged])
+        sigs = reader.read([list(prompts[p]) for p, _ in judged],
+                           [runs[p][s].completion_ids[: runs[p][s].step_end] for p, s in judged],
+                           spans=[[(0, runs[p][s].step_end)] for p, s in judged])
         by_problem: dict[int, list[tuple[int, float]]] = {}
         for (p, s), sig in zip(judged, sigs):
             v = float(sig.values[-1])  # V at the state after this step

@@ -100,3 +100,34 @@ def test_config_refuses_greedy_and_empty_budgets():
         EarlyStopConfig(temperature=0.0)
     with pytest.raises(ValueError, match="must be >= 1"):
         EarlyStopConfig(n=0)
+
+
+def test_a_sample_is_judged_at_its_step_end_as_the_bundle_states_are(setup, monkeypatch):
+    """The value after step t is read at the step's last token (the blank line after it excluded): the state
+    rpe rollouts records and the bundle was fitted on, and the number SignalReader gives for that state of the
+    finished completion."""
+    from rpe.rollouts import make_steps
+
+    model, tok, _, _, prompts, _, reader = setup
+    reads = []
+    real_read = reader.read
+
+    def spy(prefixes, completions, spans):
+        reads.extend((list(c), sp[0]) for c, sp in zip(completions, spans))
+        return real_read(prefixes, completions, spans=spans)
+
+    monkeypatch.setattr(reader, "read", spy)
+    runs = sample_with_early_stop(model, tok, reader, prompts, CFG, threshold_rule(-1.0, keep_one=True))
+    ends = {}
+    for prompt, rs in zip(prompts, runs):
+        for r in rs:
+            text = tok.decode(r.completion_ids, skip_special_tokens=True)
+            steps = make_steps(tok, r.completion_ids, text, "paragraph", None)
+            spans = [(st.token_start, st.token_end) for st in steps]
+            for st in steps:
+                ends[tuple(r.completion_ids[: st.token_end])] = st.token_end
+            sig = real_read([prompt], [r.completion_ids], spans=[spans])[0]
+            np.testing.assert_allclose(r.values, sig.values[1 : 1 + len(r.values)], atol=1e-5)
+    assert reads
+    for completion, (start, end) in reads:  # each read ends where a step's text ends, never on the blank line
+        assert start == 0 and end == len(completion) and ends.get(tuple(completion)) == end
