@@ -72,6 +72,7 @@ class Budget:
     ablation_controls: tuple[str, ...]
     ablation_seeds: int
     dopamine_trajectories: int
+    """Trajectories whose states get Monte-Carlo values in the dopamine stage; 0 leaves the stage out."""
     n_continuations: int
     dopamine_threshold: float
     """|RPE| above which a step counts as surprising (``rpe dopamine --threshold``)."""
@@ -95,7 +96,7 @@ BUDGETS: dict[str, Budget] = {
                     "interventions are too small to decide (search is left out: a few dozen problems cannot decide it)",
                     n_problems=150, samples=2, max_new_tokens=128, batch_size=32, sweep_layers=4, sparsity_draws=5,
                     compare_probes=False, epochs=100, n_boot=1000, ablation_problems=64, ablation_early_layers=False,
-                    ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=48,
+                    ablation_controls=("value", "random_matched"), ablation_seeds=1, dopamine_trajectories=0,
                     n_continuations=4, dopamine_threshold=0.2, search_problems=0, search_candidates=4, search_step_tokens=32),
     "paper": Budget("paper", "the paper's protocol with power: intervals of about +-0.03 at s_0, >= 500 problems "
                     "per ablation arm, >= 300 surprising steps",
@@ -309,7 +310,9 @@ class Pipeline:
                   lambda: ["dopamine", "--rollouts", ro, "--bundle", bu, "--n-continuations", str(b.n_continuations),
                            "--max-trajectories", str(b.dopamine_trajectories), "--threshold", str(b.dopamine_threshold), "--seed",
                            str(cfg.seed), *dev],
-                  lambda: "dopamine" in (_bundle_metrics(self.bundle) or {}), ()),
+                  lambda: "dopamine" in (_bundle_metrics(self.bundle) or {}), (),
+                  skipped="not at this budget (a few dozen trajectories give ~15 surprising steps, >= 300 decide it); "
+                          "--budget paper runs it" if not b.dopamine_trajectories else ""),
             Stage("search", f"step-level search on {b.search_problems} held-out problems, {b.search_candidates} candidates "
                   f"per step: {', '.join(SEARCH_METHODS)}",
                   lambda: ["search", "--bundle", bu, "--rollouts", ro, "--n-problems", str(b.search_problems),
