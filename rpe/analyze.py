@@ -311,8 +311,12 @@ def _calibration_axes(ax, v: np.ndarray, y: np.ndarray, where: str) -> None:
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel(f"internal value at {where}")
     sizes = sorted({len(c) for c in chunks})
-    size = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
-    ax.set_title(f"{where}: {len(chunks)} bins of {size} trajectories, ECE {ece(y, np.clip(v, 0, 1)):.3f}", fontsize=9)
+    if not sizes:
+        ax.set_title(f"{where}: {len(v)} trajectories, too few for a bin of {MIN_POINT}", fontsize=9)
+    else:
+        size = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+        ax.set_title(f"{where}: {len(chunks)} bins of {size} trajectories, ECE {ece(y, np.clip(v, 0, 1)):.3f}",
+                     fontsize=9)
     ax.grid(alpha=0.3)
 
 
