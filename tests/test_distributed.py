@@ -157,10 +157,10 @@ CPU_OVERRIDES = ["--model", "tiny", "--task", "chain_sum_2", "--shots", "1", "--
 
 
 def _documented_train_line() -> list[str]:
-    """The 2-process CPU line of docs/guides/recipes.md, as tokens."""
+    """The 2-process CPU line of docs/guides/recipes.md (continued lines joined), as tokens."""
     import shlex
 
-    page = (ROOT / "docs" / "guides" / "recipes.md").read_text()
+    page = (ROOT / "docs" / "guides" / "recipes.md").read_text().replace("\\\n", " ")
     lines = [ln for ln in page.splitlines() if ln.startswith("torchrun --nproc_per_node 2 -m rpe.cli train ")]
     assert len(lines) == 1, lines
     return shlex.split(lines[0])
