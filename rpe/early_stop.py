@@ -22,7 +22,6 @@ probe's choice of which samples to stop.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,7 +32,7 @@ from rpe.answers import extract_answer
 from rpe.generation import generate_from_ids
 from rpe.metrics import paired_difference, wilson_interval
 from rpe.sampling import SamplingConfig, stream_seed
-from rpe.search import StepBudget
+from rpe.search import StepBudget, majority_index
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +166,7 @@ def sample_with_early_stop(model, tok, reader, prompts: Sequence[list[int]], cfg
 def vote(runs: list[SampleRun], tok) -> str | None:
     """The completion text whose answer is the most common among the finished samples (None: none finished)."""
     texts = [tok.decode(r.completion_ids, skip_special_tokens=True) for r in runs if r.finished and r.stopped_at is None]
-    if not texts:
-        return None
-    answers = [extract_answer(t) for t in texts]
-    counts = Counter(a for a in answers if a is not None)
-    return texts[answers.index(counts.most_common(1)[0][0])] if counts else texts[0]
+    return texts[majority_index(texts)] if texts else None
 
 
 def _arm_summary(correct: list[float], tokens: list[int], runs: list[list[SampleRun]]) -> dict[str, Any]:

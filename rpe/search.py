@@ -125,6 +125,14 @@ def search_batch(model, tok, reader, prompts: Sequence[list[int]], method: str, 
     return [tok.decode(c, skip_special_tokens=True) for c in completions], spent
 
 
+def majority_index(texts: Sequence[str]) -> int:
+    """Index of the text whose final answer is the most common among ``texts`` (ties: the first seen; no answer
+    anywhere: 0)."""
+    answers = [extract_answer(t) for t in texts]
+    counts = Counter(a for a in answers if a is not None)
+    return answers.index(counts.most_common(1)[0][0]) if counts else 0
+
+
 def majority_batch(model, tok, prompts: Sequence[list[int]], cfg: SearchConfig, seed: int) -> tuple[list[str], list[int]]:
     """``n`` full samples per problem; the completion whose answer is the most common (ties: first seen)."""
     gen = generate_from_ids(model, tok, [list(p) for p in prompts for _ in range(cfg.n)],
@@ -132,10 +140,7 @@ def majority_batch(model, tok, prompts: Sequence[list[int]], cfg: SearchConfig, 
     texts, spent = [], []
     for j in range(len(prompts)):
         group = range(j * cfg.n, (j + 1) * cfg.n)
-        answers = [extract_answer(gen.texts[r]) for r in group]
-        counts = Counter(a for a in answers if a is not None)
-        pick = answers.index(counts.most_common(1)[0][0]) if counts else 0
-        texts.append(gen.texts[j * cfg.n + pick])
+        texts.append(gen.texts[j * cfg.n + majority_index([gen.texts[r] for r in group])])
         spent.append(sum(len(gen.completion_ids[r]) for r in group))
     return texts, spent
 
@@ -212,4 +217,4 @@ def run_search(model, tok, bundle, task, builder, methods: list[str], n_problems
     return results
 
 
-__all__ = ["METHODS", "SearchConfig", "StepBudget", "check_methods", "majority_batch", "paired_counts", "run_search", "search_batch"]
+__all__ = ["METHODS", "SearchConfig", "StepBudget", "check_methods", "majority_batch", "majority_index", "paired_counts", "run_search", "search_batch"]
