@@ -67,6 +67,10 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--dense-scale", choices=["raw", "batch_std"], default=None,
+                    help="dense arms' dense_scale (default: the recipe's, raw)")
+    ap.add_argument("--dense-weight", type=float, default=None, help="dense arms' dense_weight (default: the recipe's)")
+    ap.add_argument("--dense-clip", type=float, default=None, help="dense arms' dense_clip (default: the recipe's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from rpe.bench.machine import machine_info
@@ -77,6 +81,8 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     results["machine"] = machine_info()
     recipes = Path(__file__).resolve().parents[1] / "recipes"
+    dense_overrides = dense_options(args)
+    results["dense_overrides"] = dense_overrides
     for seed in args.seeds:
         for arm in args.arms:
             key = f"{arm}/seed{seed}"
@@ -85,7 +91,8 @@ def main() -> None:
             recipe, extra, _ = ARMS[arm]
             out = args.out / arm / f"seed{seed}"
             overrides = ["--bundle", args.bundle, "--output_dir", str(out), "--max_steps", str(args.max_steps),
-                         "--seed", str(seed), "--eval_before_dir", str(args.out / "eval_before" / f"seed{seed}"), *extra]
+                         "--seed", str(seed), "--eval_before_dir", str(args.out / "eval_before" / f"seed{seed}"), *extra,
+                         *(dense_overrides if recipe == "grpo_dense_rpe.yaml" else [])]
             rpe_args, train_args, model_args = parse_recipe(recipes / recipe, overrides)
             start = time.perf_counter()
             outcome = train(rpe_args, train_args, model_args)
@@ -150,6 +157,16 @@ def main() -> None:
                       "seeds": args.seeds, "table": table}))
 
 
+def dense_options(args) -> list[str]:
+    """The recipe overrides the dense arms (and their control) get from ``--dense-*``."""
+    out = []
+    for flag, value in (("--dense_scale", args.dense_scale), ("--dense_weight", args.dense_weight),
+                        ("--dense_clip", args.dense_clip)):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
 def _interval(d: dict) -> str:
     return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
@@ -172,7 +189,9 @@ def card_row(table: dict, args) -> dict:
         "note": "above GRPO and above the control" if helps else
                 "not distinguishable from GRPO or from the random-direction control at this budget",
         "command": f"python benchmarks/dense_credit.py --bundle {args.bundle} --out {args.out} --seeds "
-                   f"{' '.join(map(str, args.seeds))} --max-steps {args.max_steps}",
+                   f"{' '.join(map(str, args.seeds))} --max-steps {args.max_steps}"
+                   + "".join(f" {a.replace('_', '-') if a.startswith('--') else a}" for a in dense_options(args))
+                   + (f" --arms {' '.join(args.arms)}" if args.arms != ["grpo", "dense", "dense_random"] else ""),
     }
 
 

@@ -65,14 +65,14 @@ def _run(tmp_path, bundle_dir, monkeypatch, dense):
     return model, tok, seen, computed["advantages"].float(), trainer.state.log_history[0]
 
 
-def _expected(values_per_row, spans_per_row, n_tokens, group, weight, clip, gamma, width):
-    """The documented formula, written out independently of rpe.trainers.dense."""
+def _expected(values_per_row, spans_per_row, n_tokens, group, weight, clip, gamma, width, z=1.0):
+    """The documented formula, written out independently of rpe.trainers.dense (z: the credit's divisor)."""
     adv = torch.zeros(len(n_tokens), width)
     for i, (values, spans, n) in enumerate(zip(values_per_row, spans_per_row, n_tokens)):
         adv[i, :n] = float(group[i])
         if not spans:
             continue
-        credit = [weight * min(max(gamma * values[t] - values[t - 1], -clip), clip) for t in range(1, len(values))]
+        credit = [weight * min(max((gamma * values[t] - values[t - 1]) / z, -clip), clip) for t in range(1, len(values))]
         for j in range(n):
             step = next((s for s, (_, end) in enumerate(spans) if j < end), len(spans) - 1)
             adv[i, j] += credit[step]
@@ -97,6 +97,28 @@ def test_dense_advantages_follow_the_documented_formula(tmp_path, bundle_dir, mo
     assert got.shape == mask.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert logged["dense/abs_mean"] > 0 and 0 < logged["dense/clipped"] < 1
+
+
+def test_batch_std_scale_divides_the_credit_by_its_spread_over_the_batch(tmp_path, bundle_dir, monkeypatch):
+    from rpe.bundle import SubsystemBundle
+    from rpe.signals import SignalReader
+    from rpe.trainers import DenseCreditConfig
+
+    cfg = DenseCreditConfig(weight=0.5, clip=1.5, gamma=1.0, scale="batch_std")
+    model, tok, seen, got, logged = _run(tmp_path, bundle_dir, monkeypatch, cfg)
+    mask = seen["mask"].bool()
+    comps = [row[m].tolist() for row, m in zip(seen["completion_ids"], mask)]
+    sigs = SignalReader(SubsystemBundle.load(bundle_dir, model=model, tokenizer=tok), model, tok).read(seen["prompts"], comps)
+    credits = np.concatenate([np.diff(s.values) for s in sigs if s.n_steps])
+    z = float(credits.std())
+    assert 0 < z < 0.5 and logged["dense/scale"] == pytest.approx(z, rel=1e-3)  # raw credits are small: scaling matters
+    assert (np.abs(credits / z) > cfg.clip).any()  # the clip acts on the scaled credit
+    expected = _expected([s.values for s in sigs], [s.step_spans for s in sigs], [len(c) for c in comps],
+                         seen["group"].float(), cfg.weight, cfg.clip, cfg.gamma, mask.shape[1], z=z)
+    # the trainer's read and this one differ by ~1e-5 in V; dividing by z ~ 0.05 magnifies that 20x
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="dense scale 'zscore' is not one of raw, batch_std"):
+        DenseCreditConfig(scale="zscore")
 
 
 def test_zero_weight_is_grpo(tmp_path, bundle_dir, monkeypatch):

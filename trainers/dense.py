@@ -5,7 +5,7 @@ RPEs as a sequence reward (``rpe_sum``) does not change that: it telescopes to V
 group it ranks completions by their final internal value (docs/concepts.md). This trainer gives each *step*
 credit of its own, the process-reward use of the value subsystem:
 
-    A[i, j] = A_group[i] + weight * clip(c_{i, t(j)}, -clip, clip)      for completion tokens j
+    A[i, j] = A_group[i] + weight * clip(c_{i, t(j)} / z, -clip, clip)      for completion tokens j
 
 where t(j) is the step token j belongs to (separators join the next step, tokens after the last step join
 the last: the internal critic's placement, :func:`rpe.trainers.critic.token_advantages`) and c_t is
@@ -15,6 +15,10 @@ the last: the internal critic's placement, :func:`rpe.trainers.critic.token_adva
 - ``dopamine``: the signed, standardised dopamine-neuron activity of step t;
 - ``random_direction``: ``value_diff`` through a probe whose first-layer weights are a random direction of the
   same norm (the control: does any dense term help, or this one?).
+
+and z is 1 (``scale="raw"``) or the standard deviation of the batch's per-step credits (``scale="batch_std"``:
+the credit in units of its own spread, so ``weight`` compares with the group advantages, which GRPO divides by
+the group's reward standard deviation; a batch whose credits are all equal gets no dense term).
 
 GRPO's clipped surrogate then takes the (B, T) advantages (TRL's ``_compute_loss`` accepts them). Logged:
 ``dense/abs_mean`` (mean |weight x clipped credit| over completion tokens), ``dense/clipped`` (share of steps
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DENSE_SOURCES = ("value_diff", "dopamine", "random_direction")
+DENSE_SCALES = ("raw", "batch_std")
 
 _ARITHMETIC = re.compile(r"(-?\d+)\s*([+\-*x])\s*(-?\d+)\s*=\s*(-?\d+)")
 
@@ -59,7 +64,10 @@ class DenseCreditConfig:
     weight: float = 0.1
     """Scale of the per-step credit added to the group advantage."""
     clip: float = 0.5
-    """Each step's credit is clipped to [-clip, clip] before weighting."""
+    """Each step's credit (after scaling) is clipped to [-clip, clip] before weighting."""
+    scale: str = "raw"
+    """``raw`` (the credit as read) or ``batch_std`` (divided by the standard deviation of the batch's per-step
+    credits; the random-direction control is scaled by its own, so both arms add a term of the same size)."""
     source: str = "value_diff"
     """``value_diff``, ``dopamine`` or ``random_direction`` (the control)."""
     gamma: float = 1.0
@@ -70,6 +78,8 @@ class DenseCreditConfig:
     def __post_init__(self) -> None:
         if self.source not in DENSE_SOURCES:
             raise ValueError(f"dense source {self.source!r} is not one of {', '.join(DENSE_SOURCES)}")
+        if self.scale not in DENSE_SCALES:
+            raise ValueError(f"dense scale {self.scale!r} is not one of {', '.join(DENSE_SCALES)}")
         if self.clip <= 0 or self.weight < 0:
             raise ValueError(f"need clip > 0 and weight >= 0; got clip {self.clip}, weight {self.weight}")
 
@@ -103,6 +113,16 @@ def step_credit(values: np.ndarray, dopamine: np.ndarray, cfg: DenseCreditConfig
     if cfg.source == "dopamine":
         return np.asarray(dopamine, dtype=np.float64)
     return td_errors(values, cfg.gamma)
+
+
+def credit_scale(credits: list[np.ndarray], scale: str) -> float:
+    """The divisor z of the batch's per-step credits (one (T_i,) array per completion): 1 for ``raw``; for
+    ``batch_std`` the standard deviation over every step of the batch (0 when fewer than two steps or all equal,
+    and then the batch gets no dense term)."""
+    if scale == "raw":
+        return 1.0
+    pooled = np.concatenate([c.ravel() for c in credits]) if credits else np.zeros(0)
+    return float(pooled.std()) if pooled.size >= 2 else 0.0
 
 
 class DenseRPEGRPOTrainer(GRPOTrainer):
@@ -151,8 +171,10 @@ class DenseRPEGRPOTrainer(GRPOTrainer):
         mask = out["completion_mask"].float().cpu()
         dense = torch.zeros_like(mask)
         clipped, steps, before, after = 0, 0, [], []
+        credits = [step_credit(s.values, s.dopamine, cfg) for s in sigs]
+        z = credit_scale(credits, cfg.scale)
         for i, s in enumerate(sigs):
-            credit = step_credit(s.values, s.dopamine, cfg)
+            credit = credits[i] / z if z > 0 else np.zeros_like(credits[i])
             if not credit.size:
                 continue
             steps += credit.size
@@ -170,6 +192,7 @@ class DenseRPEGRPOTrainer(GRPOTrainer):
         group = group.unsqueeze(1) if group.dim() == 1 else group
         out["advantages"] = (group * mask + dense).to(out["completion_ids"].device)
         m = self._metrics["train"]
+        m["dense/scale"].append(z)
         m["dense/abs_mean"].append(float(dense.abs()[mask.bool()].mean()) if mask.any() else 0.0)
         m["dense/clipped"].append(clipped / steps if steps else 0.0)
         if before:
@@ -179,5 +202,5 @@ class DenseRPEGRPOTrainer(GRPOTrainer):
         return out
 
 
-__all__ = ["DENSE_SOURCES", "DenseCreditConfig", "DenseRPEGRPOTrainer", "first_wrong_step", "random_direction_state",
-           "step_credit"]
+__all__ = ["DENSE_SCALES", "DENSE_SOURCES", "DenseCreditConfig", "DenseRPEGRPOTrainer", "credit_scale",
+           "first_wrong_step", "random_direction_state", "step_credit"]

@@ -18,7 +18,7 @@ Arms:
 - ``trainer: rloo``: TRL's RLOOTrainer, same rewards;
 - ``trainer: internal_critic``: :class:`rpe.trainers.critic.InternalCriticGRPOTrainer`;
 - ``trainer: dense_rpe``: :class:`rpe.trainers.dense.DenseRPEGRPOTrainer` (GRPO + per-step internal credit on
-  each step's tokens; ``dense_weight``, ``dense_clip``, ``dense_source``).
+  each step's tokens; ``dense_weight``, ``dense_clip``, ``dense_scale``, ``dense_source``).
 
 Outputs in ``output_dir``: TRL's checkpoints, ``log_history.json`` (every logged step), ``eval_before`` /
 ``eval_after`` rollout folders and ``summary.json`` (held-out accuracy before and after with Wilson intervals).
@@ -100,7 +100,10 @@ class RPEArguments:
     dense_weight: float = 0.1
     """``dense_rpe``: scale of the per-step internal credit added to the group advantage."""
     dense_clip: float = 0.5
-    """``dense_rpe``: each step's credit is clipped to [-clip, clip] first."""
+    """``dense_rpe``: each step's credit (after ``dense_scale``) is clipped to [-clip, clip] first."""
+    dense_scale: str = "raw"
+    """``dense_rpe``: ``raw`` or ``batch_std`` (the credit divided by the standard deviation of the batch's
+    per-step credits, so ``dense_weight`` compares with GRPO's standardised group advantages)."""
     dense_source: str = "value_diff"
     """``dense_rpe``: ``value_diff`` (the model's own TD errors), ``dopamine``, or ``random_direction`` (control)."""
     dense_gamma: float = 1.0
@@ -373,7 +376,7 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
         elif rpe_args.trainer == "dense_rpe":
             from .dense import DenseCreditConfig, DenseRPEGRPOTrainer
 
-            dense = DenseCreditConfig(weight=rpe_args.dense_weight, clip=rpe_args.dense_clip,
+            dense = DenseCreditConfig(weight=rpe_args.dense_weight, clip=rpe_args.dense_clip, scale=rpe_args.dense_scale,
                                       source=rpe_args.dense_source, gamma=rpe_args.dense_gamma, seed=train_args.seed)
             # random_direction: the trainer reads through its own copy of this bundle with a random probe
             trainer = DenseRPEGRPOTrainer(dense=dense, signals=signals, **common)
