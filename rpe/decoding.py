@@ -8,7 +8,8 @@ own decode loop over a KV cache (``transformers.DynamicCache``):
 - after each step the rows that ended (EOS, a stop string, the token budget) are removed from the batch and from
   the cache (``batch_select_indices``), so they cost nothing more;
 - when ``refill`` or more slots are free, waiting prompts are prefilled as a group (the shared few-shot prefix is
-  encoded once for the whole call and its cache copied into each group; identical prompts in a group, such as
+  encoded once for the whole call and stored once: every row attends to that one copy through
+  :mod:`rpe.prefix_attention`, or, with ``share_prefix=False``, its cache is copied into each group; identical prompts in a group, such as
   the N Monte-Carlo continuations of one state, are prefilled once and their cache copied) and joined to the
   running batch: the
   shorter of the two caches is left-padded with masked positions (keys carry their rotary positions already,
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rpe.kvcache import cache_kwarg, cache_len, plain_cache_refusal, prefix_cache, shared_prefix_len, stack_caches
+from rpe.prefix_attention import SharedPrefix, prefix_attention, prefix_attention_refusal
 from rpe.sampling import (
     GeneratedBatch, SamplingConfig, eos_ids, hits_stop, logits_device, next_tokens, row_generator, split_at_stop,
 )
@@ -120,14 +122,14 @@ class BoundaryKeeper:
         return keep
 
 
-def decode_step(model, cache, mask: torch.Tensor, tokens: Sequence[int], positions: Sequence[int]):
+def decode_step(model, cache, mask: torch.Tensor, tokens: Sequence[int], positions: Sequence[int], **forward_kwargs):
     """Feed one token per row (``tokens`` at ``positions``) through ``cache``; returns ``(logits (B, V), mask)``
-    with ``mask`` (B, L) extended by the new column."""
+    with ``mask`` (B, L) extended by the new column. ``forward_kwargs`` go to the model (e.g. ``shared_prefix``)."""
     device = next(model.parameters()).device
     mask = torch.cat([mask, torch.ones(len(tokens), 1, dtype=torch.long)], 1)
     out = model(input_ids=torch.tensor([[t] for t in tokens], device=device), attention_mask=mask.to(device),
                 position_ids=torch.tensor([[p] for p in positions], device=device), use_cache=True,
-                logits_to_keep=1, **{cache_kwarg(model): cache})
+                logits_to_keep=1, **{cache_kwarg(model): cache}, **forward_kwargs)
     return out.logits[:, -1], mask
 
 
@@ -156,6 +158,7 @@ def generate_continuous(
     record_layers: Sequence[int] | None = None,
     record_neurons: torch.Tensor | None = None,
     record_boundaries_only: bool = False,
+    share_prefix: bool = True,
 ) -> tuple[GeneratedBatch, list[dict[int, torch.Tensor]] | None]:
     """Sample a completion for every prompt with continuous batching (see the module docstring).
 
@@ -177,6 +180,10 @@ def generate_continuous(
             need: the last prompt token (s_0), each token with a newline and the last visible token before it (a
             step's end), and each row's last fed tokens; ``batch.activation_positions`` says which positions
             each row kept. Memory per row is then proportional to its steps, not its tokens.
+        share_prefix: keep one physical copy of the shared prefix's keys and values that every row attends to
+            (:mod:`rpe.prefix_attention`) instead of a copy in every row's cache; False copies it (the engine
+            before shared-prefix attention; also where :func:`rpe.prefix_attention.prefix_attention_refusal`
+            refuses the model).
 
     Returns:
         ``(batch, recorded)``: a :class:`GeneratedBatch` in prompt order, and per prompt ``{layer: (T_i, k)}``
@@ -202,6 +209,10 @@ def generate_continuous(
     kw = cache_kwarg(model)
     prefix_len = shared_prefix_len(enc, min_prefix) if len(enc) > 1 else 0
     base_cache = prefix_cache(model, enc[0][:prefix_len], device) if prefix_len else None
+    shared = (SharedPrefix.from_cache(base_cache)
+              if base_cache is not None and share_prefix and prefix_attention_refusal(model) is None else None)
+    forward_kwargs = {"shared_prefix": shared} if shared is not None else {}
+    prefix_in_rows = prefix_len if shared is None else 0  # cache (and mask) columns of the prefix in every row
     sample_on = logits_device(model)
     if row_seeds is not None and len(row_seeds) != len(enc):
         raise ValueError(f"{len(row_seeds)} row_seeds for {len(enc)} prompts")
@@ -243,15 +254,15 @@ def generate_continuous(
         ws = max(len(x) for x in suffixes)
         ids = torch.tensor([[pad] * (ws - len(x)) + x for x in suffixes], device=device)
         suffix_mask = torch.tensor([[0] * (ws - len(x)) + [1] * len(x) for x in suffixes])
-        group_mask = torch.cat([torch.ones(len(suffixes), prefix_len, dtype=torch.long), suffix_mask], 1)
+        group_mask = torch.cat([torch.ones(len(suffixes), prefix_in_rows, dtype=torch.long), suffix_mask], 1)
         positions = (prefix_len + suffix_mask.cumsum(1) - 1).clamp_min(0)
-        if base_cache is not None:
+        if base_cache is not None and shared is None:
             group_cache = copy.deepcopy(base_cache)
             group_cache.batch_repeat_interleave(len(suffixes))
         else:
             group_cache = DynamicCache(config=model.config)
         out = model(input_ids=ids, attention_mask=group_mask.to(device), position_ids=positions.to(device),
-                     use_cache=True, logits_to_keep=1, **{kw: group_cache})
+                     use_cache=True, logits_to_keep=1, **{kw: group_cache}, **forward_kwargs)
         if len(suffixes) < len(take):
             group_cache.batch_select_indices(torch.tensor(order))  # CPU indices: valid for layers on any device (device_map)
             group_mask = group_mask[order]
@@ -276,7 +287,8 @@ def generate_continuous(
         last_logits = torch.cat([last_logits, logits], 0)
         alive = alive + take
 
-    with torch.inference_mode(), (tracker if tracker is not None else contextlib.nullcontext()):
+    attention = prefix_attention(model) if shared is not None else contextlib.nullcontext()
+    with torch.inference_mode(), attention, (tracker if tracker is not None else contextlib.nullcontext()):
         while queue or alive:
             if queue and (not alive or max_rows - len(alive) >= min(refill, len(queue))):
                 admit()  # the admitted rows' first-token logits come from their prefill
@@ -291,7 +303,7 @@ def generate_continuous(
                 cache = None
                 continue
             last_logits, mask = decode_step(model, cache, mask, [r.generated[-1] for r in alive],
-                                            [r.n_real + len(r.generated) - 1 for r in alive])
+                                            [r.n_real + len(r.generated) - 1 for r in alive], **forward_kwargs)
             if tracker is not None:
                 got = tracker.take_last()
                 for j, r in enumerate(alive):

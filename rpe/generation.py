@@ -86,7 +86,7 @@ def generate_batch(
         add_special_tokens: let the tokenizer add its special tokens (a BOS) to each prompt: True for plain
             completion prompts, as TRL tokenises them (:attr:`rpe.prompts.PromptBuilder.add_special_tokens`);
             chat-rendered prompts carry them in the template.
-        **engine_options: ``engine``, ``max_rows``, ``record_layers``, ``record_neurons`` of
+        **engine_options: ``engine``, ``max_rows``, ``record_layers``, ``record_neurons``, ``share_prefix`` of
             :func:`generate_from_ids`.
     """
     enc = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
@@ -116,6 +116,7 @@ def generate_from_ids(
     record_layers: Sequence[int] | None = None,
     record_neurons: torch.Tensor | None = None,
     record_boundaries_only: bool = False,
+    share_prefix: bool = True,
 ) -> GeneratedBatch:
     """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion).
 
@@ -138,6 +139,8 @@ def generate_from_ids(
         record_neurons: the neuron columns kept of each recorded layer.
         record_boundaries_only: keep only the positions step boundaries need (see
             :func:`rpe.decoding.generate_continuous`; ``GeneratedBatch.activation_positions``).
+        share_prefix: continuous engine: every row attends to one stored copy of the shared prefix
+            (:mod:`rpe.prefix_attention`); False copies the prefix's cache into every row.
     """
     enc = [list(ids) for ids in prompt_ids]
     if resolve_engine(model, engine) == "continuous":
@@ -146,7 +149,7 @@ def generate_from_ids(
             seed=int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed, row_seeds=row_seeds,
             max_rows=max_rows or len(enc), min_prefix=min_prefix if reuse_prefix else 1 << 30,
             token_logprobs=token_logprobs, record_layers=record_layers, record_neurons=record_neurons,
-            record_boundaries_only=record_boundaries_only,
+            record_boundaries_only=record_boundaries_only, share_prefix=share_prefix,
         )
         gen.activations = recorded or []
         return gen

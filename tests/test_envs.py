@@ -280,11 +280,23 @@ def test_bench_rollouts_runs_every_arm_on_a_tiny_model(tiny_llama, tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     cfg = RolloutBenchConfig(model=str(tmp_path / "m"), task="chain_sum_2", n_problems=4, batch_size=4,
-                             max_new_tokens=12, max_step_tokens=6, max_steps=2, naive_problems=2, mc_states=4)
+                             max_new_tokens=12, max_step_tokens=6, max_steps=2, naive_problems=2, mc_states=4,
+                             dtypes=("float32", "bfloat16"))
     out = bench_rollouts(cfg)
-    assert set(out["useful_tokens_per_s"]) == {"naive_env_loop", "plain_generate", "rpe_generate_engine", "rpe",
-                                               "rpe_capture_4_layers"}
-    assert set(out["mc_states_per_s"]) == {"generate", "continuous"} and out["compute_bound_tokens_per_s"] > 0
+    arms = {"plain_generate", "rpe_generate_engine", "rpe_copied_prefix", "rpe", "rpe_capture_4_layers"}
+    assert set(out["useful_tokens_per_s"]) == {"naive_env_loop", *arms} and out["dtype"] == "float32"
+    assert set(out["mc_states_per_s"]) == {"generate", "continuous_copied_prefix", "continuous"}
+    assert out["compute_bound_tokens_per_s"] > 0 and out["compute_bound_tokens_per_s_shared_prefix"] > 0
+    traffic = out["decode_traffic"]  # 4 rows: the prefix read 4 times when copied, once when shared
+    assert traffic["prefix_kv_bytes_per_copy"] > 0
+    assert traffic["copied_prefix_bytes_per_step"] - traffic["weights_bytes"] == 4 * traffic["prefix_kv_bytes_per_copy"]
+    assert traffic["shared_prefix_bytes_per_step"] - traffic["weights_bytes"] == traffic["prefix_kv_bytes_per_copy"]
+    from rpe.bench.rollouts import dtype_refusal
+
+    if dtype_refusal("bfloat16") is None:
+        assert out["by_dtype"]["bfloat16"]["dtype"] == "bfloat16" and set(out["ratio_bf16_vs_fp32"]) == arms
+    else:
+        assert "bfloat16" in out["dtypes_skipped"]
 
 
 def _episode_tokens(policy, env):

@@ -1,10 +1,14 @@
 """``rpe bench rollouts``: useful tokens per second of every generation path on the prompts users run (the default
-6-shot chat prompts), Monte-Carlo states valued per second under both engines, and the compute bound.
+6-shot chat prompts), Monte-Carlo states valued per second under each engine, and the decode bound, in fp32 and
+in bf16.
 
-Arms, all in one run on the same problems: the naive environment loop (re-encodes the transcript every step),
-plain ``model.generate`` on left-padded prompts (what users write), rpe with the ``generate`` engine (shared
-few-shot prefix encoded once), rpe with the ``continuous`` engine (finished rows leave the batch), the latter
-with 4 layers captured; then Monte-Carlo continuations of the resulting states under both engines.
+Arms, all in one run on the same problems, per dtype: plain ``model.generate`` on left-padded prompts (what users
+write), rpe with the ``generate`` engine (shared few-shot prefix encoded once, copied into every row), rpe's
+``continuous`` engine (finished rows leave the batch) with the prefix copied into every row (the engine before
+shared-prefix attention) and with one shared copy (:mod:`rpe.prefix_attention`, the default), the latter with 4
+layers captured; then Monte-Carlo continuations of the resulting states under each; then the time of one decode
+step of a full batch with the prefix copied and shared, and the bytes each must read. The naive environment loop
+(re-encodes the transcript every step) runs in the first dtype only.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class RolloutBenchConfig:
     """States valued by Monte-Carlo continuations in the MC arms."""
     n_continuations: int = 4
     seed: int = 0
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    """Model dtypes benchmarked, one after the other (bf16 skipped on a CPU without bf16 kernels)."""
 
     @classmethod
     def quick(cls, model: str = "smollm2-135m-instruct") -> RolloutBenchConfig:
@@ -70,12 +76,12 @@ def naive_env_loop(model, tokenizer, builder: PromptBuilder, problems, sampling:
     return tokens, time.perf_counter() - start
 
 
-def _setup(cfg: RolloutBenchConfig):
-    """Model, tokenizer, task, prompt builder, problems and sampling of a run, after a warm-up generation so no arm
-    pays one-off costs."""
+def _setup(cfg: RolloutBenchConfig, dtype: str = "auto"):
+    """Model (in ``dtype``), tokenizer, task, prompt builder, problems and sampling of a run, after a warm-up
+    generation so no arm pays one-off costs."""
     from rpe.models import load_model
 
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, dtype=dtype)
     task = load_task(cfg.task)
     builder = PromptBuilder(task, tokenizer, PromptConfig(), seed=cfg.seed)
     problems = list(task.problems(cfg.n_problems, seed=cfg.seed))
@@ -83,25 +89,49 @@ def _setup(cfg: RolloutBenchConfig):
     return model, tokenizer, task, builder, problems, SamplingConfig(temperature=0.7, max_new_tokens=cfg.max_new_tokens)
 
 
-def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
-    """Useful tokens/s of every generation path on the same prompts (the default 6-shot chat prompts), Monte-Carlo
-    states valued per second under both engines, and the compute bound (see the issue on throughput)."""
+def dtype_refusal(dtype: str) -> str | None:
+    """Why ``dtype`` is not benchmarked on this machine (bf16 on a CPU without bf16 kernels), or None."""
+    import torch
+
+    from rpe.models import cpu_has_bf16
+
+    if dtype in ("bfloat16", "bf16") and not torch.cuda.is_available() and not cpu_has_bf16():
+        return "this CPU has no bf16 kernels (AVX512-BF16 / AMX): its matmuls would fall back to a slow reference GEMM"
+    return None
+
+
+def decode_traffic(model, prefix_len: int, rows: int) -> dict[str, int]:
+    """Bytes one decode step of ``rows`` rows must read after a ``prefix_len``-token shared prefix: the weights
+    once, plus the prefix's keys and values once per row (copied into every row) or once in all (shared)."""
+    from transformers import DynamicCache
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_layers = len(DynamicCache(config=model.config).layers)
+    element = next(model.parameters()).element_size()
+    prefix = 2 * n_layers * cfg.num_key_value_heads * head_dim * prefix_len * element
+    return {"weights_bytes": weights, "prefix_kv_bytes_per_copy": prefix,
+            "copied_prefix_bytes_per_step": weights + rows * prefix, "shared_prefix_bytes_per_step": weights + prefix}
+
+
+def _bench_dtype(cfg: RolloutBenchConfig, dtype: str, with_naive: bool) -> dict[str, Any]:
+    """Every arm of :func:`bench_rollouts` with the model in ``dtype``."""
     from rpe.rollouts import make_steps
 
-    model, tokenizer, task, builder, problems, sampling = _setup(cfg)
+    model, tokenizer, task, builder, problems, sampling = _setup(cfg, dtype)
 
     import torch
 
     from rpe.sampling import eos_ids
     from rpe.tracker import ActivationTracker, decoder_layers
 
-    naive_tokens, naive_s = naive_env_loop(model, tokenizer, builder, problems[: cfg.naive_problems], sampling, cfg)
     n_layers = len(decoder_layers(model))
     capture = sorted({2, n_layers // 3, 2 * n_layers // 3, n_layers - 2})  # 4 layers, as in the issue's goal
     eos = eos_ids(model, tokenizer)
     kept: dict[str, list] = {}
 
-    def rpe_arm(name: str, engine: str, with_capture: bool) -> tuple[int, float]:
+    def rpe_arm(name: str, engine: str, with_capture: bool, share_prefix: bool = True) -> tuple[int, float]:
         tokens, start, gens = 0, time.perf_counter(), []
         for i in range(0, len(problems), cfg.batch_size):
             prompts = [builder(p) for p in problems[i : i + cfg.batch_size]]
@@ -109,7 +139,7 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
             hooks = ActivationTracker(model, capture, record_all=True) if tracked else contextlib.nullcontext()
             with hooks as tracker:
                 gen = generate_batch(model, tokenizer, prompts, sampling, stop_strings=builder.stop_strings,
-                                     seed=cfg.seed + i, engine=engine,
+                                     seed=cfg.seed + i, engine=engine, share_prefix=share_prefix,
                                      record_layers=capture if with_capture and engine == "continuous" else None)
             if tracked:
                 tracker.generated(drop_prefix=True)  # the join is part of the cost being measured
@@ -123,7 +153,7 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
         tokens, start = 0, time.perf_counter()
         for i in range(0, len(problems), cfg.batch_size):
             enc = tokenizer([builder(p) for p in problems[i : i + cfg.batch_size]], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
+                            add_special_tokens=False).to(model.device)
             kw = {"stop_strings": list(builder.stop_strings), "tokenizer": tokenizer} if builder.stop_strings else {}
             with seeded(cfg.seed + i, model.device), torch.inference_mode():
                 out = model.generate(**enc, pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs(), **kw)
@@ -133,12 +163,15 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
 
     arms = {"plain_generate": plain_generate(),
             "rpe_generate_engine": rpe_arm("generate", "generate", False),
+            "rpe_copied_prefix": rpe_arm("copied", "continuous", False, share_prefix=False),
             "rpe": rpe_arm("continuous", "continuous", False),
             "rpe_capture_4_layers": rpe_arm("capture", "continuous", True)}
     tps = {k: t / s for k, (t, s) in arms.items()}
-    naive_tps = naive_tokens / naive_s
+    if with_naive:
+        naive_tokens, naive_s = naive_env_loop(model, tokenizer, builder, problems[: cfg.naive_problems], sampling, cfg)
+        tps = {"naive_env_loop": naive_tokens / naive_s, **tps}
 
-    # Monte-Carlo values: the states of the continuous arm's completions, N continuations each, both engines
+    # Monte-Carlo values: the states of the continuous arm's completions, N continuations each, every engine
     states = []
     for gen in kept["continuous"]:
         for p_ids, c_ids, text in zip(gen.prompt_ids, gen.completion_ids, gen.texts):
@@ -147,54 +180,100 @@ def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
     states = states[: cfg.mc_states]
     mc_sampling = SamplingConfig(temperature=0.7, max_new_tokens=96)
 
-    def mc_arm(engine: str) -> tuple[float, float]:
+    def mc_arm(engine: str, share_prefix: bool = True) -> tuple[float, float]:
         """(states valued per second, useful continuation tokens per second)."""
         per_call = states_per_call(cfg.batch_size, cfg.n_continuations, engine)  # as `rpe dopamine` does
         start, tokens = time.perf_counter(), 0
         for i in range(0, len(states), per_call):
             rows = [s for s in states[i : i + per_call] for _ in range(cfg.n_continuations)]
             gen = generate_from_ids(model, tokenizer, rows, mc_sampling, stop_strings=builder.stop_strings, seed=i,
-                                    engine=engine, max_rows=cfg.batch_size)
+                                    engine=engine, max_rows=cfg.batch_size, share_prefix=share_prefix)
             tokens += sum(max(1, len(c)) for c in gen.completion_ids)
         seconds = time.perf_counter() - start
         return len(states) / seconds, tokens / seconds
 
-    mc_runs = {"generate": mc_arm("generate"), "continuous": mc_arm("continuous")}
+    mc_runs = {"generate": mc_arm("generate"), "continuous_copied_prefix": mc_arm("continuous", share_prefix=False),
+               "continuous": mc_arm("continuous")}
     mc = {k: v[0] for k, v in mc_runs.items()}
 
-    # compute bound: one decode step of a full batch over a cache as long as the prompts, times the rows
-    from rpe.kvcache import cache_kwarg, prefix_cache
+    # decode bound: one decode step of a full batch after the prompt, its prefix copied into every row or shared
+    from transformers import DynamicCache
+
+    from rpe.kvcache import cache_kwarg, crop_cache, prefix_cache
+    from rpe.prefix_attention import SharedPrefix, prefix_attention
 
     ids = tokenizer(builder(problems[0]), add_special_tokens=False)["input_ids"]
-    cache = prefix_cache(model, ids, next(model.parameters()).device)
-    cache.batch_repeat_interleave(cfg.batch_size)
-    step = torch.full((cfg.batch_size, 1), ids[-1])
-    mask = torch.ones(cfg.batch_size, len(ids) + 1, dtype=torch.long)
+    device = next(model.parameters()).device
+    cache = prefix_cache(model, ids, device)
+    shared = SharedPrefix.from_cache(cache)
+    copied = copy.deepcopy(cache)
+    copied.batch_repeat_interleave(cfg.batch_size)
+    step = torch.full((cfg.batch_size, 1), ids[-1], device=device)
+    position = torch.full((cfg.batch_size, 1), len(ids), device=device)
+    kw = cache_kwarg(model)
+    def copied_step() -> None:  # the step appends to the cache (a copy of it, as in the engine); crop it back after
+        model(input_ids=step, attention_mask=torch.ones(cfg.batch_size, len(ids) + 1, dtype=torch.long, device=device),
+              position_ids=position, use_cache=True, logits_to_keep=1, **{kw: copied})
+        crop_cache(copied, len(ids))
+
     with torch.inference_mode():
-        step_s = timeit(lambda: (model(input_ids=step, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                                        **{cache_kwarg(model): copy.deepcopy(cache)})), repeats=5)
-    bound = cfg.batch_size / step_s
+        copied_s = timeit(copied_step, repeats=5)
+        with prefix_attention(model):
+            shared_s = timeit(lambda: model(input_ids=step, attention_mask=torch.ones(cfg.batch_size, 1, dtype=torch.long,
+                                            device=device), position_ids=position, use_cache=True, logits_to_keep=1,
+                                            shared_prefix=shared, **{kw: DynamicCache(config=model.config)}), repeats=5)
+    bound = cfg.batch_size / copied_s
+    bound_shared = cfg.batch_size / shared_s
     return {
-        "bench": "rollouts",
-        "model": cfg.model,
-        "task": cfg.task,
-        "n_problems": cfg.n_problems,
-        "batch_size": cfg.batch_size,
-        "max_new_tokens": cfg.max_new_tokens,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "capture_layers": capture,
-        "useful_tokens_per_s": {"naive_env_loop": round(naive_tps, 2), **{k: round(v, 2) for k, v in tps.items()}},
+        "prompt_tokens": len(ids),
+        "useful_tokens_per_s": {k: round(v, 2) for k, v in tps.items()},
         "ratio_rpe_vs_plain_generate": round(tps["rpe"] / tps["plain_generate"], 3),
+        "ratio_shared_vs_copied_prefix": round(tps["rpe"] / tps["rpe_copied_prefix"], 3),
+        "ratio_copied_prefix_vs_plain_generate": round(tps["rpe_copied_prefix"] / tps["plain_generate"], 3),
         "ratio_continuous_vs_generate_engine": round(tps["rpe"] / tps["rpe_generate_engine"], 3),
         "ratio_capture_vs_no_capture": round(tps["rpe_capture_4_layers"] / tps["rpe"], 3),
-        "ratio": round(tps["rpe"] / naive_tps, 3),
+        **({"ratio": round(tps["rpe"] / tps["naive_env_loop"], 3)} if with_naive else {}),
         "mc_states_per_s": {k: round(v, 3) for k, v in mc.items()},
         "ratio_mc_continuous_vs_generate_engine": round(mc["continuous"] / mc["generate"], 3),
+        "ratio_mc_shared_vs_copied_prefix": round(mc["continuous"] / mc["continuous_copied_prefix"], 3),
         "mc_useful_tokens_per_s": {k: round(v[1], 2) for k, v in mc_runs.items()},
-        "decode_step_s_full_batch": round(step_s, 4),
+        "decode_step_s_full_batch": round(copied_s, 4),
+        "decode_step_s_full_batch_shared_prefix": round(shared_s, 4),
+        "decode_traffic": decode_traffic(model, len(ids), cfg.batch_size),
         "compute_bound_tokens_per_s": round(bound, 1),
-        "rpe_share_of_compute_bound": round(tps["rpe"] / bound, 3),
-        "goal": "rpe >= 6x plain generate; capture >= 0.9x; MC states/s >= 3x the generate engine (issue #14)",
+        "compute_bound_tokens_per_s_shared_prefix": round(bound_shared, 1),
+        "rpe_share_of_compute_bound": round(tps["rpe"] / bound_shared, 3),
     }
+
+
+def bench_rollouts(cfg: RolloutBenchConfig) -> dict[str, Any]:
+    """Useful tokens/s of every generation path on the same prompts (the default 6-shot chat prompts), Monte-Carlo
+    states valued per second under each engine, and the decode bound, in each of ``cfg.dtypes`` (ratios within
+    one dtype; bf16 is skipped, with the reason, on a CPU without bf16 kernels). The top-level numbers are the
+    first dtype's; ``by_dtype`` holds each, and ``ratio_bf16_vs_fp32`` compares the dtypes arm by arm."""
+    runs: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for dtype in cfg.dtypes:
+        reason = dtype_refusal(dtype)
+        if reason is not None:
+            skipped[dtype] = reason
+            continue
+        runs[dtype] = _bench_dtype(cfg, dtype, with_naive=not runs)
+    if not runs:
+        raise ValueError(f"no dtype of {list(cfg.dtypes)} can run here: {skipped}")
+    first = runs[next(iter(runs))]
+    out = {"bench": "rollouts", "model": cfg.model, "task": cfg.task, "n_problems": cfg.n_problems,
+           "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens, **first,
+           "by_dtype": runs, "dtypes_skipped": skipped}
+    if "float32" in runs and "bfloat16" in runs:
+        fp32, bf16 = runs["float32"], runs["bfloat16"]
+        out["ratio_bf16_vs_fp32"] = {k: round(bf16["useful_tokens_per_s"][k] / v, 3)
+                                     for k, v in fp32["useful_tokens_per_s"].items() if k in bf16["useful_tokens_per_s"]}
+    out["goal"] = ("rpe >= 6x plain generate; MC states/s >= 3x the generate engine; capture >= 0.95x of no capture "
+                   "(issue #31; each ratio within one dtype)")
+    return out
 
 
 def bench_env(cfg: RolloutBenchConfig, bundle_dir: str | None = None) -> dict[str, Any]:

@@ -72,11 +72,17 @@ def bench_ablate(
 def bench_rollouts(
     quick: bool = typer.Option(False, help="Small sizes (under a minute on 2 cores)."),
     model: str = typer.Option("smollm2-135m-instruct", help="Model to benchmark."),
+    dtypes: str = typer.Option("float32,bfloat16", help="Model dtypes, comma-separated, each benchmarked in turn "
+                               "(bfloat16 is skipped, with the reason, on a CPU without bf16 kernels)."),
 ) -> None:
-    """Tokens/s of batched collection vs the naive env loop; last line is JSON with the ratio."""
+    """Tokens/s of every generation path (plain generate, the prefix copied or shared) and of Monte-Carlo values,
+    per dtype; last line is JSON with the ratios."""
+    from dataclasses import replace
+
     from rpe.bench.rollouts import RolloutBenchConfig, bench_rollouts as run
 
     cfg = RolloutBenchConfig.quick(model) if quick else RolloutBenchConfig(model=model)
+    cfg = replace(cfg, dtypes=tuple(d.strip() for d in dtypes.split(",") if d.strip()))
     load_cli_model(model)  # clear error before timing if the model is missing
     with console.status("benchmarking rollouts (naive env loop, then batched)"):
         result = run(cfg)
