@@ -1,6 +1,7 @@
 """Dense internal credit against GRPO and its random-direction control, several seeds, one command.
 
-    python benchmarks/dense_credit.py --bundle runs/demo/bundle --out runs/dense --seeds 0 1 2 --max-steps 40
+    python benchmarks/dense_credit.py --bundle runs/demo/bundle --out runs/dense_std --seeds 0 1 2 --max-steps 30 \
+        --dense-scale batch_std --dense-weight 0.5 --dense-clip 2.0 --arms grpo dense dense_random internal_critic
 
 Arms (recipes/, same task, budget, seeds and held-out problems; only the advantage differs):
 
@@ -9,6 +10,9 @@ Arms (recipes/, same task, budget, seeds and held-out problems; only the advanta
 - ``dense_random``: the same through a random probe direction of the same norm (the control: does any dense
   term help, or this one?);
 - ``internal_critic`` (``--arms`` to add it): the internal-critic PPO (recipes/internal_critic.yaml).
+
+``--dense-scale batch_std --dense-weight 0.5 --dense-clip 2`` puts the dense term on the scale of GRPO's
+advantages (the credit divided by its spread over the batch; the control by its own).
 
 Held-out accuracy after training (100 problems of a disjoint seed, excluding the seed's training questions, so
 the arms of one seed share their problems), pooled over seeds: the mean, and each arm's difference from ``grpo``
@@ -184,7 +188,9 @@ def card_row(table: dict, args) -> dict:
         "measured": f"held-out accuracy {dense['accuracy']:.3f} [{dense['ci95'][0]:.3f}, {dense['ci95'][1]:.3f}] "
                     f"({seeds} seeds x 100 problems, {args.max_steps} LoRA steps); minus GRPO {_interval(vs_grpo)}",
         "control": f"random probe direction of the same norm {table['dense_random']['accuracy']:.3f}, dense minus it "
-                   f"{_interval(vs_control)}; GRPO {table['grpo']['accuracy']:.3f}",
+                   f"{_interval(vs_control)}; GRPO {table['grpo']['accuracy']:.3f}"
+                   + (f"; internal-critic PPO {table['internal_critic']['accuracy']:.3f}, minus GRPO "
+                      f"{_interval(table['internal_critic']['minus_grpo'])}" if "internal_critic" in table else ""),
         "verdict": REPRODUCED if helps else INCONCLUSIVE,
         "note": "above GRPO and above the control" if helps else
                 "not distinguishable from GRPO or from the random-direction control at this budget",
