@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rpe.kvcache import cache_kwarg, cache_len, plain_cache_refusal, prefix_cache, shared_prefix_len, stack_caches
-from rpe.prefix_attention import SharedPrefix, prefix_attention, prefix_attention_refusal
+from rpe.prefix_attention import SharedPrefix, prefix_attention_refusal, switched_attention
 from rpe.sampling import (
     GeneratedBatch, SamplingConfig, eos_ids, hits_stop, logits_device, next_tokens, row_generator, split_at_stop,
 )
@@ -287,7 +287,7 @@ def generate_continuous(
         last_logits = torch.cat([last_logits, logits], 0)
         alive = alive + take
 
-    attention = prefix_attention(model) if shared is not None else contextlib.nullcontext()
+    attention = switched_attention(model) if shared is not None else contextlib.nullcontext()  # checked above
     with torch.inference_mode(), attention, (tracker if tracker is not None else contextlib.nullcontext()):
         while queue or alive:
             if queue and (not alive or max_rows - len(alive) >= min(refill, len(queue))):

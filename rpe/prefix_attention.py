@@ -112,6 +112,13 @@ def prefix_attention(model) -> Iterator[None]:
     if refusal is not None:
         raise ValueError(f"shared-prefix attention cannot serve this {model.config.model_type} model ({refusal}); "
                          f"generate with the prefix copied into every row (share_prefix=False)")
+    with switched_attention(model):
+        yield
+
+
+@contextmanager
+def switched_attention(model) -> Iterator[None]:
+    """:func:`prefix_attention` without its check, for callers that ran :func:`prefix_attention_refusal` already."""
     _register()
     configs = {id(c): c for c in (model.config, *(m.config for m in model.modules() if hasattr(m, "config")))}
     before = {key: c._attn_implementation for key, c in configs.items()}
@@ -185,4 +192,5 @@ def shared_prefix_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     return out.transpose(1, 2).contiguous(), None
 
 
-__all__ = ["ATTENTION_NAME", "SharedPrefix", "prefix_attention", "prefix_attention_refusal", "shared_prefix_attention"]
+__all__ = ["ATTENTION_NAME", "SharedPrefix", "prefix_attention", "prefix_attention_refusal", "shared_prefix_attention",
+           "switched_attention"]
