@@ -125,18 +125,23 @@ TINY_ANSWER_CHAIN = {">": "G", "G": "o", "o": ".", ".": "\n", "\n": "\nA", "A": 
 writes ``Go.`` then one or more newlines (a fair choice at each) then ``Answer: `` and a fair coin ``0``/``1``."""
 
 
-def tiny_answering_model(seed: int = 0, scale: float = 30.0):
-    """A tiny Llama that answers in the task's format, with both outcomes: every completion reads ``Go.``, one or
-    more newlines, ``Answer: 0`` or ``Answer: 1`` (a fair coin, whatever the question), then EOS. With
-    :func:`tiny_parity_task` about half the trajectories are correct and have one or more steps, so every stage
-    that needs both outcomes (``rpe fit``, ``rpe dopamine``, ``rpe reproduce``) runs on it in seconds. Nothing
-    about its internals is a finding: the answer ignores the question.
+def tiny_answering_model(seed: int = 0, scale: float = 30.0, architecture: str = "llama",
+                         sliding_window: int | None = None):
+    """A tiny model of ``architecture`` (:data:`TINY_ARCHITECTURES`) that answers in the task's format, with both
+    outcomes: every completion reads ``Go.``, one or more newlines, ``Answer: 0`` or ``Answer: 1`` (a fair coin,
+    whatever the question), then EOS. With :func:`tiny_parity_task` about half the trajectories are correct and
+    have one or more steps, so every stage that needs both outcomes (``rpe fit``, ``rpe dopamine``, ``rpe
+    reproduce``) runs on it in seconds, on every architecture. Nothing about its internals is a finding: the
+    answer ignores the question.
 
-    How: the decoder layers' output projections are shrunk 100x, so the last hidden state is nearly the current
-    character's (orthonormal) embedding and the head reads off :data:`TINY_ANSWER_CHAIN` as a bigram table; the
-    layers still carry a little of the context, so activations differ between prompts.
+    How: each decoder layer's contribution to the residual stream is shrunk 100x (the attention and MLP output
+    projections; Gemma-3's post-sublayer norms, which would undo that, scaled to 0.01), so the last hidden state
+    is nearly the current character's (orthonormal) embedding and the untied head reads off
+    :data:`TINY_ANSWER_CHAIN` as a bigram table; the layers still carry a little of the context, so activations
+    differ between prompts. ``sliding_window`` as in :class:`TinyModelConfig`.
     """
-    model, tok = tiny_model(TinyModelConfig(architecture="llama", seed=seed))
+    model, tok = tiny_model(TinyModelConfig(architecture=architecture, seed=seed, sliding_window=sliding_window,
+                                            extra={"tie_word_embeddings": False}))
     vocab = tok.get_vocab()
     d = model.config.hidden_size
     used = sorted({vocab[c] for c in TINY_ANSWER_CHAIN} | {vocab["</s>"]})
@@ -146,6 +151,9 @@ def tiny_answering_model(seed: int = 0, scale: float = 30.0):
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.mul_(0.01)
             layer.mlp.down_proj.weight.mul_(0.01)
+            for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
+                if architecture == "gemma3":  # Gemma's RMSNorm scales by (1 + weight)
+                    getattr(layer, norm).weight.fill_(-0.99)
         emb = model.get_input_embeddings().weight
         for i, token in enumerate(used):  # orthonormal directions for the characters of the chain
             emb[token] = 0.0
@@ -156,7 +164,7 @@ def tiny_answering_model(seed: int = 0, scale: float = 30.0):
             nexts = ["</s>"] if successors == "</s>" else list(successors)
             for nxt in nexts:
                 head[vocab[nxt], used.index(vocab[char])] = scale / d ** 0.5
-    model.name_or_path = "tiny-answering"
+    model.name_or_path = "tiny-answering" if architecture == "llama" else f"tiny-answering-{architecture}"
     return model, tok
 
 
