@@ -164,13 +164,18 @@ def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     return LogitsProcessorList(warpers)(None, logits.float()).softmax(-1)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """One device: the same type and, but for the CPU (one device, any index), the same index."""
+    return a.type == b.type and (a.type == "cpu" or a.index == b.index)
+
+
 def next_tokens(logits: torch.Tensor, sampling: SamplingConfig, generators: Sequence[torch.Generator]) -> list[int]:
     """One token per row of (B, V) ``logits``: the argmax at temperature 0, else a draw from the warped
     distribution with row ``j``'s own generator."""
     if sampling.temperature <= 0:
         return logits.argmax(-1).tolist()
     probs = warp_logits(logits, sampling)
-    wrong = {str(g.device) for g in generators if g.device != probs.device}
+    wrong = {str(g.device) for g in generators if not _same_device(g.device, probs.device)}
     if wrong:
         raise ValueError(f"sampling generators on {', '.join(sorted(wrong))} for logits on {probs.device}: make them "
                          f"with row_generator(seed, index, device=logits.device)")
