@@ -12,6 +12,11 @@ few-shot prefix shared by all episodes is encoded once), never a re-encode of th
 transcript's tokens differ from what was fed (a re-tokenised boundary), the cache is cropped to the common prefix
 and the rest fed again; an unknown transcript (a new episode, an autoreset) starts from the shared prefix.
 
+Shared prefix: when the episodes of one call share a prefix (the few-shot examples), the batch holds its keys
+and values once (:class:`rpe.prefix_attention.SharedPrefix`, batch dimension 1) and each row's cache only the
+row's own tokens, so a decode step reads the prefix once rather than once per episode (``share_prefix``, on by
+default where :func:`rpe.prefix_attention.prefix_attention_refusal` allows; the outputs equal the copied prefix's).
+
 The policy keeps its own tokens: when the next observation is the transcript it just extended (the step it wrote
 plus the separator, as :class:`~rpe.envs.ReasoningEnv` returns it), it continues from the tokens it generated
 rather than a re-tokenisation of the text (which can differ: SmolLM2 writes a blank line as two ``"\n"`` tokens,
@@ -32,7 +37,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from rpe.decoding import decode_step, feed_tokens
-from rpe.kvcache import cache_nbytes, common_prefix_len, crop_cache, plain_cache_refusal, stack_caches
+from rpe.kvcache import (cache_nbytes, common_prefix_len, crop_cache, plain_cache_refusal, shared_prefix_len,
+                         stack_caches)
+from rpe.prefix_attention import SharedPrefix, prefix_attention_refusal, switched_attention
 from rpe.sampling import SamplingConfig, eos_ids, hits_stop, logits_device, next_tokens, row_generator, split_at_stop
 
 if TYPE_CHECKING:
@@ -71,11 +78,16 @@ class LLMPolicy:
         add_special_tokens: let the tokenizer add its special tokens (a BOS) to a new observation: True for
             plain completion prompts, as TRL and ``rpe rollouts`` tokenise them (a bundle fitted on such prompts
             refuses a read without the BOS); chat-rendered prompts carry them in the template.
+        share_prefix: keep the prefix the episodes of one call share once, attended by every row
+            (:mod:`rpe.prefix_attention`), rather than a copy per row; ignored (copied) where the model's attention
+            cannot be served that way. Same tokens and recordings either way.
+        min_shared_prefix: the shortest shared prefix (tokens) worth sharing.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
                  sampling: SamplingConfig | None = None, max_step_tokens: int = 64, seed: int = 0,
-                 max_episodes: int = 256, max_cache_bytes: int = 4 << 30, add_special_tokens: bool = False):
+                 max_episodes: int = 256, max_cache_bytes: int = 4 << 30, add_special_tokens: bool = False,
+                 share_prefix: bool = True, min_shared_prefix: int = 16):
         refusal = plain_cache_refusal(model)
         if refusal is not None:
             raise ValueError(f"LLMPolicy keeps episode caches batched and padded, which needs plain full-attention cache "
@@ -88,12 +100,15 @@ class LLMPolicy:
         self.max_episodes = max_episodes
         self.max_cache_bytes = max_cache_bytes
         self.add_special_tokens = add_special_tokens
+        self.share_prefix = share_prefix and prefix_attention_refusal(model) is None
+        self.min_shared_prefix = min_shared_prefix
         self._episodes: list[_Episode] = []
         self._calls = 0
         self._ends = eos_ids(model, tokenizer)
         self._record: tuple[int, torch.Tensor] | None = None
-        self.stats = {"calls": 0, "fed_tokens": 0, "generated_tokens": 0}
-        """Work done so far: policy calls, tokens fed to extend cached transcripts, tokens generated."""
+        self.stats = {"calls": 0, "fed_tokens": 0, "generated_tokens": 0, "shared_prefix_tokens": 0}
+        """Work done so far: policy calls, tokens fed to extend cached transcripts, tokens generated, and the
+        prefix tokens the calls' batches held once instead of once per row (summed over calls)."""
 
     def record(self, layer: int, columns: torch.Tensor) -> None:
         """Keep the activations of ``columns`` (LongTensor (k,), neuron indices) at decoder block ``layer`` for every
@@ -174,6 +189,19 @@ class LLMPolicy:
                        layer_idx)
         return out
 
+    def _joined_row(self, prefix: SharedPrefix | None, cache, j: int, start: int):
+        """Row ``j`` of the batch ``cache`` (from position ``start``) as a whole batch-1 episode cache: behind the
+        shared ``prefix`` when the batch held one, else as it is."""
+        from transformers import DynamicCache
+
+        if prefix is None:
+            return self._row_cache(cache, j, start)
+        out = DynamicCache(config=self.model.config)
+        for layer_idx, layer in enumerate(cache.layers):
+            out.update(torch.cat([prefix.keys[layer_idx], layer.keys[j : j + 1, :, start:]], 2),
+                       torch.cat([prefix.values[layer_idx], layer.values[j : j + 1, :, start:]], 2), layer_idx)
+        return out
+
     def _feed(self, ep: _Episode, ids: list[int], tracker=None) -> None:
         """Feed ``ids[len(ep.ids):]`` into the episode's cache (recording into ``ep.acts`` when the policy records)."""
         new = ids[len(ep.ids):]
@@ -245,6 +273,18 @@ class LLMPolicy:
         """Bytes of keys and values the kept episode caches hold."""
         return sum(cache_nbytes(e.cache) for e in self._episodes)
 
+    def _shared_prefix(self, episodes: Sequence[_Episode]) -> SharedPrefix | None:
+        """The prefix the caches of ``episodes`` share (from the first's cache; every episode keeps at least one
+        token of its own), or None when sharing is off, there is one episode or the prefix is short."""
+        if not self.share_prefix or len(episodes) < 2:
+            return None
+        n = shared_prefix_len([ep.ids for ep in episodes], self.min_shared_prefix)
+        if not n:
+            return None
+        layers = episodes[0].cache.layers
+        self.stats["shared_prefix_tokens"] += n
+        return SharedPrefix([layer.keys[:, :, :n] for layer in layers], [layer.values[:, :, :n] for layer in layers])
+
     # -- acting --------------------------------------------------------------------------------------------
     def act(self, observations: list[str]) -> list[str]:
         """The next step's text for each observation (transcripts), decoded together."""
@@ -259,10 +299,16 @@ class LLMPolicy:
                 self._feed(ep, ids[:-1], tracker)  # the last token goes with the batch's first step
                 episodes.append(ep)
             # one batch: every cache left-padded to the longest, masks marking the real positions (the episodes'
-            # own caches are used: each gets its row back when its step ends)
-            lengths = [len(ep.ids) for ep in episodes]
+            # own caches are used: each gets its row back when its step ends). A prefix every episode shares is
+            # held once and each row keeps only its own tokens.
+            shared = self._shared_prefix(episodes)
+            start = 0 if shared is None else shared.length
+            lengths = [len(ep.ids) - start for ep in episodes]
             pads = [max(lengths) - n for n in lengths]
-            cache = stack_caches([ep.cache for ep in episodes], pads)
+            own = ([ep.cache for ep in episodes] if shared is None
+                   else [self._row_cache(ep.cache, 0, start) for ep in episodes])
+            cache = stack_caches(own, pads)
+            forward_kwargs = {} if shared is None else {"shared_prefix": shared}
             mask = torch.tensor([[0] * pad + [1] * n for pad, n in zip(pads, lengths)])
             sample_on = logits_device(self.model)
             gens = [row_generator(self.seed, call * 4096 + i, sample_on) for i in range(len(episodes))]
@@ -270,37 +316,40 @@ class LLMPolicy:
             fed: list[list[torch.Tensor]] = [[] for _ in episodes]  # recorded (k,) per token fed in the batch
             alive = list(range(len(episodes)))
             tokens = [ids[-1] for ids in all_ids]  # each observation's last token, then the generated ones
-            while True:
-                last, mask = decode_step(self.model, cache, mask, tokens,
-                                         [len(all_ids[i]) + len(generated[i]) - 1 for i in alive])
-                got = self._recorded(tracker)
-                if got is not None:
-                    for j, i in enumerate(alive):
-                        fed[i].append(got[j, 0])
-                keep = []
-                for j, (i, tok) in enumerate(zip(alive, next_tokens(last, self.sampling, [gens[i] for i in alive]))):
-                    ends = tok in self._ends  # an end token: every generated token was fed back
-                    if not ends:
-                        generated[i].append(tok)
-                        if (len(generated[i]) < self.max_step_tokens
-                                and not hits_stop(self.tokenizer, generated[i], [STEP_STOP])):
-                            keep.append(j)
-                            continue
-                    # the row is done: its cache leaves the batch with the episode; a last generated token (not
-                    # fed) is fed with the episode's next step
-                    ep = episodes[i]
-                    ep.cache = self._row_cache(cache, j, pads[i])
-                    ep.ids = all_ids[i] + (generated[i] if ends else generated[i][:-1])
-                    ep.pending = [] if ends else generated[i][-1:]
-                    if ep.acts is not None:
-                        ep.acts = torch.cat([ep.acts, torch.stack(fed[i])])
-                if not keep:
-                    break
-                if len(keep) < len(alive):
-                    cache.batch_select_indices(torch.tensor(keep))  # CPU indices serve layers on every device
-                    mask = mask[keep]
-                    alive = [alive[j] for j in keep]
-                tokens = [generated[i][-1] for i in alive]
+            attention = switched_attention(self.model) if shared is not None else contextlib.nullcontext()
+            with attention:  # checked in __init__
+                while True:
+                    last, mask = decode_step(self.model, cache, mask, tokens,
+                                             [len(all_ids[i]) + len(generated[i]) - 1 for i in alive],
+                                             **forward_kwargs)
+                    got = self._recorded(tracker)
+                    if got is not None:
+                        for j, i in enumerate(alive):
+                            fed[i].append(got[j, 0])
+                    keep = []
+                    for j, (i, tok) in enumerate(zip(alive, next_tokens(last, self.sampling, [gens[i] for i in alive]))):
+                        ends = tok in self._ends  # an end token: every generated token was fed back
+                        if not ends:
+                            generated[i].append(tok)
+                            if (len(generated[i]) < self.max_step_tokens
+                                    and not hits_stop(self.tokenizer, generated[i], [STEP_STOP])):
+                                keep.append(j)
+                                continue
+                        # the row is done: its cache leaves the batch with the episode; a last generated token (not
+                        # fed) is fed with the episode's next step
+                        ep = episodes[i]
+                        ep.cache = self._joined_row(shared, cache, j, pads[i])
+                        ep.ids = all_ids[i] + (generated[i] if ends else generated[i][:-1])
+                        ep.pending = [] if ends else generated[i][-1:]
+                        if ep.acts is not None:
+                            ep.acts = torch.cat([ep.acts, torch.stack(fed[i])])
+                    if not keep:
+                        break
+                    if len(keep) < len(alive):
+                        cache.batch_select_indices(torch.tensor(keep))  # CPU indices serve layers on every device
+                        mask = mask[keep]
+                        alive = [alive[j] for j in keep]
+                    tokens = [generated[i][-1] for i in alive]
         self.stats["fed_tokens"] += len(episodes)  # each observation's last token
         steps = []
         for obs, ep, gen in zip(observations, episodes, generated):

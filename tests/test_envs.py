@@ -271,6 +271,9 @@ def test_bench_env_runs_both_arms_on_a_tiny_model(tiny_llama, tmp_path):
     out = bench_env(cfg)
     assert out["n_episodes"] == 3 and 3 <= out["env_steps"] <= 6
     assert out["ratio"] > 0 and out["policy_stats"]["calls"] >= 1
+    # the shared-prefix arm generated what the copied one did, and shared its prompts' prefix
+    assert out["same_generated_tokens"] and out["policy_stats"]["shared_prefix_tokens"] > 0
+    assert out["ratio_shared_vs_copied_prefix"] > 0
 
 
 def test_bench_rollouts_runs_every_arm_on_a_tiny_model(tiny_llama, tmp_path):
@@ -487,3 +490,45 @@ def test_policy_and_wrapper_on_the_real_default_model(real_model):
         whole = reader.read([ids[:p]], [ids[p:]])[0]
         np.testing.assert_allclose(env.internal_values, whole.values, atol=1e-4)
         assert len(whole.values) == len(steps) + 1
+
+
+def test_llm_policy_shares_the_few_shot_prefix_and_changes_no_step(monkeypatch):
+    """Episodes of one call share their few-shot prefix: the batch holds it once (each row's cache is narrower
+    than the prefix), and sampled steps and recorded activations equal the copied prefix's."""
+    import torch
+
+    import rpe.envs.policy as policy_module
+    from rpe.kvcache import cache_len
+    from rpe.sampling import SamplingConfig
+
+    tok, venv, obs, policy = _three_episodes()
+    prompt_len = len(tok(obs[0], add_special_tokens=False)["input_ids"])
+    widths = []
+    real_step = policy_module.decode_step
+
+    def spy(model, cache, mask, tokens, positions, **kw):
+        widths.append((cache_len(cache), "shared_prefix" in kw))
+        return real_step(model, cache, mask, tokens, positions, **kw)
+
+    monkeypatch.setattr(policy_module, "decode_step", spy)
+    sampled = SamplingConfig(temperature=1.0)
+    shared, copied = policy(sampling=sampled, seed=3), policy(sampling=sampled, seed=3, share_prefix=False)
+    for p in (shared, copied):
+        p.record(2, torch.tensor([0, 5, 9]))
+    runs = {}
+    for name, p in (("shared", shared), ("copied", copied)):
+        widths.clear()
+        o, _ = venv.reset(seed=0)
+        steps = []
+        for _ in range(3):
+            steps.append(p(list(o)))
+            o, _, _, _, _ = venv.step(steps[-1])
+        runs[name] = (steps, [p.observe(x)[1] for x in o], list(widths))
+    (steps_s, acts_s, widths_s), (steps_c, acts_c, widths_c) = runs["shared"], runs["copied"]
+    assert steps_s == steps_c
+    for a, b in zip(acts_s, acts_c):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert all(kw for _, kw in widths_s) and not any(kw for _, kw in widths_c)
+    # the rows of the copied batch hold the whole prompt (all but its last token), the shared batch's rows their own
+    assert max(w for w, _ in widths_s) < prompt_len // 4 and min(w for w, _ in widths_c) == prompt_len - 1
+    assert shared.stats["shared_prefix_tokens"] >= 3 * (prompt_len // 2) and copied.stats["shared_prefix_tokens"] == 0

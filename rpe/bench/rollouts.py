@@ -294,36 +294,45 @@ def bench_env(cfg: RolloutBenchConfig, bundle_dir: str | None = None) -> dict[st
         tokens += sum(max(1, len(c)) for c in gen.completion_ids)
     rollouts_tps = tokens / (time.perf_counter() - start)
 
-    start, steps_taken = time.perf_counter(), 0
-    policy = LLMPolicy(model, tokenizer, sampling=sampling, max_step_tokens=cfg.max_step_tokens, seed=cfg.seed)
-    for i in range(0, len(problems), cfg.batch_size):
-        envs = [InternalRPE(ReasoningEnv(task, n_problems=len(problems), problem_seed=cfg.seed, prompt_fn=builder,
-                                         max_steps=cfg.max_steps), bundle, policy)
-                for _ in problems[i : i + cfg.batch_size]]
-        obs = [env.reset(seed=cfg.seed, options={"problem_index": i + j})[0] for j, env in enumerate(envs)]
-        active = list(range(len(envs)))
-        while active:
-            steps = policy([obs[j] for j in active])
-            still = []
-            for j, step in zip(active, steps):
-                obs[j], _, terminated, truncated, _ = envs[j].step(step)
-                steps_taken += 1
-                if not (terminated or truncated):
-                    still.append(j)
-            active = still
-    env_s = time.perf_counter() - start
-    env_tps = policy.stats["generated_tokens"] / env_s
+    def episodes(share_prefix: bool) -> tuple[float, int, dict]:
+        """Useful tokens/s of every problem's episode, the environment steps taken, the policy's stats."""
+        start, steps_taken = time.perf_counter(), 0
+        policy = LLMPolicy(model, tokenizer, sampling=sampling, max_step_tokens=cfg.max_step_tokens, seed=cfg.seed,
+                           share_prefix=share_prefix)
+        for i in range(0, len(problems), cfg.batch_size):
+            envs = [InternalRPE(ReasoningEnv(task, n_problems=len(problems), problem_seed=cfg.seed, prompt_fn=builder,
+                                             max_steps=cfg.max_steps), bundle, policy)
+                    for _ in problems[i : i + cfg.batch_size]]
+            obs = [env.reset(seed=cfg.seed, options={"problem_index": i + j})[0] for j, env in enumerate(envs)]
+            active = list(range(len(envs)))
+            while active:
+                steps = policy([obs[j] for j in active])
+                still = []
+                for j, step in zip(active, steps):
+                    obs[j], _, terminated, truncated, _ = envs[j].step(step)
+                    steps_taken += 1
+                    if not (terminated or truncated):
+                        still.append(j)
+                active = still
+        return policy.stats["generated_tokens"] / (time.perf_counter() - start), steps_taken, policy.stats
+
+    copied_tps, _, copied_stats = episodes(share_prefix=False)
+    env_tps, steps_taken, stats = episodes(share_prefix=True)
     return {
         "bench": "env",
         "model": cfg.model,
         "task": cfg.task,
         "n_episodes": len(problems),
         "batch_size": cfg.batch_size,
-        "useful_tokens_per_s": {"rpe_rollouts": round(rollouts_tps, 2), "llm_policy_internal_rpe": round(env_tps, 2)},
+        "useful_tokens_per_s": {"rpe_rollouts": round(rollouts_tps, 2), "llm_policy_internal_rpe": round(env_tps, 2),
+                                "llm_policy_copied_prefix": round(copied_tps, 2)},
         "env_steps": steps_taken,
-        "policy_stats": policy.stats,
+        "policy_stats": stats,
+        "same_generated_tokens": stats["generated_tokens"] == copied_stats["generated_tokens"],
         "ratio": round(env_tps / rollouts_tps, 3),
-        "goal": "episodes through LLMPolicy + InternalRPE >= 0.8x rpe rollouts (issue #15)",
+        "ratio_shared_vs_copied_prefix": round(env_tps / copied_tps, 3),
+        "goal": "episodes through LLMPolicy + InternalRPE >= 0.8x rpe rollouts (issue #15); the shared prefix "
+                "(issue #31) faster than the copied one",
     }
 
 
