@@ -83,22 +83,35 @@ class _Row:
             self.keep(self.keeper.flush())
 
 
+BOUNDARY_SEGMENTERS = ("paragraph", "newline", "sentence")
+"""Segmenters whose step ends :class:`BoundaryKeeper` finds as tokens arrive (``regex`` keeps every token)."""
+
+
 class BoundaryKeeper:
     """Which fed tokens boundary-only recording keeps, decided as tokens arrive.
 
     The ``paragraph`` and ``newline`` segmenters end a step at its last visible character, and a newline follows
     it: so when a token with a newline arrives, the newest held-back token with visible text (white space may sit
-    between) and everything after it are kept, the newline token too; at the end, the held-back tokens are kept
+    between) and everything after it are kept, the newline token too. The ``sentence`` segmenter ends a step at a
+    ``.``, ``!`` or ``?`` followed by white space: when a token with white space arrives and the visible text
+    before that white space ends in one of them, the token holding that character (this one, or the newest
+    held-back token with visible text) and everything after it are kept. At the end, the held-back tokens are kept
     (the final step ends there). At most ``hold`` tokens are held back at once. A state that still misses (a
     longer run of white space) is computed by a forward of its own (:func:`rpe.store.states_from_generation`).
     """
 
-    def __init__(self, hold: int = 8):
+    def __init__(self, hold: int = 8, segmenter: str = "paragraph"):
+        if segmenter not in BOUNDARY_SEGMENTERS:
+            raise ValueError(f"boundary-only recording knows the {', '.join(BOUNDARY_SEGMENTERS)} segmenters, not "
+                             f"{segmenter!r} (record every token instead)")
         self.hold = hold
+        self.sentences = segmenter == "sentence"
         self.pending: list[tuple[int, str]] = []
 
     def fed(self, position: int, piece: str) -> list[int]:
         """Positions to keep now, after the token at ``position`` whose text is ``piece`` was fed."""
+        if self.sentences:
+            return self._fed_sentence(position, piece)
         if "\n" not in piece:
             self.pending = [*self.pending[-(self.hold - 1):], (position, piece)]
             return []
@@ -110,6 +123,24 @@ class BoundaryKeeper:
         keep = [p for p, _ in self.pending[back:]] + [position]
         self.pending.clear()
         return keep
+
+    def _fed_sentence(self, position: int, piece: str) -> list[int]:
+        space = next((i for i, c in enumerate(piece) if c.isspace()), None)
+        if space is None:
+            self.pending = [*self.pending[-(self.hold - 1):], (position, piece)]
+            return []
+        if piece[:space].strip():  # the visible text before the white space ends in this token
+            back, held = len(self.pending), [*self.pending, (position, piece)]
+        else:  # in the newest held-back token with visible text, if any
+            back = next((k for k in range(len(self.pending) - 1, -1, -1) if self.pending[k][1].strip()), None)
+            held = [*self.pending, (position, piece)]
+        last = None if back is None else held[back]  # the token holding the last visible character
+        ends_sentence = last is not None and last[1][:space if last[0] == position else None].rstrip()[-1] in ".!?"
+        if piece[space:].strip():  # visible text after the white space: a new stretch starts in this token
+            self.pending = [(position, piece)]
+        else:  # only white space after it: the last visible token stays held (the final step may end there)
+            self.pending = [] if ends_sentence or last is None else [last]
+        return [p for p, _ in held[back:]] if ends_sentence else []
 
     def waiting(self) -> list[int]:
         """Positions held back, not decided yet."""
@@ -157,7 +188,7 @@ def generate_continuous(
     token_logprobs: bool = False,
     record_layers: Sequence[int] | None = None,
     record_neurons: torch.Tensor | None = None,
-    record_boundaries_only: bool = False,
+    record_boundaries_only: bool | str = False,
     share_prefix: bool = True,
 ) -> tuple[GeneratedBatch, list[dict[int, torch.Tensor]] | None]:
     """Sample a completion for every prompt with continuous batching (see the module docstring).
@@ -176,10 +207,11 @@ def generate_continuous(
         token_logprobs: also return each generated token's log-probability under the raw distribution.
         record_layers: decoder blocks whose outputs are recorded for every token after the shared prefix.
         record_neurons: optional neuron columns kept of each recorded layer.
-        record_boundaries_only: keep only what step boundaries of the ``paragraph`` and ``newline`` segmenters
-            need: the last prompt token (s_0), each token with a newline and the last visible token before it (a
-            step's end), and each row's last fed tokens; ``batch.activation_positions`` says which positions
-            each row kept. Memory per row is then proportional to its steps, not its tokens.
+        record_boundaries_only: keep only what step boundaries need (True: the ``paragraph`` segmenter's; or a
+            segmenter's name, :data:`BOUNDARY_SEGMENTERS`): the last prompt token (s_0), each step's end as
+            :class:`BoundaryKeeper` finds them, and each row's last fed tokens; ``batch.activation_positions``
+            says which positions each row kept. Memory per row is then proportional to its steps, not its
+            tokens.
         share_prefix: keep one physical copy of the shared prefix's keys and values that every row attends to
             (:mod:`rpe.prefix_attention`) instead of a copy in every row's cache; False copies it (the engine
             before shared-prefix attention; also where :func:`rpe.prefix_attention.prefix_attention_refusal`
@@ -198,6 +230,9 @@ def generate_continuous(
     if refusal is not None:
         raise ValueError(f"continuous batching cannot serve this {model.config.model_type} model ({refusal}); use "
                          f"rpe.generation.generate_from_ids with engine='generate'")
+    boundaries = "paragraph" if record_boundaries_only is True else record_boundaries_only
+    if boundaries and boundaries not in BOUNDARY_SEGMENTERS:
+        raise ValueError(f"record_boundaries_only: {boundaries!r} is not one of {', '.join(BOUNDARY_SEGMENTERS)}")
     if max_rows < 1 or refill < 1:
         raise ValueError(f"max_rows and refill must be >= 1, got {max_rows}, {refill}")
     enc = [list(p) for p in prompt_ids]
@@ -272,7 +307,7 @@ def generate_continuous(
                 n = len(suffixes[u])
                 if record_boundaries_only:  # s_0 only: the prompt's last token
                     r.recorded = {layer: [got[layer][u, ws - 1 : ws].cpu()] for layer in layers}
-                    r.positions, r.keeper = [n - 1], BoundaryKeeper()
+                    r.positions, r.keeper = [n - 1], BoundaryKeeper(segmenter=boundaries)
                 else:
                     r.recorded = {layer: [got[layer][u, ws - n :].cpu()] for layer in layers}
         logits = out.logits[:, -1][order]
@@ -333,4 +368,4 @@ def generate_continuous(
     return batch, recorded
 
 
-__all__ = ["BoundaryKeeper", "decode_step", "feed_tokens", "generate_continuous"]
+__all__ = ["BOUNDARY_SEGMENTERS", "BoundaryKeeper", "decode_step", "feed_tokens", "generate_continuous"]

@@ -115,7 +115,7 @@ def generate_from_ids(
     max_rows: int | None = None,
     record_layers: Sequence[int] | None = None,
     record_neurons: torch.Tensor | None = None,
-    record_boundaries_only: bool = False,
+    record_boundaries_only: bool | str = False,
     share_prefix: bool = True,
 ) -> GeneratedBatch:
     """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion).

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rpe.decoding import BOUNDARY_SEGMENTERS
 from rpe.distributed import Ranks, barrier, broadcast_object, current_ranks
 from rpe.generation import generate_batch, resolve_engine
 from rpe.sampling import GeneratedBatch, SamplingConfig
@@ -61,7 +62,6 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG_FILE = "run_config.json"
 PARTS_DIR = "parts"
 STATES_FILE = "states.safetensors"
-BOUNDARY_SEGMENTERS = ("paragraph", "newline")
 """Segmenters whose step ends sit next to a newline: capture during generation keeps only those tokens."""
 
 if TYPE_CHECKING:
@@ -95,8 +95,8 @@ class RolloutConfig:
     """Prompts longer than this are cut from the left (the question stays) and flagged ``prompt_truncated``."""
     capture_layers: list[int] | None = None
     """Record activations of these decoder layers at s_0..s_T during generation (hooks on the same forward
-    passes, no second pass); written to ``states.safetensors`` for ``rpe fit``. With the ``paragraph`` and
-    ``newline`` segmenters only the tokens at step boundaries are kept while generating
+    passes, no second pass); written to ``states.safetensors`` for ``rpe fit``. With the ``paragraph``,
+    ``newline`` and ``sentence`` segmenters only the tokens at step boundaries are kept while generating
     (:class:`rpe.decoding.BoundaryKeeper`), so memory grows with steps, not tokens."""
     capture_neurons: list[int] | None = None
     """Keep only these neuron columns when capturing (default: all of d_model)."""
@@ -283,7 +283,7 @@ def collect_rollouts(
                 engine=engine,
                 record_layers=cfg.capture_layers if continuous else None,
                 record_neurons=neurons if continuous else None,
-                record_boundaries_only=continuous and cfg.segmenter in BOUNDARY_SEGMENTERS,
+                record_boundaries_only=cfg.segmenter if continuous and cfg.segmenter in BOUNDARY_SEGMENTERS else False,
             )
 
         kept = None

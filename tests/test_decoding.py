@@ -147,8 +147,11 @@ def test_stack_caches_pads_each_cache_on_the_left_and_joins_the_rows(tiny_llama)
 
 
 def test_boundary_keeper_keeps_every_step_end_and_little_else():
-    """Boundary-only capture keeps the last token of every paragraph and newline step as tokens arrive (white
-    space before the separator, a newline merged into the step's last token, the final step without one)."""
+    """Boundary-only capture keeps the last token of every paragraph, newline and sentence step as tokens arrive
+    (white space before the separator, a newline merged into the step's last token, a decimal point that ends no
+    sentence, the final step without one)."""
+    import itertools
+
     from rpe.decoding import BoundaryKeeper
     from rpe.models import DEFAULT_MODEL, is_fetched, model_dir
     from rpe.segment import split_steps, token_char_ends, token_spans
@@ -160,11 +163,11 @@ def test_boundary_keeper_keeps_every_step_end_and_little_else():
 
         tokenizers.append(AutoTokenizer.from_pretrained(model_dir(DEFAULT_MODEL)))
     text = ("Step 1: 3 + 4 = 7.  \n\nStep 2: 7 - 2 = 5.\n\n\nStep 3: we add 5 and 1, which gives 6 in all.\n"
-            "\nAnswer: 6")
-    for tok in tokenizers:
+            "\nIs 6.5 right? No! It is 6. Answer: 6")
+    for tok, text in itertools.product(tokenizers, (text, text + " \n")):  # the final step with white space after
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        for segmenter in ("paragraph", "newline"):
-            keeper, kept = BoundaryKeeper(), []
+        for segmenter in ("paragraph", "newline", "sentence"):
+            keeper, kept = BoundaryKeeper(segmenter=segmenter), []
             for position, i in enumerate(ids):
                 kept += keeper.fed(position, tok.decode([i]))
             kept += keeper.flush()

@@ -162,13 +162,14 @@ def test_real_model_rollouts_are_multi_step_and_scored(real_model, tmp_path):
         assert t.reward == float(t.final_answer == t.reference_answer)
 
 
-def test_capture_during_generation_matches_a_separate_pass(tiny_llama, tmp_path):
+@pytest.mark.parametrize("segmenter", ["paragraph", "sentence"])
+def test_capture_during_generation_matches_a_separate_pass(tiny_llama, tmp_path, segmenter):
     import torch
 
     from rpe.store import StateSet, capture_states
 
     model, tok = tiny_llama
-    cfg = _cfg(n_problems=3, samples=2, batch_size=4, capture_layers=[1, 3])
+    cfg = _cfg(n_problems=3, samples=2, batch_size=4, capture_layers=[1, 3], segmenter=segmenter)
     collect_rollouts(model, tok, cfg, tmp_path, model_name="tiny")
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["files"]["states"] == "states.safetensors"
