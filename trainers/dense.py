@@ -30,7 +30,6 @@ rewards are reported to degrade once an earlier step is wrong ("prefix contamina
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from trl import GRPOTrainer
 
+from rpe.contamination import first_wrong_step
 from rpe.probe import ProbeState, td_errors
 from rpe.signals import unwrap_model
 
@@ -53,8 +53,6 @@ logger = logging.getLogger(__name__)
 
 DENSE_SOURCES = ("value_diff", "dopamine", "random_direction")
 DENSE_SCALES = ("raw", "batch_std")
-
-_ARITHMETIC = re.compile(r"(-?\d+)\s*([+\-*x])\s*(-?\d+)\s*=\s*(-?\d+)")
 
 
 @dataclass
@@ -94,18 +92,6 @@ def random_direction_state(state: ProbeState, seed: int) -> ProbeState:
     r = torch.randn(w.shape, generator=g, dtype=w.dtype)
     weights[first] = r * (w.norm() / r.norm().clamp_min(1e-12))
     return replace(state, weights=weights)
-
-
-def first_wrong_step(step_texts: list[str]) -> int | None:
-    """Index of the first step whose arithmetic ``a op b = c`` is wrong; None when every checkable step is right
-    (steps without arithmetic are not checked)."""
-    for i, text in enumerate(step_texts):
-        for a, op, b, c in _ARITHMETIC.findall(text):
-            x, y = int(a), int(b)
-            value = x + y if op == "+" else x - y if op == "-" else x * y
-            if value != int(c):
-                return i
-    return None
 
 
 def step_credit(values: np.ndarray, dopamine: np.ndarray, cfg: DenseCreditConfig) -> np.ndarray:
