@@ -7,6 +7,9 @@ Per shape, every number beside its baseline from the same run:
 - rollouts with capture of 4 layers (rpe's default engine) vs plain ``model.generate`` on the same prompts:
   useful (generated) tokens per second;
 - the default engine with capture vs without: time and peak memory;
+- GRPO-style groups (Qwen2.5-1.5B shape): ``--group`` completions of each prompt sampled together by rpe's engine
+  with the prompt shared (one copy of its keys and values, :mod:`rpe.prefix_attention`) vs copied into every
+  row vs ``model.generate(num_return_sequences=...)``: useful tokens per second and peak memory;
 - ``fit`` (linear probe, 5 folds, 4 layers) on the captured states, labels synthetic (a random model solves
   nothing);
 - one GRPO step with ``RPECallback`` vs stock GRPO (LoRA), when TRL is importable;
@@ -37,6 +40,8 @@ SHAPES = {  # published configs of the models our users bring (no weights: rando
     "llama-3-8b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                        num_attention_heads=32, num_key_value_heads=8, rope_theta=5e5)),
 }
+GROUP_SHAPES = ("qwen2.5-1.5b", "tiny-llama")
+"""Shapes that run the GRPO-group stage (the issue's 1.5B shape with 16 completions per prompt)."""
 TINY = {"tiny-llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                            num_attention_heads=4, num_key_value_heads=2))}
 
@@ -148,6 +153,9 @@ def check_shape(name: str, shape, tok, tok_name: str, device: torch.device, args
     out["capture_vs_no_capture_time"] = round(stages["rollouts_capture"]["seconds"]
                                               / stages["rollouts_no_capture"]["seconds"], 3)
 
+    if name in GROUP_SHAPES:
+        out["groups"] = group_sampling(model, tok, prompts[: args.group_prompts], device, args)
+
     # fit on the captured states with synthetic labels (half the problems 'correct')
     states = StateSet.load(work / f"{name}-cap" / STATES_FILE)
     labels = {t.trajectory_id: float(int(t.problem_id.rsplit("/", 1)[-1]) % 2) for t in trajs}
@@ -165,6 +173,49 @@ def check_shape(name: str, shape, tok, tok_name: str, device: torch.device, args
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def group_sampling(model, tok, prompts: list[str], device: torch.device, args) -> dict:
+    """``args.group`` completions of each prompt (a GRPO group), one prompt at a time: rpe's engine with the prompt
+    shared by the group's rows, the same with it copied into every row, and ``model.generate`` with
+    ``num_return_sequences``."""
+    from rpe.generation import generate_from_ids
+    from rpe.sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature=0.7, max_new_tokens=args.new_tokens)
+    encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    useful: dict[str, int] = {}
+
+    def engine(share: bool):
+        def run():
+            useful[f"share_{share}"] = sum(
+                sum(len(c) for c in generate_from_ids(model, tok, [ids] * args.group, sampling, seed=i,
+                                                      share_prefix=share, min_prefix=1).completion_ids)
+                for i, ids in enumerate(encoded))
+        return run
+
+    def plain():
+        total = 0
+        for ids in encoded:
+            with torch.inference_mode():
+                gen = model.generate(input_ids=torch.tensor([ids], device=device), do_sample=True, temperature=0.7,
+                                     top_k=50, max_new_tokens=args.new_tokens, num_return_sequences=args.group,
+                                     pad_token_id=tok.pad_token_id)
+            total += (gen.shape[1] - len(ids)) * args.group
+        useful["generate"] = total
+
+    arms = {}
+    for label, fn, key in (("generate", plain, "generate"), ("prompt_copied", engine(False), "share_False"),
+                           ("prompt_shared", engine(True), "share_True")):
+        with Peak(device) as peak:
+            fn()
+        arms[label] = {"seconds": round(peak.seconds, 3), "peak_mib": round(peak.peak_mib, 1),
+                       "useful_tokens_per_s": round(useful[key] / peak.seconds, 1)}
+    return {"prompts": len(prompts), "completions_per_prompt": args.group, "arms": arms,
+            "shared_vs_copied_tokens_per_s": round(arms["prompt_shared"]["useful_tokens_per_s"]
+                                                   / arms["prompt_copied"]["useful_tokens_per_s"], 3),
+            "shared_vs_generate_tokens_per_s": round(arms["prompt_shared"]["useful_tokens_per_s"]
+                                                     / arms["generate"]["useful_tokens_per_s"], 3)}
 
 
 def grpo_steps(model, tok, bundle, task, builder, device, args, work: Path) -> dict:
@@ -206,12 +257,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--problems", type=int, default=None, help="problems per rollout run (default 64; tiny 16)")
     ap.add_argument("--batch", type=int, default=None, help="rows per batch (default 32; tiny 6)")
     ap.add_argument("--new-tokens", type=int, default=None, help="tokens per completion (default 256; tiny 16)")
+    ap.add_argument("--group", type=int, default=None, help="completions per prompt in the group stage (default 16; tiny 4)")
+    ap.add_argument("--group-prompts", type=int, default=None, help="prompts in the group stage (default 4; tiny 2)")
     ap.add_argument("--work", type=Path, default=Path("runs/gpu_check"))
     ap.add_argument("--out", type=Path, default=None, help="JSON result (default WORK/gpu_check.json)")
     args = ap.parse_args(argv)
     args.problems = args.problems or (16 if args.tiny else 64)
     args.batch = args.batch or (6 if args.tiny else 32)
     args.new_tokens = args.new_tokens or (16 if args.tiny else 256)
+    args.group = args.group or (4 if args.tiny else 16)
+    args.group_prompts = args.group_prompts or (2 if args.tiny else 4)
     logging.basicConfig(level=logging.WARNING)
     from rpe.bench.machine import machine_info
 
