@@ -98,28 +98,47 @@ def prompt_text(prompt, tokenizer) -> str:
     return tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
 
 
+SELECT_BY = ("value", "length", "random")
+"""Rules of :func:`select_dataset`: the internal value's band, or a control at the band's keep rate."""
+
+
 def select_dataset(dataset, model, tokenizer, bundle, cfg: SelectionConfig, *, prompt_column: str = "prompt",
-                   batch_size: int = 16) -> tuple[object, dict[str, float]]:
-    """A TRL training dataset narrowed to the prompts :func:`select_by_value` keeps (their V(s_0) in a column
-    ``rpe_value_s0``), and a summary (``n``, ``kept``, ``kept_share``, ``below_low``, ``above_high``).
+                   batch_size: int = 16, select_by: str = "value",
+                   questions: Sequence[str] | None = None) -> tuple[object, dict[str, float]]:
+    """A TRL training dataset narrowed to the prompts a rule keeps (their V(s_0) in a column ``rpe_value_s0``),
+    and a summary (``n``, ``kept``, ``kept_share``, ``below_low``, ``above_high``, ``select_by``).
+
+    ``select_by``: ``value`` keeps what :func:`select_by_value` keeps; the controls keep as many prompts as it
+    would: ``length`` those whose question length (characters of ``questions``, default the prompt texts) ranks
+    nearest the middle (:func:`select_by_score`, both extremes dropped as the band drops both), ``random`` a
+    uniform draw (:func:`random_keep`, ``cfg.seed``).
 
     Raises:
-        ValueError: the dataset has no ``prompt_column``, or every prompt is skipped (widen ``low``/``high`` or
-            raise ``explore``).
+        ValueError: the dataset has no ``prompt_column``, an unknown rule, ``questions`` of another length, or
+            every prompt is skipped (widen ``low``/``high`` or raise ``explore``).
     """
     if prompt_column not in dataset.column_names:
         raise ValueError(f"the dataset has no column {prompt_column!r} (columns: {', '.join(dataset.column_names)})")
-    values = prompt_values(model, tokenizer, bundle, [prompt_text(p, tokenizer) for p in dataset[prompt_column]],
-                           batch_size=batch_size)
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by {select_by!r} is not one of {', '.join(SELECT_BY)}")
+    texts = [prompt_text(p, tokenizer) for p in dataset[prompt_column]]
+    if questions is not None and len(questions) != len(texts):
+        raise ValueError(f"{len(questions)} questions for {len(texts)} prompts")
+    values = prompt_values(model, tokenizer, bundle, texts, batch_size=batch_size)
     keep = select_by_value(values, cfg)
     if not keep.any():
         raise ValueError(f"prompt selection kept none of {len(values)} prompts (V(s_0) from {values.min():.3f} to "
                          f"{values.max():.3f}, band [{cfg.low}, {cfg.high}]): widen the band or raise explore")
+    if select_by == "length":
+        keep = select_by_score(np.array([len(q) for q in (questions or texts)], dtype=np.float64), int(keep.sum()))
+    elif select_by == "random":
+        keep = random_keep(len(values), int(keep.sum()), seed=cfg.seed)
     summary = {"n": int(len(values)), "kept": int(keep.sum()), "kept_share": float(keep.mean()),
-               "below_low": float((values < cfg.low).mean()), "above_high": float((values > cfg.high).mean())}
+               "below_low": float((values < cfg.low).mean()), "above_high": float((values > cfg.high).mean()),
+               "select_by": select_by}
     narrowed = dataset.add_column("rpe_value_s0", values.tolist()).select(np.flatnonzero(keep).tolist())
     return narrowed, summary
 
 
-__all__ = ["SelectionConfig", "prompt_text", "prompt_values", "select_dataset", "random_keep", "select_by_score", "select_by_value",
+__all__ = ["SELECT_BY", "SelectionConfig", "prompt_text", "prompt_values", "select_dataset", "random_keep", "select_by_score", "select_by_value",
            "zero_advantage_share"]

@@ -12,6 +12,8 @@ def test_arithmetic_checks_whole_equations_with_precedence():
     assert arithmetic_right("Step 2: 7 - 9 = -2.") is True and arithmetic_right("2 + 3 x 4 = 14") is True
     assert arithmetic_right("5 - 3 = 3, then 3 + 1 = 4") is False and arithmetic_right("Answer: 4") is None
     assert first_wrong_step(["4 + 1 = 5.", "5 - 3 = 3.", "3 + 1 = 4."]) == 1
+    assert first_wrong_step(["4 + 1 = 5.", "5 - 3 = 2.", "The answer is 2."]) is None
+    assert first_wrong_step(["Let me think.", "2 * 3 = 7"]) == 1
     assert step_labels(["1 + 1 = 2.", "2 + 2 = 5.", "5 + 1 = 6.", "6 - 1 = 4.", "Answer: 4"]) == [
         "clean", "first_wrong", "after_right", "after_wrong", "unchecked"]
 

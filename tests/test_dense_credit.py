@@ -142,13 +142,6 @@ def test_random_direction_control_keeps_the_norm_and_changes_the_direction(bundl
     assert torch.equal(random_direction_state(state, seed=3).weights["net.0.weight"], r)  # seeded
 
 
-def test_first_wrong_arithmetic_step():
-    from rpe.trainers.dense import first_wrong_step
-
-    assert first_wrong_step(["4 + 1 = 5.", "5 - 3 = 2.", "The answer is 2."]) is None
-    assert first_wrong_step(["4 + 1 = 5.", "5 - 3 = 3.", "3 + 1 = 4."]) == 1
-    assert first_wrong_step(["Let me think.", "2 * 3 = 7"]) == 1
-
 
 def test_dense_recipe_runs_with_the_control(tmp_path, bundle_dir):
     import yaml

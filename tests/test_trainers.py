@@ -106,10 +106,23 @@ def test_recipe_selects_prompts_by_internal_value_before_training(tmp_path, bund
     np.testing.assert_allclose(sorted(kept["rpe_value_s0"]), sorted(values[values >= mid]), atol=1e-6)
     with pytest.raises(ValueError, match="kept none of 12 prompts"):
         select_dataset(ds, model, tok, bundle, SelectionConfig(low=1.0, high=1.0, explore=0.0))
+    # the controls keep as many prompts: the middle question lengths, or a seeded random draw
+    questions = [f"q{'x' * i}" for i in range(12)]
+    by_length, s_len = select_dataset(ds, model, tok, bundle, SelectionConfig(low=mid, high=1.0, explore=0.0),
+                                      select_by="length", questions=questions)
+    assert s_len["kept"] == summary["kept"] and s_len["select_by"] == "length"
+    middle = sorted(range(12), key=lambda i: abs(i - 5.5))[: summary["kept"]]
+    assert sorted(by_length["problem_id"]) == sorted(ds["problem_id"][i] for i in middle)
+    by_chance, s_rand = select_dataset(ds, model, tok, bundle, SelectionConfig(low=mid, high=1.0, explore=0.0, seed=3),
+                                       select_by="random")
+    assert s_rand["kept"] == summary["kept"] and len(by_chance) == summary["kept"]
+    with pytest.raises(ValueError, match="select_by 'entropy' is not one of value, length, random"):
+        select_dataset(ds, model, tok, bundle, SelectionConfig(), select_by="entropy")
     path = _tiny_recipe(tmp_path, bundle_dir, "grpo", select_prompts=True, select_low=0.0, select_high=1.0,
-                        select_explore=0.0, max_steps=1, **EOS_AT_LIMIT)
+                        select_explore=0.0, max_steps=1, select_by="random", **EOS_AT_LIMIT)
     outcome = train(*parse_recipe(path))
     assert outcome.summary["prompt_selection"]["n"] == 8 and outcome.summary["steps"] == 1
+    assert outcome.summary["prompt_selection"]["select_by"] == "random"
 
 
 def test_no_hook_or_wrapper_survives_training(tmp_path, bundle_dir):

@@ -189,4 +189,4 @@ class DenseRPEGRPOTrainer(GRPOTrainer):
 
 
 __all__ = ["DENSE_SCALES", "DENSE_SOURCES", "DenseCreditConfig", "DenseRPEGRPOTrainer", "credit_scale",
-           "first_wrong_step", "random_direction_state", "step_credit"]
+           "random_direction_state", "step_credit"]

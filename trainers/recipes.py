@@ -117,6 +117,9 @@ class RPEArguments:
     """``select_prompts``: prompts with V(s_0) above this are skipped."""
     select_explore: float = 0.1
     """``select_prompts``: share of the skipped prompts kept anyway, at random."""
+    select_by: str = "value"
+    """``select_prompts``: ``value`` (the V(s_0) band above), or a control that keeps as many prompts as the band
+    would: ``length`` (the question's length, both extremes dropped) or ``random``."""
     eval_before_after: bool = True
     """Evaluate the held-out problems before and after training (``eval_before/``, ``eval_after/``)."""
     eval_max_new_tokens: int = 128
@@ -135,6 +138,10 @@ class RPEArguments:
             )
         if (self.internal_rewards or self.trainer in ("internal_critic", "dense_rpe")) and not self.bundle:
             raise ValueError("internal rewards, the internal critic and dense credit need `bundle:` (run `rpe fit` first)")
+        from rpe.selection import SELECT_BY
+
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by {self.select_by!r} is not one of {', '.join(SELECT_BY)}")
         if self.select_prompts and not self.bundle:
             raise ValueError("select_prompts reads V(s_0) with the bundle: give `bundle:` (run `rpe reproduce` first)")
 
@@ -251,6 +258,19 @@ def build_dataset(task, builder, n: int, seed: int, chat: bool):
     return Dataset.from_list(rows), {p.id: p for p in problems}
 
 
+def training_prompts(rpe_args: RPEArguments, tokenizer, seed: int):
+    """What a recipe trains on: ``(task, prompt builder, dataset, problems by id)``; the few-shot examples are
+    never training questions."""
+    from rpe.prompts import PromptBuilder, PromptConfig
+    from rpe.tasks import load_task, question_key
+
+    task = load_task(rpe_args.task, **rpe_args.task_options)
+    asked = [question_key(p) for p in task.problems(rpe_args.n_train_problems, seed=seed)]
+    builder = PromptBuilder(task, tokenizer, PromptConfig(shots=rpe_args.shots), seed=seed, exclude_questions=asked)
+    dataset, problems = build_dataset(task, builder, rpe_args.n_train_problems, seed, builder.style == "chat")
+    return task, builder, dataset, problems
+
+
 def load_policy(rpe_args: RPEArguments, model_args, device) -> tuple[Any, Any]:
     """The policy and its tokenizer as ``model_args`` (TRL's ``ModelConfig``) asks: dtype (``auto`` = bf16 on
     CUDA, fp32 on a CPU), attention implementation and revision, on ``device``. ``tiny`` is the random tiny
@@ -309,8 +329,7 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
     """Run one recipe (``model_args``: TRL's ``ModelConfig``; default: its defaults with
     :data:`MODEL_CONFIG_DEFAULTS`)."""
     from trl import ModelConfig, get_peft_config
-    from rpe.prompts import PromptBuilder, PromptConfig
-    from rpe.tasks import load_task, question_key
+    from rpe.tasks import question_key
 
     from .callback import RPECallback
     from .critic import CriticConfig, InternalCriticGRPOTrainer
@@ -329,11 +348,7 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
     ranks = current_ranks()
     if ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    task = load_task(rpe_args.task, **rpe_args.task_options)
-    asked = [question_key(p) for p in task.problems(rpe_args.n_train_problems, seed=train_args.seed)]
-    builder = PromptBuilder(task, tok, PromptConfig(shots=rpe_args.shots), seed=train_args.seed, exclude_questions=asked)
-    chat = builder.style == "chat"
-    dataset, problems = build_dataset(task, builder, rpe_args.n_train_problems, train_args.seed, chat)
+    task, builder, dataset, problems = training_prompts(rpe_args, tok, train_args.seed)
     held_out_from = sorted({question_key(p) for p in problems.values()})  # evaluation never sees a training question
     summary: dict[str, Any] = {"recipe": {"rpe": _jsonable(vars(rpe_args)), "model": _jsonable(vars(model_args)),
                                           "trainer_class": type(train_args).__name__}}
@@ -344,7 +359,8 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
         chosen = SelectionConfig(low=rpe_args.select_low, high=rpe_args.select_high, explore=rpe_args.select_explore,
                                  seed=train_args.seed)
         dataset, summary["prompt_selection"] = select_dataset(
-            dataset, model, tok, SubsystemBundle.load(rpe_args.bundle, model=model, tokenizer=tok), chosen)
+            dataset, model, tok, SubsystemBundle.load(rpe_args.bundle, model=model, tokenizer=tok), chosen,
+            select_by=rpe_args.select_by, questions=[problems[i].prompt for i in dataset["problem_id"]])
         logger.info("prompt selection: %s", summary["prompt_selection"])
     if rpe_args.eval_before_after:
         before_dir = Path(rpe_args.eval_before_dir) if rpe_args.eval_before_dir else out / "eval_before"

@@ -1,0 +1,244 @@
+"""Prompt selection by internal value in GRPO against its controls, several seeds, one command.
+
+    python benchmarks/prompt_selection.py --bundle runs/demo/bundle --out runs/selection --seeds 0 1 2 \
+        --max-steps 30 --select-low 0.3 --select-high 0.9
+
+Arms (recipes/, same task, budget, seeds and held-out problems; only the training prompts differ):
+
+- ``grpo``: GRPO on every training prompt (recipes/grpo_baseline.yaml);
+- ``value``: GRPO on the prompts whose V(s_0), read by one prefill before training, lies in the band
+  (recipes/grpo_selected.yaml, ``select_by: value``);
+- ``length``: the control that keeps as many prompts by question length (middle lengths kept, both extremes
+  dropped as the band drops both);
+- ``random``: random skipping at the same keep rate.
+
+``--at-start`` measures the selection itself with more power and no training: for each seed's training
+prompts, G samples each from the base policy (the recipe's temperature and budget), and the share of
+zero-advantage groups among the prompts each rule keeps (value band; question length and random skipping at the
+same keep rate; no selection), with paired bootstrap intervals over prompts.
+
+Per run, from TRL's log: the share of zero-advantage groups (``frac_reward_zero_std``: all samples of the prompt
+got the same reward, nothing learnt), generated tokens (``completions/mean_length`` x completions per step) per
+group with a non-zero advantage, the training reward of the first and last 10 steps; after training, held-out
+accuracy (100 problems of a disjoint seed, shared by the arms of a seed), each arm's difference from ``grpo`` and
+``value`` minus each control, paired by problem within seeds, with bootstrap intervals. Writes
+OUT/selection_results.json (resumable: finished runs are kept) and prints Markdown tables; the last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from training_arms import paired_accuracy_difference, per_problem_rewards
+
+ARMS = {
+    "grpo": ("grpo_baseline.yaml", [], "GRPO on every prompt"),
+    "value": ("grpo_selected.yaml", ["--select_by", "value"], "GRPO on prompts selected by V(s_0)"),
+    "length": ("grpo_selected.yaml", ["--select_by", "length"], "control: selected by question length"),
+    "random": ("grpo_selected.yaml", ["--select_by", "random"], "control: random skipping"),
+}
+
+
+def run_record(out: Path, outcome, wall: float, train_args) -> dict:
+    """What one training run contributes: selection summary, zero-advantage share, tokens, rewards, held-out."""
+    history = json.loads((out / "log_history.json").read_text())
+    steps = [h for h in history if "rewards/correct/mean" in h]
+    zero = [h["frac_reward_zero_std"] for h in steps if "frac_reward_zero_std" in h]
+    lengths = [h["completions/mean_length"] for h in steps if "completions/mean_length" in h]
+    return {
+        "summary": outcome.summary, "wall_seconds": wall, "steps": len(steps),
+        "zero_advantage_share": float(np.mean(zero)) if zero else None,
+        "mean_completion_tokens": float(np.mean(lengths)) if lengths else None,
+        "reward_first10": float(np.mean([h["rewards/correct/mean"] for h in steps[:10]])),
+        "reward_last10": float(np.mean([h["rewards/correct/mean"] for h in steps[-10:]])),
+        "reward_curve": [h["rewards/correct/mean"] for h in steps],
+        "zero_curve": zero,
+        "after": per_problem_rewards(out / "eval_after"),
+        "completions_per_step": train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps,
+        "num_generations": train_args.num_generations,
+    }
+
+
+def at_start(args) -> dict:
+    """Zero-advantage share among the prompts each rule keeps, on the base policy (no training)."""
+    from rpe.bundle import SubsystemBundle
+    from rpe.generation import generate_batch
+    from rpe.metrics import cluster_resamples
+    from rpe.sampling import SamplingConfig
+    from rpe.selection import SelectionConfig, prompt_text, prompt_values, random_keep, select_by_score, select_by_value
+    from rpe.trainers.recipes import load_policy, parse_recipe, training_prompts
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "grpo_selected.yaml"
+    rows = {"zero": [], "rule": {r: [] for r in ("value", "length", "random", "none")}, "group": [], "values": [],
+            "tokens": []}
+    for seed in args.seeds:
+        rpe_args, train_args, model_args = parse_recipe(recipe, ["--bundle", args.bundle, "--seed", str(seed),
+                                                                 *band_overrides(args)])
+        model, tok = load_policy(rpe_args, model_args, train_args.device)
+        bundle = SubsystemBundle.load(rpe_args.bundle, model=model, tokenizer=tok)
+        task, builder, dataset, problems = training_prompts(rpe_args, tok, seed)
+        texts = [prompt_text(p, tok) for p in dataset["prompt"]]
+        ids = dataset["problem_id"]
+        values = prompt_values(model, tok, bundle, texts)
+        cfg = SelectionConfig(low=rpe_args.select_low, high=rpe_args.select_high, explore=rpe_args.select_explore,
+                              seed=seed)
+        keep = select_by_value(values, cfg)
+        g = train_args.num_generations
+        sampling = SamplingConfig(temperature=train_args.temperature, max_new_tokens=train_args.max_completion_length)
+        gen = generate_batch(model, tok, [t for t in texts for _ in range(g)], sampling, seed=seed,
+                             add_special_tokens=False, stop_strings=builder.stop_strings)
+        rewards = np.array([task.score(problems[ids[i // g]], text) for i, text in enumerate(gen.texts)]).reshape(-1, g)
+        rows["zero"] += (rewards == rewards[:, :1]).all(1).tolist()
+        rows["tokens"] += np.array([len(c) for c in gen.completion_ids]).reshape(-1, g).sum(1).tolist()
+        rows["rule"]["value"] += keep.tolist()
+        rows["rule"]["length"] += select_by_score(np.array([len(problems[i].prompt) for i in ids], float),
+                                                  int(keep.sum())).tolist()
+        rows["rule"]["random"] += random_keep(len(keep), int(keep.sum()), seed=seed).tolist()
+        rows["rule"]["none"] += [True] * len(keep)
+        rows["group"] += [f"{seed}/{i}" for i in ids]
+        rows["values"] += values.tolist()
+    zero, group = np.array(rows["zero"], float), np.array(rows["group"])
+    tokens = np.array(rows["tokens"], float)
+    masks = {r: np.array(m) for r, m in rows["rule"].items()}
+
+    def share(idx: np.ndarray, rule: str) -> float:
+        kept = idx[masks[rule][idx]]
+        return float(zero[kept].mean()) if len(kept) else float("nan")
+
+    def per_informative(idx: np.ndarray, rule: str) -> float:
+        kept = idx[masks[rule][idx]]
+        return float(tokens[kept].sum() / max((1 - zero[kept]).sum(), 1e-9))
+
+    everything = np.arange(len(zero))
+    boots = list(cluster_resamples(group, args.n_boot, 0))
+    out = {"n_prompts": len(zero), "samples_per_prompt": g, "seeds": args.seeds, "band": [cfg.low, cfg.high],
+           "explore": cfg.explore, "value_s0": {"min": float(np.min(rows["values"])), "max": float(np.max(rows["values"])),
+                                                "quantiles_10_50_90": np.quantile(rows["values"], [0.1, 0.5, 0.9]).tolist()},
+           "rules": {}}
+    for rule in masks:
+        point = share(everything, rule)
+        bs = np.percentile([share(i, rule) for i in boots], [2.5, 97.5])
+        out["rules"][rule] = {"kept_share": float(masks[rule].mean()), "zero_advantage_share": [point, *bs.tolist()],
+                              "tokens_per_informative_group": per_informative(everything, rule)}
+        if rule != "value":
+            diffs = [share(i, "value") - share(i, rule) for i in boots]
+            d = share(everything, "value") - point
+            out["rules"][rule]["value_minus_this"] = [d, *np.percentile(diffs, [2.5, 97.5]).tolist()]
+    return out
+
+
+def band_overrides(args) -> list[str]:
+    """The recipe overrides of ``--select-low/--select-high/--select-explore``."""
+    return [x for flag, v in (("--select_low", args.select_low), ("--select_high", args.select_high),
+                              ("--select_explore", args.select_explore)) if v is not None for x in (flag, str(v))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default="runs/demo/bundle")
+    ap.add_argument("--out", type=Path, default=Path("runs/selection"))
+    ap.add_argument("--arms", nargs="*", default=list(ARMS))
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    ap.add_argument("--max-steps", type=int, default=30)
+    ap.add_argument("--select-low", type=float, default=None, help="the band's low end (default: the recipe's)")
+    ap.add_argument("--select-high", type=float, default=None, help="the band's high end (default: the recipe's)")
+    ap.add_argument("--select-explore", type=float, default=None, help="explore share (default: the recipe's)")
+    ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--at-start", action="store_true", help="measure the selection on the base policy, no training")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.at_start:
+        from rpe.bench.machine import machine_info
+
+        result = {"benchmark": "prompt_selection_at_start", "machine": machine_info(), **at_start(args)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "selection_at_start.json").write_text(json.dumps(result, indent=1))
+        print("| rule | kept | zero-advantage groups among kept (95% CI) | value minus this | tokens per informative group |")
+        print("|---|---|---|---|---|")
+        for rule, r in result["rules"].items():
+            z, d = r["zero_advantage_share"], r.get("value_minus_this")
+            print(f"| {rule} | {r['kept_share']:.2f} | {z[0]:.3f} [{z[1]:.3f}, {z[2]:.3f}] | "
+                  f"{f'{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]' if d else '-'} | {r['tokens_per_informative_group']:.0f} |")
+        print(json.dumps(result))
+        return
+    from rpe.bench.machine import machine_info
+    from rpe.metrics import wilson_interval
+    from rpe.trainers.recipes import parse_recipe, train
+
+    results_path = args.out / "selection_results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    results["machine"] = machine_info()
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    band = band_overrides(args)
+    results["band_overrides"] = band
+    for seed in args.seeds:  # every arm of a seed before the next seed: a cut-short run stays balanced
+        for arm in args.arms:
+            key = f"{arm}/seed{seed}"
+            if key in results["runs"]:
+                continue
+            recipe, extra, _ = ARMS[arm]
+            out = args.out / arm / f"seed{seed}"
+            overrides = ["--bundle", args.bundle, "--output_dir", str(out), "--max_steps", str(args.max_steps),
+                         "--seed", str(seed), "--eval_before_dir", str(args.out / "eval_before" / f"seed{seed}"), *extra,
+                         *(band if recipe == "grpo_selected.yaml" else [])]
+            rpe_args, train_args, model_args = parse_recipe(recipes / recipe, overrides)
+            start = time.perf_counter()
+            outcome = train(rpe_args, train_args, model_args)
+            results["runs"][key] = run_record(out, outcome, time.perf_counter() - start, train_args)
+            results.setdefault("before", {})[f"seed{seed}"] = per_problem_rewards(args.out / "eval_before" / f"seed{seed}")
+            args.out.mkdir(parents=True, exist_ok=True)
+            results_path.write_text(json.dumps(results, indent=1, default=str))
+            logging.info("%s done: %s", key, outcome.summary.get("eval_after"))
+
+    print("\n| arm | seeds | kept prompts | zero-advantage groups | tokens per informative group | "
+          "reward first 10 / last 10 | held-out after (95% CI) | minus GRPO |")
+    print("|---|---|---|---|---|---|---|---|")
+    table = {}
+    for arm in args.arms:
+        runs = [results["runs"][f"{arm}/seed{s}"] for s in args.seeds if f"{arm}/seed{s}" in results["runs"]]
+        if not runs:
+            continue
+        k, n = sum(sum(r["after"].values()) for r in runs), sum(len(r["after"]) for r in runs)
+        lo, hi = wilson_interval(int(k), n)
+        zero = float(np.mean([r["zero_advantage_share"] for r in runs]))
+        groups_per_step = [r["completions_per_step"] / r["num_generations"] for r in runs]
+        tokens = [r["mean_completion_tokens"] * r["completions_per_step"] * r["steps"] for r in runs]
+        informative = [(1 - r["zero_advantage_share"]) * g * r["steps"] for r, g in zip(runs, groups_per_step)]
+        per_group = float(np.sum(tokens) / max(np.sum(informative), 1e-9))
+        kept = [r["summary"].get("prompt_selection", {}).get("kept_share", 1.0) for r in runs]
+        both = [s for s in args.seeds if f"{arm}/seed{s}" in results["runs"] and f"grpo/seed{s}" in results["runs"]]
+        diff = (paired_accuracy_difference([results["runs"][f"{arm}/seed{s}"]["after"] for s in both],
+                                           [results["runs"][f"grpo/seed{s}"]["after"] for s in both], args.n_boot, 0)
+                if arm != "grpo" and both else None)
+        table[arm] = {"seeds": len(runs), "kept_share": float(np.mean(kept)), "zero_advantage_share": zero,
+                      "zero_advantage_by_seed": [r["zero_advantage_share"] for r in runs],
+                      "tokens_per_informative_group": per_group, "accuracy": k / n, "ci95": [lo, hi],
+                      "minus_grpo": diff, "reward_first10": float(np.mean([r["reward_first10"] for r in runs])),
+                      "reward_last10": float(np.mean([r["reward_last10"] for r in runs]))}
+        d = f"{diff['diff']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]" if diff else "-"
+        t = table[arm]
+        print(f"| {ARMS[arm][2]} | {len(runs)} | {t['kept_share']:.2f} | {zero:.2f} | {per_group:.0f} | "
+              f"{t['reward_first10']:.2f} / {t['reward_last10']:.2f} | {k / n:.3f} [{lo:.3f}, {hi:.3f}] | {d} |")
+    for control in ("length", "random"):
+        both = [s for s in args.seeds if f"value/seed{s}" in results["runs"] and f"{control}/seed{s}" in results["runs"]]
+        if both:
+            vs = paired_accuracy_difference([results["runs"][f"value/seed{s}"]["after"] for s in both],
+                                            [results["runs"][f"{control}/seed{s}"]["after"] for s in both], args.n_boot, 1)
+            zero_diff = [results["runs"][f"value/seed{s}"]["zero_advantage_share"]
+                         - results["runs"][f"{control}/seed{s}"]["zero_advantage_share"] for s in both]
+            table["value"][f"minus_{control}"] = {"accuracy": vs, "zero_advantage_by_seed": zero_diff}
+            print(f"\nvalue minus {control}: held-out {vs['diff']:+.3f} [{vs['low']:+.3f}, {vs['high']:+.3f}]; "
+                  f"zero-advantage share per seed {['%+.2f' % z for z in zero_diff]}")
+    results["table"] = table
+    results_path.write_text(json.dumps(results, indent=1, default=str))
+    print(json.dumps({"benchmark": "prompt_selection", "machine": results["machine"], "max_steps": args.max_steps,
+                      "seeds": args.seeds, "table": table}))
+
+
+if __name__ == "__main__":
+    main()
