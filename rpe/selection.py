@@ -10,6 +10,11 @@ Controls, each at the same keep rate as the selection it is compared with (:func
 :func:`random_keep`): the same band rule driven by the question's length (shorter = predicted easier) or by the
 task's difficulty features, and random skipping. :func:`zero_advantage_share` is the measurement: the share of
 groups whose G sampled rewards are all equal.
+
+Refreshed as the policy moves: :class:`LiveSelection` holds the kept set over the whole training set and
+:class:`SelectionSampler` draws GRPO's prompt groups from whatever it holds at each draw (TRL's ``RepeatSampler``
+order when everything is kept), so a callback that re-reads V(s_0) with the current policy
+(``rpe.trainers.selection.SelectionRefresh``) changes which prompts the next batches take.
 """
 
 from __future__ import annotations
@@ -98,6 +103,78 @@ def prompt_text(prompt, tokenizer) -> str:
     return tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
 
 
+class LiveSelection:
+    """The prompts kept now, over the whole training set, updated from fresh V(s_0) (:meth:`update`).
+
+    Attributes:
+        keep: (n,) bool, the prompts the next draws may take.
+        values: (n,) the V(s_0) the last update used.
+        updates: how many times :meth:`update` ran (the first is the selection before training).
+    """
+
+    def __init__(self, values: np.ndarray, cfg: SelectionConfig):
+        self.cfg = cfg
+        self.updates = 0
+        self.update(values)
+
+    def update(self, values: np.ndarray) -> np.ndarray:
+        """Keep what :func:`select_by_value` keeps of ``values`` (the explore draw seeded by ``(seed, update)``);
+        returns the new mask.
+
+        Raises:
+            ValueError: NaN values, or none kept (the last kept set stays).
+        """
+        from dataclasses import replace
+
+        keep = select_by_value(values, replace(self.cfg, seed=self.cfg.seed * 1_000_003 + self.updates))
+        if not keep.any():
+            raise ValueError(f"prompt selection kept none of {len(keep)} prompts (V(s_0) from {np.min(values):.3f} "
+                             f"to {np.max(values):.3f}, band [{self.cfg.low}, {self.cfg.high}])")
+        self.keep, self.values = keep, np.asarray(values, dtype=np.float64)
+        self.updates += 1
+        return keep
+
+
+class SelectionSampler:
+    """Indices of GRPO's prompt groups (as TRL's ``RepeatSampler`` yields them: a shuffled order cut into chunks of
+    ``batch_size`` prompts, each chunk ``repeat_count`` times, each prompt ``mini_repeat_count`` times in a row),
+    taking only prompts that ``selection.keep`` holds when their chunk is drawn. With everything kept the order
+    equals ``RepeatSampler``'s for the same seed.
+    """
+
+    def __init__(self, selection: LiveSelection, mini_repeat_count: int, batch_size: int = 1, repeat_count: int = 1,
+                 shuffle: bool = True, seed: int | None = None):
+        import torch
+
+        self.selection = selection
+        self.mini_repeat_count, self.batch_size, self.repeat_count = mini_repeat_count, batch_size, repeat_count
+        self.num_samples = len(selection.keep)
+        self.shuffle = shuffle
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __iter__(self):
+        import torch
+
+        order = (torch.randperm(self.num_samples, generator=self.generator).tolist() if self.shuffle
+                 else list(range(self.num_samples)))
+        chunk: list[int] = []
+        for index in order:
+            if not self.selection.keep[index]:
+                continue  # skipped as the selection stands now
+            chunk.append(index)
+            if len(chunk) < self.batch_size:
+                continue
+            for _ in range(self.repeat_count):
+                for i in chunk:
+                    yield from [i] * self.mini_repeat_count
+            chunk = []
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.batch_size) * self.batch_size * self.mini_repeat_count * self.repeat_count
+
+
 SELECT_BY = ("value", "length", "random")
 """Rules of :func:`select_dataset`: the internal value's band, or a control at the band's keep rate."""
 
@@ -140,5 +217,5 @@ def select_dataset(dataset, model, tokenizer, bundle, cfg: SelectionConfig, *, p
     return narrowed, summary
 
 
-__all__ = ["SELECT_BY", "SelectionConfig", "prompt_text", "prompt_values", "select_dataset", "random_keep", "select_by_score", "select_by_value",
+__all__ = ["SELECT_BY", "LiveSelection", "SelectionConfig", "SelectionSampler", "prompt_text", "prompt_values", "select_dataset", "random_keep", "select_by_score", "select_by_value",
            "zero_advantage_share"]

@@ -621,3 +621,55 @@ def test_reads_render_chat_prompts_with_the_trainers_template_settings(tmp_path,
         assert cb.signals.prompt_ids([prompt]) == [list(want)]
     finally:
         cb.close()
+
+
+def test_selection_sampler_is_trls_order_when_all_kept_and_skips_what_the_selection_drops():
+    from trl.trainer.utils import RepeatSampler
+
+    from rpe.selection import LiveSelection, SelectionConfig, SelectionSampler
+
+    live = LiveSelection(np.full(11, 0.5), SelectionConfig(low=0.1, high=0.9, explore=0.0))
+    ours = SelectionSampler(live, mini_repeat_count=2, batch_size=3, repeat_count=2, seed=4)
+    theirs = RepeatSampler(list(range(11)), mini_repeat_count=2, batch_size=3, repeat_count=2, seed=4)
+    assert list(ours) == list(theirs) and len(ours) == len(theirs)
+    drawn = iter(SelectionSampler(live, mini_repeat_count=2, batch_size=1, seed=4))
+    first = [next(drawn), next(drawn)]
+    assert first[0] == first[1]  # one group of two completions of one prompt
+    values = np.full(11, 0.5)
+    values[:6] = 0.99  # predicted solved: skipped from the next draw on
+    live.update(values)
+    rest = list(drawn)
+    assert rest and all(i >= 6 for i in rest) and live.updates == 2
+    with pytest.raises(ValueError, match="kept none of 11 prompts"):
+        live.update(np.full(11, 0.0))
+    assert live.keep.sum() == 5  # a failed update keeps the last kept set
+
+
+def test_recipe_refreshes_the_selection_with_the_trained_policy(tmp_path, bundle_dir, monkeypatch):
+    """`select_refresh_every`: V(s_0) is read again with the policy as trained, every step, and the trainer draws
+    from the refreshed set; the values read are the current policy's, not the base model's."""
+    import rpe.trainers.selection as selection_module
+    from rpe.trainers.recipes import parse_recipe, train
+
+    reads = []
+    real = selection_module.prompt_values
+
+    def spy(model, tok, bundle, prompts, **kw):
+        reads.append(real(model, tok, bundle, prompts, **kw))
+        return reads[-1]
+
+    monkeypatch.setattr(selection_module, "prompt_values", spy)
+    path = _tiny_recipe(tmp_path, bundle_dir, "grpo", select_prompts=True, select_low=0.0, select_high=1.0,
+                        select_explore=0.0, select_refresh_every=1, max_steps=2, learning_rate=5e-2,
+                        internal_rewards=["value_final"], internal_reward_weights=[1.0],  # rewards that vary: it learns
+                        **EOS_AT_LIMIT)
+    outcome = train(*parse_recipe(path))
+    sel = outcome.summary["prompt_selection"]
+    assert sel["refresh_every"] == 1 and [r["step"] for r in sel["refreshes"]] == [1, 2]
+    assert len(reads) == 2 and len(reads[0]) == 8
+    assert not np.allclose(reads[0], reads[1])  # the policy moved between the reads (lr 5e-2)
+    history = json.loads((tmp_path / "grpo" / "log_history.json").read_text())
+    assert any("selection/kept_share" in h for h in history)
+    with pytest.raises(ValueError, match="select_refresh_every needs select_by: value"):
+        parse_recipe(_tiny_recipe(tmp_path, bundle_dir, "grpo", select_prompts=True, select_by="random",
+                                  select_refresh_every=2))

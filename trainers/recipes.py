@@ -120,6 +120,10 @@ class RPEArguments:
     select_by: str = "value"
     """``select_prompts``: ``value`` (the V(s_0) band above), or a control that keeps as many prompts as the band
     would: ``length`` (the question's length, both extremes dropped) or ``random``."""
+    select_refresh_every: int = 0
+    """``select_prompts`` by ``value``: re-read V(s_0) of every training prompt with the policy as trained so far
+    every this many optimizer steps and draw from the new kept set (``rpe.trainers.selection``; with
+    ``refit_every`` the refitted probe reads it); 0 selects once, before training."""
     eval_before_after: bool = True
     """Evaluate the held-out problems before and after training (``eval_before/``, ``eval_after/``)."""
     eval_max_new_tokens: int = 128
@@ -142,6 +146,8 @@ class RPEArguments:
 
         if self.select_by not in SELECT_BY:
             raise ValueError(f"select_by {self.select_by!r} is not one of {', '.join(SELECT_BY)}")
+        if self.select_refresh_every < 0 or (self.select_refresh_every and self.select_by != "value"):
+            raise ValueError("select_refresh_every needs select_by: value and a value >= 1 (0 = select once)")
         if self.select_prompts and not self.bundle:
             raise ValueError("select_prompts reads V(s_0) with the bundle: give `bundle:` (run `rpe reproduce` first)")
 
@@ -358,9 +364,19 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
 
         chosen = SelectionConfig(low=rpe_args.select_low, high=rpe_args.select_high, explore=rpe_args.select_explore,
                                  seed=train_args.seed)
-        dataset, summary["prompt_selection"] = select_dataset(
-            dataset, model, tok, SubsystemBundle.load(rpe_args.bundle, model=model, tokenizer=tok), chosen,
-            select_by=rpe_args.select_by, questions=[problems[i].prompt for i in dataset["problem_id"]])
+        selection_bundle = SubsystemBundle.load(rpe_args.bundle, model=model, tokenizer=tok)
+        if rpe_args.select_refresh_every:  # the whole set stays; the sampler takes what the live selection keeps
+            from rpe.selection import LiveSelection, prompt_text, prompt_values
+
+            prompt_texts = [prompt_text(p, tok) for p in dataset["prompt"]]
+            live = LiveSelection(prompt_values(model, tok, selection_bundle, prompt_texts), chosen)
+            summary["prompt_selection"] = {"n": len(live.keep), "kept": int(live.keep.sum()),
+                                           "kept_share": float(live.keep.mean()), "select_by": "value",
+                                           "refresh_every": rpe_args.select_refresh_every}
+        else:
+            dataset, summary["prompt_selection"] = select_dataset(
+                dataset, model, tok, selection_bundle, chosen,
+                select_by=rpe_args.select_by, questions=[problems[i].prompt for i in dataset["problem_id"]])
         logger.info("prompt selection: %s", summary["prompt_selection"])
     if rpe_args.eval_before_after:
         before_dir = Path(rpe_args.eval_before_dir) if rpe_args.eval_before_dir else out / "eval_before"
@@ -381,6 +397,12 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
     train_args.reward_weights = weights
     callbacks = ([RPECallback(signals.bundle, signals=signals, refit_every=rpe_args.refit_every)]
                  if signals is not None and rpe_args.rpe_callback else [])
+    refresh = None
+    if rpe_args.select_prompts and rpe_args.select_refresh_every:
+        from .selection import SelectionRefresh
+
+        refresh = SelectionRefresh(live, prompt_texts, signals, rpe_args.select_refresh_every)
+        callbacks.append(refresh)
     common = dict(model=model, processing_class=tok, reward_funcs=reward_funcs, args=train_args,
                   train_dataset=dataset, callbacks=callbacks)
     trainer = None
@@ -404,6 +426,8 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
             from trl import GRPOTrainer
 
             trainer = GRPOTrainer(**common)
+        if refresh is not None:
+            refresh.attach(trainer)
         trainer.train()
     finally:
         for cb in callbacks:
@@ -425,6 +449,8 @@ def train(rpe_args: RPEArguments, train_args, model_args=None) -> TrainOutcome:
                                          exclude=held_out_from)
         logger.info("held-out accuracy after: %s", summary["eval_after"])
     summary["steps"] = trainer.state.global_step
+    if refresh is not None:
+        summary["prompt_selection"]["refreshes"] = refresh.history
     if ranks.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     barrier()  # no rank returns before the files are written
