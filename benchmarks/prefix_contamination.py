@@ -7,9 +7,10 @@ Reads the bundle's step credit on every step of the rollouts (the internal TD er
 what the dense-credit trainer adds to each step's tokens; and dopamine activity where the bundle has dopamine
 neurons), and the same TD error through a random probe direction of the same norm (the control of the dense
 trainer). Steps are labelled by their arithmetic (:mod:`rpe.contamination`): does the credit flag the first
-wrong step (AUROC of right steps on a clean prefix vs the first wrong step), and does it still separate right
-from wrong steps after it? Contamination is the first AUROC minus the second, with 95% cluster-bootstrap
-intervals over problems. Rollouts that fitted the bundle would make the value in-sample: use others (the
+wrong step (AUROC of right steps on a clean prefix vs the first wrong step), does it still separate right
+from wrong steps after it, and does an earlier error lower a right step's credit? Each AUROC counts pairs of
+steps at the same position in the chain; contamination is the first AUROC minus the second, with 95%
+cluster-bootstrap intervals over problems. The per-step credits are kept in OUT. Rollouts that fitted the bundle would make the value in-sample: use others (the
 script reports how many of the rollouts' questions the bundle's fitting run saw, when its folder is given).
 Writes OUT (JSON) and prints a Markdown table; the last line is JSON.
 """
@@ -80,27 +81,31 @@ def main() -> None:
                "control: random probe direction of the same norm": (control, "rpe")}
     if bundle.dopamine_neurons.numel():
         signals["dopamine activity"] = (bundle, "dopamine")
-    tables, results = {}, {}
+    tables, results, read = {}, {}, {}
     for name, (b, column) in signals.items():
         if id(b) not in tables:
             tables[id(b)] = step_table(model, tok, b, trajs)
         credits, texts, groups = credits_by_trajectory(tables[id(b)], column)
         results[name] = prefix_contamination(credits, texts, groups, n_boot=args.n_boot)
+        read[name] = [c.round(6).tolist() for c in credits]  # kept for another analysis without a second read
+        read["steps"], read["problems"] = texts, groups
     out = {"benchmark": "prefix_contamination", "machine": machine, "rollouts": str(args.rollouts),
            "bundle": str(args.bundle), "n_trajectories": len(trajs), "fit_question_overlap": overlap,
-           "accuracy": sum(t.reward for t in trajs) / len(trajs), "signals": results}
+           "accuracy": sum(t.reward for t in trajs) / len(trajs), "signals": results, "credits": read}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
 
     first = next(iter(results.values()))
     print(f"\n{len(trajs)} trajectories, {first['n_with_error']} with a wrong step; steps: {first['counts']}\n")
-    print("| credit | right vs first wrong step (AUROC) | right vs wrong after it (AUROC) | contamination (drop) |")
-    print("|---|---|---|---|")
+    print("| credit | right vs first wrong step (AUROC) | right vs wrong after it (AUROC) | contamination (drop) | "
+          "right steps, clean vs after an error (AUROC) |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
-        f, a, d = r["flags_first_error"], r["after_error"], r["contamination"]
+        f, a, d, p = r["flags_first_error"], r["after_error"], r["contamination"], r["right_step_after_error"]
         print(f"| {name} | {f['auroc'][0]:.3f} [{f['auroc'][1]:.3f}, {f['auroc'][2]:.3f}] {f['verdict']} | "
               f"{a['auroc'][0]:.3f} [{a['auroc'][1]:.3f}, {a['auroc'][2]:.3f}] {a['verdict']} | "
-              f"{d['drop'][0]:+.3f} [{d['drop'][1]:+.3f}, {d['drop'][2]:+.3f}] {d['verdict']} |")
+              f"{d['drop'][0]:+.3f} [{d['drop'][1]:+.3f}, {d['drop'][2]:+.3f}] {d['verdict']} | "
+              f"{p['auroc'][0]:.3f} [{p['auroc'][1]:.3f}, {p['auroc'][2]:.3f}] {p['verdict']} |")
     print(json.dumps({k: out[k] for k in ("benchmark", "n_trajectories", "fit_question_overlap", "accuracy")}))
 
 

@@ -65,7 +65,8 @@ def run_record(out: Path, outcome, wall: float, train_args) -> dict:
 
 
 def at_start(args) -> dict:
-    """Zero-advantage share among the prompts each rule keeps, on the base policy (no training)."""
+    """Zero-advantage share among the prompts each rule keeps, on the base policy (no training), for each band
+    of ``args.bands`` (the samples are drawn once)."""
     from rpe.bundle import SubsystemBundle
     from rpe.generation import generate_batch
     from rpe.metrics import cluster_resamples
@@ -74,61 +75,60 @@ def at_start(args) -> dict:
     from rpe.trainers.recipes import load_policy, parse_recipe, training_prompts
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "grpo_selected.yaml"
-    rows = {"zero": [], "rule": {r: [] for r in ("value", "length", "random", "none")}, "group": [], "values": [],
-            "tokens": []}
+    per_seed = []  # (seed, values, zero, tokens, question lengths, problem ids)
     for seed in args.seeds:
-        rpe_args, train_args, model_args = parse_recipe(recipe, ["--bundle", args.bundle, "--seed", str(seed),
-                                                                 *band_overrides(args)])
+        rpe_args, train_args, model_args = parse_recipe(recipe, ["--bundle", args.bundle, "--seed", str(seed)])
         model, tok = load_policy(rpe_args, model_args, train_args.device)
         bundle = SubsystemBundle.load(rpe_args.bundle, model=model, tokenizer=tok)
         task, builder, dataset, problems = training_prompts(rpe_args, tok, seed)
         texts = [prompt_text(p, tok) for p in dataset["prompt"]]
         ids = dataset["problem_id"]
-        values = prompt_values(model, tok, bundle, texts)
-        cfg = SelectionConfig(low=rpe_args.select_low, high=rpe_args.select_high, explore=rpe_args.select_explore,
-                              seed=seed)
-        keep = select_by_value(values, cfg)
         g = train_args.num_generations
         sampling = SamplingConfig(temperature=train_args.temperature, max_new_tokens=train_args.max_completion_length)
         gen = generate_batch(model, tok, [t for t in texts for _ in range(g)], sampling, seed=seed,
                              add_special_tokens=False, stop_strings=builder.stop_strings)
         rewards = np.array([task.score(problems[ids[i // g]], text) for i, text in enumerate(gen.texts)]).reshape(-1, g)
-        rows["zero"] += (rewards == rewards[:, :1]).all(1).tolist()
-        rows["tokens"] += np.array([len(c) for c in gen.completion_ids]).reshape(-1, g).sum(1).tolist()
-        rows["rule"]["value"] += keep.tolist()
-        rows["rule"]["length"] += select_by_score(np.array([len(problems[i].prompt) for i in ids], float),
-                                                  int(keep.sum())).tolist()
-        rows["rule"]["random"] += random_keep(len(keep), int(keep.sum()), seed=seed).tolist()
-        rows["rule"]["none"] += [True] * len(keep)
-        rows["group"] += [f"{seed}/{i}" for i in ids]
-        rows["values"] += values.tolist()
-    zero, group = np.array(rows["zero"], float), np.array(rows["group"])
-    tokens = np.array(rows["tokens"], float)
-    masks = {r: np.array(m) for r, m in rows["rule"].items()}
-
-    def share(idx: np.ndarray, rule: str) -> float:
-        kept = idx[masks[rule][idx]]
-        return float(zero[kept].mean()) if len(kept) else float("nan")
-
-    def per_informative(idx: np.ndarray, rule: str) -> float:
-        kept = idx[masks[rule][idx]]
-        return float(tokens[kept].sum() / max((1 - zero[kept]).sum(), 1e-9))
-
+        per_seed.append((seed, prompt_values(model, tok, bundle, texts), (rewards == rewards[:, :1]).all(1),
+                         np.array([len(c) for c in gen.completion_ids]).reshape(-1, g).sum(1),
+                         np.array([len(problems[i].prompt) for i in ids], float), ids))
+    zero = np.concatenate([z for _, _, z, _, _, _ in per_seed]).astype(float)
+    tokens = np.concatenate([t for _, _, _, t, _, _ in per_seed]).astype(float)
+    values = np.concatenate([v for _, v, _, _, _, _ in per_seed])
+    group = np.array([f"{seed}/{i}" for seed, _, _, _, _, ids in per_seed for i in ids])
     everything = np.arange(len(zero))
     boots = list(cluster_resamples(group, args.n_boot, 0))
-    out = {"n_prompts": len(zero), "samples_per_prompt": g, "seeds": args.seeds, "band": [cfg.low, cfg.high],
-           "explore": cfg.explore, "value_s0": {"min": float(np.min(rows["values"])), "max": float(np.max(rows["values"])),
-                                                "quantiles_10_50_90": np.quantile(rows["values"], [0.1, 0.5, 0.9]).tolist()},
-           "rules": {}}
-    for rule in masks:
-        point = share(everything, rule)
-        bs = np.percentile([share(i, rule) for i in boots], [2.5, 97.5])
-        out["rules"][rule] = {"kept_share": float(masks[rule].mean()), "zero_advantage_share": [point, *bs.tolist()],
-                              "tokens_per_informative_group": per_informative(everything, rule)}
-        if rule != "value":
-            diffs = [share(i, "value") - share(i, rule) for i in boots]
-            d = share(everything, "value") - point
-            out["rules"][rule]["value_minus_this"] = [d, *np.percentile(diffs, [2.5, 97.5]).tolist()]
+    out = {"n_prompts": len(zero), "samples_per_prompt": g, "seeds": args.seeds, "explore": args.explore_at_start,
+           "zero_advantage_share_all": float(zero.mean()),
+           "value_s0": {"min": float(values.min()), "max": float(values.max()),
+                        "quantiles_10_50_90": np.quantile(values, [0.1, 0.5, 0.9]).tolist()},
+           "bands": {}}
+    for band in args.bands:
+        low, high = (float(x) for x in band.split(":"))
+        masks: dict[str, list] = {"value": [], "length": [], "random": [], "none": []}
+        for seed, v, _, _, lengths, _ in per_seed:  # each seed's training set selected on its own, as train() does
+            keep = select_by_value(v, SelectionConfig(low=low, high=high, explore=args.explore_at_start, seed=seed))
+            masks["value"] += keep.tolist()
+            masks["length"] += select_by_score(lengths, int(keep.sum())).tolist()
+            masks["random"] += random_keep(len(keep), int(keep.sum()), seed=seed).tolist()
+            masks["none"] += [True] * len(keep)
+        arrays = {r: np.array(m) for r, m in masks.items()}
+
+        def share(idx: np.ndarray, rule: str) -> float:
+            kept = idx[arrays[rule][idx]]
+            return float(zero[kept].mean()) if len(kept) else float("nan")
+
+        rules = {}
+        for rule, mask in arrays.items():
+            kept = mask
+            rules[rule] = {"kept_share": float(mask.mean()),
+                           "zero_advantage_share": [share(everything, rule),
+                                                    *np.nanpercentile([share(i, rule) for i in boots], [2.5, 97.5]).tolist()],
+                           "tokens_per_informative_group": float(tokens[kept].sum() / max((1 - zero[kept]).sum(), 1e-9))}
+            if rule != "value":
+                diffs = [share(i, "value") - share(i, rule) for i in boots]
+                rules[rule]["value_minus_this"] = [share(everything, "value") - share(everything, rule),
+                                                   *np.nanpercentile(diffs, [2.5, 97.5]).tolist()]
+        out["bands"][band] = rules
     return out
 
 
@@ -150,6 +150,9 @@ def main() -> None:
     ap.add_argument("--select-explore", type=float, default=None, help="explore share (default: the recipe's)")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--at-start", action="store_true", help="measure the selection on the base policy, no training")
+    ap.add_argument("--bands", nargs="*", default=["0.05:0.95", "0.2:0.9", "0.3:0.8"],
+                    help="--at-start: value bands low:high to compare (the samples are drawn once)")
+    ap.add_argument("--explore-at-start", type=float, default=0.0, help="--at-start: explore share of each band")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.at_start:
@@ -158,12 +161,15 @@ def main() -> None:
         result = {"benchmark": "prompt_selection_at_start", "machine": machine_info(), **at_start(args)}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "selection_at_start.json").write_text(json.dumps(result, indent=1))
-        print("| rule | kept | zero-advantage groups among kept (95% CI) | value minus this | tokens per informative group |")
-        print("|---|---|---|---|---|")
-        for rule, r in result["rules"].items():
-            z, d = r["zero_advantage_share"], r.get("value_minus_this")
-            print(f"| {rule} | {r['kept_share']:.2f} | {z[0]:.3f} [{z[1]:.3f}, {z[2]:.3f}] | "
-                  f"{f'{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]' if d else '-'} | {r['tokens_per_informative_group']:.0f} |")
+        print(f"{result['n_prompts']} prompts x {result['samples_per_prompt']} samples; zero-advantage share of all "
+              f"groups {result['zero_advantage_share_all']:.3f}; V(s_0) 10/50/90%: {result['value_s0']['quantiles_10_50_90']}")
+        print("| band | rule | kept | zero-advantage groups among kept (95% CI) | value minus this | tokens per informative group |")
+        print("|---|---|---|---|---|---|")
+        for band, rules in result["bands"].items():
+            for rule, r in rules.items():
+                z, d = r["zero_advantage_share"], r.get("value_minus_this")
+                print(f"| {band} | {rule} | {r['kept_share']:.2f} | {z[0]:.3f} [{z[1]:.3f}, {z[2]:.3f}] | "
+                      f"{f'{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]' if d else '-'} | {r['tokens_per_informative_group']:.0f} |")
         print(json.dumps(result))
         return
     from rpe.bench.machine import machine_info

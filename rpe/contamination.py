@@ -13,10 +13,12 @@ the step. Where each step is checkable (arithmetic ``a op b = c``), every step o
 =============== ====================================================================
 
 and a step credit c_t (the internal TD error V(s_t) - V(s_{t-1}), dopamine activity, or a control) is read on
-two questions: does it flag the first error (AUROC of ``clean`` vs ``first_wrong``: above 0.5 when right steps
-get more credit), and does it still separate right from wrong after it (AUROC of ``after_right`` vs
-``after_wrong``)? Contamination is the first minus the second. Intervals are 95% cluster-bootstrap intervals
-over problems (every step of a problem's completions moves together).
+three questions, each an AUROC over pairs of steps at the same position in their chain (step 2 against step 2:
+credits drift along a chain): does it flag the first error (``clean`` vs ``first_wrong``: above 0.5 when right
+steps get more credit), does it still separate right from wrong after it (``after_right`` vs ``after_wrong``),
+and does an earlier error lower the credit of a right step (``clean`` vs ``after_right``: above 0.5 when it
+does, the contamination itself)? ``contamination`` is the first minus the second. Intervals are 95%
+cluster-bootstrap intervals over problems (every step of a problem's completions moves together).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from rpe.metrics import auroc, chance_verdict, cluster_resamples, difference_verdict
+from rpe.metrics import chance_verdict, cluster_resamples, difference_verdict, stratified_auroc
 
 STEP_LABELS = ("clean", "first_wrong", "after_right", "after_wrong", "unchecked")
 """The labels of :func:`step_labels`, in order."""
@@ -88,12 +90,12 @@ def step_labels(step_texts: Sequence[str]) -> list[str]:
     return labels
 
 
-def _auroc_of(credit: np.ndarray, labels: np.ndarray, positive: str, negative: str) -> float:
+def _auroc_of(credit: np.ndarray, labels: np.ndarray, position: np.ndarray, positive: str, negative: str) -> float:
+    """AUROC of ``positive`` (1) against ``negative`` (0) steps by credit, counting only pairs of steps at the same
+    position in their chain (so a credit that drifts with the step index does not pass for one that reads the
+    step); NaN without such a pair."""
     keep = (labels == positive) | (labels == negative)
-    y = labels[keep] == positive
-    if y.all() or not y.any():
-        return math.nan
-    return auroc(y, credit[keep])
+    return stratified_auroc(labels[keep] == positive, credit[keep], position[keep])
 
 
 def prefix_contamination(credits: Sequence[np.ndarray], step_texts: Sequence[Sequence[str]],
@@ -109,7 +111,9 @@ def prefix_contamination(credits: Sequence[np.ndarray], step_texts: Sequence[Seq
     Returns:
         ``counts`` per label; ``mean_credit`` per label ``[mean, low, high]``; ``flags_first_error`` and
         ``after_error`` as ``[AUROC, low, high]`` with a verdict against chance; ``contamination`` (the first
-        minus the second, same resamples) with a verdict; ``n_completions``, ``n_with_error``.
+        minus the second, same resamples) with a verdict; ``right_step_after_error`` (``clean`` vs ``after_right``:
+        above 0.5 when an earlier error lowers a right step's credit); ``by_position``, steps per label at each
+        position; ``n_completions``, ``n_with_error``.
 
     Raises:
         ValueError: lengths differ between ``credits``, ``step_texts`` and ``groups``, or a completion's credits
@@ -117,7 +121,7 @@ def prefix_contamination(credits: Sequence[np.ndarray], step_texts: Sequence[Seq
     """
     if not len(credits) == len(step_texts) == len(groups):
         raise ValueError(f"{len(credits)} credit arrays, {len(step_texts)} step lists, {len(groups)} groups")
-    credit, labels, group = [], [], []
+    credit, labels, group, position = [], [], [], []
     for c, texts, g in zip(credits, step_texts, groups):
         c = np.asarray(c, dtype=np.float64)
         if c.shape != (len(texts),):
@@ -125,13 +129,15 @@ def prefix_contamination(credits: Sequence[np.ndarray], step_texts: Sequence[Seq
         credit.extend(c.tolist())
         labels.extend(step_labels(texts))
         group.extend([g] * len(texts))
-    credit_a, labels_a, group_a = np.asarray(credit), np.asarray(labels), np.asarray(group)
+        position.extend(range(len(texts)))
+    credit_a, labels_a, group_a, position_a = np.asarray(credit), np.asarray(labels), np.asarray(group), np.asarray(position)
 
     def stats(idx: np.ndarray) -> dict[str, float]:
-        c, lab = credit_a[idx], labels_a[idx]
+        c, lab, pos = credit_a[idx], labels_a[idx], position_a[idx]
         out = {f"mean/{k}": float(c[lab == k].mean()) if (lab == k).any() else math.nan for k in STEP_LABELS}
-        out["flags"] = _auroc_of(c, lab, "clean", "first_wrong")
-        out["after"] = _auroc_of(c, lab, "after_right", "after_wrong")
+        out["flags"] = _auroc_of(c, lab, pos, "clean", "first_wrong")
+        out["after"] = _auroc_of(c, lab, pos, "after_right", "after_wrong")
+        out["prefix"] = _auroc_of(c, lab, pos, "clean", "after_right")
         out["drop"] = out["flags"] - out["after"]
         return out
 
@@ -143,7 +149,7 @@ def prefix_contamination(credits: Sequence[np.ndarray], step_texts: Sequence[Seq
         low, high = np.percentile(values, [2.5, 97.5]) if values else (math.nan, math.nan)
         return [round(point[key], 4), round(float(low), 4), round(float(high), 4)]
 
-    flags, after, drop = interval("flags"), interval("after"), interval("drop")
+    flags, after, drop, prefix = interval("flags"), interval("after"), interval("drop"), interval("prefix")
     return {
         "n_completions": len(credits),
         "n_with_error": sum(first_wrong_step(t) is not None for t in step_texts),
@@ -152,6 +158,9 @@ def prefix_contamination(credits: Sequence[np.ndarray], step_texts: Sequence[Seq
         "flags_first_error": {"auroc": flags, "verdict": chance_verdict(flags[1], flags[2])},
         "after_error": {"auroc": after, "verdict": chance_verdict(after[1], after[2])},
         "contamination": {"drop": drop, "verdict": difference_verdict(drop[1], drop[2])},
+        "right_step_after_error": {"auroc": prefix, "verdict": chance_verdict(prefix[1], prefix[2])},
+        "by_position": {k: [int(((labels_a == k) & (position_a == p)).sum()) for p in range(int(position_a.max()) + 1)]
+                        for k in STEP_LABELS} if len(position_a) else {},
     }
 
 

@@ -67,3 +67,26 @@ def test_the_benchmark_groups_a_step_table_by_trajectory():
     credits, texts, groups = bench.credits_by_trajectory(table, "rpe")
     assert [c.tolist() for c in credits] == [[0.1, -0.2], [0.3]] and groups == ["p0", "p1"]
     assert texts == [["1 + 1 = 2.", "2 + 1 = 4."], ["Answer: 3"]]
+
+
+def test_a_credit_that_only_drifts_along_the_chain_is_not_read_as_contamination():
+    """Credit falling with the step index, blind to the steps: later steps (most steps after an error) get less
+    credit, which an unstratified comparison would read as contamination; pairs at the same position do not."""
+    rng = np.random.default_rng(1)
+    credits, texts, groups = [], [], []
+    for i in range(400):
+        right = rng.random(4) < 0.7
+        texts.append([f"{k} + 1 = {k + 1 if r else k + 2}." for k, r in enumerate(right)])
+        credits.append(-1.0 * np.arange(4) + rng.normal(0, 0.3, 4))
+        groups.append(f"p{i}")
+    drift = prefix_contamination(credits, texts, groups, n_boot=300)
+    assert drift["right_step_after_error"]["verdict"] == "not distinguishable from chance"
+    assert drift["flags_first_error"]["verdict"] == "not distinguishable from chance"
+    # the same chains where an earlier error costs a right step 0.5 of credit: found
+    for c, t in zip(credits, texts):
+        wrong = first_wrong_step(t)
+        if wrong is not None:
+            c[wrong + 1 :] -= 0.5
+    shifted = prefix_contamination(credits, texts, groups, n_boot=300)
+    assert shifted["right_step_after_error"]["verdict"] == "above chance"
+    assert shifted["by_position"]["after_right"][0] == 0 and sum(shifted["by_position"]["clean"]) == shifted["counts"]["clean"]
