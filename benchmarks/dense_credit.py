@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
-from training_arms import paired_accuracy_difference, per_problem_rewards
+from training_arms import paired_accuracy_difference, per_problem_rewards, run_arms
 
 ARMS = {
     "grpo": ("grpo_baseline.yaml", [], "GRPO (verifiable reward)"),
@@ -58,44 +57,29 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from rpe.bench.machine import machine_info
     from rpe.metrics import wilson_interval
-    from rpe.trainers.recipes import parse_recipe, train
 
     results_path = args.out / "dense_results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     results["machine"] = machine_info()
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
     dense_overrides = dense_options(args)
     results["dense_overrides"] = dense_overrides
-    for seed in args.seeds:
-        for arm in args.arms:
-            key = f"{arm}/seed{seed}"
-            if key in results["runs"]:
-                continue
-            recipe, extra, _ = ARMS[arm]
-            out = args.out / arm / f"seed{seed}"
-            overrides = ["--bundle", args.bundle, "--output_dir", str(out), "--max_steps", str(args.max_steps),
-                         "--seed", str(seed), "--eval_before_dir", str(args.out / "eval_before" / f"seed{seed}"), *extra,
-                         *(dense_overrides if recipe == "grpo_dense_rpe.yaml" else [])]
-            rpe_args, train_args, model_args = parse_recipe(recipes / recipe, overrides)
-            start = time.perf_counter()
-            outcome = train(rpe_args, train_args, model_args)
-            wall = time.perf_counter() - start
-            history = json.loads((out / "log_history.json").read_text())
-            steps = [h for h in history if "rewards/correct/mean" in h]
-            train_seconds = sum(h.get("step_time", 0.0) for h in steps) or None
-            results["runs"][key] = {
-                "summary": outcome.summary, "wall_seconds": wall,
-                "seconds_per_step": (train_seconds / len(steps)) if train_seconds else None,
-                "reward_first10": float(np.mean([h["rewards/correct/mean"] for h in steps[:10]])),
-                "reward_last10": float(np.mean([h["rewards/correct/mean"] for h in steps[-10:]])),
-                "credit_before_error": _mean(steps, "dense/credit_before_error"),
-                "credit_after_error": _mean(steps, "dense/credit_after_error"),
-                "after": per_problem_rewards(out / "eval_after"),
-            }
-            results.setdefault("before", {})[f"seed{seed}"] = per_problem_rewards(args.out / "eval_before" / f"seed{seed}")
-            args.out.mkdir(parents=True, exist_ok=True)
-            results_path.write_text(json.dumps(results, indent=1, default=str))
-            logging.info("%s done: %s", key, outcome.summary.get("eval_after"))
+
+    def record(out: Path, outcome, wall: float, train_args) -> dict:
+        history = json.loads((out / "log_history.json").read_text())
+        steps = [h for h in history if "rewards/correct/mean" in h]
+        train_seconds = sum(h.get("step_time", 0.0) for h in steps) or None
+        return {
+            "summary": outcome.summary, "wall_seconds": wall,
+            "seconds_per_step": (train_seconds / len(steps)) if train_seconds else None,
+            "reward_first10": float(np.mean([h["rewards/correct/mean"] for h in steps[:10]])),
+            "reward_last10": float(np.mean([h["rewards/correct/mean"] for h in steps[-10:]])),
+            "credit_before_error": _mean(steps, "dense/credit_before_error"),
+            "credit_after_error": _mean(steps, "dense/credit_after_error"),
+            "after": per_problem_rewards(out / "eval_after"),
+        }
+
+    run_arms(args, ARMS, results, results_path, record=record,
+             overrides_for=lambda recipe: dense_overrides if recipe == "grpo_dense_rpe.yaml" else [])
 
     before = results["before"]
     b_k, b_n = int(sum(sum(r.values()) for r in before.values())), sum(len(r) for r in before.values())

@@ -30,11 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
-from training_arms import paired_accuracy_difference, per_problem_rewards
+from training_arms import paired_accuracy_difference, per_problem_rewards, run_arms
 
 ARMS = {
     "grpo": ("grpo_baseline.yaml", [], "GRPO on every prompt"),
@@ -174,32 +173,14 @@ def main() -> None:
         return
     from rpe.bench.machine import machine_info
     from rpe.metrics import wilson_interval
-    from rpe.trainers.recipes import parse_recipe, train
 
     results_path = args.out / "selection_results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     results["machine"] = machine_info()
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
     band = band_overrides(args)
     results["band_overrides"] = band
-    for seed in args.seeds:  # every arm of a seed before the next seed: a cut-short run stays balanced
-        for arm in args.arms:
-            key = f"{arm}/seed{seed}"
-            if key in results["runs"]:
-                continue
-            recipe, extra, _ = ARMS[arm]
-            out = args.out / arm / f"seed{seed}"
-            overrides = ["--bundle", args.bundle, "--output_dir", str(out), "--max_steps", str(args.max_steps),
-                         "--seed", str(seed), "--eval_before_dir", str(args.out / "eval_before" / f"seed{seed}"), *extra,
-                         *(band if recipe == "grpo_selected.yaml" else [])]
-            rpe_args, train_args, model_args = parse_recipe(recipes / recipe, overrides)
-            start = time.perf_counter()
-            outcome = train(rpe_args, train_args, model_args)
-            results["runs"][key] = run_record(out, outcome, time.perf_counter() - start, train_args)
-            results.setdefault("before", {})[f"seed{seed}"] = per_problem_rewards(args.out / "eval_before" / f"seed{seed}")
-            args.out.mkdir(parents=True, exist_ok=True)
-            results_path.write_text(json.dumps(results, indent=1, default=str))
-            logging.info("%s done: %s", key, outcome.summary.get("eval_after"))
+    run_arms(args, ARMS, results, results_path, record=run_record,
+             overrides_for=lambda recipe: band if recipe == "grpo_selected.yaml" else [])
 
     print("\n| arm | seeds | kept prompts | zero-advantage groups | tokens per informative group | "
           "reward first 10 / last 10 | held-out after (95% CI) | minus GRPO |")
