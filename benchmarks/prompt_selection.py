@@ -15,7 +15,8 @@ Arms (recipes/, same task, budget, seeds and held-out problems; only the trainin
 ``--at-start`` measures the selection itself with more power and no training: for each seed's training
 prompts, G samples each from the base policy (the recipe's temperature and budget), and the share of
 zero-advantage groups among the prompts each rule keeps (value band; question length and random skipping at the
-same keep rate; no selection), with paired bootstrap intervals over prompts.
+same keep rate; no selection; and ``value_middle``, the middle V(s_0) ranks at that rate, which needs no
+calibration), with paired bootstrap intervals over prompts; the per-prompt values and solve rates are kept.
 
 Per run, from TRL's log: the share of zero-advantage groups (``frac_reward_zero_std``: all samples of the prompt
 got the same reward, nothing learnt), generated tokens (``completions/mean_length`` x completions per step) per
@@ -72,6 +73,7 @@ def at_start(args) -> dict:
     from rpe.sampling import SamplingConfig
     from rpe.selection import SelectionConfig, prompt_text, prompt_values, random_keep, select_by_score, select_by_value
     from rpe.trainers.recipes import load_policy, parse_recipe, training_prompts
+    from scipy.stats import spearmanr
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "grpo_selected.yaml"
     per_seed = []  # (seed, values, zero, tokens, question lengths, problem ids)
@@ -89,24 +91,31 @@ def at_start(args) -> dict:
         rewards = np.array([task.score(problems[ids[i // g]], text) for i, text in enumerate(gen.texts)]).reshape(-1, g)
         per_seed.append((seed, prompt_values(model, tok, bundle, texts), (rewards == rewards[:, :1]).all(1),
                          np.array([len(c) for c in gen.completion_ids]).reshape(-1, g).sum(1),
-                         np.array([len(problems[i].prompt) for i in ids], float), ids))
-    zero = np.concatenate([z for _, _, z, _, _, _ in per_seed]).astype(float)
-    tokens = np.concatenate([t for _, _, _, t, _, _ in per_seed]).astype(float)
-    values = np.concatenate([v for _, v, _, _, _, _ in per_seed])
-    group = np.array([f"{seed}/{i}" for seed, _, _, _, _, ids in per_seed for i in ids])
+                         np.array([len(problems[i].prompt) for i in ids], float), ids, rewards.mean(1)))
+    zero = np.concatenate([z for _, _, z, _, _, _, _ in per_seed]).astype(float)
+    tokens = np.concatenate([t for _, _, _, t, _, _, _ in per_seed]).astype(float)
+    values = np.concatenate([v for _, v, _, _, _, _, _ in per_seed])
+    solved = np.concatenate([m for *_, m in per_seed])
+    group = np.array([f"{seed}/{i}" for seed, _, _, _, _, ids, _ in per_seed for i in ids])
     everything = np.arange(len(zero))
     boots = list(cluster_resamples(group, args.n_boot, 0))
     out = {"n_prompts": len(zero), "samples_per_prompt": g, "seeds": args.seeds, "explore": args.explore_at_start,
            "zero_advantage_share_all": float(zero.mean()),
+           "all_fail_share": float((solved == 0).mean()), "all_succeed_share": float((solved == 1).mean()),
+           "value_vs_solve_rate_spearman": float(spearmanr(values, solved)[0]),
+           "per_prompt": {"group": group.tolist(), "value_s0": values.round(5).tolist(), "solve_rate": solved.tolist(),
+                          "tokens": tokens.tolist(),
+                          "question_chars": np.concatenate([q for _, _, _, _, q, _, _ in per_seed]).tolist()},
            "value_s0": {"min": float(values.min()), "max": float(values.max()),
                         "quantiles_10_50_90": np.quantile(values, [0.1, 0.5, 0.9]).tolist()},
            "bands": {}}
     for band in args.bands:
         low, high = (float(x) for x in band.split(":"))
-        masks: dict[str, list] = {"value": [], "length": [], "random": [], "none": []}
-        for seed, v, _, _, lengths, _ in per_seed:  # each seed's training set selected on its own, as train() does
+        masks: dict[str, list] = {"value": [], "value_middle": [], "length": [], "random": [], "none": []}
+        for seed, v, _, _, lengths, _, _ in per_seed:  # each seed's training set selected on its own, as train() does
             keep = select_by_value(v, SelectionConfig(low=low, high=high, explore=args.explore_at_start, seed=seed))
             masks["value"] += keep.tolist()
+            masks["value_middle"] += select_by_score(v, int(keep.sum())).tolist()  # the middle V ranks, same rate
             masks["length"] += select_by_score(lengths, int(keep.sum())).tolist()
             masks["random"] += random_keep(len(keep), int(keep.sum()), seed=seed).tolist()
             masks["none"] += [True] * len(keep)

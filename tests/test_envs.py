@@ -155,13 +155,13 @@ def test_internal_rpe_takes_a_bundle_folder_as_the_callback_does(tiny_llama, tin
         InternalRPE(gymnasium.make("rpe/ChainSum-v0"), 3, model=model, tokenizer=tok)
 
 
-def _greedy_tiny():
+def _greedy_tiny(architecture: str = "llama"):
     """A tiny model whose greedy steps are not empty (its end ids are damped) and end at blank lines now and then."""
     import torch
 
     from rpe.tiny import tiny_model
 
-    model, tok = tiny_model()
+    model, tok = tiny_model(architecture=architecture)
     with torch.no_grad():
         for end in (tok.eos_token_id, tok.pad_token_id):
             model.lm_head.weight[end] *= 0.3
@@ -532,3 +532,23 @@ def test_llm_policy_shares_the_few_shot_prefix_and_changes_no_step(monkeypatch):
     # the rows of the copied batch hold the whole prompt (all but its last token), the shared batch's rows their own
     assert max(w for w, _ in widths_s) < prompt_len // 4 and min(w for w, _ in widths_c) == prompt_len - 1
     assert shared.stats["shared_prefix_tokens"] >= 3 * (prompt_len // 2) and copied.stats["shared_prefix_tokens"] == 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "phi3"])
+def test_llm_policy_shared_prefix_steps_equal_one_episode_at_a_time_on_each_architecture(arch):
+    """Greedy steps of three episodes batched with their prefix shared equal each episode alone (no sharing)."""
+    import gymnasium
+
+    from rpe.envs import LLMPolicy
+    from rpe.sampling import SamplingConfig
+
+    model, tok = _greedy_tiny(arch)
+    venv = gymnasium.make_vec("rpe/ChainSum-v0", num_envs=3, vectorization_mode="sync", max_steps=2)
+    obs, _ = venv.reset(seed=0)
+    batched, single = (LLMPolicy(model, tok, sampling=SamplingConfig(temperature=0), max_step_tokens=8)
+                       for _ in range(2))
+    for _ in range(2):
+        steps = batched(list(obs))
+        assert steps == [single(o) for o in obs]
+        obs, _, _, _, _ = venv.step(steps)
+    assert batched.stats["shared_prefix_tokens"] > 0 and single.stats["shared_prefix_tokens"] == 0
