@@ -5,13 +5,15 @@
 
 Reads the bundle's step credit on every step of the rollouts (the internal TD error gamma V(s_t) - V(s_{t-1}),
 what the dense-credit trainer adds to each step's tokens; and dopamine activity where the bundle has dopamine
-neurons), and the same TD error through a random probe direction of the same norm (the control of the dense
-trainer). Steps are labelled by their arithmetic (:mod:`rpe.contamination`): does the credit flag the first
-wrong step (AUROC of right steps on a clean prefix vs the first wrong step), does it still separate right
-from wrong steps after it, and does an earlier error lower a right step's credit? Each AUROC counts pairs of
-steps at the same position in the chain; contamination is the first AUROC minus the second, with 95%
-cluster-bootstrap intervals over problems. The per-step credits are kept in OUT. Rollouts that fitted the bundle would make the value in-sample: use others (the
-script reports how many of the rollouts' questions the bundle's fitting run saw, when its folder is given).
+neurons), and the same TD error through random probe directions of the same norm on the same neurons (the
+control of the dense trainer; ``--controls`` draws, and where the bundle falls among them). Steps are labelled
+by their arithmetic (:mod:`rpe.contamination`): does the credit flag the first wrong step (AUROC of right steps
+on a clean prefix vs the first wrong step), does it still separate right from wrong steps after it, and does an
+earlier error lower a right step's credit? Each AUROC counts pairs of steps at the same position in the chain;
+contamination is the first AUROC minus the second, with 95% cluster-bootstrap intervals over problems. One read
+of the value neurons serves every probe; the per-step credits are kept in OUT. Rollouts that fitted the bundle
+would make the value in-sample: use others (the script reports how many of the rollouts' questions the bundle's
+fitting run saw, when its folder is given).
 Writes OUT (JSON) and prints a Markdown table; the last line is JSON.
 """
 
@@ -19,28 +21,31 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 
-def credits_by_trajectory(table: dict[str, list], column: str) -> tuple[list, list, list]:
-    """Per trajectory of a :func:`rpe.analyze.step_table`: (T,) credits from ``column``, the T step texts, and
-    its problem id."""
+def td_credits(probe, acts: list, gamma: float) -> list:
+    """Per trajectory, (T,) TD errors gamma V(s_t) - V(s_{t-1}) of ``probe`` on its (T + 1, k) value-neuron
+    activations at s_0..s_T."""
+    from rpe.probe import td_errors
+
+    return [td_errors(probe.predict(a).numpy(), gamma) for a in acts]
+
+
+def control_band(results: list[dict], value: dict) -> dict:
+    """Where the bundle's readings fall among the random directions': per reading, the draws' mean and the 2.5 and
+    97.5 percentiles of their point estimates, and the share of draws at or above the bundle's value."""
     import numpy as np
 
-    credits, texts, groups, current = [], [], [], None
-    for tid, pid, step, value, text in zip(table["trajectory_id"], table["problem_id"], table["step"],
-                                           table[column], table["text"]):
-        if step == 0:
-            current = tid
-            credits.append([])
-            texts.append([])
-            groups.append(pid)
-            continue
-        assert tid == current, "step_table rows are grouped by trajectory"
-        credits[-1].append(value)
-        texts[-1].append(text)
-    return [np.asarray(c) for c in credits], texts, groups
+    out = {}
+    for key, field in (("flags_first_error", "auroc"), ("after_error", "auroc"), ("contamination", "drop"),
+                       ("right_step_after_error", "auroc")):
+        draws = np.array([r[key][field][0] for r in results], dtype=float)
+        mine = value[key][field][0]
+        out[key] = {"mean": round(float(np.nanmean(draws)), 4),
+                    "p2.5_p97.5": [round(float(x), 4) for x in np.nanpercentile(draws, [2.5, 97.5])],
+                    "share_at_or_above_bundle": round(float(np.mean(draws >= mine)), 3)}
+    return out
 
 
 def main() -> None:
@@ -49,19 +54,20 @@ def main() -> None:
     parser.add_argument("--bundle", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--fit-rollouts", type=Path, default=None, help="The bundle's fitting rollouts (overlap check).")
-    parser.add_argument("--control-seed", type=int, default=0)
+    parser.add_argument("--controls", type=int, default=20, help="random probe directions (the control's draws)")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
 
-    from rpe.analyze import step_table
     from rpe.bench.machine import machine_info
     from rpe.bundle import SubsystemBundle
     from rpe.cli.common import rollout_model_name
     from rpe.contamination import prefix_contamination
     from rpe.models import load_model
+    from rpe.probe import ValueProbe
     from rpe.records import read_trajectories
+    from rpe.signals import SignalReader
     from rpe.trainers.dense import random_direction_state
 
     machine = machine_info()
@@ -76,24 +82,33 @@ def main() -> None:
         fitted, these = rollout_settings(args.fit_rollouts), rollout_settings(args.rollouts)
         if fitted is not None and these is not None:
             overlap = len(set(fitted.question_keys()) & set(these.question_keys()))
-    control = replace(bundle, probe_state=random_direction_state(bundle.probe_state, args.control_seed))
-    signals = {"internal TD error": (bundle, "rpe"),
-               "control: random probe direction of the same norm": (control, "rpe")}
+    reader = SignalReader(bundle, model, tok)
+    acts, dopamine = [], []
+    for start in range(0, len(trajs), reader.batch_size):  # one read: the value neurons at every s_t
+        batch = trajs[start : start + reader.batch_size]
+        for sig in reader.read([t.prompt_token_ids for t in batch], [t.completion_token_ids for t in batch],
+                               spans=[[(s.token_start, s.token_end) for s in t.steps] for t in batch]):
+            acts.append(sig.value_acts)
+            dopamine.append(sig.dopamine)
+    texts = [[s.text for s in t.steps] for t in trajs]
+    groups = [t.problem_id for t in trajs]
+    credits = {"internal TD error": td_credits(bundle.probe, acts, reader.gamma)}
     if bundle.dopamine_neurons.numel():
-        signals["dopamine activity"] = (bundle, "dopamine")
-    tables, results, read = {}, {}, {}
-    for name, (b, column) in signals.items():
-        if id(b) not in tables:
-            tables[id(b)] = step_table(model, tok, b, trajs)
-        credits, texts, groups = credits_by_trajectory(tables[id(b)], column)
-        results[name] = prefix_contamination(credits, texts, groups, n_boot=args.n_boot)
-        read[name] = [c.round(6).tolist() for c in credits]  # kept for another analysis without a second read
-        read["steps"], read["problems"] = texts, groups
+        credits["dopamine activity"] = dopamine
+    results = {name: prefix_contamination(c, texts, groups, n_boot=args.n_boot) for name, c in credits.items()}
+    controls = [prefix_contamination(td_credits(ValueProbe.from_state(random_direction_state(bundle.probe_state, seed),
+                                                                      bundle.probe_config), acts, reader.gamma),
+                                     texts, groups, n_boot=0)  # the draws' point estimates make the band
+                for seed in range(args.controls)]
+    band = control_band(controls, results["internal TD error"])
     out = {"benchmark": "prefix_contamination", "machine": machine, "rollouts": str(args.rollouts),
            "bundle": str(args.bundle), "n_trajectories": len(trajs), "fit_question_overlap": overlap,
-           "accuracy": sum(t.reward for t in trajs) / len(trajs), "signals": results, "credits": read}
+           "accuracy": sum(t.reward for t in trajs) / len(trajs), "signals": results,
+           "control": {"random_directions": args.controls, "band": band, "draws": controls},
+           "credits": {"steps": texts, "problems": groups,
+                       **{k: [list(map(float, c)) for c in v] for k, v in credits.items()}}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
+    args.out.write_text(json.dumps(out, indent=1))
 
     first = next(iter(results.values()))
     print(f"\n{len(trajs)} trajectories, {first['n_with_error']} with a wrong step; steps: {first['counts']}\n")
@@ -106,6 +121,9 @@ def main() -> None:
               f"{a['auroc'][0]:.3f} [{a['auroc'][1]:.3f}, {a['auroc'][2]:.3f}] {a['verdict']} | "
               f"{d['drop'][0]:+.3f} [{d['drop'][1]:+.3f}, {d['drop'][2]:+.3f}] {d['verdict']} | "
               f"{p['auroc'][0]:.3f} [{p['auroc'][1]:.3f}, {p['auroc'][2]:.3f}] {p['verdict']} |")
+    cells = [f"mean {b['mean']:.3f}, 95% of draws [{b['p2.5_p97.5'][0]:.3f}, {b['p2.5_p97.5'][1]:.3f}], "
+             f"{b['share_at_or_above_bundle']:.0%} at or above" for b in band.values()]
+    print(f"| control: {args.controls} random probe directions of the same norm | " + " | ".join(cells) + " |")
     print(json.dumps({k: out[k] for k in ("benchmark", "n_trajectories", "fit_question_overlap", "accuracy")}))
 
 

@@ -54,19 +54,31 @@ def test_mismatched_inputs_are_named():
         prefix_contamination([np.zeros(1)], [["a"], ["b"]], ["p0"])
 
 
-def test_the_benchmark_groups_a_step_table_by_trajectory():
+def test_the_benchmark_reads_td_credits_and_places_the_bundle_among_its_controls():
     import importlib.util
     from pathlib import Path
+
+    import torch
 
     spec = importlib.util.spec_from_file_location("prefix_contamination", Path(__file__).parents[1] / "benchmarks" / "prefix_contamination.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    table = {"trajectory_id": ["a", "a", "a", "b", "b"], "problem_id": ["p0", "p0", "p0", "p1", "p1"],
-             "step": [0, 1, 2, 0, 1], "rpe": [np.nan, 0.1, -0.2, np.nan, 0.3],
-             "text": ["", "1 + 1 = 2.", "2 + 1 = 4.", "", "Answer: 3"]}
-    credits, texts, groups = bench.credits_by_trajectory(table, "rpe")
-    assert [c.tolist() for c in credits] == [[0.1, -0.2], [0.3]] and groups == ["p0", "p1"]
-    assert texts == [["1 + 1 = 2.", "2 + 1 = 4."], ["Answer: 3"]]
+
+    class Identity:  # a probe whose value is the first neuron
+        def predict(self, acts):
+            return acts[:, 0]
+
+    acts = [torch.tensor([[0.2, 9.0], [0.5, 9.0], [0.4, 9.0]]), torch.tensor([[0.1, 0.0], [0.9, 0.0]])]
+    credits = bench.td_credits(Identity(), acts, gamma=1.0)
+    np.testing.assert_allclose(credits[0], [0.3, -0.1])
+    np.testing.assert_allclose(credits[1], [0.8])
+    mine = {"flags_first_error": {"auroc": [0.6]}, "after_error": {"auroc": [0.5]}, "contamination": {"drop": [0.1]},
+            "right_step_after_error": {"auroc": [0.5]}}
+    draws = [{"flags_first_error": {"auroc": [a]}, "after_error": {"auroc": [0.5]}, "contamination": {"drop": [0.0]},
+              "right_step_after_error": {"auroc": [0.5]}} for a in (0.4, 0.5, 0.7, 0.8)]
+    band = bench.control_band(draws, mine)
+    assert band["flags_first_error"]["share_at_or_above_bundle"] == 0.5 and band["flags_first_error"]["mean"] == 0.6
+    assert band["contamination"]["share_at_or_above_bundle"] == 0.0
 
 
 def test_a_credit_that_only_drifts_along_the_chain_is_not_read_as_contamination():
