@@ -78,7 +78,10 @@ def at_start(args) -> dict:
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "grpo_selected.yaml"
     per_seed = []  # (seed, values, zero, tokens, question lengths, problem ids)
     for seed in args.seeds:
-        rpe_args, train_args, model_args = parse_recipe(recipe, ["--bundle", args.bundle, "--seed", str(seed)])
+        rpe_args, train_args, model_args = parse_recipe(recipe, ["--bundle", args.bundle, "--seed", str(seed),
+                                                                 *(["--task", args.task] if args.task else []),
+                                                                 *(["--max_completion_length", str(args.max_completion_length)]
+                                                                   if args.max_completion_length else [])])
         model, tok = load_policy(rpe_args, model_args, train_args.device)
         bundle = SubsystemBundle.load(rpe_args.bundle, model=model, tokenizer=tok)
         task, builder, dataset, problems = training_prompts(rpe_args, tok, seed)
@@ -100,6 +103,7 @@ def at_start(args) -> dict:
     everything = np.arange(len(zero))
     boots = list(cluster_resamples(group, args.n_boot, 0))
     out = {"n_prompts": len(zero), "samples_per_prompt": g, "seeds": args.seeds, "explore": args.explore_at_start,
+           "task": args.task or "the recipe's", "max_completion_length": train_args.max_completion_length,
            "zero_advantage_share_all": float(zero.mean()),
            "all_fail_share": float((solved == 0).mean()), "all_succeed_share": float((solved == 1).mean()),
            "value_vs_solve_rate_spearman": float(spearmanr(values, solved)[0]),
@@ -161,6 +165,9 @@ def main() -> None:
     ap.add_argument("--bands", nargs="*", default=["0.05:0.95", "0.2:0.9", "0.3:0.8"],
                     help="--at-start: value bands low:high to compare (the samples are drawn once)")
     ap.add_argument("--explore-at-start", type=float, default=0.0, help="--at-start: explore share of each band")
+    ap.add_argument("--task", default=None, help="--at-start: the training task (default: the recipe's)")
+    ap.add_argument("--max-completion-length", type=int, default=None,
+                    help="--at-start: tokens per sample (default: the recipe's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.at_start:
@@ -168,7 +175,8 @@ def main() -> None:
 
         result = {"benchmark": "prompt_selection_at_start", "machine": machine_info(), **at_start(args)}
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "selection_at_start.json").write_text(json.dumps(result, indent=1))
+        name = f"selection_at_start_{args.task}.json" if args.task else "selection_at_start.json"
+        (args.out / name).write_text(json.dumps(result, indent=1))
         print(f"{result['n_prompts']} prompts x {result['samples_per_prompt']} samples; zero-advantage share of all "
               f"groups {result['zero_advantage_share_all']:.3f}; V(s_0) 10/50/90%: {result['value_s0']['quantiles_10_50_90']}")
         print("| band | rule | kept | zero-advantage groups among kept (95% CI) | value minus this | tokens per informative group |")
