@@ -8,8 +8,8 @@ Arms (recipes/, same task, budget, seeds and held-out problems; only the trainin
 - ``grpo``: GRPO on every training prompt (recipes/grpo_baseline.yaml);
 - ``value``: GRPO on the prompts whose V(s_0), read by one prefill before training, lies in the band
   (recipes/grpo_selected.yaml, ``select_by: value``);
-- ``length``: the control that keeps as many prompts by question length (middle lengths kept, both extremes
-  dropped as the band drops both);
+- ``length``: the control that makes the same cut by question length (as many of the longest questions skipped
+  as the band skipped as hopeless, as many of the shortest as it skipped as solved);
 - ``random``: random skipping at the same keep rate.
 
 ``--at-start`` measures the selection itself with more power and no training: for each seed's training
@@ -69,9 +69,8 @@ def at_start(args) -> dict:
     of ``args.bands`` (the samples are drawn once)."""
     from rpe.bundle import SubsystemBundle
     from rpe.generation import generate_batch
-    from rpe.metrics import cluster_resamples
     from rpe.sampling import SamplingConfig
-    from rpe.selection import SelectionConfig, prompt_text, prompt_values, random_keep, select_by_score, select_by_value
+    from rpe.selection import prompt_text, prompt_values
     from rpe.trainers.recipes import load_policy, parse_recipe, training_prompts
     from scipy.stats import spearmanr
 
@@ -100,8 +99,6 @@ def at_start(args) -> dict:
     values = np.concatenate([v for _, v, _, _, _, _, _ in per_seed])
     solved = np.concatenate([m for *_, m in per_seed])
     group = np.array([f"{seed}/{i}" for seed, _, _, _, _, ids, _ in per_seed for i in ids])
-    everything = np.arange(len(zero))
-    boots = list(cluster_resamples(group, args.n_boot, 0))
     out = {"n_prompts": len(zero), "samples_per_prompt": g, "seeds": args.seeds, "explore": args.explore_at_start,
            "task": args.task or "the recipe's", "max_completion_length": train_args.max_completion_length,
            "zero_advantage_share_all": float(zero.mean()),
@@ -111,19 +108,38 @@ def at_start(args) -> dict:
                           "tokens": tokens.tolist(),
                           "question_chars": np.concatenate([q for _, _, _, _, q, _, _ in per_seed]).tolist()},
            "value_s0": {"min": float(values.min()), "max": float(values.max()),
-                        "quantiles_10_50_90": np.quantile(values, [0.1, 0.5, 0.9]).tolist()},
-           "bands": {}}
-    for band in args.bands:
+                        "quantiles_10_50_90": np.quantile(values, [0.1, 0.5, 0.9]).tolist()}}
+    out["bands"] = band_tables(out["per_prompt"], args.bands, args.explore_at_start, args.n_boot)
+    return out
+
+
+def band_tables(per_prompt: dict, bands: list[str], explore: float, n_boot: int) -> dict:
+    """For each band ``low:high``, the zero-advantage share among the prompts each rule keeps (95% interval over
+    prompts) and the value rule minus each; every seed's training set (the ``group`` prefix) selected on its own,
+    as ``rpe train`` does."""
+    from rpe.metrics import cluster_resamples
+    from rpe.selection import SelectionConfig, band_cut, random_keep, select_by_score, select_by_value, select_matched
+
+    values, solved = np.array(per_prompt["value_s0"]), np.array(per_prompt["solve_rate"])
+    tokens, lengths = np.array(per_prompt["tokens"], float), np.array(per_prompt["question_chars"], float)
+    group = np.array(per_prompt["group"])
+    seeds = np.array([x.split("/", 1)[0] for x in group])
+    zero = ((solved == 0) | (solved == 1)).astype(float)
+    everything = np.arange(len(zero))
+    boots = list(cluster_resamples(group, n_boot, 0))
+    tables = {}
+    for band in bands:
         low, high = (float(x) for x in band.split(":"))
-        masks: dict[str, list] = {"value": [], "value_middle": [], "length": [], "random": [], "none": []}
-        for seed, v, _, _, lengths, _, _ in per_seed:  # each seed's training set selected on its own, as train() does
-            keep = select_by_value(v, SelectionConfig(low=low, high=high, explore=args.explore_at_start, seed=seed))
-            masks["value"] += keep.tolist()
-            masks["value_middle"] += select_by_score(v, int(keep.sum())).tolist()  # the middle V ranks, same rate
-            masks["length"] += select_by_score(lengths, int(keep.sum())).tolist()
-            masks["random"] += random_keep(len(keep), int(keep.sum()), seed=seed).tolist()
-            masks["none"] += [True] * len(keep)
-        arrays = {r: np.array(m) for r, m in masks.items()}
+        arrays = {r: np.zeros(len(zero), dtype=bool) for r in ("value", "value_middle", "length", "random", "none")}
+        for seed in dict.fromkeys(seeds):
+            m = seeds == seed
+            cfg = SelectionConfig(low=low, high=high, explore=explore, seed=int(seed))
+            keep = select_by_value(values[m], cfg)
+            arrays["value"][m] = keep
+            arrays["value_middle"][m] = select_by_score(values[m], int(keep.sum()))  # middle V ranks, same rate
+            arrays["length"][m] = select_matched(-lengths[m], *band_cut(values[m], keep, cfg))
+            arrays["random"][m] = random_keep(int(m.sum()), int(keep.sum()), seed=int(seed))
+            arrays["none"][m] = True
 
         def share(idx: np.ndarray, rule: str) -> float:
             kept = idx[arrays[rule][idx]]
@@ -131,17 +147,16 @@ def at_start(args) -> dict:
 
         rules = {}
         for rule, mask in arrays.items():
-            kept = mask
             rules[rule] = {"kept_share": float(mask.mean()),
                            "zero_advantage_share": [share(everything, rule),
                                                     *np.nanpercentile([share(i, rule) for i in boots], [2.5, 97.5]).tolist()],
-                           "tokens_per_informative_group": float(tokens[kept].sum() / max((1 - zero[kept]).sum(), 1e-9))}
+                           "tokens_per_informative_group": float(tokens[mask].sum() / max((1 - zero[mask]).sum(), 1e-9))}
             if rule != "value":
                 diffs = [share(i, "value") - share(i, rule) for i in boots]
                 rules[rule]["value_minus_this"] = [share(everything, "value") - share(everything, rule),
                                                    *np.nanpercentile(diffs, [2.5, 97.5]).tolist()]
-        out["bands"][band] = rules
-    return out
+        tables[band] = rules
+    return tables
 
 
 def band_overrides(args) -> list[str]:
@@ -166,6 +181,8 @@ def main() -> None:
                     help="--at-start: value bands low:high to compare (the samples are drawn once)")
     ap.add_argument("--explore-at-start", type=float, default=0.0, help="--at-start: explore share of each band")
     ap.add_argument("--task", default=None, help="--at-start: the training task (default: the recipe's)")
+    ap.add_argument("--reanalyse", type=Path, default=None,
+                    help="--at-start: recompute the bands from this saved result's per-prompt samples")
     ap.add_argument("--max-completion-length", type=int, default=None,
                     help="--at-start: tokens per sample (default: the recipe's)")
     args = ap.parse_args()
@@ -173,7 +190,11 @@ def main() -> None:
     if args.at_start:
         from rpe.bench.machine import machine_info
 
-        result = {"benchmark": "prompt_selection_at_start", "machine": machine_info(), **at_start(args)}
+        if args.reanalyse:  # the saved samples, other bands or rules: no generation
+            result = json.loads(args.reanalyse.read_text())
+            result["bands"] = band_tables(result["per_prompt"], args.bands, args.explore_at_start, args.n_boot)
+        else:
+            result = {"benchmark": "prompt_selection_at_start", "machine": machine_info(), **at_start(args)}
         args.out.mkdir(parents=True, exist_ok=True)
         name = f"selection_at_start_{args.task}.json" if args.task else "selection_at_start.json"
         (args.out / name).write_text(json.dumps(result, indent=1))

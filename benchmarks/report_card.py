@@ -72,7 +72,8 @@ def main() -> None:
         rows.append(generic_row(r["claim"], r["paper"], r))
     live = {"ablation": bool(args.ablation), "dopamine": "dopamine" in metrics, "search": bool(args.search),
             "transfer": bool(args.transfer)}
-    for key in ("ablation", "dopamine", "transfer", "search", "gemma_s0", "gemma_final", "dense_credit"):
+    for key in ("ablation", "dopamine", "transfer", "search", "gemma_s0", "gemma_final", "dense_credit",
+                "prefix_contamination", "prompt_selection"):
         if live.get(key):
             continue
         r = previous.get(key)

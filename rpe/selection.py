@@ -6,8 +6,9 @@ prompt's last token; no token generated), and a prompt predicted near 0 or near 
 samples are paid for. Kept: prompts with ``low <= V(s_0) <= high``, plus a random ``explore`` share of the others
 (the probe is wrong sometimes, and a policy that improves moves prompts out of the hopeless band).
 
-Controls, each at the same keep rate as the selection it is compared with (:func:`select_by_score`,
-:func:`random_keep`): the same band rule driven by the question's length (shorter = predicted easier) or by the
+Controls, each at the same keep rate as the selection it is compared with (:func:`select_matched`,
+:func:`select_by_score`, :func:`random_keep`): the same cut driven by the question's length (as many of the
+longest skipped as the band skipped as hopeless, as many of the shortest as it skipped as solved) or by the
 task's difficulty features, and random skipping. :func:`zero_advantage_share` is the measurement: the share of
 groups whose G sampled rewards are all equal.
 
@@ -71,6 +72,31 @@ def select_by_score(scores: np.ndarray, n_keep: int, *, two_sided: bool = True) 
     keep = np.zeros(len(scores), dtype=bool)
     keep[order[:n_keep]] = True
     return keep
+
+
+def select_matched(scores: np.ndarray, n_below: int, n_above: int) -> np.ndarray:
+    """(n,) bool: the same cut as a value band made, driven by another predictor: drop the ``n_below`` prompts it
+    ranks lowest (predicted hardest) and the ``n_above`` it ranks highest (predicted easiest), keep the rest. With
+    ``scores`` = minus the question's length, this is "skip the longest and the shortest as the band skipped the
+    hopeless and the solved"; ties keep the earlier prompt."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    n_below, n_above = int(min(max(n_below, 0), n)), int(min(max(n_above, 0), n))
+    if n_below + n_above > n:
+        raise ValueError(f"cannot drop {n_below} + {n_above} of {n} prompts")
+    order = np.argsort(scores, kind="stable")
+    keep = np.ones(n, dtype=bool)
+    keep[order[:n_below]] = False
+    if n_above:
+        keep[order[n - n_above:]] = False
+    return keep
+
+
+def band_cut(values: np.ndarray, keep: np.ndarray, cfg: SelectionConfig) -> tuple[int, int]:
+    """How many prompts a value selection skipped below the band and above it (``keep`` from
+    :func:`select_by_value`): what a matched control skips from each end."""
+    values = np.asarray(values, dtype=np.float64)
+    return int(((values < cfg.low) & ~keep).sum()), int(((values > cfg.high) & ~keep).sum())
 
 
 def random_keep(n: int, n_keep: int, seed: int = 0) -> np.ndarray:
@@ -186,9 +212,9 @@ def select_dataset(dataset, model, tokenizer, bundle, cfg: SelectionConfig, *, p
     and a summary (``n``, ``kept``, ``kept_share``, ``below_low``, ``above_high``, ``select_by``).
 
     ``select_by``: ``value`` keeps what :func:`select_by_value` keeps; the controls keep as many prompts as it
-    would: ``length`` those whose question length (characters of ``questions``, default the prompt texts) ranks
-    nearest the middle (:func:`select_by_score`, both extremes dropped as the band drops both), ``random`` a
-    uniform draw (:func:`random_keep`, ``cfg.seed``).
+    would: ``length`` skips as many of the longest questions (characters of ``questions``, default the prompt
+    texts) as the band skipped as hopeless and as many of the shortest as it skipped as solved
+    (:func:`select_matched`), ``random`` a uniform draw (:func:`random_keep`, ``cfg.seed``).
 
     Raises:
         ValueError: the dataset has no ``prompt_column``, an unknown rule, ``questions`` of another length, or
@@ -207,7 +233,8 @@ def select_dataset(dataset, model, tokenizer, bundle, cfg: SelectionConfig, *, p
         raise ValueError(f"prompt selection kept none of {len(values)} prompts (V(s_0) from {values.min():.3f} to "
                          f"{values.max():.3f}, band [{cfg.low}, {cfg.high}]): widen the band or raise explore")
     if select_by == "length":
-        keep = select_by_score(np.array([len(q) for q in (questions or texts)], dtype=np.float64), int(keep.sum()))
+        keep = select_matched(-np.array([len(q) for q in (questions or texts)], dtype=np.float64),
+                              *band_cut(values, keep, cfg))
     elif select_by == "random":
         keep = random_keep(len(values), int(keep.sum()), seed=cfg.seed)
     summary = {"n": int(len(values)), "kept": int(keep.sum()), "kept_share": float(keep.mean()),
@@ -217,5 +244,5 @@ def select_dataset(dataset, model, tokenizer, bundle, cfg: SelectionConfig, *, p
     return narrowed, summary
 
 
-__all__ = ["SELECT_BY", "LiveSelection", "SelectionConfig", "SelectionSampler", "prompt_text", "prompt_values", "select_dataset", "random_keep", "select_by_score", "select_by_value",
+__all__ = ["SELECT_BY", "LiveSelection", "SelectionConfig", "SelectionSampler", "band_cut", "select_matched", "prompt_text", "prompt_values", "select_dataset", "random_keep", "select_by_score", "select_by_value",
            "zero_advantage_share"]

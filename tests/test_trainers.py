@@ -106,13 +106,13 @@ def test_recipe_selects_prompts_by_internal_value_before_training(tmp_path, bund
     np.testing.assert_allclose(sorted(kept["rpe_value_s0"]), sorted(values[values >= mid]), atol=1e-6)
     with pytest.raises(ValueError, match="kept none of 12 prompts"):
         select_dataset(ds, model, tok, bundle, SelectionConfig(low=1.0, high=1.0, explore=0.0))
-    # the controls keep as many prompts: the middle question lengths, or a seeded random draw
+    # the controls keep as many prompts: the band skipped only hopeless ones (V below), so the length control skips
+    # as many of the longest questions; or a seeded random draw
     questions = [f"q{'x' * i}" for i in range(12)]
     by_length, s_len = select_dataset(ds, model, tok, bundle, SelectionConfig(low=mid, high=1.0, explore=0.0),
                                       select_by="length", questions=questions)
     assert s_len["kept"] == summary["kept"] and s_len["select_by"] == "length"
-    middle = sorted(range(12), key=lambda i: abs(i - 5.5))[: summary["kept"]]
-    assert sorted(by_length["problem_id"]) == sorted(ds["problem_id"][i] for i in middle)
+    assert sorted(by_length["problem_id"]) == sorted(ds["problem_id"][i] for i in range(summary["kept"]))
     by_chance, s_rand = select_dataset(ds, model, tok, bundle, SelectionConfig(low=mid, high=1.0, explore=0.0, seed=3),
                                        select_by="random")
     assert s_rand["kept"] == summary["kept"] and len(by_chance) == summary["kept"]
@@ -621,6 +621,19 @@ def test_reads_render_chat_prompts_with_the_trainers_template_settings(tmp_path,
         assert cb.signals.prompt_ids([prompt]) == [list(want)]
     finally:
         cb.close()
+
+
+def test_a_matched_control_skips_as_many_from_each_end_as_the_band():
+    from rpe.selection import SelectionConfig, band_cut, select_by_value, select_matched
+
+    values = np.array([0.01, 0.5, 0.99, 0.02, 0.6, 0.4, 0.98, 0.03])
+    cfg = SelectionConfig(low=0.05, high=0.95, explore=0.0)
+    keep = select_by_value(values, cfg)
+    assert band_cut(values, keep, cfg) == (3, 2)  # 3 hopeless, 2 solved skipped
+    easiness = -np.array([9.0, 1, 2, 8, 3, 4, 5, 7])  # minus question length: 9 and 8 and 7 longest, 1 and 2 shortest
+    assert np.flatnonzero(select_matched(easiness, 3, 2)).tolist() == [4, 5, 6]
+    with pytest.raises(ValueError, match="cannot drop 5 \\+ 4 of 8"):
+        select_matched(easiness, 5, 4)
 
 
 def test_selection_sampler_is_trls_order_when_all_kept_and_skips_what_the_selection_drops():
