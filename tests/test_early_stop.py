@@ -131,3 +131,20 @@ def test_a_sample_is_judged_at_its_step_end_as_the_bundle_states_are(setup, monk
     assert reads
     for completion, (start, end) in reads:  # each read ends where a step's text ends, never on the blank line
         assert start == 0 and end == len(completion) and ends.get(tuple(completion)) == end
+
+
+def test_seeds_pool_by_problem():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("early_stop_seeds", Path(__file__).parents[1] / "benchmarks" / "early_stop_seeds.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    one = {"arms": {"none": {"correct": [1, 0, 1], "tokens": [10, 10, 10]},
+                    "value": {"correct": [1, 0, 0], "tokens": [8, 5, 7]},
+                    "random_probe": {"correct": [1, 1, 0], "tokens": [8, 5, 7]}}}
+    out = bench.pooled([one, one])
+    assert out["n_problems"] == 6 and out["seeds"] == 2
+    assert abs(out["arms"]["value"]["tokens_saved"] - 0.333333) < 1e-5 and out["arms"]["none"]["tokens_saved"] == 0
+    assert abs(out["arms"]["value"]["accuracy_lost"][0] - 1 / 3) < 1e-9  # none minus value, paired
+    assert out["value_minus_control"][0] == -1 / 3
