@@ -119,7 +119,8 @@ class RPEArguments:
     """``select_prompts``: share of the skipped prompts kept anyway, at random."""
     select_by: str = "value"
     """``select_prompts``: ``value`` (the V(s_0) band above), or a control that keeps as many prompts as the band
-    would: ``length`` (the question's length, both extremes dropped) or ``random``."""
+    would: ``length`` (the same cut by question length: the longest skipped for the hopeless, the shortest for
+    the solved) or ``random``."""
     select_refresh_every: int = 0
     """``select_prompts`` by ``value``: re-read V(s_0) of every training prompt with the policy as trained so far
     every this many optimizer steps and draw from the new kept set (``rpe.trainers.selection``; with
