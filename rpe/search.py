@@ -168,10 +168,13 @@ def check_methods(methods: Sequence[str], bundle) -> None:
 def run_search(model, tok, bundle, task, builder, methods: list[str], n_problems: int, cfg: SearchConfig, *,
                problem_seed: int = 1, progress: Callable[[str, int, int], None] | None = None,
                done: dict[str, Any] | None = None,
-               on_method: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+               on_method: Callable[[dict[str, Any]], None] | None = None,
+               exclude_questions: Sequence[str] | None = None) -> dict[str, Any]:
     """Accuracy and tokens per problem of each method on the same problems.
 
     Args:
+        exclude_questions: question keys never searched (:func:`rpe.tasks.question_key`; e.g. the bundle's
+            fitting questions, so that the search is held out).
         done: an earlier result of the same call (same config and problems); its methods are kept, not rerun.
         on_method: called with the results so far after each method (e.g. to save them: a long run resumes).
 
@@ -183,7 +186,9 @@ def run_search(model, tok, bundle, task, builder, methods: list[str], n_problems
 
     check_methods(methods, bundle)
     reader = SignalReader(bundle, model, tok) if bundle is not None else None
-    problems = list(task.problems(n_problems, seed=problem_seed))
+    from rpe.tasks import draw_problems
+
+    problems = draw_problems(task, n_problems, seed=problem_seed, exclude=exclude_questions)
     prompts = [builder.encode(builder(p)) for p in problems]  # as rpe rollouts and TRL tokenise them
     results: dict[str, Any] = {"config": asdict(cfg), "n_problems": n_problems, "problem_seed": problem_seed,
                                "methods": {}}

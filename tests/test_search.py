@@ -24,6 +24,30 @@ def test_every_method_runs_on_the_same_problems(tiny_llama, tiny_bundle):
     assert again["methods"]["value"] == res["methods"]["value"]  # seeded
 
 
+def test_the_search_leaves_out_the_questions_it_is_told_to(tiny_llama, tiny_bundle, monkeypatch):
+    """With a fitting run's question keys, none of those questions is searched (before, `rpe search --rollouts`
+    drew seed 1's problems, which on a fixed list overlap the fitting ones)."""
+    import rpe.search as search_module
+    from rpe.tasks import question_key
+
+    model, tok = tiny_llama
+    task = load_task("chain_sum_2")
+    builder = PromptBuilder(task, tok, PromptConfig(shots=1))
+    fitted = [question_key(p) for p in task.problems(4, seed=1)]  # what a plain draw of seed 1 would search
+    asked = []
+    real = search_module.search_batch
+
+    def spy(model, tok, reader, prompts, *args, **kwargs):
+        asked.extend(tok.decode(p) for p in prompts)
+        return real(model, tok, reader, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(search_module, "search_batch", spy)
+    run_search(model, tok, tiny_bundle, task, builder, ["greedy"], 4,
+               SearchConfig(n=2, max_steps=1, max_step_tokens=4, max_new_tokens=8), exclude_questions=fitted)
+    fitted_questions = [p.prompt for p in task.problems(4, seed=1)]
+    assert asked and not any(q in text for q in fitted_questions for text in asked)
+
+
 def test_search_input_errors(tiny_llama, tiny_bundle):
     model, tok = tiny_llama
     task = load_task("chain_sum_2")

@@ -127,7 +127,8 @@ def analyze(
 def search(
     bundle: Optional[Path] = typer.Option(None, help="Bundle folder (needed by the value and dopamine methods)."),
     rollouts: Optional[Path] = typer.Option(None, help="Rollout folder whose model, task, prompt and completion "
-                                            "budget the search uses (explicit options override it)."),
+                                            "budget the search uses (explicit options override it); its "
+                                            "questions are never searched."),
     model: Optional[str] = typer.Option(None, help="Model (default: the rollouts', else smollm2-135m-instruct)."),
     task: Optional[str] = typer.Option(None, help=f"Task (default: the rollouts', else {DEFAULT_TASK})."),
     n_problems: int = typer.Option(200, "--n-problems", help="Problems (same for every method)."),
@@ -167,7 +168,8 @@ def search(
         done = json.loads(out.read_text()) if out.exists() else None
     except (BundleFormatError, BundleMismatchError, UnknownTaskError, ValueError) as err:
         fail(str(err))
-    builder = PromptBuilder(t, tok, settings.config.prompt if settings else PromptConfig())
+    asked = settings.question_keys() if settings else None  # the fitting questions: never searched or shown
+    builder = PromptBuilder(t, tok, settings.config.prompt if settings else PromptConfig(), exclude_questions=asked)
     meta = {"model": model, "task": t.name, "bundle": str(bundle) if bundle else None}
     if done and any(done.get(k) != v for k, v in meta.items()):
         done = None  # another model, task or bundle: start over
@@ -179,7 +181,8 @@ def search(
         try:
             res = run_search(lm, tok, b, t, builder, [m.strip() for m in methods.split(",") if m.strip()], n_problems, cfg,
                              progress=lambda m, a, total: bar.update(job, description=m, completed=a, total=total),
-                             done=done, on_method=lambda r: atomic_write_json(out, {**meta, **r}))
+                             done=done, on_method=lambda r: atomic_write_json(out, {**meta, **r}),
+                             exclude_questions=asked)
         except ValueError as err:
             fail(str(err))
     res = {**meta, **res}
