@@ -116,3 +116,26 @@ def test_every_rpe_line_of_the_makefile_parses():
         while hasattr(command, "commands") and rest and rest[0] in command.commands:
             command, rest = command.commands[rest[0]], rest[1:]
         command.make_context(args[0], list(rest))  # raises on an unknown option or a missing required one
+
+
+def test_progress_without_a_terminal_prints_lines():
+    """rich draws nothing until the end when output is a file: LineProgress prints a line per interval and at the end."""
+    import io
+
+    from rich.console import Console
+
+    from rpe.cli.common import LineProgress
+
+    buf = io.StringIO()
+    with LineProgress(Console(file=buf, width=200), every=0.0) as bar:
+        job = bar.add_task("rollouts", total=4)
+        for done in range(1, 5):
+            bar.update(job, completed=done)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("rollouts: 1/4 (") and "left)" in lines[0]
+    assert lines[-1].startswith("rollouts: 4/4 (") and len(lines) == 4  # the end is not printed twice
+    quiet = io.StringIO()
+    with LineProgress(Console(file=quiet), every=3600.0) as bar:
+        job = bar.add_task("arms", total=None)
+        bar.update(job, completed=7)
+    assert quiet.getvalue().strip().startswith("arms: 7 (")  # only at the end

@@ -27,11 +27,68 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def progress_bar(ranks: Ranks | None = None) -> Progress:
-    """A progress bar; under a launcher only the main rank draws one, for its own share of the work."""
+class LineProgress:
+    """Progress for output that is not a terminal (a log file, a batch job): rich draws its bar only when the run
+    ends there, so this prints one line per task at most every ``every`` seconds and at the end:
+    ``description: done/total (elapsed, about R left)``. The same calls as ``rich.progress.Progress``."""
+
+    def __init__(self, out: Console, every: float = 30.0, disable: bool = False):
+        self.out, self.every, self.disable = out, every, disable
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for job in self.tasks:
+            self._print(job)
+
+    def add_task(self, description: str, total: float | None = None, **_: object) -> int:
+        import time
+
+        job = len(self.tasks)
+        self.tasks[job] = {"description": description, "total": total, "completed": 0, "start": time.monotonic(),
+                           "printed": time.monotonic()}
+        return job
+
+    def update(self, job: int, *, completed: float | None = None, total: float | None = None,
+               description: str | None = None, advance: float | None = None, **_: object) -> None:
+        import time
+
+        t = self.tasks[job]
+        for key, value in (("completed", completed), ("total", total), ("description", description)):
+            if value is not None:
+                t[key] = value
+        if advance is not None:
+            t["completed"] += advance
+        done = t["total"] is not None and t["completed"] >= t["total"]
+        if done or time.monotonic() - t["printed"] >= self.every:
+            self._print(job)
+
+    def _print(self, job: int) -> None:
+        import time
+
+        t = self.tasks[job]
+        if self.disable or t.get("last") == (t["description"], t["completed"]):
+            return
+        elapsed = time.monotonic() - t["start"]
+        of = f"/{t['total']:g}" if t["total"] is not None else ""
+        left = ""
+        if t["total"] and 0 < t["completed"] < t["total"]:
+            left = f", about {elapsed * (t['total'] - t['completed']) / t['completed']:.0f} s left"
+        self.out.print(f"{t['description']}: {t['completed']:g}{of} ({elapsed:.0f} s{left})", highlight=False)
+        t["printed"], t["last"] = time.monotonic(), (t["description"], t["completed"])
+
+
+def progress_bar(ranks: Ranks | None = None) -> Progress | LineProgress:
+    """A progress bar on a terminal, progress lines elsewhere (:class:`LineProgress`); under a launcher only the
+    main rank reports, for its own share of the work."""
+    disable = ranks is not None and not ranks.is_main
+    if not console.is_terminal:
+        return LineProgress(console, disable=disable)
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=console, disable=ranks is not None and not ranks.is_main,
+        TimeRemainingColumn(), console=console, disable=disable,
     )
 
 
