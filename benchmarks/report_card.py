@@ -73,7 +73,7 @@ def main() -> None:
     live = {"ablation": bool(args.ablation), "dopamine": "dopamine" in metrics, "search": bool(args.search),
             "transfer": bool(args.transfer)}
     for key in ("ablation", "dopamine", "transfer", "search", "gemma_s0", "gemma_final", "dense_credit",
-                "prefix_contamination", "prompt_selection"):
+                "prefix_contamination", "prompt_selection", "early_stop"):
         if live.get(key):
             continue
         r = previous.get(key)
