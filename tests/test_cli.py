@@ -139,3 +139,10 @@ def test_progress_without_a_terminal_prints_lines():
         job = bar.add_task("arms", total=None)
         bar.update(job, completed=7)
     assert quiet.getvalue().strip().startswith("arms: 7 (")  # only at the end
+    phases = io.StringIO()
+    with LineProgress(Console(file=phases, width=200), every=0.0) as bar:
+        job = bar.add_task("search", total=2)
+        bar.update(job, description="value", completed=2)
+        started = bar.tasks[job]["start"]
+        bar.update(job, description="random", completed=1)  # the next method counts again from 0
+        assert bar.tasks[job]["start"] >= started and phases.getvalue().splitlines()[-1].startswith("random: 1/2")

@@ -30,7 +30,8 @@ def fail(message: str) -> None:
 class LineProgress:
     """Progress for output that is not a terminal (a log file, a batch job): rich draws its bar only when the run
     ends there, so this prints one line per task at most every ``every`` seconds and at the end:
-    ``description: done/total (elapsed, about R left)``. The same calls as ``rich.progress.Progress``."""
+    ``description: done/total (elapsed, about R left)``, timed from the start of the current phase (a new
+    description or a count that starts again). The same calls as ``rich.progress.Progress``."""
 
     def __init__(self, out: Console, every: float = 30.0, disable: bool = False):
         self.out, self.every, self.disable = out, every, disable
@@ -56,6 +57,9 @@ class LineProgress:
         import time
 
         t = self.tasks[job]
+        if (description is not None and description != t["description"]) or (
+                completed is not None and completed < t["completed"]):
+            t["start"] = time.monotonic()  # a new phase (another arm, another method): its own clock
         for key, value in (("completed", completed), ("total", total), ("description", description)):
             if value is not None:
                 t[key] = value
