@@ -30,7 +30,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from training_arms import paired_accuracy_difference, per_problem_rewards, run_arms
+from training_arms import paired_accuracy_difference, per_problem_rewards, recipe_overrides, run_arms
 
 ARMS = {
     "grpo": ("grpo_baseline.yaml", [], "GRPO (verifiable reward)"),
@@ -126,12 +126,8 @@ def main() -> None:
 
 def dense_options(args) -> list[str]:
     """The recipe overrides the dense arms (and their control) get from ``--dense-*``."""
-    out = []
-    for flag, value in (("--dense_scale", args.dense_scale), ("--dense_weight", args.dense_weight),
-                        ("--dense_clip", args.dense_clip)):
-        if value is not None:
-            out += [flag, str(value)]
-    return out
+    return recipe_overrides({"--dense_scale": args.dense_scale, "--dense_weight": args.dense_weight,
+                             "--dense_clip": args.dense_clip})
 
 
 def _interval(d: dict) -> str:

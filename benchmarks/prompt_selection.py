@@ -34,7 +34,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from training_arms import paired_accuracy_difference, per_problem_rewards, run_arms
+from training_arms import paired_accuracy_difference, per_problem_rewards, recipe_overrides, run_arms
 
 ARMS = {
     "grpo": ("grpo_baseline.yaml", [], "GRPO on every prompt"),
@@ -161,8 +161,8 @@ def band_tables(per_prompt: dict, bands: list[str], explore: float, n_boot: int)
 
 def band_overrides(args) -> list[str]:
     """The recipe overrides of ``--select-low/--select-high/--select-explore``."""
-    return [x for flag, v in (("--select_low", args.select_low), ("--select_high", args.select_high),
-                              ("--select_explore", args.select_explore)) if v is not None for x in (flag, str(v))]
+    return recipe_overrides({"--select_low": args.select_low, "--select_high": args.select_high,
+                             "--select_explore": args.select_explore})
 
 
 def main() -> None:

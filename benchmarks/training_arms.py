@@ -31,6 +31,11 @@ def paired_accuracy_difference(arm: list[dict[str, float]], base: list[dict[str,
     return {"diff": mean, "low": float(lo), "high": float(hi), "n_pairs": int(sum(len(d) for d in per_seed))}
 
 
+def recipe_overrides(pairs: dict[str, object]) -> list[str]:
+    """``--key value`` recipe overrides of the ``pairs`` whose value is set (not None)."""
+    return [x for flag, value in pairs.items() if value is not None for x in (flag, str(value))]
+
+
 def run_arms(args, arms: dict, results: dict, results_path: Path, *,
              overrides_for: Callable[[str], list[str]], record: Callable[..., dict]) -> None:
     """Train every arm of ``args.arms`` for every seed of ``args.seeds`` (all arms of a seed before the next seed,

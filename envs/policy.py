@@ -178,28 +178,20 @@ class LLMPolicy:
     def _empty_acts(self) -> torch.Tensor | None:
         return None if self._record is None else torch.zeros(0, self._record[1].numel())
 
-    def _row_cache(self, cache, j: int, start: int = 0, end: int | None = None):
+    def _row_cache(self, cache, j: int, start: int = 0, end: int | None = None, prefix: SharedPrefix | None = None):
         """A batch-1 copy of row ``j`` of ``cache``, positions ``start:end`` (e.g. without a row's left padding,
-        or a shared prefix)."""
+        or a shared prefix), behind ``prefix`` when given (a row of a batch that held the shared prefix once)."""
         from transformers import DynamicCache
 
         out = DynamicCache(config=self.model.config)
         for layer_idx, layer in enumerate(cache.layers):
-            out.update(layer.keys[j : j + 1, :, start:end].clone(), layer.values[j : j + 1, :, start:end].clone(),
-                       layer_idx)
-        return out
-
-    def _joined_row(self, prefix: SharedPrefix | None, cache, j: int, start: int):
-        """Row ``j`` of the batch ``cache`` (from position ``start``) as a whole batch-1 episode cache: behind the
-        shared ``prefix`` when the batch held one, else as it is."""
-        from transformers import DynamicCache
-
-        if prefix is None:
-            return self._row_cache(cache, j, start)
-        out = DynamicCache(config=self.model.config)
-        for layer_idx, layer in enumerate(cache.layers):
-            out.update(torch.cat([prefix.keys[layer_idx], layer.keys[j : j + 1, :, start:]], 2),
-                       torch.cat([prefix.values[layer_idx], layer.values[j : j + 1, :, start:]], 2), layer_idx)
+            keys, values = layer.keys[j : j + 1, :, start:end], layer.values[j : j + 1, :, start:end]
+            if prefix is not None:  # the concatenation is the copy
+                keys = torch.cat([prefix.keys[layer_idx], keys], 2)
+                values = torch.cat([prefix.values[layer_idx], values], 2)
+            else:
+                keys, values = keys.clone(), values.clone()
+            out.update(keys, values, layer_idx)
         return out
 
     def _feed(self, ep: _Episode, ids: list[int], tracker=None) -> None:
@@ -338,7 +330,7 @@ class LLMPolicy:
                         # the row is done: its cache leaves the batch with the episode; a last generated token (not
                         # fed) is fed with the episode's next step
                         ep = episodes[i]
-                        ep.cache = self._joined_row(shared, cache, j, pads[i])
+                        ep.cache = self._row_cache(cache, j, pads[i], prefix=shared)
                         ep.ids = all_ids[i] + (generated[i] if ends else generated[i][:-1])
                         ep.pending = [] if ends else generated[i][-1:]
                         if ep.acts is not None:

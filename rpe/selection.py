@@ -244,5 +244,6 @@ def select_dataset(dataset, model, tokenizer, bundle, cfg: SelectionConfig, *, p
     return narrowed, summary
 
 
-__all__ = ["SELECT_BY", "LiveSelection", "SelectionConfig", "SelectionSampler", "band_cut", "select_matched", "prompt_text", "prompt_values", "select_dataset", "random_keep", "select_by_score", "select_by_value",
+__all__ = ["SELECT_BY", "LiveSelection", "SelectionConfig", "SelectionSampler", "band_cut", "prompt_text",
+           "prompt_values", "random_keep", "select_by_score", "select_by_value", "select_dataset", "select_matched",
            "zero_advantage_share"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -45,8 +46,6 @@ class LineProgress:
             self._print(job)
 
     def add_task(self, description: str, total: float | None = None, **_: object) -> int:
-        import time
-
         job = len(self.tasks)
         self.tasks[job] = {"description": description, "total": total, "completed": 0, "start": time.monotonic(),
                            "printed": time.monotonic()}
@@ -54,8 +53,6 @@ class LineProgress:
 
     def update(self, job: int, *, completed: float | None = None, total: float | None = None,
                description: str | None = None, advance: float | None = None, **_: object) -> None:
-        import time
-
         t = self.tasks[job]
         if (description is not None and description != t["description"]) or (
                 completed is not None and completed < t["completed"]):
@@ -70,8 +67,6 @@ class LineProgress:
             self._print(job)
 
     def _print(self, job: int) -> None:
-        import time
-
         t = self.tasks[job]
         if self.disable or t.get("last") == (t["description"], t["completed"]):
             return
