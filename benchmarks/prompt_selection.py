@@ -180,11 +180,11 @@ def main() -> None:
     ap.add_argument("--bands", nargs="*", default=["0.05:0.95", "0.2:0.9", "0.3:0.8"],
                     help="--at-start: value bands low:high to compare (the samples are drawn once)")
     ap.add_argument("--explore-at-start", type=float, default=0.0, help="--at-start: explore share of each band")
-    ap.add_argument("--task", default=None, help="--at-start: the training task (default: the recipe's)")
+    ap.add_argument("--task", default=None, help="the training task (default: the recipe's)")
     ap.add_argument("--reanalyse", type=Path, default=None,
                     help="--at-start: recompute the bands from this saved result's per-prompt samples")
     ap.add_argument("--max-completion-length", type=int, default=None,
-                    help="--at-start: tokens per sample (default: the recipe's)")
+                    help="tokens per sample, in training and evaluation too (default: the recipe's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.at_start:
@@ -216,9 +216,10 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     results["machine"] = machine_info()
     band = band_overrides(args)
-    results["band_overrides"] = band
+    common = recipe_overrides({"--task": args.task, "--max_completion_length": args.max_completion_length})
+    results["band_overrides"], results["task_overrides"] = band, common
     run_arms(args, ARMS, results, results_path, record=run_record,
-             overrides_for=lambda recipe: band if recipe == "grpo_selected.yaml" else [])
+             overrides_for=lambda recipe: common + (band if recipe == "grpo_selected.yaml" else []))
 
     print("\n| arm | seeds | kept prompts | zero-advantage groups | tokens per informative group | "
           "reward first 10 / last 10 | held-out after (95% CI) | minus GRPO |")

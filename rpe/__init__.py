@@ -13,7 +13,8 @@ Modules by stage of the data flow (docs/development.md draws it):
   pipeline, stage by stage), :mod:`rpe.difficulty` (the difficulty control), :mod:`rpe.dopamine`;
 - the bundle: :mod:`rpe.bundle` (the artefact every use loads);
 - uses: :mod:`rpe.signals`, :mod:`rpe.interventions`, :mod:`rpe.controls`, :mod:`rpe.ablate`, :mod:`rpe.search`,
-  :mod:`rpe.early_stop` (best-of-n that stops hopeless samples), :mod:`rpe.selection` (GRPO prompts by V(s_0)),
+  :mod:`rpe.early_stop` (best-of-n that stops hopeless samples), :mod:`rpe.rollout_stop` (the same inside
+  rollouts, and what it saves), :mod:`rpe.selection` (GRPO prompts by V(s_0)),
   :mod:`rpe.simulation`, :mod:`rpe.baselines`, :mod:`rpe.envs` (gymnasium), :mod:`rpe.trainers` (TRL);
 - reports: :mod:`rpe.analyze`, :mod:`rpe.report`, :mod:`rpe.report_card`;
 - ground floor: :mod:`rpe.metrics`, :mod:`rpe.models` (offline registry, loading), :mod:`rpe.tiny` (tiny random

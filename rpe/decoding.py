@@ -64,6 +64,8 @@ class _Row:
     held: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     """Boundary-only recording: activations of the tokens the keeper holds back."""
     finish: str | None = None
+    watch: object | None = None
+    """Early stopping: the row's :class:`rpe.rollout_stop.RowWatch`."""
 
     def keep(self, positions: Sequence[int]) -> None:
         for position in positions:
@@ -190,6 +192,7 @@ def generate_continuous(
     record_neurons: torch.Tensor | None = None,
     record_boundaries_only: bool | str = False,
     share_prefix: bool = True,
+    value_stop=None,
 ) -> tuple[GeneratedBatch, list[dict[int, torch.Tensor]] | None]:
     """Sample a completion for every prompt with continuous batching (see the module docstring).
 
@@ -216,6 +219,10 @@ def generate_continuous(
             (:mod:`rpe.prefix_attention`) instead of a copy in every row's cache; False copies it (the engine
             before shared-prefix attention; also where :func:`rpe.prefix_attention.prefix_attention_refusal`
             refuses the model).
+        value_stop: a :class:`rpe.rollout_stop.ValueStop`: each row's value neurons are recorded as its tokens
+            are fed, and a row whose internal value after a step falls below the rule's threshold is stopped
+            once that step's separator is fed (``finish_reason`` ``value``): none of its later tokens are
+            generated. ``batch.stop_values`` holds each row's V after every step it was judged at.
 
     Returns:
         ``(batch, recorded)``: a :class:`GeneratedBatch` in prompt order, and per prompt ``{layer: (T_i, k)}``
@@ -261,11 +268,18 @@ def generate_continuous(
     last_logits = torch.zeros(0)
     layers = list(record_layers or [])
     tracker = ActivationTracker(model, layers, neurons=record_neurons, record_all=True) if layers else None
+    stop_tracker = (ActivationTracker(model, [value_stop.layer], neurons=value_stop.columns, record_all=True)
+                    if value_stop is not None else None)
+    if value_stop is not None:
+        for r in rows:
+            r.watch = value_stop.watch()
 
     def sample(logits: torch.Tensor, group: list[_Row]) -> None:
         """Pick the next token of each row of ``group`` from its (V,) logits; mark rows that end."""
         logp = torch.log_softmax(logits.float(), -1) if token_logprobs else None
         for j, (row, tok) in enumerate(zip(group, next_tokens(logits, sampling, [r.generator for r in group]))):
+            if row.finish is not None:  # stopped by its value after its last fed token: nothing more generated
+                continue
             if tok in eos:
                 row.finish = "eos"
                 continue
@@ -301,6 +315,8 @@ def generate_continuous(
         if len(suffixes) < len(take):
             group_cache.batch_select_indices(torch.tensor(order))  # CPU indices: valid for layers on any device (device_map)
             group_mask = group_mask[order]
+        if stop_tracker is not None:
+            stop_tracker.take_last()  # s_0 is never judged: nothing generated yet to save
         if tracker is not None:
             got = tracker.take_last()
             for r, u in zip(take, order):
@@ -323,7 +339,8 @@ def generate_continuous(
         alive = alive + take
 
     attention = switched_attention(model) if shared is not None else contextlib.nullcontext()  # checked above
-    with torch.inference_mode(), attention, (tracker if tracker is not None else contextlib.nullcontext()):
+    with torch.inference_mode(), attention, (tracker if tracker is not None else contextlib.nullcontext()), \
+            (stop_tracker if stop_tracker is not None else contextlib.nullcontext()):
         while queue or alive:
             if queue and (not alive or max_rows - len(alive) >= min(refill, len(queue))):
                 admit()  # the admitted rows' first-token logits come from their prefill
@@ -349,6 +366,12 @@ def generate_continuous(
                     else:
                         for layer in layers:
                             r.recorded[layer].append(got[layer][j].cpu())
+            if stop_tracker is not None:
+                judged = stop_tracker.take_last()[value_stop.layer]
+                for j, r in enumerate(alive):
+                    piece = tokenizer.decode([r.generated[-1]], skip_special_tokens=True)
+                    if r.watch.fed(piece, judged[j, -1]):
+                        r.finish = "value"
 
     completion_ids, texts, reasons, tails, logprobs = [], [], [], [], []
     for r in rows:
@@ -360,6 +383,8 @@ def generate_continuous(
         logprobs.append(r.logprobs[: len(ids)])
     batch = GeneratedBatch(enc, completion_ids, texts, reasons, [False] * len(enc), tails,
                            logprobs if token_logprobs else [], prefix_len=prefix_len)
+    if value_stop is not None:
+        batch.stop_values = [list(r.watch.values) for r in rows]
     if layers and record_boundaries_only:
         for r in rows:
             r.flush()

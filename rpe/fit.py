@@ -383,6 +383,11 @@ def fit_bundle(
     """
     cfg = cfg or FitConfig()
     say = progress or (lambda msg: logger.info(msg))
+    stopped = sum(t.finish_reason == "value" for t in trajectories)
+    if stopped:
+        raise ValueError(f"{stopped} of the {len(trajectories)} trajectories were stopped early by an internal value "
+                         "(rpe rollouts --stop-bundle, finish_reason 'value'): their rewards are not outcomes, and a "
+                         "probe fitted on them learns the stopping rule. Fit on a run collected without --stop-bundle")
     states = states_to_fit(model, tokenizer, trajectories, cfg, states, say)
     if difficulty is not None and len(difficulty) != len(trajectories):
         raise ValueError(f"difficulty has {len(difficulty)} entries for {len(trajectories)} trajectories")

@@ -86,8 +86,8 @@ def generate_batch(
         add_special_tokens: let the tokenizer add its special tokens (a BOS) to each prompt: True for plain
             completion prompts, as TRL tokenises them (:attr:`rpe.prompts.PromptBuilder.add_special_tokens`);
             chat-rendered prompts carry them in the template.
-        **engine_options: ``engine``, ``max_rows``, ``record_layers``, ``record_neurons``, ``share_prefix`` of
-            :func:`generate_from_ids`.
+        **engine_options: ``engine``, ``max_rows``, ``record_layers``, ``record_neurons``, ``share_prefix``,
+            ``value_stop`` of :func:`generate_from_ids`.
     """
     enc = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     truncated = [len(ids) > max_prompt_tokens for ids in enc]
@@ -117,6 +117,7 @@ def generate_from_ids(
     record_neurons: torch.Tensor | None = None,
     record_boundaries_only: bool | str = False,
     share_prefix: bool = True,
+    value_stop=None,
 ) -> GeneratedBatch:
     """:func:`generate_batch` on already tokenised prompts (e.g. a prompt plus a partial completion).
 
@@ -141,6 +142,8 @@ def generate_from_ids(
             :func:`rpe.decoding.generate_continuous`; ``GeneratedBatch.activation_positions``).
         share_prefix: continuous engine: every row attends to one stored copy of the shared prefix
             (:mod:`rpe.prefix_attention`); False copies the prefix's cache into every row.
+        value_stop: continuous engine only: a :class:`rpe.rollout_stop.ValueStop` that stops a row once its
+            internal value after a step falls below its threshold (see :func:`rpe.decoding.generate_continuous`).
     """
     enc = [list(ids) for ids in prompt_ids]
     if resolve_engine(model, engine) == "continuous":
@@ -149,10 +152,13 @@ def generate_from_ids(
             seed=int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed, row_seeds=row_seeds,
             max_rows=max_rows or len(enc), min_prefix=min_prefix if reuse_prefix else 1 << 30,
             token_logprobs=token_logprobs, record_layers=record_layers, record_neurons=record_neurons,
-            record_boundaries_only=record_boundaries_only, share_prefix=share_prefix,
+            record_boundaries_only=record_boundaries_only, share_prefix=share_prefix, value_stop=value_stop,
         )
         gen.activations = recorded or []
         return gen
+    if value_stop is not None:
+        raise ValueError(f"early stopping by internal value needs the continuous engine, which cannot serve this "
+                         f"{model.config.model_type} model ({plain_cache_refusal(model) or 'engine=generate was asked for'})")
     if record_layers:
         raise ValueError("record_layers needs the continuous engine; with engine='generate' wrap the call in "
                          "rpe.tracker.ActivationTracker(record_all=True)")

@@ -102,6 +102,14 @@ class RolloutConfig:
     """Keep only these neuron columns when capturing (default: all of d_model)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    stop_bundle: str | None = None
+    """Early stopping (:mod:`rpe.rollout_stop`): a bundle folder whose internal value stops a sample while it is
+    generated, once its V after a step (from ``stop_after_step`` on) is below ``stop_below``; none of its later
+    tokens are generated and its record says ``finish_reason="value"``. Continuous engine only."""
+    stop_below: float | None = None
+    """The value below which a sample is stopped (default 0.1 with ``stop_bundle``)."""
+    stop_after_step: int | None = None
+    """The first step after which a sample may be stopped (default 1 with ``stop_bundle``)."""
     exclude_questions: list[str] | None = None
     """Question keys (:func:`rpe.tasks.question_key`) never drawn: a held-out evaluation passes its fitting run's
     (``RolloutSettings.question_keys``), so no question is both fitted on and scored, whatever the task kind."""
@@ -118,6 +126,11 @@ class RolloutConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.segmenter == "regex" and not self.segment_pattern:
             raise ValueError("segmenter='regex' needs segment_pattern")
+        if self.stop_bundle is None and (self.stop_below is not None or self.stop_after_step is not None):
+            raise ValueError("stop_below / stop_after_step need stop_bundle (the bundle whose value stops samples)")
+        if self.stop_bundle is not None:
+            self.stop_below = 0.1 if self.stop_below is None else self.stop_below
+            self.stop_after_step = 1 if self.stop_after_step is None else self.stop_after_step
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,6 +247,7 @@ def collect_rollouts(
     task = task or load_task(cfg.task)
     fp = fingerprint(model, tokenizer, model_name).to_dict()
     engine = resolve_engine(model, cfg.engine)
+    value_stop = _value_stop(model, tokenizer, cfg, engine)
     rollout = {**cfg.to_dict(), "engine": engine}  # the engine that runs, not only the one asked for
     run_config = {"rollout": rollout, "task_spec": task.spec(), "model": fp, "schema_version": SCHEMA_VERSION}
     if resolve_style(cfg.prompt, tokenizer) == "completion":  # tokenised with the tokenizer's BOS, as TRL does
@@ -284,6 +298,7 @@ def collect_rollouts(
                 record_layers=cfg.capture_layers if continuous else None,
                 record_neurons=neurons if continuous else None,
                 record_boundaries_only=cfg.segmenter if continuous and cfg.segmenter in BOUNDARY_SEGMENTERS else False,
+                value_stop=value_stop,
             )
 
         kept = None
@@ -319,6 +334,22 @@ def collect_rollouts(
         result = finalize_rollouts(out_dir, run_config, len(batches))
     barrier()  # the merged files are written
     return result if ranks.is_main else _result(out_dir, json.loads((out_dir / MANIFEST_FILE).read_text()))
+
+
+def _value_stop(model, tokenizer, cfg: RolloutConfig, engine: str):
+    """The :class:`rpe.rollout_stop.ValueStop` of ``cfg.stop_bundle`` (checked against the model), or None."""
+    if cfg.stop_bundle is None:
+        return None
+    from rpe.bundle import SubsystemBundle
+    from rpe.rollout_stop import ValueStop
+    from rpe.signals import unwrap_model
+
+    if engine != "continuous":
+        raise ValueError(f"early stopping (stop_bundle) needs the continuous engine; this run uses {engine!r}"
+                         + (" (the model's cache is not plain full attention)" if cfg.engine == "continuous" else ""))
+    bundle = SubsystemBundle.load(cfg.stop_bundle, model=unwrap_model(model), tokenizer=tokenizer)
+    return ValueStop(bundle, cfg.stop_below, after_step=cfg.stop_after_step, segmenter=cfg.segmenter,
+                     pattern=cfg.segment_pattern)
 
 
 def _start_run(out_dir: Path, run_config: dict[str, Any], overwrite: bool, ranks: Ranks) -> None:
@@ -410,6 +441,8 @@ def finalize_rollouts(out_dir: Path, run_config: dict[str, Any], n_parts: int) -
         "accuracy_ci95": list(wilson_interval(sum(rewards), len(rewards))),
         "mean_steps": sum(n_steps) / len(n_steps),
         "truncated_fraction": sum(table.column("truncated").to_pylist()) / len(rewards),
+        "completion_tokens": sum(len(ids) for ids in table.column("completion_token_ids").to_pylist()),
+        "stopped_by_value": sum(r == "value" for r in table.column("finish_reason").to_pylist()),
         "sha256": sha256_file(target),
         "files": files,
     }

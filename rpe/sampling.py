@@ -63,7 +63,7 @@ class GeneratedBatch:
         prompt_ids: per sequence, the prompt token ids (no padding).
         completion_ids: per sequence, generated ids up to and excluding EOS / padding, cut at a stop string.
         texts: decoded completions (special tokens removed, stop string removed).
-        finish_reasons: ``eos``, ``stop`` or ``length`` per sequence.
+        finish_reasons: ``eos``, ``stop``, ``length`` or ``value`` (stopped by its internal value) per sequence.
         stop_ids: per sequence, the generated ids cut off after ``completion_ids`` up to the one that completes
             the stop string (empty unless stopped): ``completion_ids + stop_ids`` is the model's own
             tokenisation of the text through the stop string (re-tokenising the stop string can differ, e.g.
@@ -87,6 +87,9 @@ class GeneratedBatch:
     activation_positions: list[list[int]] | None = None
     """With boundary-only recording, per sequence the positions (in the coordinates above: prompt tokens after
     the shared prefix, then generated tokens) of the rows of ``activations``; None when every position is kept."""
+    stop_values: list[list[float]] | None = None
+    """With early stopping (:class:`rpe.rollout_stop.ValueStop`), per sequence the internal value after each step
+    it was judged at; its ``finish_reasons`` entry is ``value`` where it was stopped."""
 
 
 def cut_at_stop(tokenizer, ids: list[int], stop_strings: Sequence[str]) -> tuple[list[int], str, bool]:

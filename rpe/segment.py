@@ -64,6 +64,45 @@ def split_steps(text: str, method: Segmenter = "paragraph", pattern: str | None 
     return spans
 
 
+class StepEnds:
+    """The steps of a completion that end as its tokens arrive one at a time (early stopping during generation).
+
+    A step counts as ended once the separator after it has arrived: a blank line (``paragraph``), a newline
+    (``newline``), white space after ``.``, ``!`` or ``?`` (``sentence``), or a match of the separator regex
+    (``regex``). The steps are those :func:`split_steps` finds in the text so far, and the last token of step t
+    is found as :func:`token_spans` finds it, so s_t here is the state a rollout record's step spans name.
+
+    Example:
+        >>> ends = StepEnds("paragraph")
+        >>> [ends.fed(p) for p in ["4 + 1", " = 5.", "\\n", "\\n", "5 + 3"]]
+        [[], [], [], [1], []]
+    """
+
+    def __init__(self, method: Segmenter = "paragraph", pattern: str | None = None):
+        self.method, self.pattern = method, pattern
+        self.separator = separator_pattern(method, pattern)
+        self.text = ""
+        self.char_ends: list[int] = []
+        self.n_ended = 0
+
+    def fed(self, piece: str) -> list[int]:
+        """After the next token, whose text is ``piece``: the indices (0-based among the tokens fed so far) of the
+        last token of each step it ended (usually none or one)."""
+        import bisect
+
+        self.text += piece
+        self.char_ends.append(len(self.text))
+        last = None
+        for last in self.separator.finditer(self.text):
+            pass
+        if last is None:
+            return []
+        spans = split_steps(self.text[: last.start()], self.method, self.pattern)
+        new = spans[self.n_ended :]
+        self.n_ended = len(spans)
+        return [min(bisect.bisect_left(self.char_ends, span.end), len(self.char_ends) - 1) for span in new]
+
+
 def token_char_ends(tokenizer, token_ids: list[int], *, context: int = 8, check_every: int = 64,
                     skip_special_tokens: bool = False) -> list[int]:
     """For each token i, the length of the decoded text of ``token_ids[:i+1]`` (non-decreasing), decoded as the

@@ -38,6 +38,31 @@ def test_rollouts_fit_report_on_the_real_model(real_model, tmp_path):
     if s0["verdict"] != "above chance":  # 48 trajectories: the output must say it is a smoke run and name the real one
         assert "Smoke run without power" in r.output and "rpe reproduce --budget paper" in r.output
 
+    # early stopping inside rollouts: measured on an unstopped held-out run, then done live; the live run saves the
+    # tokens the measurement predicts (the same streams, cut where the value fell below the threshold)
+    layer = str(metrics["best_layer"])
+    held = ["rollouts", "--n-problems", "16", "--samples", "2", "--max-new-tokens", "64", "--seed", "5",
+            "--held-out-from", str(out)]
+    r = runner.invoke(app, [*held, "--capture-layers", layer, "--out", str(tmp_path / "held")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["early-stop", "--bundle", str(out / "bundle"), "--rollouts", str(out), "--on-rollouts",
+                            str(tmp_path / "held"), "--thresholds", "0.3,0.5", "--controls", "3",
+                            "--out", str(tmp_path / "stop.json")])
+    assert r.exit_code == 0, r.output
+    measured = json.loads((tmp_path / "stop.json").read_text())["thresholds"]["0.5"]["value"]
+    r = runner.invoke(app, [*held, "--stop-bundle", str(out / "bundle"), "--stop-below", "0.5",
+                            "--out", str(tmp_path / "live")])
+    assert r.exit_code == 0, r.output
+    live = json.loads((tmp_path / "live" / "manifest.json").read_text())
+    free = json.loads((tmp_path / "held" / "manifest.json").read_text())
+    # up to a sample whose value sits at the threshold (decoding's activations and a full forward's differ in
+    # float rounding)
+    assert abs(live["stopped_by_value"] - measured["stopped_share"] * 32) <= 1
+    assert 1 - live["completion_tokens"] / free["completion_tokens"] == pytest.approx(measured["tokens_saved"], abs=0.03)
+    from rpe.rollouts import rollout_settings
+
+    assert not set(rollout_settings(out).question_keys()) & set(rollout_settings(tmp_path / "held").question_keys())
+
     # the RPE simulation on the same real rollouts: the model's RPE beside the TD(lambda) learner's, every step
     r = runner.invoke(app, ["simulate", "--rollouts", str(out), "--bundle", str(out / "bundle"), "--out",
                             str(out / "simulation")])

@@ -154,6 +154,17 @@ def parse_layers(layers: Optional[str]) -> Optional[list[int]]:
         fail(f"--layers takes comma-separated integers such as 4,8,12; got {layers!r}")
 
 
+def parse_floats(values: str, option: str) -> list[float]:
+    """Comma-separated numbers of the option ``option`` (a clear error otherwise)."""
+    try:
+        out = [float(x) for x in values.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{option} takes comma-separated numbers such as 0.05,0.1,0.2; got {values!r}")
+    if not out:
+        fail(f"{option} is empty")
+    return out
+
+
 def rollout_model_name(rollouts: Path, model: Optional[str]) -> str:
     manifest = rollouts / "manifest.json"
     if model:

@@ -83,6 +83,15 @@ def rollouts(
     capture_layers: Optional[str] = typer.Option(
         None, help="Comma-separated layers whose activations are recorded during generation (no second pass)."),
     seed: int = typer.Option(0, help="Seed for problems and sampling."),
+    held_out_from: Optional[Path] = typer.Option(
+        None, help="A finished rollout folder whose questions are never drawn (a held-out run for a bundle fitted on it)."),
+    stop_bundle: Optional[Path] = typer.Option(
+        None, help="Early stopping: a bundle whose internal value stops a sample while it is generated (its later "
+        "tokens are never generated; finish_reason 'value'). Continuous engine only."),
+    stop_below: Optional[float] = typer.Option(None, help="With --stop-bundle: stop a sample whose value after a step "
+                                               "is below this (default 0.1)."),
+    stop_after_step: Optional[int] = typer.Option(None, help="With --stop-bundle: the first step after which a sample "
+                                                  "may be stopped (default 1)."),
     overwrite: bool = typer.Option(False, help="Discard a previous run in --out instead of resuming it."),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
@@ -93,14 +102,20 @@ def rollouts(
     from rpe.prompts import PromptConfig
     from rpe.sampling import SamplingConfig
     from rpe.distributed import process_group
-    from rpe.rollouts import RolloutConfig, collect_rollouts
+    from rpe.rollouts import RolloutConfig, collect_rollouts, rollout_settings
     from rpe.tasks import TaskFileError, UnknownTaskError, load_task
 
+    held_out = rollout_settings(held_out_from) if held_out_from is not None else None
+    if held_out_from is not None and held_out is None:
+        fail(f"--held-out-from {held_out_from} is not a finished rollout folder (no manifest.json)")
     try:
         cfg = RolloutConfig(
             task=task, n_problems=n_problems, samples=samples, batch_size=batch_size, engine=engine, seed=seed, segmenter=segmenter,
             segment_pattern=segment_pattern, capture_layers=parse_layers(capture_layers),
             sampling=SamplingConfig(temperature, top_p, top_k, max_new_tokens), prompt=PromptConfig(shots=shots),
+            exclude_questions=held_out.question_keys() if held_out is not None else None,
+            stop_bundle=str(stop_bundle) if stop_bundle is not None else None, stop_below=stop_below,
+            stop_after_step=stop_after_step,
         )
         task_obj = load_task(task, **parse_options(task_option or []))
     except (ValueError, UnknownTaskError, TaskFileError) as err:
@@ -123,6 +138,8 @@ def rollouts(
         f"[bold]{result.n_trajectories}[/] trajectories -> {out / 'trajectories.parquet'}\n"
         f"accuracy {result.accuracy:.3f} (95% CI {lo:.3f}-{hi:.3f}), mean steps {result.mean_steps:.2f}, "
         f"truncated {result.manifest['truncated_fraction']:.3f}"
+        + (f", stopped by internal value {result.manifest['stopped_by_value']} "
+           f"({result.manifest['completion_tokens']} tokens generated)" if cfg.stop_bundle else "")
     )
 
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from rpe.cli.common import (
     ATTN_OPTION, DEVICE_MAP_OPTION, DEVICE_OPTION, DTYPE_OPTION, app, console, fail, load_cli_model,
-    parse_layers, progress_bar, rollout_model_name,
+    parse_floats, parse_layers, progress_bar, rollout_model_name,
 )
 from rpe.models import DEFAULT_MODEL
 from rpe.tasks import DEFAULT_TASK
@@ -214,13 +214,21 @@ def early_stop(
     out: Path = typer.Option(Path("runs/early_stop.json"), help="Results JSON."),
     seed: int = typer.Option(0, help="Sampling seed."),
     problem_seed: int = typer.Option(1, help="Seed of the held-out problems."),
+    on_rollouts: Optional[Path] = typer.Option(
+        None, "--on-rollouts", help="Measure stopping inside rollouts instead of best-of-n, with no generation: an "
+        "unstopped `rpe rollouts --capture-layers LAYER --held-out-from ROLLOUTS` folder (the bundle's layer, every "
+        "neuron). What `rpe rollouts --stop-bundle` would save, for each threshold, against random probes."),
+    thresholds: Optional[str] = typer.Option(None, help="--on-rollouts: comma-separated thresholds (default: "
+                                             "--threshold)."),
+    controls: int = typer.Option(20, help="--on-rollouts: random probes in the control."),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
     device_map: Optional[str] = DEVICE_MAP_OPTION,
     attn_implementation: Optional[str] = ATTN_OPTION,
 ) -> None:
     """Early stopping of hopeless samples: best-of-n where a sample stops once its internal value falls below a
-    threshold, against no stopping and a random probe stopping as many samples (tokens saved, accuracy lost)."""
+    threshold, against no stopping and a random probe stopping as many samples (tokens saved, accuracy lost);
+    with --on-rollouts, the same rule inside rollouts, measured on an unstopped run."""
     from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
     from rpe.early_stop import EarlyStopConfig, run_early_stop
     from rpe.prompts import PromptBuilder
@@ -230,6 +238,11 @@ def early_stop(
     settings = rollout_settings(rollouts)
     if settings is None:
         fail(f"{rollouts} is not a finished rollout folder (no manifest.json)")
+    if on_rollouts is not None:
+        levels = [threshold] if thresholds is None else parse_floats(thresholds, "--thresholds")
+        _stop_savings_command(bundle, rollouts, on_rollouts, levels, after_step, controls, seed, out,
+                              (device, dtype, device_map, attn_implementation))
+        return
     lm, tok = load_cli_model(settings.model_name, device, dtype, device_map, attn_implementation)
     try:
         b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok)
@@ -264,6 +277,46 @@ def early_stop(
                 f"{extra['accuracy_lost']['high']:+.3f}]") if extra else "-"
         table.add_row(arm, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['tokens_per_problem']:.0f}",
                       f"{r['stopped_share']:.0%}", f"{extra['tokens_saved']:.0%}" if extra else "-", lost)
+    console.print(table)
+    console.print(f"results: {out}")
+
+
+def _stop_savings_command(bundle: Path, rollouts: Path, on_rollouts: Path, levels: list[float], after_step: int,
+                          controls: int, seed: int, out: Path, model_options: tuple) -> None:
+    """``rpe early-stop --on-rollouts``: :func:`rpe.rollout_stop.stop_savings` on a held-out rollout folder."""
+    from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
+    from rpe.records import atomic_write_json
+    from rpe.rollout_stop import stop_savings
+    from rpe.rollouts import rollout_settings
+
+    fitted, held = rollout_settings(rollouts), rollout_settings(on_rollouts)
+    if held is None:
+        fail(f"--on-rollouts {on_rollouts} is not a finished rollout folder (no manifest.json)")
+    shared = set(fitted.question_keys()) & set(held.question_keys())
+    if shared:
+        fail(f"{len(shared)} questions of --on-rollouts {on_rollouts} are among the bundle's fitting questions "
+             f"({rollouts}): collect it with `rpe rollouts --held-out-from {rollouts}` so the probe is not judged "
+             "on what it was fitted on")
+    lm, tok = load_cli_model(held.model_name, *model_options)
+    try:
+        b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok)
+        res = stop_savings(on_rollouts, b, tok, lm, thresholds=levels, after_step=after_step, n_controls=controls,
+                           seed=seed)
+    except (BundleFormatError, BundleMismatchError, ValueError) as err:
+        fail(str(err))
+    res = {"model": held.model_name, "bundle": str(bundle), **res}
+    atomic_write_json(out, res)
+    table = Table(title=f"early stopping inside rollouts: {res['n_trajectories']} held-out samples "
+                        f"(accuracy {res['accuracy']:.3f}), stopped from step {after_step}, "
+                        f"against {controls} random probes stopping as many")
+    for col in ("stop below V", "samples stopped", "tokens saved (value / random)",
+                "accuracy lost (value / random [range])", "value minus random [95% CI]"):
+        table.add_column(col)
+    for level, r in res["thresholds"].items():
+        v, c, d = r["value"], r["random_probe"], r["value_minus_control_lost"]
+        table.add_row(level, f"{v['stopped_share']:.0%}", f"{v['tokens_saved']:.1%} / {c['tokens_saved']:.1%}",
+                      f"{v['accuracy_lost']:.3f} / {c['accuracy_lost']:.3f} [{c['accuracy_lost_range'][0]:.3f}, "
+                      f"{c['accuracy_lost_range'][1]:.3f}]", f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
     console.print(table)
     console.print(f"results: {out}")
 
