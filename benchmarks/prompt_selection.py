@@ -1,7 +1,8 @@
 """Prompt selection by internal value in GRPO against its controls, several seeds, one command.
 
-    python benchmarks/prompt_selection.py --bundle runs/demo/bundle --out runs/selection --seeds 0 1 2 \
-        --max-steps 30 --select-low 0.3 --select-high 0.9
+    python benchmarks/prompt_selection.py --bundle runs/demo/bundle --out runs/selection_mix --seeds 1000 2000 3000 \
+        --max-steps 20 --task chain_sum_mix --max-completion-length 64 --select-low 0.4 --select-high 0.95 \
+        --plot docs/selection_curves.png
 
 Arms (recipes/, same task, budget, seeds and held-out problems; only the training prompts differ):
 
@@ -21,9 +22,12 @@ calibration), with paired bootstrap intervals over prompts; the per-prompt value
 Per run, from TRL's log: the share of zero-advantage groups (``frac_reward_zero_std``: all samples of the prompt
 got the same reward, nothing learnt), generated tokens (``completions/mean_length`` x completions per step) per
 group with a non-zero advantage, the training reward of the first and last 10 steps; after training, held-out
-accuracy (100 problems of a disjoint seed, shared by the arms of a seed), each arm's difference from ``grpo`` and
+accuracy (100 problems of a disjoint seed, shared by the arms of a seed) and how many of its outcomes training
+changed, each arm's difference from ``grpo`` and
 ``value`` minus each control, paired by problem within seeds, with bootstrap intervals. Writes
-OUT/selection_results.json (resumable: finished runs are kept) and prints Markdown tables; the last line is JSON.
+OUT/selection_results.json (resumable: finished runs are kept) and prints Markdown tables (zero-advantage share with
+a Wilson interval over the groups); the last line is JSON. ``--plot`` draws the share of informative groups and
+the training reward against generated tokens, per arm, seeds pooled.
 """
 
 from __future__ import annotations
@@ -159,6 +163,41 @@ def band_tables(per_prompt: dict, bands: list[str], explore: float, n_boot: int)
     return tables
 
 
+def plot_curves(results: dict, args, path: Path) -> None:
+    """Per arm (seeds pooled step by step), against generated tokens: the share of groups so far that had a
+    non-zero advantage (Wilson 95% band) and the training reward (running mean over the groups so far)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rpe.metrics import wilson_interval
+
+    fig, (ax_inf, ax_rew) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for arm in args.arms:
+        runs = [results["runs"][f"{arm}/seed{s}"] for s in args.seeds if f"{arm}/seed{s}" in results["runs"]]
+        if not runs:
+            continue
+        steps = min(len(r["zero_curve"]) for r in runs)
+        per_step_tokens = np.mean([r["mean_completion_tokens"] * r["completions_per_step"] for r in runs]) * len(runs)
+        tokens = per_step_tokens * np.arange(1, steps + 1)
+        informative = np.cumsum([sum(1 - r["zero_curve"][i] for r in runs) for i in range(steps)])
+        groups = len(runs) * np.arange(1, steps + 1)
+        band = np.array([wilson_interval(int(round(k)), int(n)) for k, n in zip(informative, groups)])
+        reward = np.cumsum([np.mean([r["reward_curve"][i] for r in runs]) for i in range(steps)]) / np.arange(1, steps + 1)
+        line, = ax_inf.plot(tokens, informative / groups, label=ARMS[arm][2])
+        ax_inf.fill_between(tokens, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.15)
+        ax_rew.plot(tokens, reward, color=line.get_color(), label=ARMS[arm][2])
+    ax_inf.set(xlabel="generated tokens", ylabel="groups with a non-zero advantage (so far)", ylim=(0, 1))
+    ax_rew.set(xlabel="generated tokens", ylabel="training reward (running mean)", ylim=(0, 1))
+    ax_inf.legend(fontsize=7)
+    fig.suptitle(f"GRPO with prompt selection ({len(args.seeds)} seed(s) pooled)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def band_overrides(args) -> list[str]:
     """The recipe overrides of ``--select-low/--select-high/--select-explore``."""
     return recipe_overrides({"--select_low": args.select_low, "--select_high": args.select_high,
@@ -183,6 +222,7 @@ def main() -> None:
     ap.add_argument("--task", default=None, help="the training task (default: the recipe's)")
     ap.add_argument("--reanalyse", type=Path, default=None,
                     help="--at-start: recompute the bands from this saved result's per-prompt samples")
+    ap.add_argument("--plot", type=Path, default=None, help="write the curves against generated tokens here (PNG)")
     ap.add_argument("--max-completion-length", type=int, default=None,
                     help="tokens per sample, in training and evaluation too (default: the recipe's)")
     args = ap.parse_args()
@@ -221,9 +261,9 @@ def main() -> None:
     run_arms(args, ARMS, results, results_path, record=run_record,
              overrides_for=lambda recipe: common + (band if recipe == "grpo_selected.yaml" else []))
 
-    print("\n| arm | seeds | kept prompts | zero-advantage groups | tokens per informative group | "
-          "reward first 10 / last 10 | held-out after (95% CI) | minus GRPO |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| arm | seeds | kept prompts | zero-advantage groups (95% CI) | tokens per informative group | "
+          "reward first 10 / last 10 | held-out after (95% CI) | held-out outcomes changed | minus GRPO |")
+    print("|---|---|---|---|---|---|---|---|---|")
     table = {}
     for arm in args.arms:
         runs = [results["runs"][f"{arm}/seed{s}"] for s in args.seeds if f"{arm}/seed{s}" in results["runs"]]
@@ -236,20 +276,28 @@ def main() -> None:
         tokens = [r["mean_completion_tokens"] * r["completions_per_step"] * r["steps"] for r in runs]
         informative = [(1 - r["zero_advantage_share"]) * g * r["steps"] for r, g in zip(runs, groups_per_step)]
         per_group = float(np.sum(tokens) / max(np.sum(informative), 1e-9))
+        n_groups = int(round(sum(g * r["steps"] for r, g in zip(runs, groups_per_step))))
+        zero_ci = wilson_interval(round(sum(r["zero_advantage_share"] * g * r["steps"]
+                                            for r, g in zip(runs, groups_per_step))), n_groups)
+        # held-out problems whose outcome after training differs from before (0: training moved nothing held out)
+        changed = sum(sum(r["after"][p] != results["before"][f"seed{s}"][p] for p in r["after"])
+                      for s, r in zip([s for s in args.seeds if f"{arm}/seed{s}" in results["runs"]], runs))
         kept = [r["summary"].get("prompt_selection", {}).get("kept_share", 1.0) for r in runs]
         both = [s for s in args.seeds if f"{arm}/seed{s}" in results["runs"] and f"grpo/seed{s}" in results["runs"]]
         diff = (paired_accuracy_difference([results["runs"][f"{arm}/seed{s}"]["after"] for s in both],
                                            [results["runs"][f"grpo/seed{s}"]["after"] for s in both], args.n_boot, 0)
                 if arm != "grpo" and both else None)
         table[arm] = {"seeds": len(runs), "kept_share": float(np.mean(kept)), "zero_advantage_share": zero,
+                      "zero_advantage_ci95": list(zero_ci), "groups": n_groups, "held_out_changed": changed,
                       "zero_advantage_by_seed": [r["zero_advantage_share"] for r in runs],
                       "tokens_per_informative_group": per_group, "accuracy": k / n, "ci95": [lo, hi],
                       "minus_grpo": diff, "reward_first10": float(np.mean([r["reward_first10"] for r in runs])),
                       "reward_last10": float(np.mean([r["reward_last10"] for r in runs]))}
         d = f"{diff['diff']:+.3f} [{diff['low']:+.3f}, {diff['high']:+.3f}]" if diff else "-"
         t = table[arm]
-        print(f"| {ARMS[arm][2]} | {len(runs)} | {t['kept_share']:.2f} | {zero:.2f} | {per_group:.0f} | "
-              f"{t['reward_first10']:.2f} / {t['reward_last10']:.2f} | {k / n:.3f} [{lo:.3f}, {hi:.3f}] | {d} |")
+        print(f"| {ARMS[arm][2]} | {len(runs)} | {t['kept_share']:.2f} | {zero:.2f} [{zero_ci[0]:.2f}, {zero_ci[1]:.2f}] "
+              f"of {n_groups} | {per_group:.0f} | {t['reward_first10']:.2f} / {t['reward_last10']:.2f} | "
+              f"{k / n:.3f} [{lo:.3f}, {hi:.3f}] | {changed} of {n} | {d} |")
     for control in ("length", "random"):
         both = [s for s in args.seeds if f"value/seed{s}" in results["runs"] and f"{control}/seed{s}" in results["runs"]]
         if both:
@@ -262,6 +310,9 @@ def main() -> None:
                   f"zero-advantage share per seed {['%+.2f' % z for z in zero_diff]}")
     results["table"] = table
     results_path.write_text(json.dumps(results, indent=1, default=str))
+    if args.plot:
+        plot_curves(results, args, args.plot)
+        print(f"curves: {args.plot}")
     print(json.dumps({"benchmark": "prompt_selection", "machine": results["machine"], "max_steps": args.max_steps,
                       "seeds": args.seeds, "table": table}))
 
