@@ -164,21 +164,23 @@ def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, mo
         share of all samples that were correct and are stopped; its difference from the control is paired by
         sample, with a 95% bootstrap interval over problems.
     """
+    import json
+
     from rpe.bundle import random_bundle
     from rpe.metrics import cluster_resamples
-    from rpe.records import read_trajectories
-    from rpe.rollouts import STATES_FILE, rollout_settings
+    from rpe.records import MANIFEST_FILE, read_trajectories
     from rpe.store import StateSet
 
     rollout_dir = Path(rollout_dir)
-    settings = rollout_settings(rollout_dir)
-    if settings is None:
-        raise ValueError(f"{rollout_dir} is not a finished rollout folder (no manifest.json)")
-    if settings.config.stop_bundle:
+    if not (rollout_dir / MANIFEST_FILE).is_file():
+        raise ValueError(f"{rollout_dir} is not a finished rollout folder (no {MANIFEST_FILE})")
+    manifest = json.loads((rollout_dir / MANIFEST_FILE).read_text())
+    rollout = manifest["rollout"]
+    if rollout.get("stop_bundle"):
         raise ValueError(f"{rollout_dir} was already stopped early (--stop-bundle): measure on an unstopped run")
-    if not (rollout_dir / STATES_FILE).exists():
+    if "states" not in manifest.get("files", {}):
         raise ValueError(f"{rollout_dir} has no captured states: collect it with --capture-layers {bundle.layer}")
-    states = StateSet.load(rollout_dir / STATES_FILE)
+    states = StateSet.load(rollout_dir / manifest["files"]["states"])
     if bundle.layer not in states.acts:
         raise ValueError(f"{rollout_dir} holds layers {states.layers}, not the bundle's layer {bundle.layer}: "
                          f"collect it with --capture-layers {bundle.layer}")
@@ -199,8 +201,8 @@ def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, mo
 
     ids = states.trajectory_ids
     records = [trajectories[i] for i in ids]
-    cfg = settings.config
-    checkpoints = [judged_steps(tokenizer, r.completion_token_ids, cfg.segmenter, cfg.segment_pattern) for r in records]
+    segmenter, pattern = rollout.get("segmenter", "paragraph"), rollout.get("segment_pattern")
+    checkpoints = [judged_steps(tokenizer, r.completion_token_ids, segmenter, pattern) for r in records]
     full = np.array([len(r.completion_token_ids) for r in records])
     correct = np.array([float(r.reward) for r in records])
     groups = np.array([r.problem_id for r in records])

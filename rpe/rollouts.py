@@ -342,12 +342,12 @@ def _value_stop(model, tokenizer, cfg: RolloutConfig, engine: str):
         return None
     from rpe.bundle import SubsystemBundle
     from rpe.rollout_stop import ValueStop
-    from rpe.signals import unwrap_model
 
     if engine != "continuous":
         raise ValueError(f"early stopping (stop_bundle) needs the continuous engine; this run uses {engine!r}"
                          + (" (the model's cache is not plain full attention)" if cfg.engine == "continuous" else ""))
-    bundle = SubsystemBundle.load(cfg.stop_bundle, model=unwrap_model(model), tokenizer=tokenizer)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's base model
+    bundle = SubsystemBundle.load(cfg.stop_bundle, model=base, tokenizer=tokenizer)
     return ValueStop(bundle, cfg.stop_below, after_step=cfg.stop_after_step, segmenter=cfg.segmenter,
                      pattern=cfg.segment_pattern)
 
