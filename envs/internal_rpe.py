@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from rpe.bundle import SubsystemBundle
+from rpe.models import unwrap_model
 from rpe.probe import td_errors
-from rpe.signals import SignalReader, unwrap_model
+from rpe.signals import SignalReader
 from rpe.tracker import ActivationTracker
 
 if TYPE_CHECKING:

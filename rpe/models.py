@@ -427,6 +427,11 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+def unwrap_model(model):
+    """The transformers model under a PEFT wrapper (hooks and fingerprints use it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def fingerprint(model, tokenizer, name: str | None = None) -> ModelFingerprint:
     """Fingerprint of a loaded model + tokenizer (named ``name``, else the name :func:`load_model` was given,
     else the model's ``name_or_path``)."""

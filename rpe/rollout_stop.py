@@ -32,6 +32,7 @@ from rpe.segment import Segmenter, StepEnds
 
 if TYPE_CHECKING:
     from rpe.bundle import SubsystemBundle
+    from rpe.store import StateSet
 
 
 class ValueStop:
@@ -150,6 +151,17 @@ def matched_plan(values: list[np.ndarray], checkpoints: list[list[int]], full_to
     return StopPlan(stopped, tokens)
 
 
+def values_by_trajectory(states: StateSet, bundle: SubsystemBundle) -> list[np.ndarray]:
+    """Per trajectory of ``states`` (``states.trajectory_ids`` order), V(s_0), V(s_1), ... by ``bundle``'s probe,
+    read from the states held at its layer (every neuron, or at least its value neurons' columns)."""
+    acts = states.acts[bundle.layer].float()
+    v = bundle.probe.predict(acts[:, bundle.value_neurons.long()]).double().numpy()
+    ti, si = states.traj_index.numpy(), states.step_index.numpy()
+    order = np.lexsort((si, ti))  # by trajectory, then by step
+    counts = np.bincount(ti, minlength=len(states.trajectory_ids))
+    return np.split(v[order], np.cumsum(counts)[:-1])
+
+
 def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, model, *,
                  thresholds: Sequence[float] = (0.05, 0.1, 0.2, 0.3), after_step: int = 1, n_controls: int = 20,
                  n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -188,17 +200,6 @@ def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, mo
         raise ValueError(f"{rollout_dir} kept only some neurons of layer {bundle.layer}; the random-probe control "
                          "needs every neuron (collect without --capture-neurons)")
     trajectories = {t.trajectory_id: t for t in read_trajectories(rollout_dir)}
-    layer_acts = states.acts[bundle.layer].float()
-
-    def per_trajectory(probe_bundle: SubsystemBundle) -> list[np.ndarray]:
-        v = probe_bundle.probe.predict(layer_acts[:, probe_bundle.value_neurons.long()]).double().numpy()
-        out = [np.full(0, np.nan)] * len(states.trajectory_ids)
-        ti, si = states.traj_index.numpy(), states.step_index.numpy()
-        for i in range(len(states.trajectory_ids)):
-            rows = np.flatnonzero(ti == i)
-            out[i] = v[rows[np.argsort(si[rows])]]
-        return out
-
     ids = states.trajectory_ids
     records = [trajectories[i] for i in ids]
     segmenter, pattern = rollout.get("segmenter", "paragraph"), rollout.get("segment_pattern")
@@ -206,10 +207,10 @@ def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, mo
     full = np.array([len(r.completion_token_ids) for r in records])
     correct = np.array([float(r.reward) for r in records])
     groups = np.array([r.problem_id for r in records])
-    value = per_trajectory(bundle)
+    value = values_by_trajectory(states, bundle)
     k, hidden = int(bundle.value_neurons.numel()), bundle.probe_state.hidden
-    controls = [per_trajectory(random_bundle(model, tokenizer, layer=bundle.layer, k=k, hidden=hidden, seed=seed + c))
-                for c in range(n_controls)]
+    controls = [values_by_trajectory(states, random_bundle(model, tokenizer, layer=bundle.layer, k=k, hidden=hidden,
+                                                           seed=seed + c)) for c in range(n_controls)]
     boots = list(cluster_resamples(groups, n_boot, seed))
     out: dict[str, Any] = {"rollouts": str(rollout_dir), "n_trajectories": len(records), "accuracy": float(correct.mean()),
                            "after_step": after_step, "n_controls": n_controls, "thresholds": {}}
@@ -234,4 +235,5 @@ def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, mo
     return out
 
 
-__all__ = ["RowWatch", "StopPlan", "ValueStop", "judged_steps", "matched_plan", "stop_savings", "threshold_plan"]
+__all__ = ["RowWatch", "StopPlan", "ValueStop", "judged_steps", "matched_plan", "stop_savings", "threshold_plan",
+           "values_by_trajectory"]

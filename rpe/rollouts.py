@@ -38,7 +38,7 @@ from rpe.distributed import Ranks, barrier, broadcast_object, current_ranks
 from rpe.generation import generate_batch, resolve_engine
 from rpe.sampling import GeneratedBatch, SamplingConfig
 from rpe.metrics import wilson_interval
-from rpe.models import fingerprint
+from rpe.models import fingerprint, unwrap_model
 from rpe.prompts import PromptBuilder, PromptConfig, resolve_style
 from rpe.records import (
     MANIFEST_FILE,
@@ -346,8 +346,7 @@ def _value_stop(model, tokenizer, cfg: RolloutConfig, engine: str):
     if engine != "continuous":
         raise ValueError(f"early stopping (stop_bundle) needs the continuous engine; this run uses {engine!r}"
                          + (" (the model's cache is not plain full attention)" if cfg.engine == "continuous" else ""))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's base model
-    bundle = SubsystemBundle.load(cfg.stop_bundle, model=base, tokenizer=tokenizer)
+    bundle = SubsystemBundle.load(cfg.stop_bundle, model=unwrap_model(model), tokenizer=tokenizer)
     return ValueStop(bundle, cfg.stop_below, after_step=cfg.stop_after_step, segmenter=cfg.segmenter,
                      pattern=cfg.segment_pattern)
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from rpe.bundle import SubsystemBundle
-from rpe.models import eval_mode
+from rpe.models import eval_mode, unwrap_model
 from rpe.probe import td_errors
 from rpe.segment import Segmenter
 from rpe.tracker import check_finite
@@ -96,11 +96,6 @@ class SequenceSignals:
         if name == "dopamine":
             return float(self.dopamine.mean()) if self.dopamine.size else float("nan")
         raise ValueError(f"unknown signal {name!r}; choose one of {', '.join(SCALAR_SIGNALS)}")
-
-
-def unwrap_model(model):
-    """The transformers model under a PEFT wrapper (hooks and fingerprints use it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class SignalReader:
@@ -361,4 +356,4 @@ class GenerationCapture:
         return cap
 
 
-__all__ = ["SCALAR_SIGNALS", "CapturedGeneration", "GenerationCapture", "SequenceSignals", "SignalReader", "unwrap_model"]
+__all__ = ["SCALAR_SIGNALS", "CapturedGeneration", "GenerationCapture", "SequenceSignals", "SignalReader"]

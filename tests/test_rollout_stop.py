@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from rpe.decoding import generate_continuous
-from rpe.rollout_stop import ValueStop, judged_steps, matched_plan, threshold_plan
+from rpe.rollout_stop import ValueStop, judged_steps, matched_plan, threshold_plan, values_by_trajectory
 from rpe.sampling import SamplingConfig
 from rpe.segment import StepEnds, split_steps, token_char_ends, token_spans
+from rpe.store import StateSet
 
 SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=40)
 
@@ -123,7 +124,8 @@ def test_rollouts_stop_live_as_the_measurement_on_the_unstopped_run_predicts(set
     from rpe.records import read_trajectories
 
     records = {t.trajectory_id: t for t in read_trajectories(tmp_path / "free")}
-    judged = [v[1] for t, v in zip(*_values(tmp_path / "free", bundle))
+    states = StateSet.load(tmp_path / "free" / "states.safetensors")
+    judged = [v[1] for t, v in zip(states.trajectory_ids, values_by_trajectory(states, bundle))
               if judged_steps(tok, records[t].completion_token_ids)]
     threshold = split_threshold(judged)
     measured = stop_savings(tmp_path / "free", bundle, tok, model, thresholds=[threshold], n_controls=3, n_boot=50)
@@ -148,19 +150,6 @@ def test_rollouts_stop_live_as_the_measurement_on_the_unstopped_run_predicts(set
         fit_bundle(model, tok, read_trajectories(tmp_path / "live"))
     with pytest.raises(ValueError, match="already stopped early"):
         stop_savings(tmp_path / "live", bundle, tok, model)
-
-
-def _values(folder, bundle):
-    """(trajectory ids, V(s_0..s_T) of each) from a folder's captured states."""
-    from rpe.store import StateSet
-
-    states = StateSet.load(folder / "states.safetensors")
-    v = bundle.probe.predict(states.acts[bundle.layer][:, bundle.value_neurons.long()]).numpy()
-    out = []
-    for i in range(len(states.trajectory_ids)):
-        rows = (states.traj_index == i).nonzero().flatten().numpy()
-        out.append(v[rows[np.argsort(states.step_index.numpy()[rows])]])
-    return states.trajectory_ids, out
 
 
 def test_plans_stop_at_the_first_low_step_and_the_control_matches_the_counts():

@@ -40,7 +40,7 @@ from trl import GRPOTrainer
 
 from rpe.contamination import first_wrong_step
 from rpe.probe import ProbeState, td_errors
-from rpe.signals import unwrap_model
+from rpe.models import unwrap_model
 
 from .critic import token_advantages
 from .rewards import InternalSignals

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rpe.bundle import SubsystemBundle
-from rpe.signals import SCALAR_SIGNALS, GenerationCapture, SequenceSignals, SignalReader, unwrap_model
+from rpe.models import unwrap_model
+from rpe.signals import SCALAR_SIGNALS, GenerationCapture, SequenceSignals, SignalReader
 
 logger = logging.getLogger(__name__)
 

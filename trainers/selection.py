@@ -23,7 +23,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from rpe.selection import LiveSelection, SelectionSampler, prompt_values
-from rpe.signals import unwrap_model
+from rpe.models import unwrap_model
 
 from .trl_adapter import check_trainer, log_to_trainer
 
