@@ -190,3 +190,36 @@ def test_early_stopping_refuses_the_generate_engine(setup, tmp_path):
     with pytest.raises(ValueError, match="continuous engine"):
         collect_rollouts(model, tok, cfg, tmp_path / "out")
     assert not (tmp_path / "out" / "trajectories.parquet").exists()
+
+
+def test_the_cli_refuses_shared_questions_unless_asked_and_records_them(answering_tiny, tmp_path):
+    """`rpe early-stop --on-rollouts` on a run of the fitting questions: refused, naming --held-out-from; with
+    --same-questions measured, and the results say how many questions the fit and the measurement share."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rpe.bundle import random_bundle
+    from rpe.cli import app
+    from rpe.models import load_model
+
+    folder, task = answering_tiny
+    runner = CliRunner()
+    common = ["rollouts", "--model", str(folder), "--task", str(task), "--n-problems", "6", "--samples", "2",
+              "--max-new-tokens", "24", "--shots", "1", "--capture-layers", "1"]
+    for name, seed in (("fit", "0"), ("held", "1")):
+        r = runner.invoke(app, [*common, "--seed", seed, "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+    model, tok = load_model(str(folder))
+    random_bundle(model, tok, layer=1, k=4, hidden=0, seed=0).save(tmp_path / "bundle")
+    args = ["early-stop", "--bundle", str(tmp_path / "bundle"), "--rollouts", str(tmp_path / "fit"),
+            "--on-rollouts", str(tmp_path / "held"), "--thresholds", "0.5", "--controls", "2",
+            "--out", str(tmp_path / "stop.json")]
+    r = runner.invoke(app, args)
+    assert r.exit_code != 0 and "--held-out-from" in r.output and "--same-questions" in r.output
+    assert not (tmp_path / "stop.json").exists()
+    r = runner.invoke(app, [*args, "--same-questions"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "stop.json").read_text())
+    assert 0 < res["questions_shared_with_fit"] <= res["questions"] and res["n_trajectories"] == 12
+    assert "held out in samples only" in r.output

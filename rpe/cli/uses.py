@@ -221,6 +221,10 @@ def early_stop(
     thresholds: Optional[str] = typer.Option(None, help="--on-rollouts: comma-separated thresholds (default: "
                                              "--threshold)."),
     controls: int = typer.Option(20, help="--on-rollouts: random probes in the control."),
+    same_questions: bool = typer.Option(
+        False, "--same-questions", help="--on-rollouts: allow new samples of the bundle's fitting questions (a "
+        "task with fewer distinct questions than a run asks, such as count_bits' 15); the results record how many "
+        "are shared, and the measurement is held out in samples only, not in questions."),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
     device_map: Optional[str] = DEVICE_MAP_OPTION,
@@ -241,7 +245,7 @@ def early_stop(
     if on_rollouts is not None:
         levels = [threshold] if thresholds is None else parse_floats(thresholds, "--thresholds")
         _stop_savings_command(bundle, rollouts, on_rollouts, levels, after_step, controls, seed, out,
-                              (device, dtype, device_map, attn_implementation))
+                              (device, dtype, device_map, attn_implementation), same_questions=same_questions)
         return
     lm, tok = load_cli_model(settings.model_name, device, dtype, device_map, attn_implementation)
     try:
@@ -282,8 +286,10 @@ def early_stop(
 
 
 def _stop_savings_command(bundle: Path, rollouts: Path, on_rollouts: Path, levels: list[float], after_step: int,
-                          controls: int, seed: int, out: Path, model_options: tuple) -> None:
-    """``rpe early-stop --on-rollouts``: :func:`rpe.rollout_stop.stop_savings` on a held-out rollout folder."""
+                          controls: int, seed: int, out: Path, model_options: tuple, *,
+                          same_questions: bool = False) -> None:
+    """``rpe early-stop --on-rollouts``: :func:`rpe.rollout_stop.stop_savings` on a held-out rollout folder
+    (``same_questions``: new samples of the fitting questions allowed, and counted in the results)."""
     from rpe.bundle import BundleFormatError, BundleMismatchError, SubsystemBundle
     from rpe.records import atomic_write_json
     from rpe.rollout_stop import stop_savings
@@ -292,11 +298,16 @@ def _stop_savings_command(bundle: Path, rollouts: Path, on_rollouts: Path, level
     fitted, held = rollout_settings(rollouts), rollout_settings(on_rollouts)
     if held is None:
         fail(f"--on-rollouts {on_rollouts} is not a finished rollout folder (no manifest.json)")
-    shared = set(fitted.question_keys()) & set(held.question_keys())
-    if shared:
+    held_questions = set(held.question_keys())
+    shared = set(fitted.question_keys()) & held_questions
+    if shared and not same_questions:
         fail(f"{len(shared)} questions of --on-rollouts {on_rollouts} are among the bundle's fitting questions "
              f"({rollouts}): collect it with `rpe rollouts --held-out-from {rollouts}` so the probe is not judged "
-             "on what it was fitted on")
+             "on what it was fitted on (or pass --same-questions for a task with too few distinct questions, and "
+             "report the result as held out in samples only)")
+    if shared:
+        console.print(f"[yellow]{len(shared)} of the {len(held_questions)} questions of {on_rollouts} are fitting "
+                      "questions: held out in samples only[/yellow]")
     lm, tok = load_cli_model(held.model_name, *model_options)
     try:
         b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok)
@@ -304,7 +315,8 @@ def _stop_savings_command(bundle: Path, rollouts: Path, on_rollouts: Path, level
                            seed=seed)
     except (BundleFormatError, BundleMismatchError, ValueError) as err:
         fail(str(err))
-    res = {"model": held.model_name, "bundle": str(bundle), **res}
+    res = {"model": held.model_name, "bundle": str(bundle), "questions": len(held_questions),
+           "questions_shared_with_fit": len(shared), **res}
     atomic_write_json(out, res)
     table = Table(title=f"early stopping inside rollouts: {res['n_trajectories']} held-out samples "
                         f"(accuracy {res['accuracy']:.3f}), stopped from step {after_step}, "
