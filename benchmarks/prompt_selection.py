@@ -165,7 +165,9 @@ def band_tables(per_prompt: dict, bands: list[str], explore: float, n_boot: int)
 
 def plot_curves(results: dict, args, path: Path) -> None:
     """Per arm (seeds pooled step by step), against generated tokens: the share of groups so far that had a
-    non-zero advantage (Wilson 95% band) and the training reward (running mean over the groups so far)."""
+    non-zero advantage (Wilson 95% band), the training reward (running mean over the groups so far; band: the
+    range of the seeds' running means), and held-out accuracy before training (0 tokens) and after it (Wilson
+    95%; the held-out set is evaluated at those two points only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,8 +175,9 @@ def plot_curves(results: dict, args, path: Path) -> None:
 
     from rpe.metrics import wilson_interval
 
-    fig, (ax_inf, ax_rew) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for arm in args.arms:
+    fig, (ax_inf, ax_rew, ax_held) = plt.subplots(1, 3, figsize=(14, 3.8))
+    before = [v for s in args.seeds if (v := results.get("before", {}).get(f"seed{s}"))]
+    for offset, arm in enumerate(args.arms):
         runs = [results["runs"][f"{arm}/seed{s}"] for s in args.seeds if f"{arm}/seed{s}" in results["runs"]]
         if not runs:
             continue
@@ -184,12 +187,22 @@ def plot_curves(results: dict, args, path: Path) -> None:
         informative = np.cumsum([sum(1 - r["zero_curve"][i] for r in runs) for i in range(steps)])
         groups = len(runs) * np.arange(1, steps + 1)
         band = np.array([wilson_interval(int(round(k)), int(n)) for k, n in zip(informative, groups)])
-        reward = np.cumsum([np.mean([r["reward_curve"][i] for r in runs]) for i in range(steps)]) / np.arange(1, steps + 1)
+        running = np.array([np.cumsum(r["reward_curve"][:steps]) / np.arange(1, steps + 1) for r in runs])
         line, = ax_inf.plot(tokens, informative / groups, label=ARMS[arm][2])
         ax_inf.fill_between(tokens, band[:, 0], band[:, 1], color=line.get_color(), alpha=0.15)
-        ax_rew.plot(tokens, reward, color=line.get_color(), label=ARMS[arm][2])
+        ax_rew.plot(tokens, running.mean(0), color=line.get_color(), label=ARMS[arm][2])
+        if len(runs) > 1:
+            ax_rew.fill_between(tokens, running.min(0), running.max(0), color=line.get_color(), alpha=0.15)
+        if len(before) == len(runs):
+            points = [[v for b in before for v in b.values()], [v for r in runs for v in r["after"].values()]]
+            x = np.array([0.0, tokens[-1]]) + offset * tokens[-1] * 0.01  # nudged apart so the bars do not hide
+            acc = [np.mean(p) for p in points]
+            ci = np.array([wilson_interval(int(round(sum(p))), len(p)) for p in points])
+            ax_held.errorbar(x, acc, yerr=[np.subtract(acc, ci[:, 0]), np.subtract(ci[:, 1], acc)], marker="o",
+                             capsize=3, color=line.get_color(), label=ARMS[arm][2])
     ax_inf.set(xlabel="generated tokens", ylabel="groups with a non-zero advantage (so far)", ylim=(0, 1))
-    ax_rew.set(xlabel="generated tokens", ylabel="training reward (running mean)", ylim=(0, 1))
+    ax_rew.set(xlabel="generated tokens", ylabel="training reward (running mean; band: seed range)", ylim=(0, 1))
+    ax_held.set(xlabel="generated tokens", ylabel="held-out accuracy (95% Wilson)", ylim=(0, 0.6))
     ax_inf.legend(fontsize=7)
     fig.suptitle(f"GRPO with prompt selection ({len(args.seeds)} seed(s) pooled)", fontsize=10)
     fig.tight_layout()
