@@ -681,6 +681,8 @@ def test_recipe_refreshes_the_selection_with_the_trained_policy(tmp_path, bundle
     assert sel["refresh_every"] == 1 and [r["step"] for r in sel["refreshes"]] == [1, 2]
     assert len(reads) == 2 and len(reads[0]) == 8
     assert not np.allclose(reads[0], reads[1])  # the policy moved between the reads (lr 5e-2)
+    assert sel["refreshes"][1]["value_shift"] == pytest.approx(np.abs(reads[1] - reads[0]).mean(), rel=1e-5)
+    assert sel["refreshes"][1]["band_changed"] == 0.0  # the band [0, 1] holds every value
     history = json.loads((tmp_path / "grpo" / "log_history.json").read_text())
     assert any("selection/kept_share" in h for h in history)
     with pytest.raises(ValueError, match="select_refresh_every needs select_by: value"):

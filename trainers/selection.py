@@ -6,7 +6,9 @@ training. Here the whole training set stays and the trainer draws its prompt gro
 each draw; every ``every`` optimizer steps :class:`SelectionRefresh` reads V(s_0) of every training prompt again
 (one prefill each, the policy as trained so far, the bundle as the :class:`~rpe.trainers.RPECallback` refit left
 it when both share an :class:`~rpe.trainers.rewards.InternalSignals`) and updates the kept set. Logged at each
-refresh: ``selection/kept_share`` and ``selection/changed`` (the share of prompts whose decision changed).
+refresh: ``selection/kept_share`` and ``selection/changed`` (the share of prompts whose decision changed, the
+explore draw's redraw included); the history also keeps ``band_changed`` (the share that moved into or out of
+the band: what the policy's movement changed) and ``value_shift`` (mean absolute change of V(s_0)).
 
 The sampler is attached by replacing the trainer's ``_get_train_sampler`` on the instance
 (:meth:`SelectionRefresh.attach`, :func:`use_live_selection`, after :func:`~rpe.trainers.trl_adapter.check_trainer` has checked that TRL still
@@ -20,6 +22,7 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from transformers import TrainerCallback
 
 from rpe.selection import LiveSelection, SelectionSampler, prompt_values
@@ -79,10 +82,17 @@ class SelectionRefresh(TrainerCallback):
             values = prompt_values(base, processing_class or self.signals.tokenizer, self.signals.bundle, self.prompts)
         finally:
             base.train(was_training)
-        before = self.selection.keep.copy()
+        before, old_values = self.selection.keep.copy(), self.selection.values
         keep = self.selection.update(values)
+        cfg = self.selection.cfg
+
+        def in_band(v):
+            return (v >= cfg.low) & (v <= cfg.high)
+
         self.history.append({"step": state.global_step, "kept_share": float(keep.mean()),
-                             "changed": float((keep != before).mean())})
+                             "changed": float((keep != before).mean()),
+                             "band_changed": float((in_band(self.selection.values) != in_band(old_values)).mean()),
+                             "value_shift": float(np.abs(self.selection.values - old_values).mean())})
         if self.trainer is not None:  # reported with the trainer's next log
             log_to_trainer(self.trainer, {"selection/kept_share": self.history[-1]["kept_share"],
                                           "selection/changed": self.history[-1]["changed"]})
