@@ -84,4 +84,32 @@ def difficulty_from_run(rollouts, trajectories: Sequence[Trajectory]) -> list[di
     return out if any(out) else None
 
 
-__all__ = ["difficulty_features", "difficulty_from_run", "difficulty_only_values", "task_difficulty"]
+def difficulty_scores(fitted: Sequence[Trajectory], fitted_difficulty: Sequence[dict[str, float]],
+                      held: Sequence[Trajectory], held_difficulty: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Trajectory id -> P(correct) of each of ``held`` predicted from its question's difficulty alone: a logistic
+    regression on the difficulty features (:func:`difficulty_features`: one-hot difficulty values and question
+    length, centred within each run) fitted on ``fitted`` (the bundle's fitting rollouts) and applied to ``held``. The control of "the
+    internal value knows more than how hard the question looks" wherever held-out samples are scored.
+
+    Raises:
+        ValueError: no difficulty features, or one outcome only among ``fitted``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    if not any(fitted_difficulty) or not any(held_difficulty):
+        raise ValueError("difficulty_scores: the task gives no difficulty features for these trajectories")
+    y = np.array([t.reward >= 0.5 for t in fitted])
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"difficulty_scores: all {len(y)} fitting trajectories have the same outcome")
+    # prompt tokens, centred within each run: the runs' few-shot examples may differ in length, their questions'
+    # lengths are what the feature means
+    q_len = np.concatenate([(n := np.array([float(t.prompt_len) for t in run])) - n.mean() for run in (fitted, held)])
+    features, _ = difficulty_features(list(fitted_difficulty) + list(held_difficulty), q_len)
+    x = features.numpy()
+    model = LogisticRegression(C=1.0, max_iter=1000).fit(x[: len(fitted)], y)
+    p = model.predict_proba(x[len(fitted):])[:, 1]
+    return {t.trajectory_id: float(v) for t, v in zip(held, p)}
+
+
+__all__ = ["difficulty_features", "difficulty_from_run", "difficulty_only_values", "difficulty_scores",
+           "task_difficulty"]

@@ -20,7 +20,7 @@ ones. Equal stopping at equal steps, so a difference in accuracy lost is the pro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,17 +164,22 @@ def values_by_trajectory(states: StateSet, bundle: SubsystemBundle) -> list[np.n
 
 def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, model, *,
                  thresholds: Sequence[float] = (0.05, 0.1, 0.2, 0.3), after_step: int = 1, n_controls: int = 20,
-                 n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+                 n_boot: int = 2000, seed: int = 0, difficulty: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Tokens saved and accuracy lost by stopping inside the rollouts of ``rollout_dir`` (an unstopped run,
     states captured at ``bundle.layer`` with every neuron, questions the bundle was not fitted on), for each
-    threshold, against ``n_controls`` random probes stopping as many samples at each step.
+    threshold, against ``n_controls`` random probes stopping as many samples at each step, and, with
+    ``difficulty`` (trajectory id -> the P(correct) the question's difficulty alone predicts:
+    :func:`rpe.difficulty.difficulty_scores`), against stopping as many of the samples whose question looks
+    hardest (ties broken at random).
 
     Returns:
         ``{"n_trajectories", "accuracy", "after_step", "thresholds": {t: {"value": {"stopped_share",
         "tokens_saved", "accuracy_lost"}, "random_probe": {"tokens_saved", "accuracy_lost": mean over probes,
         "accuracy_lost_range"}, "value_minus_control_lost": {"diff", "low", "high"}}}}``; accuracy lost is the
         share of all samples that were correct and are stopped; its difference from the control is paired by
-        sample, with a 95% bootstrap interval over problems.
+        sample, with a 95% bootstrap interval over problems. With ``difficulty``, each threshold also has
+        ``"difficulty": {"stopped_share", "tokens_saved", "accuracy_lost"}`` and
+        ``"value_minus_difficulty_lost": {"diff", "low", "high"}``.
     """
     import json
 
@@ -211,6 +216,14 @@ def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, mo
     k, hidden = int(bundle.value_neurons.numel()), bundle.probe_state.hidden
     controls = [values_by_trajectory(states, random_bundle(model, tokenizer, layer=bundle.layer, k=k, hidden=hidden,
                                                            seed=seed + c)) for c in range(n_controls)]
+    hardest_first = None
+    if difficulty is not None:
+        missing = [i for i in ids if i not in difficulty]
+        if missing:
+            raise ValueError(f"difficulty scores lack {len(missing)} of the {len(ids)} trajectories of {rollout_dir} "
+                             f"(e.g. {missing[0]})")
+        jitter = np.random.default_rng(seed).random(len(ids)) * 1e-9  # ties (one question's samples) at random
+        hardest_first = [np.full(len(v), float(difficulty[i]) + j) for i, v, j in zip(ids, value, jitter)]
     boots = list(cluster_resamples(groups, n_boot, seed))
     out: dict[str, Any] = {"rollouts": str(rollout_dir), "n_trajectories": len(records), "accuracy": float(correct.mean()),
                            "after_step": after_step, "n_controls": n_controls, "thresholds": {}}
@@ -232,6 +245,15 @@ def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, mo
             "value_minus_control_lost": {"diff": float((lost - control_lost).mean()),
                                          "low": float(np.percentile(diffs, 2.5)), "high": float(np.percentile(diffs, 97.5))},
         }
+        if hardest_first is not None:
+            by_difficulty = matched_plan(hardest_first, checkpoints, full, counts)
+            difficulty_lost = ((by_difficulty.stopped_at > 0) & (correct > 0)).astype(float)
+            d_diffs = [float((lost[b] - difficulty_lost[b]).mean()) for b in boots]
+            out["thresholds"][f"{threshold:g}"].update({
+                "difficulty": by_difficulty.summary(full, correct),
+                "value_minus_difficulty_lost": {"diff": float((lost - difficulty_lost).mean()),
+                                                "low": float(np.percentile(d_diffs, 2.5)),
+                                                "high": float(np.percentile(d_diffs, 97.5))}})
     return out
 
 

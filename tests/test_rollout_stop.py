@@ -130,6 +130,23 @@ def test_rollouts_stop_live_as_the_measurement_on_the_unstopped_run_predicts(set
     threshold = split_threshold(judged)
     measured = stop_savings(tmp_path / "free", bundle, tok, model, thresholds=[threshold], n_controls=3, n_boot=50)
     row = measured["thresholds"][f"{threshold:g}"]
+    assert "difficulty" not in row  # asked for only with difficulty scores
+    # the difficulty control stops as many samples, those its scores rank lowest: an oracle score (the outcome)
+    # stops wrong samples first, its reverse correct ones first
+    outcome = {t.trajectory_id: t.reward for t in records.values()}
+    n_stop = round(row["value"]["stopped_share"] * len(outcome))
+    oracle = stop_savings(tmp_path / "free", bundle, tok, model, thresholds=[threshold], n_controls=1, n_boot=20,
+                          difficulty=outcome)["thresholds"][f"{threshold:g}"]
+    worst = stop_savings(tmp_path / "free", bundle, tok, model, thresholds=[threshold], n_controls=1, n_boot=20,
+                         difficulty={k: 1 - v for k, v in outcome.items()})["thresholds"][f"{threshold:g}"]
+    assert oracle["difficulty"]["stopped_share"] == worst["difficulty"]["stopped_share"] == row["value"]["stopped_share"]
+    n_wrong = sum(v < 0.5 for v in outcome.values())
+    assert oracle["difficulty"]["accuracy_lost"] == pytest.approx(max(0, n_stop - n_wrong) / len(outcome))
+    assert worst["difficulty"]["accuracy_lost"] >= row["value"]["accuracy_lost"] >= oracle["difficulty"]["accuracy_lost"]
+    assert oracle["value_minus_difficulty_lost"]["diff"] == pytest.approx(
+        row["value"]["accuracy_lost"] - oracle["difficulty"]["accuracy_lost"])
+    with pytest.raises(ValueError, match="difficulty scores lack"):
+        stop_savings(tmp_path / "free", bundle, tok, model, thresholds=[threshold], difficulty={})
     live = collect_rollouts(model, tok, RolloutConfig(**base, stop_bundle=str(tmp_path / "bundle"), stop_below=threshold),
                             tmp_path / "live")
     n_stopped = live.manifest["stopped_by_value"]
@@ -223,3 +240,27 @@ def test_the_cli_refuses_shared_questions_unless_asked_and_records_them(answerin
     res = json.loads((tmp_path / "stop.json").read_text())
     assert 0 < res["questions_shared_with_fit"] <= res["questions"] and res["n_trajectories"] == 12
     assert "held out in samples only" in r.output
+
+
+def test_difficulty_scores_predict_from_the_fitting_runs_difficulty():
+    """The difficulty control's scores: a question difficulty that decided every fitting outcome ranks held-out
+    samples the same way; question length is centred within each run (its few-shot examples may differ)."""
+    from rpe.difficulty import difficulty_scores
+    from rpe.records import SCHEMA_VERSION, Trajectory
+
+    def traj(i, reward, prompt_tokens):
+        return Trajectory(SCHEMA_VERSION, f"t{i}", f"p{i}", "synthetic", 0, "q", "a", [], None, "", reward,
+                          list(range(prompt_tokens)), [1], "eos", False, False, {}, {}, 0)
+
+    fitted = [traj(i, float(i % 2 == 0), 20) for i in range(20)]
+    fitted_d = [{"terms": 2.0 if i % 2 == 0 else 4.0} for i in range(20)]
+    held = [traj(100 + i, 0.0, 90) for i in range(6)]  # longer few-shot prompts: no effect after centring
+    held_d = [{"terms": 2.0 if i < 3 else 4.0} for i in range(6)]
+    scores = difficulty_scores(fitted, fitted_d, held, held_d)
+    assert set(scores) == {t.trajectory_id for t in held}
+    easy, hard = [scores[f"t{100 + i}"] for i in range(3)], [scores[f"t{100 + i}"] for i in range(3, 6)]
+    assert min(easy) > 0.7 > 0.3 > max(hard)
+    with pytest.raises(ValueError, match="same outcome"):
+        difficulty_scores([traj(0, 1.0, 5), traj(1, 1.0, 5)], [{"terms": 2.0}] * 2, held, held_d)
+    with pytest.raises(ValueError, match="no difficulty features"):
+        difficulty_scores(fitted, [{}] * 20, held, held_d)

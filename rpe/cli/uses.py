@@ -308,11 +308,12 @@ def _stop_savings_command(bundle: Path, rollouts: Path, on_rollouts: Path, level
     if shared:
         console.print(f"[yellow]{len(shared)} of the {len(held_questions)} questions of {on_rollouts} are fitting "
                       "questions: held out in samples only[/yellow]")
+    difficulty = _held_difficulty(rollouts, on_rollouts)
     lm, tok = load_cli_model(held.model_name, *model_options)
     try:
         b = SubsystemBundle.load(bundle, model=lm, tokenizer=tok)
         res = stop_savings(on_rollouts, b, tok, lm, thresholds=levels, after_step=after_step, n_controls=controls,
-                           seed=seed)
+                           seed=seed, difficulty=difficulty)
     except (BundleFormatError, BundleMismatchError, ValueError) as err:
         fail(str(err))
     res = {"model": held.model_name, "bundle": str(bundle), "questions": len(held_questions),
@@ -321,16 +322,43 @@ def _stop_savings_command(bundle: Path, rollouts: Path, on_rollouts: Path, level
     table = Table(title=f"early stopping inside rollouts: {res['n_trajectories']} held-out samples "
                         f"(accuracy {res['accuracy']:.3f}), stopped from step {after_step}, "
                         f"against {controls} random probes stopping as many")
-    for col in ("stop below V", "samples stopped", "tokens saved (value / random)",
-                "accuracy lost (value / random [range])", "value minus random [95% CI]"):
+    columns = ["stop below V", "samples stopped", "tokens saved (value / random)",
+               "accuracy lost (value / random [range])", "value minus random [95% CI]"]
+    if difficulty is not None:
+        columns += ["accuracy lost, hardest questions first", "value minus difficulty [95% CI]"]
+    for col in columns:
         table.add_column(col)
     for level, r in res["thresholds"].items():
         v, c, d = r["value"], r["random_probe"], r["value_minus_control_lost"]
-        table.add_row(level, f"{v['stopped_share']:.0%}", f"{v['tokens_saved']:.1%} / {c['tokens_saved']:.1%}",
-                      f"{v['accuracy_lost']:.3f} / {c['accuracy_lost']:.3f} [{c['accuracy_lost_range'][0]:.3f}, "
-                      f"{c['accuracy_lost_range'][1]:.3f}]", f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+        row = [level, f"{v['stopped_share']:.0%}", f"{v['tokens_saved']:.1%} / {c['tokens_saved']:.1%}",
+               f"{v['accuracy_lost']:.3f} / {c['accuracy_lost']:.3f} [{c['accuracy_lost_range'][0]:.3f}, "
+               f"{c['accuracy_lost_range'][1]:.3f}]", f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"]
+        if difficulty is not None:
+            dd = r["value_minus_difficulty_lost"]
+            row += [f"{r['difficulty']['accuracy_lost']:.3f}", f"{dd['diff']:+.3f} [{dd['low']:+.3f}, {dd['high']:+.3f}]"]
+        table.add_row(*row)
     console.print(table)
+    if difficulty is None:
+        console.print("no difficulty control: the task gives no difficulty features")
     console.print(f"results: {out}")
+
+
+def _held_difficulty(rollouts: Path, on_rollouts: Path) -> dict[str, float] | None:
+    """P(correct) of each sample of ``on_rollouts`` from its question's difficulty alone, fitted on the bundle's
+    fitting ``rollouts`` (:func:`rpe.difficulty.difficulty_scores`); None when the task has no difficulty
+    features."""
+    from rpe.difficulty import difficulty_from_run, difficulty_scores
+    from rpe.records import read_trajectories
+
+    fitted, held = read_trajectories(rollouts), read_trajectories(on_rollouts)
+    fitted_d, held_d = difficulty_from_run(rollouts, fitted), difficulty_from_run(on_rollouts, held)
+    if fitted_d is None or held_d is None:
+        return None
+    try:
+        return difficulty_scores(fitted, fitted_d, held, held_d)
+    except ValueError as err:
+        console.print(f"[yellow]no difficulty control: {err}[/yellow]")
+        return None
 
 
 @app.command("ablate")
