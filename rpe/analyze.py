@@ -181,8 +181,12 @@ class ConfidenceInputs:
     question_length: list[float] = field(default_factory=list)
     prompt_logprob: list[float] = field(default_factory=list)
     answers: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    difficulty: list[dict[str, float]] = field(default_factory=list)
+    """The task's difficulty features of each trajectory's problem (``{}`` where the task names none)."""
 
-    def add(self, model, tokenizer, trajectories: Sequence[Trajectory], table: dict[str, list]) -> None:
+    def add(self, model, tokenizer, trajectories: Sequence[Trajectory], table: dict[str, list],
+            difficulty: dict[str, dict[str, float]] | None = None) -> None:
+        """Append ``trajectories`` (their step ``table`` rows; ``difficulty``: problem id -> features)."""
         from rpe.baselines import mean_prompt_logprob
 
         rows = list(zip(table["trajectory_id"], table["step"], table["n_steps"], table["value"]))
@@ -195,6 +199,7 @@ class ConfidenceInputs:
             self.value_final.append(final[t.trajectory_id])
             self.question_length.append(float(t.prompt_len))
             self.answers[t.problem_id].append(str(t.final_answer))
+            self.difficulty.append((difficulty or {}).get(t.problem_id) or {})
         self.prompt_logprob += mean_prompt_logprob(model, trajectories, pad_token_id=tokenizer.pad_token_id or 0).tolist()
 
 
@@ -224,15 +229,17 @@ def confidence(inputs: ConfidenceInputs, *, n_boot: int = 1000, seed: int = 0) -
 
 
 SELECTIVE_BASELINE = "question length (shorter = more confident)"
+DIFFICULTY_SIGNAL = "the task's difficulty alone (cross-fitted)"
 
 
 def selective_answering(inputs: ConfidenceInputs, *, n_boot: int = 1000, seed: int = 0,
                         curve_points: int = 200) -> dict[str, Any]:
     """Selective answering: answer only the questions a signal is most confident about. Risk-coverage curves and
     AURC (lower = fewer errors at equal coverage; 95% bootstrap over problems) of V(s_0) and V(final) against
-    question length, mean prompt log-prob and, with several samples of every problem, minus the answer entropy;
-    each signal's AURC minus question length's from the same resamples, and an uninformative signal's AURC
-    (1 - accuracy). V(final) is read after the answer is written: it selects among generated answers, V(s_0)
+    question length, mean prompt log-prob, with several samples of every problem minus the answer entropy, and,
+    where the task names its difficulty, a logistic regression on the difficulty features alone (cross-fitted
+    over 5 folds of problems: no trajectory is scored by a fit that saw its problem); each signal's AURC minus
+    question length's from the same resamples, and an uninformative signal's AURC (1 - accuracy). V(final) is read after the answer is written: it selects among generated answers, V(s_0)
     before any token is generated.
 
     Returns:
@@ -251,6 +258,13 @@ def selective_answering(inputs: ConfidenceInputs, *, n_boot: int = 1000, seed: i
     ent = _entropy_by_problem(inputs.answers)
     if ent and all(g in ent for g in inputs.groups):
         scores["minus answer entropy over samples"] = np.array([-ent[g] for g in inputs.groups])
+    if inputs.difficulty and any(inputs.difficulty):
+        from rpe.difficulty import difficulty_features, difficulty_only_values
+
+        features, _ = difficulty_features(inputs.difficulty, np.array(inputs.question_length))
+        problems = sorted(set(inputs.groups))
+        fold_of = {g: i % 5 for i, g in enumerate(np.random.default_rng(seed).permutation(problems))}
+        scores[DIFFICULTY_SIGNAL] = difficulty_only_values(features, y, np.array([fold_of[g] for g in inputs.groups]))
     result = bootstrap_aurc(y, scores, groups=np.array(inputs.groups), baseline=SELECTIVE_BASELINE, n_boot=n_boot,
                             seed=seed)
     curves = {}
@@ -527,13 +541,16 @@ def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: st
     out_dir.mkdir(parents=True, exist_ok=True)
     table: dict[str, list] = {c: [] for c in STEP_COLUMNS}
     conf_inputs = ConfidenceInputs()
+    from rpe.difficulty import difficulty_by_problem
+
+    difficulty = difficulty_by_problem(rollouts) if Path(rollouts).is_dir() else None
     n_traj = 0
     encode = functools.partial(bundle.encode_text, tokenizer)  # an imported file's prompts, as the bundle's were
     for batch in _trajectory_batches(rollouts, tokenizer, reward_column, batch_size, encode):
         cols = step_table(model, tokenizer, bundle, batch, reader=reader)
         for c in STEP_COLUMNS:
             table[c] += cols[c]
-        conf_inputs.add(model, tokenizer, batch, cols)
+        conf_inputs.add(model, tokenizer, batch, cols, difficulty)
         n_traj += len(batch)
         if progress:
             progress(n_traj, n_traj)

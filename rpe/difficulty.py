@@ -66,10 +66,10 @@ def _per_trajectory(trajectories: Sequence[Trajectory], task, problems) -> list[
     return [by_id.get(t.problem_id, {}) for t in trajectories]
 
 
-def difficulty_from_run(rollouts, trajectories: Sequence[Trajectory]) -> list[dict[str, float]] | None:
-    """Difficulty features per trajectory for a rollout folder, by drawing its problems again from the task in
-    its manifest (:meth:`rpe.rollouts.RolloutSettings.problems`); None when the folder has no manifest or the
-    task has no difficulty features."""
+def difficulty_by_problem(rollouts) -> dict[str, dict[str, float]] | None:
+    """Problem id -> difficulty features for a rollout folder, by drawing its problems again from the task in its
+    manifest (:meth:`rpe.rollouts.RolloutSettings.problems`); None when the folder has no manifest (an imported
+    file) or the task cannot be loaded."""
     from rpe.rollouts import rollout_settings
 
     settings = rollout_settings(rollouts)
@@ -77,10 +77,19 @@ def difficulty_from_run(rollouts, trajectories: Sequence[Trajectory]) -> list[di
         return None
     try:
         task = settings.task()
+        return {p.id: task.difficulty(p) for p in settings.problems()}
     except Exception as err:  # a moved task file, an unknown task: the control is skipped, not the fit
         logger.warning("difficulty features unavailable (%s): no difficulty control", err)
         return None
-    out = _per_trajectory(trajectories, task, settings.problems())
+
+
+def difficulty_from_run(rollouts, trajectories: Sequence[Trajectory]) -> list[dict[str, float]] | None:
+    """Difficulty features per trajectory for a rollout folder (:func:`difficulty_by_problem`); None when the
+    folder has no manifest or the task has no difficulty features."""
+    by_problem = difficulty_by_problem(rollouts)
+    if by_problem is None:
+        return None
+    out = [by_problem.get(t.problem_id, {}) for t in trajectories]
     return out if any(out) else None
 
 
@@ -88,8 +97,9 @@ def difficulty_scores(fitted: Sequence[Trajectory], fitted_difficulty: Sequence[
                       held: Sequence[Trajectory], held_difficulty: Sequence[dict[str, float]]) -> dict[str, float]:
     """Trajectory id -> P(correct) of each of ``held`` predicted from its question's difficulty alone: a logistic
     regression on the difficulty features (:func:`difficulty_features`: one-hot difficulty values and question
-    length, centred within each run) fitted on ``fitted`` (the bundle's fitting rollouts) and applied to ``held``. The control of "the
-    internal value knows more than how hard the question looks" wherever held-out samples are scored.
+    length, centred within each run) fitted on ``fitted`` (the bundle's fitting rollouts) and applied to
+    ``held``. The control of "the internal value knows more than how hard the question looks" wherever
+    held-out samples are scored.
 
     Raises:
         ValueError: no difficulty features, or one outcome only among ``fitted``.
@@ -111,5 +121,5 @@ def difficulty_scores(fitted: Sequence[Trajectory], fitted_difficulty: Sequence[
     return {t.trajectory_id: float(v) for t, v in zip(held, p)}
 
 
-__all__ = ["difficulty_features", "difficulty_from_run", "difficulty_only_values", "difficulty_scores",
+__all__ = ["difficulty_by_problem", "difficulty_features", "difficulty_from_run", "difficulty_only_values", "difficulty_scores",
            "task_difficulty"]

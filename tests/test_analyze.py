@@ -180,3 +180,23 @@ def test_result_sections_show_the_numbers_and_escape_names(tmp_path):
     assert "<td>random_0</td><td>+0.500 [" in page and "control higher" in page  # 0.7 - 0.2 on the same problems
     assert 'alt="ablation drops" src="data:image/png;base64,' in page
     assert "Causal RPE check" in page and "10% (58)" in page
+
+
+def test_selective_answering_scores_the_tasks_difficulty_cross_fitted():
+    """Where the task names its difficulty, a difficulty-only signal joins the table: on outcomes that the number
+    of terms decides (2 terms right, 4 wrong) it orders answers as well as the outcome itself, scored with no fit
+    that saw the trajectory's problem; without difficulty features it is absent."""
+    from rpe.analyze import DIFFICULTY_SIGNAL, ConfidenceInputs, selective_answering
+    from rpe.metrics import aurc
+
+    rng = np.random.default_rng(0)
+    terms = np.repeat(rng.choice([2.0, 4.0], size=30), 2)  # two samples of each of 30 problems
+    y = (terms == 2.0).astype(float)
+    base = dict(y=list(y), groups=[f"p{i // 2}" for i in range(60)], value_s0=list(rng.random(60)),
+                value_final=list(rng.random(60)), question_length=list(rng.integers(20, 30, 60).astype(float)),
+                prompt_logprob=list(rng.random(60)))
+    with_difficulty = ConfidenceInputs(**base, difficulty=[{"num_terms": t} for t in terms])
+    sel = selective_answering(with_difficulty, n_boot=50)
+    assert sel["aurc"][DIFFICULTY_SIGNAL]["aurc"] == pytest.approx(aurc(y, y))
+    assert sel["aurc"][DIFFICULTY_SIGNAL]["minus_baseline"]["high"] < 0  # better than question length here
+    assert DIFFICULTY_SIGNAL not in selective_answering(ConfidenceInputs(**base), n_boot=50)["aurc"]

@@ -240,6 +240,7 @@ def test_the_cli_refuses_shared_questions_unless_asked_and_records_them(answerin
     res = json.loads((tmp_path / "stop.json").read_text())
     assert 0 < res["questions_shared_with_fit"] <= res["questions"] and res["n_trajectories"] == 12
     assert "held out in samples only" in r.output
+    assert "no difficulty control" in r.output and "difficulty" not in res["thresholds"]["0.5"]  # parity has none
 
 
 def test_difficulty_scores_predict_from_the_fitting_runs_difficulty():
