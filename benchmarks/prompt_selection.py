@@ -315,8 +315,8 @@ def main() -> None:
         print(f"| {ARMS[arm][2]} | {len(runs)} | {t['kept_share']:.2f} | {zero:.2f} [{zero_ci[0]:.2f}, {zero_ci[1]:.2f}] "
               f"of {n_groups} | {per_group:.0f} | {t['reward_first10']:.2f} / {t['reward_last10']:.2f} | "
               f"{k / n:.3f} [{lo:.3f}, {hi:.3f}] | {changed} of {n} | {d} |")
-    refreshed = [r["summary"]["prompt_selection"].get("refreshes") or [] for key, r in results["runs"].items()
-                 if key.startswith("value_refresh/") and int(key.split("seed")[1]) in args.seeds]
+    refreshed = [results["runs"][key]["summary"]["prompt_selection"].get("refreshes") or []
+                 for key in (f"value_refresh/seed{s}" for s in args.seeds) if key in results["runs"]]
     if "value_refresh" in args.arms and any(refreshed):
         flat = [h for history in refreshed for h in history]
         table["value_refresh"]["refreshes"] = {

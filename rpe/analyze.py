@@ -239,8 +239,8 @@ def selective_answering(inputs: ConfidenceInputs, *, n_boot: int = 1000, seed: i
     question length, mean prompt log-prob, with several samples of every problem minus the answer entropy, and,
     where the task names its difficulty, a logistic regression on the difficulty features alone (cross-fitted
     over 5 folds of problems: no trajectory is scored by a fit that saw its problem); each signal's AURC minus
-    question length's from the same resamples, and an uninformative signal's AURC (1 - accuracy). V(final) is read after the answer is written: it selects among generated answers, V(s_0)
-    before any token is generated.
+    question length's from the same resamples, and an uninformative signal's AURC (1 - accuracy). V(final) is
+    read after the answer is written: it selects among generated answers, V(s_0) before any token is generated.
 
     Returns:
         ``{"aurc": {name: {"aurc", "low", "high", "n", "minus_baseline"?}}, "baseline": name,
@@ -259,12 +259,11 @@ def selective_answering(inputs: ConfidenceInputs, *, n_boot: int = 1000, seed: i
     if ent and all(g in ent for g in inputs.groups):
         scores["minus answer entropy over samples"] = np.array([-ent[g] for g in inputs.groups])
     if inputs.difficulty and any(inputs.difficulty):
+        from rpe.crossval import kfold_by_problem
         from rpe.difficulty import difficulty_features, difficulty_only_values
 
         features, _ = difficulty_features(inputs.difficulty, np.array(inputs.question_length))
-        problems = sorted(set(inputs.groups))
-        fold_of = {g: i % 5 for i, g in enumerate(np.random.default_rng(seed).permutation(problems))}
-        scores[DIFFICULTY_SIGNAL] = difficulty_only_values(features, y, np.array([fold_of[g] for g in inputs.groups]))
+        scores[DIFFICULTY_SIGNAL] = difficulty_only_values(features, y, kfold_by_problem(inputs.groups, 5, seed))
     result = bootstrap_aurc(y, scores, groups=np.array(inputs.groups), baseline=SELECTIVE_BASELINE, n_boot=n_boot,
                             seed=seed)
     curves = {}
@@ -533,6 +532,7 @@ def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from rpe.difficulty import difficulty_by_problem
     from rpe.signals import SignalReader
 
     bundle.check_model(model, tokenizer)
@@ -541,8 +541,6 @@ def analyze_rollouts(model, tokenizer, bundle, rollouts: str | Path, out_dir: st
     out_dir.mkdir(parents=True, exist_ok=True)
     table: dict[str, list] = {c: [] for c in STEP_COLUMNS}
     conf_inputs = ConfidenceInputs()
-    from rpe.difficulty import difficulty_by_problem
-
     difficulty = difficulty_by_problem(rollouts) if Path(rollouts).is_dir() else None
     n_traj = 0
     encode = functools.partial(bundle.encode_text, tokenizer)  # an imported file's prompts, as the bundle's were

@@ -118,11 +118,14 @@ class StopPlan:
     stopped_at: np.ndarray
     tokens: np.ndarray
 
+    def lost(self, correct: np.ndarray) -> np.ndarray:
+        """(n,) 1.0 where a correct trajectory (``correct > 0``) is stopped, else 0.0."""
+        return ((self.stopped_at > 0) & (correct > 0)).astype(float)
+
     def summary(self, full_tokens: np.ndarray, correct: np.ndarray) -> dict[str, float]:
-        stopped = self.stopped_at > 0
-        return {"stopped_share": float(stopped.mean()),
+        return {"stopped_share": float((self.stopped_at > 0).mean()),
                 "tokens_saved": float(1.0 - self.tokens.sum() / max(full_tokens.sum(), 1)),
-                "accuracy_lost": float((stopped & (correct > 0)).mean())}
+                "accuracy_lost": float(self.lost(correct).mean())}
 
 
 def threshold_plan(values: list[np.ndarray], checkpoints: list[list[int]], full_tokens: np.ndarray,
@@ -160,6 +163,13 @@ def values_by_trajectory(states: StateSet, bundle: SubsystemBundle) -> list[np.n
     order = np.lexsort((si, ti))  # by trajectory, then by step
     counts = np.bincount(ti, minlength=len(states.trajectory_ids))
     return np.split(v[order], np.cumsum(counts)[:-1])
+
+
+def _paired_difference(a: np.ndarray, b: np.ndarray, boots: list[np.ndarray]) -> dict[str, float]:
+    """Mean of ``a - b`` (per sample) with its 95% interval over the resamples ``boots`` (index arrays)."""
+    diffs = [float((a[idx] - b[idx]).mean()) for idx in boots]
+    return {"diff": float((a - b).mean()), "low": float(np.percentile(diffs, 2.5)),
+            "high": float(np.percentile(diffs, 97.5))}
 
 
 def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, model, *,
@@ -231,9 +241,8 @@ def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, mo
         plan = threshold_plan(value, checkpoints, full, threshold, after_step)
         counts = {int(t): int((plan.stopped_at == t).sum()) for t in np.unique(plan.stopped_at[plan.stopped_at > 0])}
         control_plans = [matched_plan(c, checkpoints, full, counts) for c in controls]
-        lost = ((plan.stopped_at > 0) & (correct > 0)).astype(float)
-        control_lost = np.mean([((p.stopped_at > 0) & (correct > 0)) for p in control_plans], 0)
-        diffs = [float((lost[b] - control_lost[b]).mean()) for b in boots]
+        lost = plan.lost(correct)
+        control_lost = np.mean([p.lost(correct) for p in control_plans], 0)
         summaries = [p.summary(full, correct) for p in control_plans]
         out["thresholds"][f"{threshold:g}"] = {
             "value": plan.summary(full, correct),
@@ -242,18 +251,13 @@ def stop_savings(rollout_dir: str | Path, bundle: SubsystemBundle, tokenizer, mo
                              "accuracy_lost": float(control_lost.mean()),
                              "accuracy_lost_range": [min(s["accuracy_lost"] for s in summaries),
                                                      max(s["accuracy_lost"] for s in summaries)]},
-            "value_minus_control_lost": {"diff": float((lost - control_lost).mean()),
-                                         "low": float(np.percentile(diffs, 2.5)), "high": float(np.percentile(diffs, 97.5))},
+            "value_minus_control_lost": _paired_difference(lost, control_lost, boots),
         }
         if hardest_first is not None:
             by_difficulty = matched_plan(hardest_first, checkpoints, full, counts)
-            difficulty_lost = ((by_difficulty.stopped_at > 0) & (correct > 0)).astype(float)
-            d_diffs = [float((lost[b] - difficulty_lost[b]).mean()) for b in boots]
             out["thresholds"][f"{threshold:g}"].update({
                 "difficulty": by_difficulty.summary(full, correct),
-                "value_minus_difficulty_lost": {"diff": float((lost - difficulty_lost).mean()),
-                                                "low": float(np.percentile(d_diffs, 2.5)),
-                                                "high": float(np.percentile(d_diffs, 97.5))}})
+                "value_minus_difficulty_lost": _paired_difference(lost, by_difficulty.lost(correct), boots)})
     return out
 
 

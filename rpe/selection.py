@@ -45,13 +45,19 @@ class SelectionConfig:
             raise ValueError(f"explore must lie in [0, 1], got {self.explore}")
 
 
+def in_band(values: np.ndarray, cfg: SelectionConfig) -> np.ndarray:
+    """(n,) bool: the values inside the band ``[cfg.low, cfg.high]`` (ends included)."""
+    values = np.asarray(values, dtype=np.float64)
+    return (values >= cfg.low) & (values <= cfg.high)
+
+
 def select_by_value(values: np.ndarray, cfg: SelectionConfig) -> np.ndarray:
     """(n,) bool: keep the prompts whose V(s_0) lies in ``[low, high]``, and a random ``explore`` share of the rest
     (deterministic for ``cfg.seed``)."""
     values = np.asarray(values, dtype=np.float64)
     if np.isnan(values).any():
         raise ValueError("select_by_value: a prompt's value is NaN (check the model's activations and the bundle)")
-    keep = (values >= cfg.low) & (values <= cfg.high)
+    keep = in_band(values, cfg)
     rng = np.random.default_rng(cfg.seed)
     outside = np.flatnonzero(~keep)
     keep[outside[rng.random(len(outside)) < cfg.explore]] = True

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from transformers import TrainerCallback
 
-from rpe.selection import LiveSelection, SelectionSampler, prompt_values
+from rpe.selection import LiveSelection, SelectionSampler, in_band, prompt_values
 from rpe.models import unwrap_model
 
 from .trl_adapter import check_trainer, log_to_trainer
@@ -85,13 +85,9 @@ class SelectionRefresh(TrainerCallback):
         before, old_values = self.selection.keep.copy(), self.selection.values
         keep = self.selection.update(values)
         cfg = self.selection.cfg
-
-        def in_band(v):
-            return (v >= cfg.low) & (v <= cfg.high)
-
         self.history.append({"step": state.global_step, "kept_share": float(keep.mean()),
                              "changed": float((keep != before).mean()),
-                             "band_changed": float((in_band(self.selection.values) != in_band(old_values)).mean()),
+                             "band_changed": float((in_band(self.selection.values, cfg) != in_band(old_values, cfg)).mean()),
                              "value_shift": float(np.abs(self.selection.values - old_values).mean())})
         if self.trainer is not None:  # reported with the trainer's next log
             log_to_trainer(self.trainer, {"selection/kept_share": self.history[-1]["kept_share"],
